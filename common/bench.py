@@ -1,0 +1,78 @@
+"""Benchmark figures: throughput, peak memory, and model FLOPs utilisation (MFU).
+
+MFU = achieved model FLOP/s / peak FLOP/s of this machine. The peak is *measured* here with a
+large matmul (not read off a datasheet), so the ratio is meaningful on any CPU or GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def peak_memory_bytes(device: torch.device | str | None = None) -> int:
+    """CUDA: max allocated since the last reset. CPU: the process's peak resident set size."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        import resource
+
+        # ru_maxrss is KiB on Linux, bytes on macOS
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss if os.uname().sysname == "Darwin" else rss * 1024
+    except ImportError:  # Windows
+        import psutil
+
+        return psutil.Process().memory_info().peak_wset
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], repeats: int = 3, warmup: int = 1,
+            device: torch.device | None = None) -> tuple[float, float]:
+    """Best and spread (max - min) of ``repeats`` timed calls, in seconds."""
+    device = device or torch.device("cpu")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return min(times), max(times) - min(times)
+
+
+def matmul_peak_flops(device: torch.device | None = None, dtype: torch.dtype = torch.float32,
+                      n: int | None = None, repeats: int = 3) -> float:
+    """Measured FLOP/s of an n x n matmul (2 n^3 FLOPs), best of ``repeats``."""
+    device = device or torch.device("cpu")
+    n = n or (4096 if device.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best, _ = time_fn(lambda: a @ b, repeats=repeats, device=device)
+    return 2 * n**3 / best
+
+
+def transformer_flops_per_token(n_params: int, n_layers: int, d_model: int, seq_len: int) -> float:
+    """Training FLOPs per token, 6N + 12 L C T (PaLM appendix B / nanoGPT's estimate):
+    6 per parameter (forward 2, backward 4) plus attention's QK^T and AV."""
+    return 6 * n_params + 12 * n_layers * d_model * seq_len
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
+    """Fraction of the machine's measured peak that the training run achieves."""
+    return tokens_per_s * flops_per_token / peak_flops
+
+
+def summarize(times: list[float]) -> dict[str, float]:
+    return {"best": min(times), "median": statistics.median(times), "spread": max(times) - min(times)}

