@@ -213,7 +213,8 @@ def main(cfg: TrainConfig) -> dict:
         tgt_tok.save(str(final_dir / "tgt_tokenizer.json"))
         summary = {"steps": step, "train_wall_s": wall, "final_train_loss": losses[-1] if losses else None,
                    "valid_loss": valid_losses[-1][1] if valid_losses else None,
-                   "n_params": model.num_parameters(), "train_pairs": len(train)}
+                   "n_params": model.num_parameters(), "train_pairs": len(train),
+                   "tgt_vocab_size": mcfg.tgt_vocab_size}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         logger.write(f"done: {step} steps in {wall:.0f} s | weights in {final_dir}")
     logger.close()

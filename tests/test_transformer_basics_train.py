@@ -1,0 +1,135 @@
+"""Training, decoding and data of transformer_basics (T7-T9), on synthetic digit pairs."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common.config import apply_overrides
+from transformer_basics import infer
+from transformer_basics.dataset import (BOS_ID, EOS_ID, read_hf_pairs, read_jsonl_pairs, split_of,
+                                        train_chinese_chars, train_english_bpe)
+from transformer_basics.model import Transformer, TransformerConfig
+from transformer_basics.train_translate import TrainConfig, label_smoothed_cross_entropy, main
+
+TINY = dict(d_model=32, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, src_vocab_size=60, batch_size=16,
+            schedule="cosine", lr=3e-3, warmup_steps=5, eval_every=10, save_every=10, log_every=5, threads=1, dropout=0.0)
+
+
+def tiny_cfg(tmp_path, data_file, **kw) -> TrainConfig:
+    return apply_overrides(TrainConfig(), {**TINY, "out_dir": str(tmp_path / "run"), "data_file": str(data_file), **kw})
+
+
+def test_label_smoothing_matches_torch():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11)
+    target = torch.randint(1, 11, (3, 5))
+    target[0, 3:] = 0
+    ours = label_smoothed_cross_entropy(logits, target, eps=0.1, ignore_index=0)
+    ref = F.cross_entropy(logits.transpose(1, 2), target, label_smoothing=0.1, ignore_index=0)
+    torch.testing.assert_close(ours, ref)
+
+
+def test_training_loss_falls_and_translates(tmp_path, digits_file):
+    out = main(tiny_cfg(tmp_path, digits_file, max_steps=200, eval_every=100, lr=5e-3))
+    first, last = sum(out["losses"][:5]) / 5, sum(out["losses"][-5:]) / 5
+    assert last < 0.5 * first, (first, last)
+    run = tmp_path / "run"
+    assert (run / "metrics.jsonl").exists() and (run / "loss.png").exists()
+    assert {"model.safetensors", "config.json", "src_tokenizer.json"} <= {p.name for p in out["final_dir"].iterdir()}
+    res = infer.main(infer.InferConfig(model_dir=str(out["final_dir"]), data_file=str(digits_file), split="valid",
+                                       n_examples=1, attention_png=str(tmp_path / "attn.png")))
+    assert 0 <= res["bleu_greedy"] <= 100 and 0 <= res["bleu_beam"] <= 100
+    assert (tmp_path / "attn.png").exists()
+    records = json.loads((run / "results.json").read_text())
+    assert {r["metric"] for r in records} == {"bleu_greedy", "bleu_beam", "valid_loss"}
+
+
+def test_resume_reproduces_uninterrupted_run_bit_for_bit(tmp_path, digits_file):
+    full = main(tiny_cfg(tmp_path / "a", digits_file, max_steps=20))
+    # crash after step 10: the step-20 checkpoint never got written
+    cfg = tiny_cfg(tmp_path / "b", digits_file, max_steps=20)
+    main(apply_overrides(cfg, {"max_steps": 20, "save_every": 10}))
+    ckpts = tmp_path / "b" / "run" / "checkpoints"
+    import shutil
+    shutil.rmtree(ckpts / "step_000020")
+    (ckpts / "latest").write_text("step_000010\n")
+    resumed = main(apply_overrides(cfg, {"resume": True}))
+    assert resumed["losses"] == full["losses"][10:]
+    for k, v in full["state_dict"].items():
+        assert torch.equal(v, resumed["state_dict"][k]), k
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "b/run/metrics.jsonl").read_text().splitlines())
+             if "loss" in r]
+    assert steps == sorted(set(steps)), "resumed metrics.jsonl must not repeat steps"
+
+
+def test_beam_of_one_equals_greedy():
+    torch.manual_seed(0)
+    cfg = TransformerConfig(src_vocab_size=30, tgt_vocab_size=25, d_model=32, n_heads=4, n_encoder_layers=1,
+                            n_decoder_layers=2, dropout=0.0)
+    model = Transformer(cfg).eval()
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        src = torch.randint(4, 30, (1, 6), generator=g)
+        greedy = infer.greedy_decode(model, src, 12)[0]
+        greedy = greedy[: greedy.index(EOS_ID) + 1] if EOS_ID in greedy else greedy
+        beam = infer.beam_search(model, src, beam_size=1, max_new_tokens=12, alpha=0.6)
+        assert beam == greedy
+
+
+def test_beam_search_returns_best_scoring_hypothesis_on_a_known_distribution():
+    """A model whose first greedy token leads to a bad continuation: beam 2 finds the better path."""
+
+    class Toy(torch.nn.Module):
+        # step 0: P(a)=0.6, P(b)=0.4; after a: EOS 0.3 / junk 0.7 split; after b: EOS 0.99
+        def encode(self, src):
+            return torch.zeros(1, 1, 1), torch.ones(1, 1, 1, 1, dtype=torch.bool)
+
+        def decode(self, ys, memory, mask):
+            V, a, b, junk = 8, 4, 5, 6
+            p = torch.full((ys.size(0), ys.size(1), V), 1e-9)
+            for r in range(ys.size(0)):
+                last = ys[r, -1].item()
+                if last == BOS_ID:
+                    p[r, -1, a], p[r, -1, b] = 0.6, 0.4
+                elif last == a:
+                    p[r, -1, EOS_ID], p[r, -1, junk] = 0.3, 0.7
+                elif last == junk:
+                    p[r, -1, EOS_ID] = 0.3
+                else:
+                    p[r, -1, EOS_ID] = 0.99
+            return p.log()
+
+    toy = Toy()
+    greedy = infer.greedy_decode(toy, torch.zeros(1, 1, dtype=torch.long), 5)[0]
+    assert greedy[:3] == [4, 6, EOS_ID]  # 0.6 * 0.7 * 0.3 = 0.126
+    assert infer.beam_search(toy, torch.zeros(1, 1, dtype=torch.long), 2, 5, alpha=0.0) == [5, EOS_ID]  # 0.396
+
+
+def test_split_is_stable_and_proportioned():
+    assert split_of("Hello!") == split_of("Hello!")
+    counts = {"train": 0, "valid": 0, "test": 0}
+    for i in range(4000):
+        counts[split_of(f"sentence {i}")] += 1
+    assert 0.87 < counts["train"] / 4000 < 0.93 and 0.03 < counts["test"] / 4000 < 0.07
+
+
+def test_tokenizers_round_trip():
+    zh = train_chinese_chars(["我想知道谁来了。", "你好！"])
+    assert zh.decode(zh.encode("我想知道。").ids) == "我想知道。"
+    en = train_english_bpe(["I wonder who has come.", "Hello there!"] * 10, vocab_size=80)
+    assert en.encode("I wonder").tokens[0] == "i"
+
+
+def test_bad_data_file_names_file_and_line(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"en": "hi", "zh": "你好"}\n{"en": "oops"}\n')
+    with pytest.raises(ValueError, match=r"pairs.jsonl:2: missing field\(s\) \['zh'\]"):
+        read_jsonl_pairs(path)
+
+
+def test_hf_dataset_path_on_a_local_file(tmp_path):
+    path = tmp_path / "opus.jsonl"
+    path.write_text(json.dumps({"translation": {"en": "Hello.", "zh": "你好。"}}, ensure_ascii=False) + "\n")
+    assert read_hf_pairs("json", data_files=str(path)) == [("Hello.", "你好。")]
