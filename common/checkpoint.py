@@ -24,7 +24,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+# full (unsharded) state on CPU: under FSDP this gathers the shards, so every rank must call it
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -40,26 +46,57 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def save_pretrained(model: torch.nn.Module, config: dict[str, Any], out_dir: str | os.PathLike) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` into ``out_dir`` (atomic per file)."""
+def _tied_names(model: torch.nn.Module) -> dict[str, str]:
+    """Second names of shared parameters -> their first name (e.g. lm_head.weight -> embed weight)."""
+    first, tied = {}, {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            tied[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return tied
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full state dict on CPU, tied duplicates dropped (works for plain, DDP and FSDP2 models;
+    under FSDP it is a collective, so call it on every rank)."""
+    model = unwrap(model)
+    state = get_model_state_dict(model, options=_FULL)
+    for name in _tied_names(model):
+        state.pop(name, None)
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def save_pretrained(model: torch.nn.Module, config: dict[str, Any], out_dir: str | os.PathLike,
+                    state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` into ``out_dir`` (atomic per file).
+    Pass ``state`` when it was already gathered (``model_state``) on every rank."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "model.safetensors.tmp"
-    save_model(unwrap(model), str(tmp))  # handles tied (shared) weights
+    save_file(model_state(model) if state is None else state, str(tmp))
     os.replace(tmp, out / "model.safetensors")
     _atomic_write_text(out / "config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     return out
 
 
 def load_pretrained(model: torch.nn.Module, in_dir: str | os.PathLike) -> torch.nn.Module:
-    """Load ``model.safetensors`` from ``in_dir`` into ``model`` (strict: every key must match)."""
+    """Load ``model.safetensors`` from ``in_dir`` into ``model``: every key must match (tied
+    duplicates excepted), so a wrong file fails here with the names, not later with bad outputs."""
     path = Path(in_dir) / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no weights there; train first or point to a checkpoint directory")
-    missing, unexpected = load_model(unwrap(model), str(path), strict=False)
+    model = unwrap(model)
+    state = load_file(str(path))
+    for name, first in _tied_names(model).items():
+        if first in state:
+            state[name] = state[first]
+    expected = set(model.state_dict())
+    missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not fit the model: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
     return model
 
 
@@ -95,18 +132,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(ckpt_root: str | os.PathLike, step: int, model: torch.nn.Module, config: dict[str, Any],
                     optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
-                    extra: dict[str, Any] | None = None, keep: int = 2) -> Path:
+                    extra: dict[str, Any] | None = None, keep: int = 2, is_main: bool = True) -> Path:
     """Save everything ``--resume`` needs under ``ckpt_root/step_NNNNNN`` and point ``latest`` at it.
-    ``extra`` carries the script's own state (data position, best metric ...): plain values only."""
+    ``extra`` carries the script's own state (data position, best metric ...): plain values only.
+    Call on every rank: under FSDP the full state is gathered from all of them; only ``is_main`` writes."""
     root = Path(ckpt_root)
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:06d}"
+    weights = model_state(model)
+    optim = get_optimizer_state_dict(unwrap(model), optimizer, options=_FULL) if optimizer is not None else None
+    if not is_main:
+        return root / name
+    root.mkdir(parents=True, exist_ok=True)
     tmp = root / (name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(model, config, tmp)
+    save_pretrained(model, config, tmp, state=weights)
     state = {"step": step, "rng": rng_state(), "extra": extra or {}}
-    if optimizer is not None:
-        state["optimizer"] = optimizer.state_dict()
+    if optim is not None:
+        state["optimizer"] = optim
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
     torch.save(state, tmp / "trainer_state.pt")
@@ -137,7 +179,8 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
     load_pretrained(model, path)
     state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
     if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        set_optimizer_state_dict(unwrap(model), optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
     if restore_rng:

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_pretrained, unwrap
+from common.checkpoint import latest_checkpoint, load_checkpoint, model_state, save_checkpoint, save_pretrained
 from common.config import parse_config
 from common.distributed import all_reduce_mean, cleanup, init_distributed, wrap
 from common.log import RunLogger
@@ -150,6 +150,8 @@ def main(cfg: TrainConfig) -> dict:
     mcfg = TransformerConfig(**{**asdict(cfg.model), "src_vocab_size": src_tok.get_vocab_size(),
                                 "tgt_vocab_size": tgt_tok.get_vocab_size(), "pad_id": PAD_ID})
     model = Transformer(mcfg).to(device)
+    # wrap before building the optimizer: FSDP replaces the parameters by sharded ones
+    ddp_model = wrap(model, dist_info, cfg.distributed, (TransformerEncoderLayer, TransformerDecoderLayer))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-9,
                                   weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.schedule, cfg.warmup_steps, cfg.max_steps, d_model=mcfg.d_model)
@@ -158,7 +160,6 @@ def main(cfg: TrainConfig) -> dict:
         start_step = load_checkpoint(resume_from, model, optimizer, scheduler)["step"]
         if dist_info.is_main:
             print(f"resumed from {resume_from} at step {start_step}")
-    ddp_model = wrap(model, dist_info, cfg.distributed, (TransformerEncoderLayer, TransformerDecoderLayer))
 
     if dist_info.is_main:
         print(f"model: {model.num_parameters() / 1e6:.2f} M parameters | {len(train)} train pairs | "
@@ -199,16 +200,17 @@ def main(cfg: TrainConfig) -> dict:
                 valid_losses.append((step, vl))
                 logger.log({"step": step, "valid_loss": vl, "valid_ppl": math.exp(vl)})
                 logger.write(f"step {step}/{cfg.max_steps} | valid loss {vl:.3f} | ppl {math.exp(vl):.1f}")
-            if dist_info.is_main and (step % cfg.save_every == 0 or step == cfg.max_steps):
+            if step % cfg.save_every == 0 or step == cfg.max_steps:
                 save_checkpoint(ckpt_root, step, model, mcfg.to_dict(), optimizer, scheduler,
-                                extra={"epoch": epoch, "batch_in_epoch": b})
+                                extra={"epoch": epoch, "batch_in_epoch": b}, is_main=dist_info.is_main)
             if step >= cfg.max_steps:
                 break
 
     wall = time.perf_counter() - t_start
     final_dir = out / "final"
+    weights = model_state(model)  # a collective under FSDP: every rank takes part; only rank 0 gets it
     if dist_info.is_main:
-        save_pretrained(model, mcfg.to_dict(), final_dir)
+        save_pretrained(model, mcfg.to_dict(), final_dir, state=weights)
         src_tok.save(str(final_dir / "src_tokenizer.json"))
         tgt_tok.save(str(final_dir / "tgt_tokenizer.json"))
         summary = {"steps": step, "train_wall_s": wall, "final_train_loss": losses[-1] if losses else None,
@@ -218,11 +220,10 @@ def main(cfg: TrainConfig) -> dict:
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         logger.write(f"done: {step} steps in {wall:.0f} s | weights in {final_dir}")
     logger.close()
-    params = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
-    cleanup()
     return {"losses": losses, "valid_losses": valid_losses, "final_dir": final_dir, "out_dir": out,
-            "state_dict": params, "wall_s": wall}
+            "state_dict": weights, "model": model, "wall_s": wall}
 
 
 if __name__ == "__main__":
     main(parse_config(TrainConfig, presets=PRESETS))
+    cleanup()  # leave the process group (a no-op without torchrun)
