@@ -7,9 +7,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transformer_basics.model import (MultiHeadAttention, PositionwiseFeedForward, Transformer,
-                                      TransformerConfig, causal_mask, padding_mask,
-                                      scaled_dot_product_attention, sinusoidal_table)
+from transformer_basics.model import (
+    MultiHeadAttention,
+    PositionwiseFeedForward,
+    Transformer,
+    TransformerConfig,
+    causal_mask,
+    padding_mask,
+    scaled_dot_product_attention,
+    sinusoidal_table,
+)
 
 
 def tiny(**kw) -> TransformerConfig:

@@ -8,13 +8,21 @@ import torch.nn.functional as F
 
 from common.config import apply_overrides
 from transformer_basics import infer
-from transformer_basics.dataset import (BOS_ID, EOS_ID, read_hf_pairs, read_jsonl_pairs, split_of,
-                                        train_chinese_chars, train_english_bpe)
+from transformer_basics.dataset import (
+    BOS_ID,
+    EOS_ID,
+    read_hf_pairs,
+    read_jsonl_pairs,
+    split_of,
+    train_chinese_chars,
+    train_english_bpe,
+)
 from transformer_basics.model import Transformer, TransformerConfig
 from transformer_basics.train_translate import TrainConfig, label_smoothed_cross_entropy, main
 
 TINY = dict(d_model=32, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, src_vocab_size=60, batch_size=16,
-            schedule="cosine", lr=3e-3, warmup_steps=5, eval_every=10, save_every=10, log_every=5, threads=1, dropout=0.0)
+            schedule="cosine", lr=3e-3, warmup_steps=5, eval_every=10, save_every=10, log_every=5, threads=1,
+            dropout=0.0)
 
 
 def tiny_cfg(tmp_path, data_file, **kw) -> TrainConfig:

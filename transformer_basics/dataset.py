@@ -197,3 +197,10 @@ def pad(seqs: list[list[int]]) -> torch.Tensor:
     for i, s in enumerate(seqs):
         out[i, : len(s)] = torch.tensor(s)
     return out
+
+
+if __name__ == "__main__":
+    # `make data`: fetch the default pairs and show the split sizes
+    splits = split_pairs(zhlib_pairs())
+    print(f"zhlib=={ZHLIB.version} ({ZHLIB.license}): " + ", ".join(f"{k} {len(v)}" for k, v in splits.items())
+          + f" pairs; e.g. {splits['test'][0]}")

@@ -86,7 +86,7 @@ def beam_search(model: Transformer, src: torch.Tensor, beam_size: int, max_new_t
     beams = torch.full((1, 1), BOS_ID, dtype=torch.long, device=src.device)  # (k, t) alive prefixes
     scores = torch.zeros(1, device=src.device)  # (k,) summed log-probs of the alive prefixes
     finished: list[tuple[float, list[int]]] = []
-    for t in range(max_new_tokens):
+    for _ in range(max_new_tokens):
         k = beams.size(0)
         logp = model.decode(beams, memory.expand(k, -1, -1), src_mask.expand(k, -1, -1, -1))[:, -1]
         cand = (scores[:, None] + logp.float().log_softmax(-1)).view(-1)  # (k * V,)
@@ -226,7 +226,8 @@ def write_results(run_dir: Path, result: dict, cfg: InferConfig) -> None:
     """Records for doc/results.json (collected by ``make results``)."""
     from common.results import make_record
 
-    train = json.loads((run_dir / "train_summary.json").read_text()) if (run_dir / "train_summary.json").exists() else {}
+    summary = run_dir / "train_summary.json"
+    train = json.loads(summary.read_text()) if summary.exists() else {}
     wall = train.get("train_wall_s", 0.0)
     cmd = "python -m transformer_basics.train_translate && python -m transformer_basics.infer"
     records = [

@@ -29,8 +29,16 @@ from common.log import RunLogger
 from common.runtime import autocast, pick_device, pick_dtype, seed_everything, set_threads
 from common.schedule import clip_grad, make_scheduler
 
-from .dataset import (PAD_ID, TranslationData, read_hf_pairs, read_jsonl_pairs, split_pairs,
-                      train_chinese_chars, train_english_bpe, zhlib_pairs)
+from .dataset import (
+    PAD_ID,
+    TranslationData,
+    read_hf_pairs,
+    read_jsonl_pairs,
+    split_pairs,
+    train_chinese_chars,
+    train_english_bpe,
+    zhlib_pairs,
+)
 from .model import Transformer, TransformerConfig, TransformerDecoderLayer, TransformerEncoderLayer
 
 
