@@ -23,6 +23,7 @@ demo: data
 	$(PY) -m transformer_basics.infer --attention-png runs/transformer_basics/translate/attention.png
 
 test: data
+	$(PY) -m ruff check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest tests
 
 lint: setup

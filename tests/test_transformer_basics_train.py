@@ -141,3 +141,11 @@ def test_hf_dataset_path_on_a_local_file(tmp_path):
     path = tmp_path / "opus.jsonl"
     path.write_text(json.dumps({"translation": {"en": "Hello.", "zh": "你好。"}}, ensure_ascii=False) + "\n")
     assert read_hf_pairs("json", data_files=str(path)) == [("Hello.", "你好。")]
+
+
+def test_bench_reports_ratios(tmp_path):
+    from transformer_basics import bench
+
+    res = bench.main(bench.BenchConfig(batch_size=2, seq_len=4, repeats=1, out=str(tmp_path / "b.json")))
+    assert res["tokens_per_s"] > 0 and 0 < res["mfu"] < 1 and res["attention_ours_over_fused"] > 0
+    assert json.loads((tmp_path / "b.json").read_text())["device"] == "cpu"

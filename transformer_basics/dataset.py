@@ -118,8 +118,9 @@ def train_english_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
 
 def train_chinese_chars(texts: list[str], min_frequency: int = 1) -> Tokenizer:
     """One token per character (spaces dropped); unseen characters become [UNK]."""
+    # no NFKC here: it would turn full-width punctuation (，？) into ASCII (,?) and the references,
+    # which keep the full-width forms, would no longer match
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
                                                  pre_tokenizers.Split(Regex("."), behavior="isolated")])
     tok.decoder = decoders.Fuse()  # join characters with no space in between
