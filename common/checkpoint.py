@@ -85,20 +85,25 @@ def save_pretrained(model: torch.nn.Module, config: dict[str, Any], out_dir: str
 
 
 def load_pretrained(model: torch.nn.Module, in_dir: str | os.PathLike) -> torch.nn.Module:
-    """Load ``model.safetensors`` from ``in_dir`` into ``model``: every key must match (tied
-    duplicates excepted), so a wrong file fails here with the names, not later with bad outputs."""
+    """Load ``model.safetensors`` from ``in_dir`` into ``model``."""
     path = Path(in_dir) / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no weights there; train first or point to a checkpoint directory")
+    return load_weights(model, load_file(str(path)), str(path))
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "weights") -> torch.nn.Module:
+    """Load a full state dict: every key must match (tied duplicates excepted), so a wrong file fails
+    here with the names, not later with bad outputs."""
     model = unwrap(model)
-    state = load_file(str(path))
+    state = dict(state)
     for name, first in _tied_names(model).items():
         if first in state:
             state[name] = state[first]
     expected = set(model.state_dict())
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
-        raise ValueError(f"{path}: weights do not fit the model: missing {sorted(missing)[:5]}, "
+        raise ValueError(f"{source}: weights do not fit the model: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
     return model
@@ -190,3 +195,26 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
     if restore_rng:
         set_rng_state(state["rng"])
     return {"step": state["step"], "extra": state["extra"]}
+
+
+def list_checkpoints(ckpt_root: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint directories under ``ckpt_root``, oldest first."""
+    return sorted(p for p in Path(ckpt_root).glob("step_*") if (p / "trainer_state.pt").is_file())
+
+
+def average_weights(dirs: list[Path]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of several checkpoints' weights ("Attention Is All You Need" sec. 6.1
+    averages the last 5 or 20 checkpoints): a cheap ensemble of nearby points of one run."""
+    if not dirs:
+        raise ValueError("no checkpoints to average")
+    total = None
+    for d in dirs:
+        state = load_file(str(Path(d) / "model.safetensors"))
+        if total is None:
+            total = {k: v.double() for k, v in state.items()}
+        else:
+            if state.keys() != total.keys():
+                raise ValueError(f"{d}: its weights have different names from {dirs[0]}")
+            for k, v in state.items():
+                total[k] += v.double()
+    return {k: (v / len(dirs)).to(torch.float32) for k, v in total.items()}

@@ -196,3 +196,17 @@ def test_bench_figures():
     assert bench.matmul_peak_flops(n=128, repeats=1) > 1e6
     assert bench.transformer_flops_per_token(1000, 2, 8, 4) == 6 * 1000 + 12 * 2 * 8 * 4
     assert bench.mfu(100.0, 1e6, 1e9) == pytest.approx(0.1)
+
+
+def test_average_weights_is_the_mean(tmp_path):
+    dirs = []
+    for i, value in enumerate((1.0, 2.0, 6.0)):
+        m = torch.nn.Linear(2, 2)
+        torch.nn.init.constant_(m.weight, value)
+        torch.nn.init.constant_(m.bias, -value)
+        dirs.append(checkpoint.save_checkpoint(tmp_path, i + 1, m, {}, keep=5))
+    assert checkpoint.list_checkpoints(tmp_path) == dirs
+    avg = checkpoint.average_weights(dirs)
+    assert torch.all(avg["weight"] == 3.0) and torch.all(avg["bias"] == -3.0)
+    m = checkpoint.load_weights(torch.nn.Linear(2, 2), avg)
+    assert torch.all(m.weight == 3.0)

@@ -48,8 +48,12 @@ def test_training_loss_falls_and_translates(tmp_path, digits_file):
     assert {"model.safetensors", "config.json", "src_tokenizer.json"} <= {p.name for p in out["final_dir"].iterdir()}
     res = infer.main(infer.InferConfig(model_dir=str(out["final_dir"]), data_file=str(digits_file), split="valid",
                                        n_examples=1, attention_png=str(tmp_path / "attn.png")))
-    assert 0 <= res["bleu_greedy"] <= 100 and 0 <= res["bleu_beam"] <= 100
+    assert res["bleu_greedy"] > 50 and res["bleu_beam"] > 50  # digit words -> digits is learnt in 200 steps
+    assert res["bleu_retrieval_baseline"] < res["bleu_greedy"]
     assert (tmp_path / "attn.png").exists()
+    averaged = infer.main(infer.InferConfig(model_dir=str(out["final_dir"]), data_file=str(digits_file),
+                                            split="valid", n_examples=0, average_last=2))
+    assert averaged["bleu_greedy"] > 50
     records = json.loads((run / "results.json").read_text())
     assert {r["metric"] for r in records} == {"bleu_greedy", "bleu_beam", "valid_loss"}
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from common.bench import matmul_peak_flops, mfu, peak_memory_bytes, time_fn, transformer_flops_per_token
-from common.config import parse_config
+from common.config import apply_overrides, parse_config
 from common.runtime import autocast, pick_device, pick_dtype, set_threads
 
 from .model import Transformer, TransformerConfig, scaled_dot_product_attention
@@ -27,7 +27,8 @@ from .model import Transformer, TransformerConfig, scaled_dot_product_attention
 class BenchConfig:
     """Time a training step and the attention kernel."""
 
-    batch_size: int = 64  # sentence pairs per step (the training default)
+    preset: str = "cpu"  # model size and batch of train_translate's preset: cpu or gpu4gb
+    batch_size: int = 0  # sentence pairs per step (0 = the preset's)
     seq_len: int = 16  # tokens per side (about the corpus mean plus specials)
     threads: int = 1  # CPU threads; 1 makes runs on a shared machine comparable
     repeats: int = 3  # timed repeats; the best is reported with the spread
@@ -41,11 +42,18 @@ def main(cfg: BenchConfig) -> dict:
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     torch.manual_seed(0)
-    mcfg = TransformerConfig(src_vocab_size=2000, tgt_vocab_size=2809)
+    from .train_translate import PRESETS, TrainConfig
+
+    if cfg.preset not in PRESETS:
+        raise ValueError(f"--preset must be one of {sorted(PRESETS)}; got {cfg.preset!r}")
+    tcfg = apply_overrides(TrainConfig(), PRESETS[cfg.preset])
+    batch_size = cfg.batch_size or tcfg.batch_size
+    mcfg = TransformerConfig(**{**tcfg.model.to_dict(), "src_vocab_size": 2000, "tgt_vocab_size": 2809})
+    mem_before = peak_memory_bytes(device)
     model = Transformer(mcfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    src = torch.randint(4, mcfg.src_vocab_size, (cfg.batch_size, cfg.seq_len), device=device)
-    tgt = torch.randint(4, mcfg.tgt_vocab_size, (cfg.batch_size, cfg.seq_len + 1), device=device)
+    src = torch.randint(4, mcfg.src_vocab_size, (batch_size, cfg.seq_len), device=device)
+    tgt = torch.randint(4, mcfg.tgt_vocab_size, (batch_size, cfg.seq_len + 1), device=device)
 
     def train_step():
         with autocast(device, dtype):
@@ -58,7 +66,7 @@ def main(cfg: BenchConfig) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     best, spread = time_fn(train_step, repeats=cfg.repeats, warmup=2, device=device)
-    tokens = cfg.batch_size * cfg.seq_len * 2  # source + target tokens
+    tokens = batch_size * cfg.seq_len * 2  # source + target tokens
     tok_s = tokens / best
     # FLOPs: the encoder-decoder is ~ a 6-layer stack over 2T tokens; 6N per token is the standard estimate
     flops_tok = transformer_flops_per_token(model.num_parameters(), mcfg.n_encoder_layers + mcfg.n_decoder_layers,
@@ -66,7 +74,7 @@ def main(cfg: BenchConfig) -> dict:
     peak = matmul_peak_flops(device, dtype if device.type == "cuda" else torch.float32)
 
     # attention alone: ours vs the fused kernel, same inputs
-    q = torch.randn(cfg.batch_size, mcfg.n_heads, 64, mcfg.d_model // mcfg.n_heads, device=device)
+    q = torch.randn(batch_size, mcfg.n_heads, 64, mcfg.d_model // mcfg.n_heads, device=device)
     ours_s, ours_spread = time_fn(lambda: scaled_dot_product_attention(q, q, q), repeats=cfg.repeats, device=device)
     fused_s, fused_spread = time_fn(lambda: F.scaled_dot_product_attention(q, q, q), repeats=cfg.repeats,
                                     device=device)
@@ -74,15 +82,16 @@ def main(cfg: BenchConfig) -> dict:
         "device": str(device), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
         "train_step_s": best, "train_step_spread_s": spread, "tokens_per_s": tok_s,
         "mfu": mfu(tok_s, flops_tok, peak), "matmul_peak_gflops": peak / 1e9,
-        "peak_memory_mb": peak_memory_bytes(device) / 2**20,
+        "preset": cfg.preset, "batch_size": batch_size, "n_params": model.num_parameters(),
+        "peak_memory_mb": peak_memory_bytes(device) / 2**20, "memory_before_model_mb": mem_before / 2**20,
         "attention_ours_ms": ours_s * 1e3, "attention_ours_spread_ms": ours_spread * 1e3,
         "attention_fused_ms": fused_s * 1e3, "attention_fused_spread_ms": fused_spread * 1e3,
         "attention_ours_over_fused": ours_s / fused_s,
     }
     print(f"train step: {best * 1e3:.0f} ms (spread {spread * 1e3:.0f}) | {tok_s / 1e3:.1f}k tok/s | "
           f"MFU {result['mfu']:.1%} of a measured {peak / 1e9:.0f} GFLOP/s | "
-          f"peak mem {result['peak_memory_mb']:.0f} MB")
-    print(f"attention (B={cfg.batch_size}, T=64): ours {ours_s * 1e3:.2f} ms, fused {fused_s * 1e3:.2f} ms "
+          f"peak mem {result['peak_memory_mb']:.0f} MB (process before the model: {mem_before / 2**20:.0f} MB)")
+    print(f"attention (B={batch_size}, T=64): ours {ours_s * 1e3:.2f} ms, fused {fused_s * 1e3:.2f} ms "
           f"-> ours/fused {result['attention_ours_over_fused']:.2f}x")
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     Path(cfg.out).write_text(json.dumps(result, indent=2) + "\n")

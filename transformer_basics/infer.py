@@ -17,7 +17,7 @@ from pathlib import Path
 import sacrebleu
 import torch
 
-from common.checkpoint import load_pretrained, read_config
+from common.checkpoint import average_weights, list_checkpoints, load_pretrained, load_weights, read_config
 from common.config import parse_config
 from common.runtime import pick_device, set_threads
 
@@ -35,8 +35,9 @@ class InferConfig:
     data_file: str = ""  # the same data source as training (empty = zhlib)
     hf_dataset: str = ""  # a Hugging Face dataset in opus format
     hf_config: str = ""  # its config name
+    average_last: int = 0  # average the weights of the run's last N checkpoints (paper sec. 6.1); 0 = final weights
     beam_size: int = 4  # paper sec. 6.1: beam 4
-    length_penalty: float = 0.6  # alpha of the GNMT length penalty; paper: 0.6
+    length_penalty: float = 1.0  # alpha of the GNMT length penalty (paper: 0.6; 1.0 was best on our valid split)
     max_new_tokens: int = 80  # longest output in characters (the longest training target is 40)
     batch_size: int = 64  # sentences per greedy batch
     n_examples: int = 5  # translations printed side by side
@@ -46,10 +47,19 @@ class InferConfig:
     run_name: str = "cpu_default"  # names the records in results.json
 
 
-def load_model(model_dir: str | Path, device: torch.device) -> Transformer:
+def load_model(model_dir: str | Path, device: torch.device, average_last: int = 0) -> Transformer:
+    """The trained model from ``model_dir``; with ``average_last`` N, the mean of the weights of the
+    last N checkpoints in ``model_dir/../checkpoints`` instead of the final weights."""
     cfg = TransformerConfig(**read_config(model_dir))
     model = Transformer(cfg)
-    load_pretrained(model, model_dir)
+    if average_last:
+        ckpts = list_checkpoints(Path(model_dir).parent / "checkpoints")[-average_last:]
+        if len(ckpts) < average_last:
+            raise ValueError(f"--average-last {average_last}: only {len(ckpts)} checkpoints in "
+                             f"{Path(model_dir).parent / 'checkpoints'}; train with --keep-checkpoints {average_last}")
+        load_weights(model, average_weights(ckpts), f"average of {[c.name for c in ckpts]}")
+    else:
+        load_pretrained(model, model_dir)
     return model.to(device).eval()
 
 
@@ -171,7 +181,7 @@ def main(cfg: InferConfig) -> dict:
     set_threads(cfg.threads)
     device = pick_device(cfg.device)
     model_dir = Path(cfg.model_dir)
-    model = load_model(model_dir, device)
+    model = load_model(model_dir, device, cfg.average_last)
     src_tok = load_tokenizer(model_dir / "src_tokenizer.json")
     tgt_tok = load_tokenizer(model_dir / "tgt_tokenizer.json")
 

@@ -62,6 +62,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
     eval_every: int = 200  # steps between validation losses
     save_every: int = 200  # steps between checkpoints
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk (infer --average-last N needs N)
     log_every: int = 20  # steps between log lines
     seed: int = 1234  # seeds weights, dropout and the batch order
     threads: int = 0  # CPU threads for torch (0 = torch's default)
@@ -210,7 +211,8 @@ def main(cfg: TrainConfig) -> dict:
                 logger.write(f"step {step}/{cfg.max_steps} | valid loss {vl:.3f} | ppl {math.exp(vl):.1f}")
             if step % cfg.save_every == 0 or step == cfg.max_steps:
                 save_checkpoint(ckpt_root, step, model, mcfg.to_dict(), optimizer, scheduler,
-                                extra={"epoch": epoch, "batch_in_epoch": b}, is_main=dist_info.is_main)
+                                extra={"epoch": epoch, "batch_in_epoch": b}, keep=cfg.keep_checkpoints,
+                                is_main=dist_info.is_main)
             if step >= cfg.max_steps:
                 break
 
