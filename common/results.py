@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 import platform
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ def machine() -> str:
     """A short description of where the figure was measured."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores"
 
 
 def make_record(chapter: str, run: str, metric: str, value: float, baseline: str, baseline_value: float | None,

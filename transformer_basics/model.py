@@ -23,7 +23,7 @@ from torch import nn
 
 @dataclass
 class TransformerConfig:
-    src_vocab_size: int = 2000  # source (English BPE) vocabulary size, set from the tokenizer
+    src_vocab_size: int = 4000  # source (English BPE) vocabulary size: the BPE target, then the real size
     tgt_vocab_size: int = 3000  # target (Chinese character) vocabulary size, set from the tokenizer
     d_model: int = 192  # C; the paper's base model uses 512, small is better on a CPU budget
     n_heads: int = 4  # H; D = C / H = 48
