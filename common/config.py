@@ -66,6 +66,8 @@ def build_parser(cls, presets: Mapping[str, Mapping[str, Any]] | None = None, de
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                      allow_abbrev=False)
     if presets:
+        if "preset" in to_flat_dict(cls()):
+            raise TypeError(f"{cls.__name__}: a field named 'preset' clashes with --preset")
         parser.add_argument("--preset", choices=sorted(presets), default=None,
                             help="named set of overrides applied before the other flags")
     defaults = to_flat_dict(cls())
@@ -138,7 +140,7 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None,
     parser = build_parser(cls, presets)
     args = parser.parse_args(argv)
     values = vars(args)
-    preset = values.pop("preset", None)
+    preset = values.pop("preset", None) if presets else None
     if preset:
         # re-parse with the preset as the defaults, so explicit flags still win
         unknown = set(presets[preset]) - set(values)
@@ -146,5 +148,5 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None,
             raise ValueError(f"preset {preset!r} names unknown fields {sorted(unknown)}")
         parser.set_defaults(**presets[preset])
         values = vars(parser.parse_args(argv))
-        values.pop("preset", None)
+        values.pop("preset")
     return from_flat_dict(cls, values)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common.bench import matmul_peak_flops, mfu, peak_memory_bytes, time_fn, transformer_flops_per_token
+from common.bench import matmul_peak_flops, mfu, peak_memory_bytes, time_fn
 from common.config import apply_overrides, parse_config
 from common.runtime import autocast, pick_device, pick_dtype, set_threads
 
@@ -27,7 +27,7 @@ from .model import Transformer, TransformerConfig, scaled_dot_product_attention
 class BenchConfig:
     """Time a training step and the attention kernel."""
 
-    preset: str = "cpu"  # model size and batch of train_translate's preset: cpu or gpu4gb
+    model_preset: str = "cpu"  # model size and batch of train_translate's preset: cpu or gpu4gb
     batch_size: int = 0  # sentence pairs per step (0 = the preset's)
     seq_len: int = 16  # tokens per side (about the corpus mean plus specials)
     threads: int = 1  # CPU threads; 1 makes runs on a shared machine comparable
@@ -44,9 +44,9 @@ def main(cfg: BenchConfig) -> dict:
     torch.manual_seed(0)
     from .train_translate import PRESETS, TrainConfig
 
-    if cfg.preset not in PRESETS:
-        raise ValueError(f"--preset must be one of {sorted(PRESETS)}; got {cfg.preset!r}")
-    tcfg = apply_overrides(TrainConfig(), PRESETS[cfg.preset])
+    if cfg.model_preset not in PRESETS:
+        raise ValueError(f"--model-preset must be one of {sorted(PRESETS)}; got {cfg.model_preset!r}")
+    tcfg = apply_overrides(TrainConfig(), PRESETS[cfg.model_preset])
     batch_size = cfg.batch_size or tcfg.batch_size
     # vocabulary sizes of the default run: English BPE 4000, Chinese characters ~2.8k
     mcfg = TransformerConfig(**{**tcfg.model.to_dict(), "tgt_vocab_size": 2813})
@@ -69,9 +69,13 @@ def main(cfg: BenchConfig) -> dict:
     best, spread = time_fn(train_step, repeats=cfg.repeats, warmup=2, device=device)
     tokens = batch_size * cfg.seq_len * 2  # source + target tokens
     tok_s = tokens / best
-    # FLOPs: the encoder-decoder is ~ a 6-layer stack over 2T tokens; 6N per token is the standard estimate
-    flops_tok = transformer_flops_per_token(model.num_parameters(), mcfg.n_encoder_layers + mcfg.n_decoder_layers,
-                                            mcfg.d_model, cfg.seq_len)
+    # FLOPs of one step, counted per stack: 6 per weight per token (forward 2, backward 4; embeddings
+    # are lookups and cost none) plus attention's QK^T and AV (12 * layers * C * keys per token)
+    S = T = cfg.seq_len
+    n_enc = sum(p.numel() for p in model.encoder.layers.parameters())
+    n_dec = sum(p.numel() for p in model.decoder.layers.parameters()) + model.lm_head.weight.numel()
+    C, Le, Ld = mcfg.d_model, mcfg.n_encoder_layers, mcfg.n_decoder_layers
+    step_flops = batch_size * (S * (6 * n_enc + 12 * Le * C * S) + T * (6 * n_dec + 12 * Ld * C * (T + S)))
     peak = matmul_peak_flops(device, dtype if device.type == "cuda" else torch.float32)
 
     # attention alone: ours vs the fused kernel, same inputs
@@ -82,8 +86,8 @@ def main(cfg: BenchConfig) -> dict:
     result = {
         "device": str(device), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
         "train_step_s": best, "train_step_spread_s": spread, "tokens_per_s": tok_s,
-        "mfu": mfu(tok_s, flops_tok, peak), "matmul_peak_gflops": peak / 1e9,
-        "preset": cfg.preset, "batch_size": batch_size, "n_params": model.num_parameters(),
+        "mfu": mfu(1 / best, step_flops, peak), "matmul_peak_gflops": peak / 1e9,
+        "preset": cfg.model_preset, "batch_size": batch_size, "n_params": model.num_parameters(),
         "peak_memory_mb": peak_memory_bytes(device) / 2**20, "memory_before_model_mb": mem_before / 2**20,
         "attention_ours_ms": ours_s * 1e3, "attention_ours_spread_ms": ours_spread * 1e3,
         "attention_fused_ms": fused_s * 1e3, "attention_fused_spread_ms": fused_spread * 1e3,
