@@ -41,7 +41,8 @@ class InferConfig:
     max_new_tokens: int = 80  # longest output in characters (the longest training target is 40)
     batch_size: int = 64  # sentences per greedy batch
     n_examples: int = 5  # translations printed side by side
-    attention_png: str = ""  # draw the cross-attention of one test sentence to this PNG
+    attention_png: str = ""  # draw the cross-attention of one sentence to this PNG
+    attention_sentence: str = ""  # the sentence for that picture (empty = the first of the split)
     threads: int = 0  # CPU threads (0 = torch's default)
     device: str = "auto"  # auto, cpu, cuda, mps
     run_name: str = "cpu_default"  # names the records in results.json
@@ -141,6 +142,19 @@ def retrieval_baseline(train_pairs, test_en: list[str]) -> list[str]:
     return out
 
 
+def _cjk_fonts(font_manager) -> list[str]:
+    """Names of installed fonts with Chinese glyphs (fonts installed after matplotlib built its
+    cache are added on the fly)."""
+    keys = ("WenQuanYi", "Noto Sans CJK", "Noto Serif CJK", "SimHei", "PingFang", "Heiti", "Microsoft YaHei")
+    found = [f.name for f in font_manager.fontManager.ttflist if any(k in f.name for k in keys)]
+    if not found:
+        for path in font_manager.findSystemFonts():
+            if any(k in path.lower() for k in ("wqy", "notosanscjk", "noto-cjk", "simhei", "msyh", "pingfang")):
+                font_manager.fontManager.addfont(path)
+        found = [f.name for f in font_manager.fontManager.ttflist if any(k in f.name for k in keys)]
+    return found
+
+
 def draw_attention(model: Transformer, src_tok, tgt_tok, sentence: str, path: str | Path) -> Path:
     """Heat map of the last decoder layer's cross-attention (mean over heads) while translating."""
     import matplotlib
@@ -159,8 +173,7 @@ def draw_attention(model: Transformer, src_tok, tgt_tok, sentence: str, path: st
         _, crosses = model.decode(tgt_in, memory, src_mask, return_attention=True)
     weights = crosses[-1][0].mean(0).cpu()  # (T, S)
     # Chinese labels need a CJK font; fall back to ids when none is installed
-    cjk = [f.name for f in font_manager.fontManager.ttflist
-           if any(k in f.name for k in ("WenQuanYi", "Noto Sans CJK", "SimHei", "PingFang", "Heiti"))]
+    cjk = _cjk_fonts(font_manager)
     ylabels = [tgt_tok.id_to_token(i) for i in out] if cjk else [str(i) for i in out]
     xlabels = [src_tok.id_to_token(i) for i in src[0].tolist()]
     fig, ax = plt.subplots(figsize=(0.45 * len(xlabels) + 1.5, 0.35 * len(ylabels) + 1.2), dpi=100)
@@ -228,7 +241,8 @@ def main(cfg: InferConfig) -> dict:
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     write_results(run_dir, result, cfg)
     if cfg.attention_png:
-        result["attention_png"] = str(draw_attention(model, src_tok, tgt_tok, pairs[0][0], cfg.attention_png))
+        result["attention_png"] = str(draw_attention(model, src_tok, tgt_tok, cfg.attention_sentence or pairs[0][0],
+                                                     cfg.attention_png))
     return result
 
 
