@@ -78,6 +78,7 @@ def all_reduce_mean(value: float, info: DistInfo) -> float:
     """The mean of a python float across ranks (for logging a global loss)."""
     if not info.enabled:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    device = f"cuda:{info.local_rank}" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces GPU tensors only
+    t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item()) / info.world_size
