@@ -32,6 +32,7 @@ from common.schedule import clip_grad, make_scheduler
 from .dataset import (
     PAD_ID,
     TranslationData,
+    load_tokenizer,
     read_hf_pairs,
     read_jsonl_pairs,
     split_pairs,
@@ -144,7 +145,6 @@ def main(cfg: TrainConfig) -> dict:
     # 1) data and tokenizers (learned on the training split only; reloaded when resuming)
     splits = load_pairs(cfg)
     if resume_from is not None:
-        from .dataset import load_tokenizer
         src_tok, tgt_tok = load_tokenizer(out / "src_tokenizer.json"), load_tokenizer(out / "tgt_tokenizer.json")
     else:
         src_tok = train_english_bpe([en for en, _ in splits["train"]], cfg.model.src_vocab_size)
