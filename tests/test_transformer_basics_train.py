@@ -46,7 +46,7 @@ def test_training_loss_falls_and_translates(tmp_path, digits_file):
     run = tmp_path / "run"
     assert (run / "metrics.jsonl").exists() and (run / "loss.png").exists()
     assert {"model.safetensors", "config.json", "src_tokenizer.json"} <= {p.name for p in out["final_dir"].iterdir()}
-    res = infer.main(infer.InferConfig(model_dir=str(out["final_dir"]), data_file=str(digits_file), split="valid",
+    res = infer.main(infer.InferConfig(model_dir=str(out["final_dir"]), data_file=str(digits_file), split="test",
                                        n_examples=1, attention_png=str(tmp_path / "attn.png")))
     assert res["bleu_greedy"] > 50 and res["bleu_beam"] > 50  # digit words -> digits is learnt in 200 steps
     assert res["bleu_retrieval_baseline"] < res["bleu_greedy"]
@@ -94,29 +94,28 @@ def test_beam_search_returns_best_scoring_hypothesis_on_a_known_distribution():
     """A model whose first greedy token leads to a bad continuation: beam 2 finds the better path."""
 
     class Toy(torch.nn.Module):
-        # step 0: P(a)=0.6, P(b)=0.4; after a: EOS 0.3 / junk 0.7 split; after b: EOS 0.99
+        # P(a)=0.6, P(b)=0.4; after a: junk 0.7 / EOS 0.3; after junk: more 0.7 / EOS 0.3; then EOS 0.99.
+        # greedy: a junk more EOS = 0.6 * 0.7 * 0.7 * 0.99 = 0.291;  best: b EOS = 0.4 * 0.99 = 0.396
         def encode(self, src):
             return torch.zeros(1, 1, 1), torch.ones(1, 1, 1, 1, dtype=torch.bool)
 
         def decode(self, ys, memory, mask):
-            V, a, b, junk = 8, 4, 5, 6
+            V, a, b, junk, more = 8, 4, 5, 6, 7
             p = torch.full((ys.size(0), ys.size(1), V), 1e-9)
             for r in range(ys.size(0)):
                 last = ys[r, -1].item()
                 if last == BOS_ID:
                     p[r, -1, a], p[r, -1, b] = 0.6, 0.4
-                elif last == a:
-                    p[r, -1, EOS_ID], p[r, -1, junk] = 0.3, 0.7
-                elif last == junk:
-                    p[r, -1, EOS_ID] = 0.3
+                elif last in (a, junk):
+                    p[r, -1, EOS_ID], p[r, -1, junk if last == a else more] = 0.3, 0.7
                 else:
                     p[r, -1, EOS_ID] = 0.99
             return p.log()
 
     toy = Toy()
-    greedy = infer.greedy_decode(toy, torch.zeros(1, 1, dtype=torch.long), 5)[0]
-    assert greedy[:3] == [4, 6, EOS_ID]  # 0.6 * 0.7 * 0.3 = 0.126
-    assert infer.beam_search(toy, torch.zeros(1, 1, dtype=torch.long), 2, 5, alpha=0.0) == [5, EOS_ID]  # 0.396
+    src = torch.zeros(1, 1, dtype=torch.long)
+    assert infer.greedy_decode(toy, src, 6)[0][:4] == [4, 6, 7, EOS_ID]
+    assert infer.beam_search(toy, src, 2, 6, alpha=0.0) == [5, EOS_ID]
 
 
 def test_split_is_stable_and_proportioned():

@@ -105,16 +105,19 @@ def beam_search(model: Transformer, src: torch.Tensor, beam_size: int, max_new_t
         top_scores, top_idx = cand.topk(min(2 * beam_size, cand.numel()))
         V = logp.size(-1)
         alive_rows, alive_scores = [], []
-        for s, i in zip(top_scores.tolist(), top_idx.tolist()):
+        for rank, (s, i) in enumerate(zip(top_scores.tolist(), top_idx.tolist())):
             row, tok = divmod(i, V)
-            seq = beams[row].tolist()[1:] + [tok]
             if tok == EOS_ID:
-                finished.append((s / length_penalty(len(seq), alpha), seq))
+                # an ending counts only if it ranks among the k best candidates, as in fairseq;
+                # otherwise unlikely short outputs would fill the finished list and stop the search early
+                if rank < beam_size:
+                    seq = beams[row].tolist()[1:] + [tok]
+                    finished.append((s / length_penalty(len(seq), alpha), seq))
             else:
                 alive_rows.append(beams[row].tolist() + [tok])
                 alive_scores.append(s)
-            if len(finished) >= beam_size or len(alive_rows) == beam_size:
-                break
+                if len(alive_rows) == beam_size:
+                    break
         if len(finished) >= beam_size or not alive_rows:
             break
         beams = torch.tensor(alive_rows, device=src.device)
@@ -238,8 +241,9 @@ def main(cfg: InferConfig) -> dict:
           f"({t_beam:.0f} s) | retrieval baseline {baseline:.1f}")
 
     run_dir = model_dir.parent
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    write_results(run_dir, result, cfg)
+    (run_dir / f"eval_{cfg.split}.json").write_text(json.dumps(result, indent=2) + "\n")
+    if cfg.split == "test":  # only test-split figures are headline results
+        write_results(run_dir, result, cfg)
     if cfg.attention_png:
         result["attention_png"] = str(draw_attention(model, src_tok, tgt_tok, cfg.attention_sentence or pairs[0][0],
                                                      cfg.attention_png))
