@@ -7,7 +7,6 @@ large matmul (not read off a datasheet), so the ratio is meaningful on any CPU o
 from __future__ import annotations
 
 import os
-import statistics
 import time
 from collections.abc import Callable
 
@@ -72,7 +71,3 @@ def transformer_flops_per_token(n_params: int, n_layers: int, d_model: int, seq_
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
     """Fraction of the machine's measured peak that the training run achieves."""
     return tokens_per_s * flops_per_token / peak_flops
-
-
-def summarize(times: list[float]) -> dict[str, float]:
-    return {"best": min(times), "median": statistics.median(times), "spread": max(times) - min(times)}
