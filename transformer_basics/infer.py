@@ -19,10 +19,12 @@ import torch
 
 from common.checkpoint import average_weights, list_checkpoints, load_pretrained, load_weights, read_config
 from common.config import parse_config
+from common.results import make_record
 from common.runtime import pick_device, set_threads
 
 from .dataset import BOS_ID, EOS_ID, PAD_ID, TranslationData, decode, encode, load_tokenizer
 from .model import Transformer, TransformerConfig
+from .train_translate import TrainConfig, load_pairs
 
 
 @dataclass
@@ -167,7 +169,7 @@ def draw_attention(model: Transformer, src_tok, tgt_tok, sentence: str, path: st
     from matplotlib import font_manager
 
     device = next(model.parameters()).device
-    src = torch.tensor([encode(src_tok, sentence, 256, add_bos=False)], device=device)
+    src = torch.tensor([encode(src_tok, sentence, model.config.max_len, add_bos=False)], device=device)
     out = greedy_decode(model, src, 80)[0]
     out = out[: out.index(EOS_ID) + 1] if EOS_ID in out else out
     tgt_in = torch.tensor([[BOS_ID] + out[:-1]], device=device)
@@ -202,17 +204,15 @@ def main(cfg: InferConfig) -> dict:
     tgt_tok = load_tokenizer(model_dir / "tgt_tokenizer.json")
 
     if cfg.sentence:
-        src = torch.tensor([encode(src_tok, cfg.sentence, 256, add_bos=False)], device=device)
+        src = torch.tensor([encode(src_tok, cfg.sentence, model.config.max_len, add_bos=False)], device=device)
         g = decode(tgt_tok, greedy_decode(model, src, cfg.max_new_tokens)[0])
         b = decode(tgt_tok, beam_search(model, src, cfg.beam_size, cfg.max_new_tokens, cfg.length_penalty))
         print(f"greedy: {g}\nbeam{cfg.beam_size}:  {b}")
         return {"greedy": g, "beam": b}
 
-    from .train_translate import TrainConfig, load_pairs
-
     splits = load_pairs(TrainConfig(data_file=cfg.data_file, hf_dataset=cfg.hf_dataset, hf_config=cfg.hf_config))
     pairs = splits[cfg.split]
-    data = TranslationData(pairs, src_tok, tgt_tok, 256)
+    data = TranslationData(pairs, src_tok, tgt_tok, model.config.max_len)
     refs = [zh for _, zh in pairs]
 
     t0 = time.perf_counter()
@@ -252,8 +252,6 @@ def main(cfg: InferConfig) -> dict:
 
 def write_results(run_dir: Path, result: dict, cfg: InferConfig) -> None:
     """Records for doc/results.json (collected by ``make results``)."""
-    from common.results import make_record
-
     summary = run_dir / "train_summary.json"
     train = json.loads(summary.read_text()) if summary.exists() else {}
     wall = train.get("train_wall_s", 0.0)
