@@ -135,6 +135,12 @@ def bleu(hyps: list[str], refs: list[str]) -> float:
     return sacrebleu.corpus_bleu(hyps, [refs], tokenize="zh").score
 
 
+def length_ratio(hyps: list[str], refs: list[str]) -> float:
+    """Output length / reference length as BLEU counts it; below 1 the brevity penalty bites."""
+    b = sacrebleu.corpus_bleu(hyps, [refs], tokenize="zh")
+    return b.sys_len / b.ref_len
+
+
 def retrieval_baseline(train_pairs, test_en: list[str]) -> list[str]:
     """A no-learning baseline: answer with the Chinese side of the training pair whose English
     shares the most words with the input (Jaccard). BLEU above this is what the model learned."""
@@ -232,15 +238,20 @@ def main(cfg: InferConfig) -> dict:
     baseline = bleu(retrieval_baseline(splits["train"], [en for en, _ in pairs]), refs)
     result = {"split": cfg.split, "n_sentences": len(pairs), "bleu_greedy": bleu(greedy, refs),
               "bleu_beam": bleu(beam, refs), "beam_size": cfg.beam_size, "length_penalty": cfg.length_penalty,
-              "bleu_retrieval_baseline": baseline, "greedy_wall_s": t_greedy, "beam_wall_s": t_beam}
+              "bleu_retrieval_baseline": baseline, "greedy_wall_s": t_greedy, "beam_wall_s": t_beam,
+              "length_ratio_greedy": length_ratio(greedy, refs), "length_ratio_beam": length_ratio(beam, refs)}
 
     for i in random.Random(0).sample(range(len(pairs)), min(cfg.n_examples, len(pairs))):
         print(f"EN   {pairs[i][0]}\nREF  {refs[i]}\nGRD  {greedy[i]}\nBEAM {beam[i]}\n")
     print(f"{cfg.split} BLEU (sacrebleu, tokenize=zh, {len(pairs)} sentences): "
           f"greedy {result['bleu_greedy']:.1f} ({t_greedy:.0f} s) | beam{cfg.beam_size} {result['bleu_beam']:.1f} "
-          f"({t_beam:.0f} s) | retrieval baseline {baseline:.1f}")
+          f"({t_beam:.0f} s) | retrieval baseline {baseline:.1f} | length ratio greedy "
+          f"{result['length_ratio_greedy']:.2f}, beam {result['length_ratio_beam']:.2f}")
 
     run_dir = model_dir.parent
+    with open(run_dir / f"translations_{cfg.split}.jsonl", "w", encoding="utf-8") as f:
+        for (en, ref), g, b in zip(pairs, greedy, beam):
+            f.write(json.dumps({"en": en, "ref": ref, "greedy": g, "beam": b}, ensure_ascii=False) + "\n")
     (run_dir / f"eval_{cfg.split}.json").write_text(json.dumps(result, indent=2) + "\n")
     if cfg.split == "test":  # only test-split figures are headline results
         write_results(run_dir, result, cfg)
