@@ -1,0 +1,340 @@
+"""Pretraining: next-token prediction on raw text.
+
+    python -m gpt_minimind.train_pretrain                       # the cpu preset, minutes on 2 cores
+    python -m gpt_minimind.train_pretrain --preset gpu4gb       # minimind-small, one 4 GB GPU
+    torchrun --nproc_per_node 2 -m gpt_minimind.train_pretrain  # DDP (add --distributed fsdp for FSDP2)
+    python -m gpt_minimind.train_pretrain --text-file input.txt --tokenizer char \\
+        --n-layer 4 --n-head 4 --dim 128 --block-size 64 --batch-size 12 --max-iters 2000   # nanoGPT's baby GPT
+
+The objective, for a block of ids x_0 .. x_T: inputs x_0..x_{T-1}, labels x_1..x_T, loss = mean over t of
+-log p(x_{t+1} | x_<=t). Everything else here is the machinery every LLM run has: packing, a warmup +
+cosine schedule, AdamW with weight decay on matrices only, gradient accumulation and clipping, mixed
+precision, gradient checkpointing, optional torch.compile, DDP/FSDP, checkpoints and --resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from common.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    model_state,
+    save_checkpoint,
+    save_pretrained,
+)
+from common.config import parse_config
+from common.distributed import all_reduce_mean, cleanup, init_distributed, wrap
+from common.log import RunLogger
+from common.runtime import autocast, pick_device, pick_dtype, seed_everything, set_threads
+from common.schedule import accumulation_slices, clip_grad, make_scheduler
+
+from .dataset import (
+    CharTokenizer,
+    PackedBlocks,
+    default_documents,
+    encode_documents,
+    iter_hf_text,
+    iter_text_jsonl,
+    split_documents,
+)
+from .model import MiniMindConfig, MiniMindDecoderLayer, MiniMindForCausalLM
+
+
+@dataclass
+class PretrainConfig:
+    """Pretrain a small Llama-style model. Model flags use nanoGPT's short names (n_layer, dim ...)."""
+
+    # model
+    dim: int = 256  # hidden size C
+    n_layer: int = 4  # decoder blocks
+    n_head: int = 8  # query heads
+    n_kv_head: int = 2  # key/value heads (GQA); = n_head for plain multi-head attention
+    ffn_dim: int = 0  # SwiGLU hidden size (0 = 8/3 * dim rounded to 64)
+    block_size: int = 256  # tokens per training sequence (the context length)
+    rope_theta: float = 1e6  # RoPE base
+    tie_embeddings: bool = True  # share the input embedding and the output head
+    dropout: float = 0.0  # no dropout: we see each token about once
+    use_moe: bool = False  # mixture-of-experts FFN in every block
+    n_experts: int = 4  # routed experts
+    experts_per_tok: int = 2  # top-k
+    shared_expert_dim: int = 0  # width of an always-on shared expert (0 = none)
+    attn_impl: str = "sdpa"  # sdpa (fused) or math (readable)
+    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    # data
+    tokenizer: str = "bpe"  # bpe (the trained tokenizer directory) or char (one token per character)
+    tokenizer_dir: str = "runs/gpt_minimind/tokenizer"  # from train_tokenizer.py (trained here if missing)
+    data_file: str = ""  # minimind-format JSONL, {"text": ...} per line
+    text_file: str = ""  # a plain text file: first 90% train, last 10% valid (nanoGPT's split)
+    hf_dataset: str = ""  # a Hugging Face dataset with a "text" column, streamed
+    max_documents: int = 0  # use at most this many documents (0 = all)
+    # optimisation
+    batch_size: int = 16  # sequences per micro-batch (per process)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_iters: int = 1400  # optimizer steps
+    lr: float = 2e-3  # peak learning rate; small models take large rates
+    min_lr_ratio: float = 0.1  # the cosine ends at lr * this
+    warmup_iters: int = 100  # linear warmup steps
+    weight_decay: float = 0.1  # on matrices only (not norms, not embeddings... as nanoGPT)
+    beta2: float = 0.95  # Adam's second-moment decay; 0.95 is steadier than 0.999 for LLMs
+    grad_clip: float = 1.0  # clip the global gradient norm
+    router_aux_loss_coef: float = 0.01  # MoE load-balancing loss weight
+    # runtime
+    dtype: str = "auto"  # auto (bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU), fp32, bf16, fp16
+    compile: bool = False  # torch.compile the model (slow first step; faster after, mostly on GPU)
+    device: str = "auto"  # auto, cpu, cuda, mps
+    threads: int = 0  # CPU threads (0 = torch's default)
+    distributed: str = "ddp"  # ddp or fsdp, used under torchrun
+    seed: int = 1234
+    eval_every: int = 200  # steps between validation losses
+    eval_blocks: int = 128  # validation blocks used during training (the end evaluates the whole split)
+    save_every: int = 200  # steps between checkpoints
+    keep_checkpoints: int = 2  # newest checkpoints kept
+    log_every: int = 20  # steps between log lines
+    out_dir: str = "runs/gpt_minimind/pretrain"  # checkpoints, metrics.jsonl, loss.png, final/
+    resume: bool = False  # continue from the newest checkpoint in out_dir/checkpoints
+    samples: list[str] = field(default_factory=lambda: ["中国的首都是", "今天天气很好，", "记者从市政府获悉，"])  # prompts
+
+
+PRESETS = {
+    "cpu": {},
+    # minimind-small: 512 wide, 8 layers, ~26 M parameters; bf16 + gradient checkpointing fit a 4 GB card
+    "gpu4gb": {"dim": 512, "n_layer": 8, "block_size": 512, "batch_size": 32, "grad_accum": 2,
+               "max_iters": 6000, "lr": 1e-3, "warmup_iters": 300, "gradient_checkpointing": True,
+               "eval_every": 500, "save_every": 500, "eval_blocks": 256},
+    # ~100 M parameters (minimind's larger size): a real GPU run
+    "full": {"dim": 768, "n_layer": 16, "block_size": 1024, "batch_size": 16, "grad_accum": 8,
+             "max_iters": 20000, "lr": 6e-4, "warmup_iters": 1000, "gradient_checkpointing": True,
+             "eval_every": 1000, "save_every": 1000, "eval_blocks": 512},
+}
+
+
+def model_config(cfg: PretrainConfig, vocab_size: int) -> MiniMindConfig:
+    return MiniMindConfig(vocab_size=vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
+                          num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                          num_key_value_heads=cfg.n_kv_head, max_position_embeddings=cfg.block_size,
+                          rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings, dropout=cfg.dropout,
+                          use_moe=cfg.use_moe, num_experts=cfg.n_experts, num_experts_per_tok=cfg.experts_per_tok,
+                          shared_expert_intermediate_size=cfg.shared_expert_dim, attn_impl=cfg.attn_impl,
+                          gradient_checkpointing=cfg.gradient_checkpointing,
+                          router_aux_loss_coef=cfg.router_aux_loss_coef)
+
+
+def load_tokenizer(cfg: PretrainConfig, text: str | None = None):
+    """-> (encode, decode, vocab_size, bos_id, eos_id). BPE: the transformers tokenizer directory
+    (trained now if it does not exist yet). char: built from ``text``, or read back from out_dir."""
+    if cfg.tokenizer == "char":
+        path = Path(cfg.out_dir) / "char_vocab.json"
+        if text is None:
+            tok = CharTokenizer(json.loads(path.read_text(encoding="utf-8")))
+        else:
+            tok = CharTokenizer(text)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(tok.chars, ensure_ascii=False), encoding="utf-8")
+        return tok.encode, tok.decode, tok.vocab_size, None, None
+    if cfg.tokenizer != "bpe":
+        raise ValueError(f"--tokenizer must be bpe or char, not {cfg.tokenizer!r}")
+    from transformers import AutoTokenizer
+
+    if not (Path(cfg.tokenizer_dir) / "tokenizer.json").is_file():
+        from . import train_tokenizer
+
+        print(f"no tokenizer in {cfg.tokenizer_dir}: training one first (python -m gpt_minimind.train_tokenizer)")
+        train_tokenizer.main(train_tokenizer.TokenizerConfig(out_dir=cfg.tokenizer_dir, data_file=cfg.data_file,
+                                                             hf_dataset=cfg.hf_dataset))
+    tok = AutoTokenizer.from_pretrained(cfg.tokenizer_dir)
+
+    def encode(s: str) -> list[int]:
+        return tok.encode(s, add_special_tokens=False)
+
+    return encode, tok.decode, len(tok), tok.bos_token_id, tok.eos_token_id
+
+
+def load_streams(cfg: PretrainConfig) -> tuple[dict[str, torch.Tensor], dict, dict[str, int]]:
+    """Token streams for train and valid, the tokenizer, and the character count of each split."""
+    if cfg.text_file:
+        text = Path(cfg.text_file).read_text(encoding="utf-8")
+        cut = int(len(text) * 0.9)
+        splits = {"train": [text[:cut]], "valid": [text[cut:]]}
+    else:
+        if cfg.data_file:
+            docs = list(iter_text_jsonl(cfg.data_file))
+        elif cfg.hf_dataset:
+            docs = list(iter_hf_text(cfg.hf_dataset))
+        else:
+            docs = default_documents()
+        if cfg.max_documents:
+            docs = docs[:cfg.max_documents]
+        splits = split_documents(docs)
+        text = None
+    if not splits["valid"]:
+        raise ValueError("the valid split is empty: too few documents (need ~50+)")
+    encode, decode, vocab, bos, eos = load_tokenizer(cfg, text if cfg.tokenizer == "char" else None)
+    streams = {k: encode_documents(v, encode, bos, eos) for k, v in splits.items()}
+    chars = {k: sum(map(len, v)) for k, v in splits.items()}
+    return streams, {"encode": encode, "decode": decode, "vocab_size": vocab, "bos": bos, "eos": eos}, chars
+
+
+@torch.no_grad()
+def evaluate(model: MiniMindForCausalLM, data: PackedBlocks, batch_size: int, device, dtype,
+             max_blocks: int = 0) -> tuple[float, int]:
+    """Mean next-token NLL (nats/token) over the first ``max_blocks`` blocks (0 = all), and the token count."""
+    model.eval()
+    n = len(data) if max_blocks <= 0 else min(max_blocks, len(data))
+    total, count = 0.0, 0
+    for i in range(0, n, batch_size):
+        x, y = data.get(torch.arange(i, min(i + batch_size, n)))
+        with autocast(device, dtype):
+            out = model(x.to(device), labels=y.to(device))
+        total += out["lm_loss"].item() * y.numel()
+        count += y.numel()
+    model.train()
+    return total / count, count
+
+
+def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig, device) -> torch.optim.Optimizer:
+    """AdamW; weight decay only on >= 2-D weights (matrices), not on norms' gains (nanoGPT, Llama)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8, fused=fused)
+
+
+def generate_text(model: MiniMindForCausalLM, tok: dict, prompt: str, max_new_tokens: int = 40,
+                  temperature: float = 0.8, top_k: int = 40, seed: int = 0) -> str:
+    device = model.lm_head.weight.device
+    ids = ([tok["bos"]] if tok["bos"] is not None else []) + tok["encode"](prompt)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    new = [int(t) for t in model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature=temperature,
+                                          top_k=top_k, eos_token_id=tok["eos"], generator=gen)]
+    if tok["eos"] is not None and new and new[-1] == tok["eos"]:
+        new = new[:-1]
+    return prompt + tok["decode"](new)
+
+
+def main(cfg: PretrainConfig) -> dict:
+    dist_info = init_distributed(pick_device(cfg.device).type)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    set_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    out = Path(cfg.out_dir)
+    ckpt_root = out / "checkpoints"
+    resume_from = latest_checkpoint(ckpt_root) if cfg.resume else None
+    if cfg.resume and resume_from is None and dist_info.is_main:
+        print(f"--resume: no checkpoint in {ckpt_root}, starting from scratch")
+
+    # 1) data: documents -> token stream -> fixed-length blocks
+    t0 = time.perf_counter()
+    streams, tok, chars = load_streams(cfg)
+    train, valid = PackedBlocks(streams["train"], cfg.block_size), PackedBlocks(streams["valid"], cfg.block_size)
+    data_s = time.perf_counter() - t0
+
+    # 2) model, optimizer, schedule
+    mcfg = model_config(cfg, tok["vocab_size"])
+    model = MiniMindForCausalLM(mcfg).to(device)
+    ddp_model = wrap(model, dist_info, cfg.distributed, (MiniMindDecoderLayer,))  # before the optimizer
+    run_model = torch.compile(ddp_model) if cfg.compile else ddp_model
+    optimizer = make_optimizer(model, cfg, device)
+    scheduler = make_scheduler(optimizer, "cosine", cfg.warmup_iters, cfg.max_iters, min_ratio=cfg.min_lr_ratio)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
+    start_step = 0
+    if resume_from is not None:
+        start_step = load_checkpoint(resume_from, model, optimizer, scheduler)["step"]
+        if dist_info.is_main:
+            print(f"resumed from {resume_from} at step {start_step}")
+
+    global_batch = cfg.batch_size * cfg.grad_accum * dist_info.world_size  # blocks per optimizer step
+    steps_per_epoch = len(train) // global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train)} training blocks are fewer than one global batch of {global_batch}")
+    if dist_info.is_main:
+        print(f"model: {model.num_parameters() / 1e6:.2f} M parameters | train {len(streams['train']) / 1e6:.2f} M "
+              f"tokens ({len(train)} blocks of {cfg.block_size}), valid {len(streams['valid']) / 1e3:.0f} k tokens | "
+              f"vocab {mcfg.vocab_size} | {steps_per_epoch} steps per epoch | {device} {dtype} | data {data_s:.0f} s")
+    logger = RunLogger(out, cfg.max_iters, start_step, resume=resume_from is not None,
+                       enabled=dist_info.is_main, log_every=cfg.log_every, device=device)
+    if start_step == 0:
+        vl, _ = evaluate(model, valid, cfg.batch_size, device, dtype, cfg.eval_blocks)
+        logger.log({"step": 0, "valid_loss": vl, "valid_ppl": math.exp(vl)})
+        logger.write(f"step 0/{cfg.max_iters} | valid loss {vl:.3f} | ppl {math.exp(vl):.1f}")
+
+    # 3) the loop; the data position is a function of the step, so resuming needs only the step
+    losses, valid_losses, t_start = [], [], time.perf_counter()
+    model.train()
+    step = start_step
+    while step < cfg.max_iters:
+        epoch, b = divmod(step, steps_per_epoch)
+        for _, x, y in train.batches(global_batch, cfg.seed, epoch, start=b):
+            x, y = x[dist_info.rank::dist_info.world_size], y[dist_info.rank::dist_info.world_size]  # my share
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for part in accumulation_slices(len(x), cfg.batch_size):
+                with autocast(device, dtype):
+                    out_ = run_model(x[part].to(device), labels=y[part].to(device))
+                loss = out_["loss"] * (part.stop - part.start) / len(x)  # mean over the whole step's batch
+                scaler.scale(loss).backward()
+                step_loss += out_["lm_loss"].item() * (part.stop - part.start) / len(x)
+            if not math.isfinite(step_loss):
+                raise FloatingPointError(f"loss is {step_loss} at step {step}; lower --lr or check the data")
+            scaler.unscale_(optimizer)
+            clip_grad(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            loss_value = all_reduce_mean(step_loss, dist_info)
+            losses.append(loss_value)
+            logger.step(step, loss_value, scheduler.get_last_lr()[0], x.numel() * dist_info.world_size, epoch=epoch)
+            if step % cfg.eval_every == 0 or step == cfg.max_iters:
+                vl, _ = evaluate(model, valid, cfg.batch_size, device, dtype, cfg.eval_blocks)
+                valid_losses.append((step, vl))
+                logger.log({"step": step, "valid_loss": vl, "valid_ppl": math.exp(vl)})
+                logger.write(f"step {step}/{cfg.max_iters} | valid loss {vl:.3f} | ppl {math.exp(vl):.1f}")
+            if step % cfg.save_every == 0 or step == cfg.max_iters:
+                save_checkpoint(ckpt_root, step, model, mcfg.to_dict(), optimizer, scheduler,
+                                extra={"epoch": epoch}, keep=cfg.keep_checkpoints, is_main=dist_info.is_main)
+            if step >= cfg.max_iters:
+                break
+    wall = time.perf_counter() - t_start
+
+    # 4) final: the whole valid split, samples, weights in a standalone directory
+    weights = model_state(model)  # a collective under FSDP: every rank takes part; only rank 0 gets it
+    summary = {}
+    if dist_info.is_main:
+        vl, n_tok = evaluate(model, valid, cfg.batch_size, device, dtype)
+        valid_chars = chars["valid"] * (n_tok / len(streams["valid"]))  # characters in the evaluated blocks
+        summary = {"steps": step, "train_wall_s": wall, "valid_loss": vl, "valid_ppl": math.exp(vl),
+                   "valid_nats_per_char": vl * n_tok / valid_chars, "valid_tokens": n_tok,
+                   "initial_valid_loss": math.log(mcfg.vocab_size), "n_params": model.num_parameters(),
+                   "train_tokens_seen": step * global_batch * cfg.block_size,
+                   "train_tokens_per_epoch": len(streams["train"]), "tokenizer": cfg.tokenizer}
+        logger.write(f"valid (all {n_tok} tokens): loss {vl:.3f} | ppl {math.exp(vl):.1f} | "
+                     f"{summary['valid_nats_per_char']:.3f} nats/char")
+        samples = {p: generate_text(model, tok, p) for p in cfg.samples} if cfg.tokenizer == "bpe" else {}
+        for p, s in samples.items():
+            logger.write(f"SAMPLE {s!r}")
+        summary["samples"] = samples
+        final_dir = out / "final"
+        save_pretrained(model, mcfg.to_dict(), final_dir, state=weights)
+        if cfg.tokenizer == "bpe":
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(cfg.tokenizer_dir).save_pretrained(final_dir / "tokenizer")
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        logger.write(f"done: {step} steps in {wall:.0f} s | weights in {final_dir}")
+    logger.close()
+    return {"losses": losses, "valid_losses": valid_losses, "summary": summary, "out_dir": out,
+            "state_dict": weights, "model": model, "wall_s": wall}
+
+
+if __name__ == "__main__":
+    main(parse_config(PretrainConfig, presets=PRESETS))
+    cleanup()  # leave the process group (a no-op without torchrun)

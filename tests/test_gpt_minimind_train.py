@@ -1,0 +1,179 @@
+"""gpt_minimind data, tokenizer, pretraining loop, resume, export and import, on small synthetic text."""
+
+import json
+import pickle
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from common.config import apply_overrides
+from gpt_minimind import export_hf, train_tokenizer
+from gpt_minimind.dataset import (
+    PackedBlocks,
+    _ListsOnlyUnpickler,
+    clean_text,
+    clean_title,
+    dedup,
+    encode_documents,
+    pad_rows,
+    split_documents,
+    untag_peoples_daily,
+)
+from gpt_minimind.model import MiniMindConfig, MiniMindForCausalLM
+from gpt_minimind.train_pretrain import PretrainConfig, main
+
+SUBJECTS = ["小明", "老师", "记者", "市政府", "我们"]
+VERBS = ["今天去了", "昨天看见", "正在建设", "喜欢"]
+OBJECTS = ["北京。", "新的学校。", "一座大桥。", "公园里的花。"]
+
+
+def synthetic_docs(n: int, seed: int = 0) -> list[str]:
+    """Short Chinese documents from a tiny grammar: a model learns them in a few dozen steps."""
+    rng = random.Random(seed)
+    return ["".join(rng.choice(SUBJECTS) + rng.choice(VERBS) + rng.choice(OBJECTS) for _ in range(rng.randint(3, 8)))
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gpt")
+    path = d / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in synthetic_docs(1500)))
+    tok_dir = d / "tokenizer"
+    stats = train_tokenizer.main(train_tokenizer.TokenizerConfig(vocab_size=600, data_file=str(path),
+                                                                 out_dir=str(tok_dir)))
+    return {"dir": d, "jsonl": path, "tokenizer": tok_dir, "stats": stats}
+
+
+TINY = dict(dim=32, n_layer=2, n_head=4, n_kv_head=2, block_size=32, batch_size=8, lr=3e-3, warmup_iters=5,
+            eval_every=20, save_every=10, log_every=5, eval_blocks=16, threads=1, samples=["小明"])
+
+
+def tiny_cfg(tmp_path, corpus, **kw) -> PretrainConfig:
+    return apply_overrides(PretrainConfig(), {**TINY, "out_dir": str(tmp_path / "run"), "data_file": str(corpus["jsonl"]),
+                                              "tokenizer_dir": str(corpus["tokenizer"]), **kw})
+
+
+def test_tokenizer_is_a_transformers_tokenizer_with_chat_template(corpus):
+    tok = AutoTokenizer.from_pretrained(corpus["tokenizer"])
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+    text = "小明今天去了北京。Hello 123"
+    assert tok.decode(tok.encode(text, add_special_tokens=False)) == text  # byte-level: lossless, no unknowns
+    chat = tok.apply_chat_template([{"role": "user", "content": "你好"}], tokenize=False, add_generation_prompt=True)
+    assert chat == "<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n"
+    assert corpus["stats"]["chars_per_token_valid"] > 1.5  # merges found the grammar's words
+
+
+def test_cleaning_and_untagging():
+    assert untag_peoples_daily("迈向/v  充满/v  [中央/n  电视台/n]nt  。/w") == "迈向充满中央电视台。"
+    assert clean_text("１２月  访问 https://x.cn/a?b=1 请加微信abcdefghijklmnop123\u200b") == "12月 访问 请加微信"
+    assert clean_text("，。") == "，。"  # full-width punctuation is kept
+    assert clean_title("律师你好，请问我在珍爱网上看到_律师365") == "律师你好，请问我在珍爱网上看到"
+    assert dedup(["甲乙丙" * 30, "甲乙丙" * 30, "丁" * 10]) == ["甲乙丙" * 30, "丁" * 10]
+    docs = synthetic_docs(200)
+    a, b = split_documents(docs), split_documents(list(reversed(docs)))  # membership does not depend on order
+    assert set(a["valid"]) == set(b["valid"]) and a["valid"] and not set(a["valid"]) & set(a["train"])
+
+
+def test_inews_unpickler_refuses_objects():
+    payload = pickle.dumps([["t"], ["b"], [0], torch.nn.Linear])  # a class reference, as a malicious file has
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        _ListsOnlyUnpickler(__import__("io").BytesIO(payload)).load()
+
+
+def test_packed_blocks_shift_by_one():
+    stream = encode_documents(["abcdefg", "hij"], lambda s: [ord(c) for c in s], 1, 2)
+    blocks = PackedBlocks(stream, 4)
+    x, y = blocks.get(torch.tensor([0, 1]))
+    assert x[0].tolist() == [1, 97, 98, 99] and y[0].tolist() == [97, 98, 99, 100]
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    # every block index appears once per epoch, in an order fixed by (seed, epoch)
+    assert sorted(blocks.batch_order(0, 0).tolist()) == list(range(len(blocks)))
+    assert torch.equal(blocks.batch_order(0, 1), blocks.batch_order(0, 1))
+
+
+def test_padding_adds_nothing_to_the_loss():
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(MiniMindConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2)).eval()
+    rows = [[1, 5, 6, 7, 8, 2], [1, 9, 10, 2]]
+    x, y, mask = pad_rows(rows, pad_id=0)
+    assert (y[1, 3:] == -100).all() and mask[1].tolist() == [1, 1, 1, 0, 0]
+    logits = model(x, attention_mask=mask)["logits"]
+    per_tok = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, ignore_index=-100, reduction="none")
+    assert (per_tok[1, 3:] == 0).all()
+    # the short row's loss equals the loss computed on it alone, unpadded
+    alone = model(x[1:, :3], labels=y[1:, :3])["loss"]
+    torch.testing.assert_close(per_tok[1, :3].mean(), alone)
+
+
+def test_pretraining_loss_falls_then_export_loads_in_transformers(tmp_path, corpus):
+    out = main(tiny_cfg(tmp_path, corpus, max_iters=120, lr=6e-3))
+    first, last = sum(out["losses"][:5]) / 5, sum(out["losses"][-5:]) / 5
+    assert last < 0.5 * first, (first, last)
+    s = out["summary"]
+    assert s["valid_loss"] < 0.5 * s["initial_valid_loss"]
+    run = tmp_path / "run"
+    assert (run / "metrics.jsonl").exists() and (run / "loss.png").exists()
+    assert s["samples"]["小明"].startswith("小明")
+    # export: transformers loads it with no custom code, same logits, same tokenizer
+    hf_dir = tmp_path / "hf"
+    res = export_hf.main(export_hf.ExportConfig(ckpt=str(run / "final"), out=str(hf_dir)))
+    assert res["max_abs_diff"] <= 1e-4
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    ids = torch.tensor([tok.encode("小明今天去了", add_special_tokens=False)])
+    torch.testing.assert_close(out["model"].eval()(ids)["logits"], hf(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_resume_reproduces_uninterrupted_run_bit_for_bit(tmp_path, corpus):
+    full = main(tiny_cfg(tmp_path / "a", corpus, max_iters=20, save_every=10))
+    part = main(tiny_cfg(tmp_path / "b", corpus, max_iters=20, save_every=10, resume=False))
+    # simulate an interruption at step 10: drop the step-20 checkpoint and resume
+    ckpts = tmp_path / "b" / "run" / "checkpoints"
+    import shutil
+
+    shutil.rmtree(ckpts / "step_000020")
+    (ckpts / "latest").write_text("step_000010")
+    resumed = main(tiny_cfg(tmp_path / "b", corpus, max_iters=20, save_every=10, resume=True))
+    assert resumed["losses"] == full["losses"][10:]
+    for k, v in full["state_dict"].items():
+        assert torch.equal(v, resumed["state_dict"][k]), k
+    assert part["losses"] == full["losses"]
+
+
+def test_char_tokenizer_text_file(tmp_path):
+    text = "\n".join(synthetic_docs(300, seed=1))
+    path = tmp_path / "input.txt"
+    path.write_text(text, encoding="utf-8")
+    out = main(apply_overrides(PretrainConfig(), {**TINY, "out_dir": str(tmp_path / "run"), "text_file": str(path),
+                                                   "tokenizer": "char", "max_iters": 40}))
+    assert out["summary"]["tokenizer"] == "char"
+    assert out["summary"]["valid_loss"] < 0.6 * out["summary"]["initial_valid_loss"]
+
+
+def test_import_transformers_llama_into_ours(tmp_path):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=120, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=True)
+    hf = LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path / "llama")
+    res = export_hf.main(export_hf.ExportConfig(import_dir=str(tmp_path / "llama"), out=str(tmp_path / "ours")))
+    assert res["max_abs_diff"] <= 1e-4
+    ours = MiniMindForCausalLM(MiniMindConfig(**json.loads((tmp_path / "ours" / "config.json").read_text())))
+    from common.checkpoint import load_pretrained
+
+    load_pretrained(ours, tmp_path / "ours").eval()
+    ids = torch.randint(0, 120, (2, 10))
+    torch.testing.assert_close(ours(ids)["logits"], hf(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_jsonl_line_names_file_and_line(tmp_path, corpus):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "好"}\n{"txt": "坏"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: missing field\(s\) \['text'\]"):
+        main(tiny_cfg(tmp_path, corpus, data_file=str(bad)))
