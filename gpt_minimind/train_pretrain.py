@@ -99,7 +99,8 @@ class PretrainConfig:
     log_every: int = 20  # steps between log lines
     out_dir: str = "runs/gpt_minimind/pretrain"  # checkpoints, metrics.jsonl, loss.png, final/
     resume: bool = False  # continue from the newest checkpoint in out_dir/checkpoints
-    samples: list[str] = field(default_factory=lambda: ["中国的首都是", "今天天气很好，", "记者从市政府获悉，"])  # prompts
+    samples: list[str] = field(default_factory=lambda: ["中国的首都是", "今天天气很好，", "记者从市政府获悉，"])  # shown
+
 
 
 PRESETS = {
@@ -319,8 +320,8 @@ def main(cfg: PretrainConfig) -> dict:
         logger.write(f"valid (all {n_tok} tokens): loss {vl:.3f} | ppl {math.exp(vl):.1f} | "
                      f"{summary['valid_nats_per_char']:.3f} nats/char")
         samples = {p: generate_text(model, tok, p) for p in cfg.samples} if cfg.tokenizer == "bpe" else {}
-        for p, s in samples.items():
-            logger.write(f"SAMPLE {s!r}")
+        for text in samples.values():
+            logger.write(f"SAMPLE {text!r}")
         summary["samples"] = samples
         final_dir = out / "final"
         save_pretrained(model, mcfg.to_dict(), final_dir, state=weights)
