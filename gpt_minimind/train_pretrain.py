@@ -99,8 +99,7 @@ class PretrainConfig:
     log_every: int = 20  # steps between log lines
     out_dir: str = "runs/gpt_minimind/pretrain"  # checkpoints, metrics.jsonl, loss.png, final/
     resume: bool = False  # continue from the newest checkpoint in out_dir/checkpoints
-    samples: list[str] = field(default_factory=lambda: ["中国的首都是", "今天天气很好，", "记者从市政府获悉，"])  # shown
-
+    samples: list[str] = field(default_factory=lambda: ["中国的首都是", "今天天气很好，", "记者获悉，"])  # prompts
 
 
 PRESETS = {

@@ -52,7 +52,8 @@ TINY = dict(dim=32, n_layer=2, n_head=4, n_kv_head=2, block_size=32, batch_size=
 
 
 def tiny_cfg(tmp_path, corpus, **kw) -> PretrainConfig:
-    paths = {"out_dir": str(tmp_path / "run"), "data_file": str(corpus["jsonl"]), "tokenizer_dir": str(corpus["tokenizer"])}
+    paths = {"out_dir": str(tmp_path / "run"), "data_file": str(corpus["jsonl"]),
+             "tokenizer_dir": str(corpus["tokenizer"])}
     return apply_overrides(PretrainConfig(), {**TINY, **paths, **kw})
 
 
