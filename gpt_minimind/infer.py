@@ -1,0 +1,116 @@
+"""Generate text with a trained model: streaming, KV cache, greedy or sampled, and a chat mode.
+
+    python -m gpt_minimind.infer --prompt 中国的首都是 --prompt 今天天气很好，
+    python -m gpt_minimind.infer --temperature 0 --no-cache          # greedy, re-running the prefix each step
+    python -m gpt_minimind.infer --chat --ckpt runs/gpt_minimind/sft/final   # after SFT (part 2)
+
+Tokens are printed as they are produced. Byte-level BPE can split a character over several tokens,
+so the text is re-decoded from all new tokens each step and only the finished part is printed.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from common.checkpoint import load_pretrained, read_config
+from common.config import parse_config
+from common.runtime import pick_device, set_threads
+
+from .model import MiniMindConfig, MiniMindForCausalLM
+
+
+@dataclass
+class InferConfig:
+    """Generate from a trained checkpoint."""
+
+    ckpt: str = "runs/gpt_minimind/pretrain/final"  # model.safetensors + config.json + tokenizer/
+    prompt: list[str] = field(default_factory=lambda: ["中国的首都是", "今天天气很好，"])  # one generation each
+    max_new_tokens: int = 80  # tokens to add after the prompt
+    temperature: float = 0.8  # 0 = greedy; higher = more random
+    top_k: int = 40  # sample only from the k most likely tokens (0 = all)
+    top_p: float = 0.95  # ... and only from the smallest set reaching this probability
+    repetition_penalty: float = 1.1  # > 1 discourages tokens already in the text
+    cache: bool = True  # use the KV cache (--no-cache re-runs the whole sequence every step)
+    chat: bool = False  # interactive chat with the chat template (for SFT models)
+    seed: int = 0  # sampling seed
+    threads: int = 0  # CPU threads (0 = torch's default)
+    device: str = "auto"
+
+
+def load_model(ckpt: str | Path, device) -> tuple[MiniMindForCausalLM, object]:
+    from transformers import AutoTokenizer
+
+    ckpt = Path(ckpt)
+    model = load_pretrained(MiniMindForCausalLM(MiniMindConfig(**read_config(ckpt))), ckpt).to(device).eval()
+    tok_dir = ckpt / "tokenizer"
+    if not (tok_dir / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{tok_dir}: no tokenizer next to the weights (train_pretrain.py writes one there)")
+    return model, AutoTokenizer.from_pretrained(tok_dir)
+
+
+def stream(model: MiniMindForCausalLM, tok, ids: list[int], cfg: InferConfig, out=sys.stdout) -> tuple[str, int, float]:
+    """Generate after ``ids``, printing text as it becomes complete. -> (text, new tokens, seconds)."""
+    device = model.lm_head.weight.device
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    new: list[int] = []
+    printed = ""
+    t0 = time.perf_counter()
+    for t in model.generate(torch.tensor([ids], device=device), cfg.max_new_tokens, cfg.temperature, cfg.top_k,
+                            cfg.top_p, cfg.repetition_penalty, tok.eos_token_id, cfg.cache, gen):
+        if int(t) == tok.eos_token_id:
+            break
+        new.append(int(t))
+        text = tok.decode(new)
+        if not text.endswith("\ufffd"):  # wait until a split character is complete
+            out.write(text[len(printed):])
+            out.flush()
+            printed = text
+    seconds = time.perf_counter() - t0
+    text = tok.decode(new)
+    out.write(text[len(printed):] + "\n")
+    return text, len(new), seconds
+
+
+def chat(model, tok, cfg: InferConfig) -> None:
+    """A read-eval-print loop over the chat template; the history is kept until 'exit' or end of input."""
+    messages = []
+    limit = model.config.max_position_embeddings
+    while True:
+        try:
+            user = input("you> ").strip()
+        except EOFError:
+            return
+        if user in ("exit", "quit"):
+            return
+        messages.append({"role": "user", "content": user})
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = tok.encode(text, add_special_tokens=False)[-(limit - cfg.max_new_tokens):]  # keep the newest turns
+        sys.stdout.write("bot> ")
+        reply, _, _ = stream(model, tok, ids, cfg)
+        messages.append({"role": "assistant", "content": reply})
+
+
+def main(cfg: InferConfig) -> dict:
+    set_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    model, tok = load_model(cfg.ckpt, device)
+    if cfg.chat:
+        chat(model, tok, cfg)
+        return {}
+    results = []
+    for prompt in cfg.prompt:
+        sys.stdout.write(prompt)
+        ids = [tok.bos_token_id] + tok.encode(prompt, add_special_tokens=False)
+        text, n, s = stream(model, tok, ids, cfg)
+        print(f"  [{n} tokens in {s:.2f} s, {n / max(s, 1e-9):.0f} tokens/s, {'with' if cfg.cache else 'no'} KV cache]")
+        results.append({"prompt": prompt, "text": text, "new_tokens": n, "seconds": s})
+    return {"generations": results}
+
+
+if __name__ == "__main__":
+    main(parse_config(InferConfig))
