@@ -1,9 +1,9 @@
-# Two commands do all the set-up:  make demo  (train + translate on the CPU)  and  make test.
+# Two commands do all the set-up:  make demo  (the GPT chapter end to end on the CPU)  and  make test.
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: setup data demo test lint results bench clean
+.PHONY: setup data demo demo-translate test lint results bench clean
 
 setup: $(VENV)/.installed
 
@@ -13,12 +13,20 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -e ".[dev]"
 	touch $@
 
-# fetch and hash-check the default data (zhlib's sentence pairs) into $$TUTORIALS_CACHE
+# fetch and hash-check the default data of each chapter into $$TUTORIALS_CACHE
 data: setup
 	$(PY) -m transformer_basics.dataset
+	$(PY) -m gpt_minimind.dataset
 
-# the project's main job end to end on the CPU: train, then translate the test split (greedy + beam, BLEU)
+# the project's main job end to end on the CPU: the GPT chapter's tokenizer, pretraining, and samples
 demo: data
+	$(PY) -m gpt_minimind.train_tokenizer
+	$(PY) -m gpt_minimind.train_pretrain
+	$(PY) -m gpt_minimind.infer
+	$(PY) -m gpt_minimind.export_hf
+
+# the first chapter end to end: train, then translate the test split (greedy + beam, BLEU)
+demo-translate: data
 	$(PY) -m transformer_basics.train_translate
 	$(PY) -m transformer_basics.infer --attention-png runs/transformer_basics/translate/attention.png
 
@@ -35,6 +43,7 @@ results: setup
 
 bench: setup
 	$(PY) -m transformer_basics.bench
+	$(PY) -m gpt_minimind.bench
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -32,6 +32,7 @@ from common.checkpoint import (
 from common.config import parse_config
 from common.distributed import all_reduce_mean, cleanup, init_distributed, wrap
 from common.log import RunLogger
+from common.results import make_record
 from common.runtime import autocast, pick_device, pick_dtype, seed_everything, set_threads
 from common.schedule import accumulation_slices, clip_grad, make_scheduler
 
@@ -99,6 +100,7 @@ class PretrainConfig:
     log_every: int = 20  # steps between log lines
     out_dir: str = "runs/gpt_minimind/pretrain"  # checkpoints, metrics.jsonl, loss.png, final/
     resume: bool = False  # continue from the newest checkpoint in out_dir/checkpoints
+    run_name: str = "pretrain_cpu"  # names this run's records in doc/results.json
     samples: list[str] = field(default_factory=lambda: ["中国的首都是", "今天天气很好，", "记者获悉，"])  # prompts
 
 
@@ -329,6 +331,12 @@ def main(cfg: PretrainConfig) -> dict:
 
             AutoTokenizer.from_pretrained(cfg.tokenizer_dir).save_pretrained(final_dir / "tokenizer")
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        cmd = "python -m gpt_minimind.train_pretrain"
+        records = [make_record("gpt_minimind", cfg.run_name, "valid_loss", vl, "uniform_over_vocab",
+                               math.log(mcfg.vocab_size), wall, cmd),
+                   make_record("gpt_minimind", cfg.run_name, "valid_ppl", math.exp(vl), "uniform_over_vocab",
+                               float(mcfg.vocab_size), wall, cmd)]
+        (out / "results.json").write_text(json.dumps(records, indent=2) + "\n")
         logger.write(f"done: {step} steps in {wall:.0f} s | weights in {final_dir}")
     logger.close()
     return {"losses": losses, "valid_losses": valid_losses, "summary": summary, "out_dir": out,

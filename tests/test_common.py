@@ -23,6 +23,7 @@ class Outer:
     lr: float = 1e-3  # learning rate
     mode: Literal["a", "b"] = "a"  # which mode
     name: str = "x"  # a name
+    prompts: list[str] = field(default_factory=lambda: ["a", "b"])  # texts
 
 
 PRESETS = {"big": {"width": 64, "lr": 1e-4}}
@@ -35,6 +36,7 @@ def test_config_flags_presets_and_errors(capsys):
     cfg = config.parse_config(Outer, ["--preset", "big", "--lr", "0.5"], PRESETS)
     assert (cfg.inner.width, cfg.lr) == (64, 0.5)  # preset applied, explicit flag wins
     assert config.parse_config(Outer, ["--no-tie"]).inner.tie is False
+    assert config.parse_config(Outer, ["--prompts", "x y", "z"]).prompts == ["x y", "z"]  # list fields take n values
     for bad in (["--widht", "3"], ["--mode", "c"], ["--width", "wide"]):
         with pytest.raises(SystemExit):
             config.parse_config(Outer, bad, PRESETS)

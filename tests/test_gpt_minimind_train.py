@@ -128,6 +128,10 @@ def test_pretraining_loss_falls_then_export_loads_in_transformers(tmp_path, corp
     tok = AutoTokenizer.from_pretrained(hf_dir)
     ids = torch.tensor([tok.encode("小明今天去了", add_special_tokens=False)])
     torch.testing.assert_close(out["model"].eval()(ids)["logits"], hf(ids).logits, atol=1e-4, rtol=1e-4)
+    # generation with transformers from the export gives our greedy tokens
+    ours = torch.stack(list(out["model"].generate(ids, 8)), 1)
+    theirs = hf.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(ours, theirs[:, ids.shape[1]:])
 
 
 def test_resume_reproduces_uninterrupted_run_bit_for_bit(tmp_path, corpus):
