@@ -163,7 +163,7 @@ def import_hf(src: str | Path, gguf_file: str | None = None) -> tuple[MiniMindFo
     from transformers import AutoModelForCausalLM
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    hf_model = AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32, **kwargs).eval()
+    hf_model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kwargs).eval()
     cfg = from_hf_config(hf_model.config)
     model = MiniMindForCausalLM(cfg).eval()
     missing, unexpected = model.load_state_dict(from_hf_state_dict(hf_model.state_dict(), cfg), strict=False)
@@ -207,7 +207,7 @@ def main(cfg: ExportConfig) -> dict:
     else:
         export(cfg.ckpt, cfg.out)
         model = load_pretrained(MiniMindForCausalLM(MiniMindConfig(**read_config(cfg.ckpt))), cfg.ckpt).eval()
-        other = AutoModelForCausalLM.from_pretrained(cfg.out, torch_dtype=torch.float32).eval()
+        other = AutoModelForCausalLM.from_pretrained(cfg.out, dtype=torch.float32).eval()
         print(f"exported {cfg.ckpt} -> {cfg.out} as {type(other).__name__}")
     result = {"out": cfg.out}
     if cfg.check:

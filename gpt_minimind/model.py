@@ -104,9 +104,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        if x.dtype != torch.float32:  # half precision: square and average in float32, cast back
+            x32 = x.float()
+            return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -199,6 +200,10 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+# torch >= 2.5: scaled_dot_product_attention broadcasts H_kv key/value heads over H query heads itself
+_SDPA_GQA = {"enable_gqa": True} if "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "") else {}
+
+
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """(B, H_kv, T, D) -> (B, H_kv * n_rep, T, D): each key/value head serves n_rep query heads."""
     if n_rep == 1:
@@ -247,15 +252,16 @@ class MiniMindAttention(nn.Module):
         B, T, _ = x.shape
         H, H_kv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         # 1) project to queries (B, H, T, D) and keys/values (B, H_kv, T, D)
-        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, H_kv, D).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, H, D)
+        k = self.k_proj(x).view(B, T, H_kv, D)
         v = self.v_proj(x).view(B, T, H_kv, D).transpose(1, 2)
-        # 2) rotate q and k by their absolute positions (RoPE); v is not rotated
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # 2) rotate q and k by their absolute positions (RoPE); v is not rotated.
+        #    (q and k side by side along the head axis: one rotation instead of two)
+        qk = apply_rotary(torch.cat([q, k], dim=2).transpose(1, 2), cos, sin)
+        q, k = qk[:, :H], qk[:, H:]
         # 3) with a cache: append this step's k/v, attend over everything so far
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        k, v = repeat_kv(k, H // H_kv), repeat_kv(v, H // H_kv)  # (B, H, Tk, D)
         # 4) attend causally. One new token attending to a cache needs no mask; a padded batch or a
         #    multi-token chunk after a cache needs an explicit one.
         Tk = k.shape[2]
@@ -263,13 +269,15 @@ class MiniMindAttention(nn.Module):
         mask = None
         if key_padding is not None or (T > 1 and Tk != T):
             mask = causal_mask(T, Tk, x.device, key_padding, q.dtype)
+        if cfg.attn_impl == "math" or not _SDPA_GQA:
+            k, v = repeat_kv(k, H // H_kv), repeat_kv(v, H // H_kv)  # (B, H, Tk, D): each k/v head serves H/H_kv
         if cfg.attn_impl == "math":
             if mask is None and T > 1:
                 mask = causal_mask(T, Tk, x.device, dtype=q.dtype)
             y = attention_math(q, k, v, mask, dropout)
-        else:
+        else:  # the fused kernel; it shares each k/v head across its query heads itself (enable_gqa)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                               is_causal=mask is None and T > 1)
+                                               is_causal=mask is None and T > 1, **_SDPA_GQA)
         # 5) merge heads and project back: (B, H, T, D) -> (B, T, C)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
 
