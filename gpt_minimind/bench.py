@@ -15,6 +15,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -277,6 +278,7 @@ def nanogpt_comparison(cfg: BenchConfig) -> dict:
     with open(data / "meta.pkl", "wb") as f:
         pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": stoi}, f)
     (work / "input.txt").write_text(text, encoding="utf-8")
+    shutil.copy2(nano / "configurator.py", work / "configurator.py")  # train.py reads it from the working dir
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads), "MKL_NUM_THREADS": str(cfg.threads)}
 
     print("nanoGPT: training its baby GPT (train.py config/train_shakespeare_char.py + its CPU flags) ...", flush=True)

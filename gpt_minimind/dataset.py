@@ -215,6 +215,22 @@ class PackedBlocks:
             yield (b, *self.get(order[b * batch_size:(b + 1) * batch_size]))
 
 
+def ngram_baselines(train: torch.Tensor, valid: torch.Tensor, vocab_size: int, alpha: float = 0.01) -> dict:
+    """Validation loss (nats/token) of two models that only count: unigram (add-one) and bigram
+    (add-alpha) frequencies of the training stream. A language model should beat both; the bigram is
+    a surprisingly strong bar for a short training run."""
+    train, valid, V = train.long(), valid.long(), vocab_size
+    uni = torch.bincount(train, minlength=V).double() + 1
+    unigram = -(uni / uni.sum()).log()[valid].mean().item()
+    keys, counts = torch.unique(train[:-1] * V + train[1:], return_counts=True)  # sorted bigram ids
+    query = valid[:-1] * V + valid[1:]
+    pos = torch.searchsorted(keys, query).clamp(max=len(keys) - 1)
+    pair = torch.where(keys[pos] == query, counts[pos], 0).double()
+    context = torch.bincount(train[:-1], minlength=V).double()[valid[:-1]]
+    bigram = -((pair + alpha) / (context + alpha * V)).log().mean().item()
+    return {"unigram": unigram, "bigram": bigram}
+
+
 def pad_rows(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Unpacked rows of different lengths (minimind's padded pretraining) -> inputs, labels, attention mask.
     Labels at padding are -100, so padded positions add nothing to the loss."""

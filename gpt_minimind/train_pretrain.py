@@ -43,6 +43,7 @@ from .dataset import (
     encode_documents,
     iter_hf_text,
     iter_text_jsonl,
+    ngram_baselines,
     split_documents,
 )
 from .model import MiniMindConfig, MiniMindDecoderLayer, MiniMindForCausalLM
@@ -313,13 +314,16 @@ def main(cfg: PretrainConfig) -> dict:
     if dist_info.is_main:
         vl, n_tok = evaluate(model, valid, cfg.batch_size, device, dtype)
         valid_chars = chars["valid"] * (n_tok / len(streams["valid"]))  # characters in the evaluated blocks
+        baselines = ngram_baselines(streams["train"], streams["valid"], mcfg.vocab_size)
         summary = {"steps": step, "train_wall_s": wall, "valid_loss": vl, "valid_ppl": math.exp(vl),
+                   "unigram_valid_loss": baselines["unigram"], "bigram_valid_loss": baselines["bigram"],
                    "valid_nats_per_char": vl * n_tok / valid_chars, "valid_tokens": n_tok,
                    "initial_valid_loss": math.log(mcfg.vocab_size), "n_params": model.num_parameters(),
                    "train_tokens_seen": step * global_batch * cfg.block_size,
                    "train_tokens_per_epoch": len(streams["train"]), "tokenizer": cfg.tokenizer}
         logger.write(f"valid (all {n_tok} tokens): loss {vl:.3f} | ppl {math.exp(vl):.1f} | "
-                     f"{summary['valid_nats_per_char']:.3f} nats/char")
+                     f"{summary['valid_nats_per_char']:.3f} nats/char | counting baselines: unigram "
+                     f"{baselines['unigram']:.3f}, bigram {baselines['bigram']:.3f}")
         samples = {p: generate_text(model, tok, p) for p in cfg.samples} if cfg.tokenizer == "bpe" else {}
         for text in samples.values():
             logger.write(f"SAMPLE {text!r}")
@@ -332,10 +336,10 @@ def main(cfg: PretrainConfig) -> dict:
             AutoTokenizer.from_pretrained(cfg.tokenizer_dir).save_pretrained(final_dir / "tokenizer")
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
         cmd = "python -m gpt_minimind.train_pretrain"
-        records = [make_record("gpt_minimind", cfg.run_name, "valid_loss", vl, "uniform_over_vocab",
-                               math.log(mcfg.vocab_size), wall, cmd),
-                   make_record("gpt_minimind", cfg.run_name, "valid_ppl", math.exp(vl), "uniform_over_vocab",
-                               float(mcfg.vocab_size), wall, cmd)]
+        records = [make_record("gpt_minimind", cfg.run_name, "valid_loss", vl, "bigram_counts",
+                               baselines["bigram"], wall, cmd),
+                   make_record("gpt_minimind", cfg.run_name, "valid_ppl", math.exp(vl), "bigram_counts",
+                               math.exp(baselines["bigram"]), wall, cmd)]
         (out / "results.json").write_text(json.dumps(records, indent=2) + "\n")
         logger.write(f"done: {step} steps in {wall:.0f} s | weights in {final_dir}")
     logger.close()

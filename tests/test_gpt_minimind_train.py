@@ -17,6 +17,7 @@ from gpt_minimind.dataset import (
     clean_title,
     dedup,
     encode_documents,
+    ngram_baselines,
     pad_rows,
     split_documents,
     untag_peoples_daily,
@@ -93,6 +94,15 @@ def test_packed_blocks_shift_by_one():
     # every block index appears once per epoch, in an order fixed by (seed, epoch)
     assert sorted(blocks.batch_order(0, 0).tolist()) == list(range(len(blocks)))
     assert torch.equal(blocks.batch_order(0, 1), blocks.batch_order(0, 1))
+
+
+def test_ngram_baselines():
+    cycle = torch.tensor([3, 1, 4, 1, 5] * 200)  # after 3 comes 1, after 4 comes 1 ...: bigrams nearly certain
+    b = ngram_baselines(cycle, cycle[:50], vocab_size=8)
+    assert b["bigram"] < 0.8 < b["unigram"]  # 1 is followed by 4 or 5 half the time: ln 2 per such step
+    # unigram: -mean log p with add-one counts, written out
+    counts = torch.bincount(cycle, minlength=8).double() + 1
+    assert b["unigram"] == pytest.approx(-(counts / counts.sum()).log()[cycle[:50]].mean().item())
 
 
 def test_padding_adds_nothing_to_the_loss():
