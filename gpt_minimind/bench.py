@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.bench import matmul_peak_flops, mfu, time_fn
+from common.bench import matmul_peak_flops, mfu
 from common.config import parse_config
 from common.data import Package, fetch_package
 from common.runtime import autocast, set_threads
@@ -52,13 +52,25 @@ class BenchConfig:
     prompt_len: int = 16  # generation: prompt tokens
     new_tokens: int = 128  # generation: tokens generated (greedy, batch 1)
     threads: int = 1  # 1 thread: comparable on a shared machine
-    repeats: int = 3  # best of this many, spread reported
+    repeats: int = 5  # best of this many (interleaved rounds), spread reported
     compile: bool = True  # also time torch.compile'd models (compilation takes a minute or two on CPU)
     speed: bool = True  # the ours-vs-transformers step and generation tables
     memory: bool = False  # the memory estimator against measured peaks (fresh subprocesses)
     nanogpt_dir: str = ""  # a clone of github.com/karpathy/nanoGPT: run its CPU recipe beside ours
     nanogpt_chars: int = 1_100_000  # characters of Shakespeare for that comparison (tinyshakespeare's size)
     out: str = "runs/gpt_minimind/bench/bench.json"
+
+
+def interleaved(fns: dict, repeats: int) -> dict[str, tuple[float, float]]:
+    """Time each function ``repeats`` times in rounds (A B C, A B C, ...), so a slow spell of the
+    shared machine hits every contender alike. -> name: (best seconds, max - min)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: (min(t), max(t) - min(t)) for name, t in times.items()}
 
 
 def tiny_llama(cfg: BenchConfig) -> MiniMindConfig:
@@ -115,16 +127,17 @@ def speed_tables(cfg: BenchConfig) -> dict:
         variants.append(("ours (sdpa) + torch.compile", torch.compile(ours), torch.float32))
         hf_compiled = torch.compile(models["transformers Llama (sdpa)"])
         variants.append(("transformers Llama (sdpa) + torch.compile", hf_compiled, torch.float32))
+    fns, firsts = {}, {}
     for name, model, dtype in variants:
         model.train()
         t_first = time.perf_counter()
-        fn = step_fn(model, dtype)
-        fn()  # warm-up (and compilation)
-        first = time.perf_counter() - t_first
-        best, spread = time_fn(fn, repeats=cfg.repeats, warmup=0)
-        peak = peak16 if dtype == torch.bfloat16 else peak32
-        rows[name] = {"step_s": best, "spread_s": spread, "tokens_per_s": tokens / best, "first_step_s": first,
-                      "mfu": mfu(tokens / best, flops_per_token, peak), "dtype": str(dtype).replace("torch.", "")}
+        fns[name] = step_fn(model, dtype)
+        fns[name]()  # warm-up (and compilation)
+        firsts[name] = time.perf_counter() - t_first
+    for name, (best, spread) in interleaved(fns, cfg.repeats).items():
+        peak = peak16 if "bf16" in name else peak32
+        rows[name] = {"step_s": best, "spread_s": spread, "tokens_per_s": tokens / best, "first_step_s": firsts[name],
+                      "mfu": mfu(tokens / best, flops_per_token, peak)}
         print(f"train step | {name:45s} | {best * 1e3:7.1f} ms (spread {spread * 1e3:5.1f}) | "
               f"{tokens / best:7.0f} tok/s | MFU {rows[name]['mfu']:.0%}", flush=True)
 
@@ -143,9 +156,11 @@ def speed_tables(cfg: BenchConfig) -> dict:
                                                                     do_sample=False, eos_token_id=None, pad_token_id=0),
     }
     same = torch.equal(gens["ours, KV cache"]().flatten(), gens["transformers generate (sdpa)"]()[0, cfg.prompt_len:])
-    for name, fn in gens.items():
-        with torch.no_grad():
-            best, spread = time_fn(fn, repeats=cfg.repeats, warmup=1)
+    with torch.no_grad():
+        for fn in gens.values():
+            fn()  # warm-up
+        timed = interleaved(gens, cfg.repeats)
+    for name, (best, spread) in timed.items():
         gen_rows[name] = {"s": best, "spread_s": spread, "tokens_per_s": cfg.new_tokens / best}
         print(f"generate   | {name:45s} | {best:6.3f} s (spread {spread:.3f}) | {cfg.new_tokens / best:7.0f} tok/s",
               flush=True)
@@ -186,24 +201,29 @@ def estimate_training_memory(mcfg: MiniMindConfig, batch: int, seq: int, param_b
 
 
 _MEASURE = r"""
-import json, resource, sys, torch
+import json, sys, torch
 from gpt_minimind.model import MiniMindConfig, MiniMindForCausalLM
 torch.set_num_threads(1)
+
+def status(key):  # kB figures of /proc/self/status
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))
+
 cfg, batch, seq = MiniMindConfig(**json.loads(sys.argv[1])), int(sys.argv[2]), int(sys.argv[3])
 x = torch.randint(3, cfg.vocab_size, (batch, seq + 1))
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM); a parent's peak is inherited
+base = status("VmRSS")
 model = MiniMindForCausalLM(cfg).train()
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 for _ in range(2):  # the second step has Adam's state allocated, as every later step
     model(x[:, :-1], labels=x[:, 1:])["loss"].backward()
     opt.step()
     opt.zero_grad(set_to_none=False)
-print(json.dumps({"peak_bytes": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024}))
+print(json.dumps({"peak_bytes": (status("VmHWM") - base) * 1024}))
 """
 
 
 def measure_training_memory(mcfg: MiniMindConfig, batch: int, seq: int) -> int:
-    """Peak RSS growth of two training steps in a fresh process (Linux: ru_maxrss in KiB)."""
+    """Peak RSS growth of two training steps in a fresh process (Linux: /proc/self/status VmHWM - VmRSS)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", _MEASURE, json.dumps(mcfg.to_dict()), str(batch), str(seq)],
                           capture_output=True, text=True, env=env, check=True)
