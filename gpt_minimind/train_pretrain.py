@@ -25,6 +25,7 @@ import torch
 from common.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
+    load_weights,
     model_state,
     save_checkpoint,
     save_pretrained,
@@ -312,7 +313,10 @@ def main(cfg: PretrainConfig) -> dict:
     weights = model_state(model)  # a collective under FSDP: every rank takes part; only rank 0 gets it
     summary = {}
     if dist_info.is_main:
-        vl, n_tok = evaluate(model, valid, cfg.batch_size, device, dtype)
+        final_model = model
+        if dist_info.world_size > 1 and cfg.distributed == "fsdp":  # a sharded model cannot run on one rank
+            final_model = load_weights(MiniMindForCausalLM(mcfg).to(device), weights)
+        vl, n_tok = evaluate(final_model, valid, cfg.batch_size, device, dtype)
         valid_chars = chars["valid"] * (n_tok / len(streams["valid"]))  # characters in the evaluated blocks
         baselines = ngram_baselines(streams["train"], streams["valid"], mcfg.vocab_size)
         summary = {"steps": step, "train_wall_s": wall, "valid_loss": vl, "valid_ppl": math.exp(vl),
@@ -324,7 +328,7 @@ def main(cfg: PretrainConfig) -> dict:
         logger.write(f"valid (all {n_tok} tokens): loss {vl:.3f} | ppl {math.exp(vl):.1f} | "
                      f"{summary['valid_nats_per_char']:.3f} nats/char | counting baselines: unigram "
                      f"{baselines['unigram']:.3f}, bigram {baselines['bigram']:.3f}")
-        samples = {p: generate_text(model, tok, p) for p in cfg.samples} if cfg.tokenizer == "bpe" else {}
+        samples = {p: generate_text(final_model, tok, p) for p in cfg.samples} if cfg.tokenizer == "bpe" else {}
         for text in samples.values():
             logger.write(f"SAMPLE {text!r}")
         summary["samples"] = samples

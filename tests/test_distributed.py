@@ -11,10 +11,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_two_ranks(out: Path, data_file: Path, strategy: str) -> tuple[dict, dict]:
+def run_two_ranks(out: Path, data_file: Path, strategy: str, worker: str = "dist_worker.py") -> tuple[dict, dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           str(ROOT / "tests" / "dist_worker.py"), str(out), str(data_file), strategy]
+           str(ROOT / "tests" / worker), str(out), str(data_file), strategy]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
@@ -30,4 +30,15 @@ def test_ddp_and_fsdp_two_ranks_agree(tmp_path, digits_file):
     fsdp0, fsdp1 = run_two_ranks(tmp_path / "fsdp", digits_file, "fsdp")
     assert fsdp0["sha256"] == fsdp1["sha256"]
     # sharded training computes the same updates as replicated training, up to float summation order
+    assert fsdp0["losses"] == pytest.approx(ddp0["losses"], rel=1e-4)
+
+
+def test_gpt_pretraining_ddp_and_fsdp_two_ranks_agree(tmp_path):
+    text = tmp_path / "input.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    ddp0, ddp1 = run_two_ranks(tmp_path / "ddp", text, "ddp", "dist_worker_gpt.py")
+    assert ddp0["sha256"] == ddp1["sha256"] and ddp0["losses"] == ddp1["losses"]
+    assert len(ddp0["losses"]) == 6 and ddp0["losses"][-1] < ddp0["losses"][0]
+    fsdp0, fsdp1 = run_two_ranks(tmp_path / "fsdp", text, "fsdp", "dist_worker_gpt.py")
+    assert fsdp0["sha256"] == fsdp1["sha256"]
     assert fsdp0["losses"] == pytest.approx(ddp0["losses"], rel=1e-4)

@@ -185,6 +185,19 @@ def test_moe_logits_equal_transformers_qwen2_moe():
     torch.testing.assert_close(model(ids)["logits"], hf(ids).logits, atol=1e-5, rtol=1e-5)
 
 
+def test_moe_without_shared_expert_exports_as_mixtral():
+    from transformers import MixtralForCausalLM
+
+    model = tiny(**{**MOE, "shared_expert_intermediate_size": 0, "norm_topk_prob": True})
+    hf = MixtralForCausalLM(hf_config(model.config))
+    hf.load_state_dict(to_hf_state_dict(model), strict=True)
+    hf.eval()
+    ids = torch.randint(0, 97, (2, 11))
+    torch.testing.assert_close(model(ids)["logits"], hf(ids).logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="Mixtral"):  # Mixtral always renormalises the top-k
+        hf_config(tiny(**{**MOE, "shared_expert_intermediate_size": 0}).config)
+
+
 def test_load_balancing_loss_equals_transformers():
     logits = torch.randn(40, 6)
     probs = logits.softmax(-1)

@@ -1,0 +1,26 @@
+"""Run under torchrun by test_distributed.py: a few pretraining steps of gpt_minimind (character
+tokenizer on a small text file) on 2 CPU ranks, then every rank writes a fingerprint of its weights."""
+
+import hashlib
+import json
+import os
+import sys
+
+from common.config import apply_overrides
+from common.distributed import cleanup
+from gpt_minimind.train_pretrain import PretrainConfig, main
+
+out_dir, text_file, strategy = sys.argv[1], sys.argv[2], sys.argv[3]
+cfg = apply_overrides(PretrainConfig(), dict(
+    dim=32, n_layer=2, n_head=4, n_kv_head=2, block_size=16, batch_size=8, lr=3e-3, warmup_iters=2, max_iters=6,
+    eval_every=6, save_every=6, log_every=2, eval_blocks=8, threads=1, out_dir=out_dir, text_file=text_file,
+    tokenizer="char", distributed=strategy, device="cpu", samples=[]))
+result = main(cfg)
+digest = hashlib.sha256()
+for name, p in sorted(result["model"].named_parameters()):
+    full = p.full_tensor() if hasattr(p, "full_tensor") else p  # FSDP: gather the shards (a collective)
+    digest.update(name.encode())
+    digest.update(full.detach().numpy().tobytes())
+with open(os.path.join(out_dir, f"rank{os.environ['RANK']}.json"), "w") as f:
+    json.dump({"sha256": digest.hexdigest(), "losses": result["losses"]}, f)
+cleanup()
