@@ -80,7 +80,7 @@ class PretrainConfig:
     # optimisation
     batch_size: int = 16  # sequences per micro-batch (per process)
     grad_accum: int = 1  # micro-batches per optimizer step
-    max_iters: int = 560  # optimizer steps (~2.3 M tokens: ~8 minutes on 2 cores)
+    max_iters: int = 480  # optimizer steps (~2 M tokens: ~8 minutes on 2 cores, leaving room on a busy machine)
     lr: float = 2e-3  # peak learning rate; small models take large rates
     min_lr_ratio: float = 0.1  # the cosine ends at lr * this
     warmup_iters: int = 50  # linear warmup steps
