@@ -208,30 +208,40 @@ torch.set_num_threads(1)
 def status(key):  # kB figures of /proc/self/status
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))
 
-def train_two_steps(cfg, batch, seq):  # the second step has Adam's state allocated, as every later step
+def train_two_steps(cfg, batch, seq, impl="ours"):  # the 2nd step has Adam's state allocated, as every later one
     x = torch.randint(3, cfg.vocab_size, (batch, seq + 1))
-    model = MiniMindForCausalLM(cfg).train()
+    if impl == "ours":
+        model = MiniMindForCausalLM(cfg).train()
+        loss_fn = lambda: model(x[:, :-1], labels=x[:, 1:])["loss"]
+    else:  # transformers' LlamaForCausalLM with the same config, "eager" or "sdpa" attention
+        from transformers import LlamaForCausalLM
+        from gpt_minimind.export_hf import hf_config
+        model = LlamaForCausalLM(hf_config(cfg)).train()
+        model.config._attn_implementation = impl
+        loss_fn = lambda: model(input_ids=x[:, :-1], labels=x[:, :-1]).loss
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     for _ in range(2):
-        model(x[:, :-1], labels=x[:, 1:])["loss"].backward()
+        loss_fn().backward()
         opt.step()
         opt.zero_grad(set_to_none=False)
 
 cfg, batch, seq = MiniMindConfig(**json.loads(sys.argv[1])), int(sys.argv[2]), int(sys.argv[3])
+impl = sys.argv[4]
 # page in torch's code and one-time buffers with a tiny model first: RSS counts those too (~250 MB)
 train_two_steps(MiniMindConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                               num_key_value_heads=2, max_position_embeddings=8), 2, 8)
+                               num_key_value_heads=2, max_position_embeddings=8), 2, 8, impl)
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM); a parent's peak is inherited
 base = status("VmRSS")
-train_two_steps(cfg, batch, seq)
+train_two_steps(cfg, batch, seq, impl)
 print(json.dumps({"peak_bytes": (status("VmHWM") - base) * 1024}))
 """
 
 
-def measure_training_memory(mcfg: MiniMindConfig, batch: int, seq: int) -> int:
-    """Peak RSS growth of two training steps in a fresh process (Linux: /proc/self/status VmHWM - VmRSS)."""
+def measure_training_memory(mcfg: MiniMindConfig, batch: int, seq: int, impl: str = "ours") -> int:
+    """Peak RSS growth of two training steps in a fresh process (Linux: /proc/self/status VmHWM - VmRSS).
+    ``impl``: ours, or transformers' Llama with "eager" or "sdpa" attention."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", _MEASURE, json.dumps(mcfg.to_dict()), str(batch), str(seq)],
+    proc = subprocess.run([sys.executable, "-c", _MEASURE, json.dumps(mcfg.to_dict()), str(batch), str(seq), impl],
                           capture_output=True, text=True, env=env, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
 
@@ -254,6 +264,15 @@ def memory_table() -> list[dict]:
                      "error": est["total"] / got - 1, **{k: v for k, v in est.items() if k != "total"}})
         print(f"memory | {name:38s} | estimate {est['total'] / 2**20:6.0f} MiB | measured {got / 2**20:6.0f} MiB | "
               f"error {est['total'] / got - 1:+.0%}", flush=True)
+    # ours against transformers at the cpu preset, same config
+    mcfg = MiniMindConfig(vocab_size=6400, hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
+                          num_key_value_heads=2, max_position_embeddings=256)
+    for impl in ("ours", "eager", "sdpa"):
+        got = measure_training_memory(mcfg, 8, 256, impl)
+        name = "ours" if impl == "ours" else f"transformers Llama ({impl})"
+        rows.append({"case": f"peak, cpu preset batch 8 x 256: {name}", "measured_bytes": got})
+        print(f"memory | peak training memory, cpu preset, batch 8 x 256 | {name:28s} | {got / 2**20:6.0f} MiB",
+              flush=True)
     # the gpu4gb preset (26 M params, batch 32 x 512, bf16 activations, checkpointing) predicted
     g = MiniMindConfig(vocab_size=6400, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
                        num_key_value_heads=2, intermediate_size=1408, max_position_embeddings=512)
