@@ -192,3 +192,17 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path, corpus):
     bad.write_text('{"text": "好"}\n{"txt": "坏"}\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"bad.jsonl:2: missing field\(s\) \['text'\]"):
         main(tiny_cfg(tmp_path, corpus, data_file=str(bad)))
+
+
+def test_memory_estimate_terms_scale_as_they_should():
+    from gpt_minimind.bench import estimate_training_memory, interleaved
+
+    cfg = MiniMindConfig(vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2)
+    a, b = estimate_training_memory(cfg, 4, 32), estimate_training_memory(cfg, 8, 32)
+    assert a["weights_grads_adam"] == b["weights_grads_adam"] == 16 * a["params"]  # fp32 weights, grads, 2 moments
+    assert b["activations"] == 2 * a["activations"] and b["head"] == 2 * a["head"]
+    assert estimate_training_memory(cfg, 8, 32, checkpointing=True)["activations"] < b["activations"]
+    calls = []
+    timed = interleaved({"x": lambda: calls.append("x"), "y": lambda: calls.append("y")}, repeats=3)
+    assert calls == ["x", "y"] * 3 and set(timed) == {"x", "y"}  # rounds alternate the contenders
