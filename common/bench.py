@@ -51,6 +51,25 @@ def time_fn(fn: Callable[[], object], repeats: int = 3, warmup: int = 1,
     return min(times), max(times) - min(times)
 
 
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1,
+                     device: torch.device | None = None) -> dict[str, tuple[float, float]]:
+    """Time several contenders in rounds (A B C, A B C, ...), so that a slow spell of a shared machine
+    hits all of them alike. -> name: (best seconds, max - min)."""
+    device = device or torch.device("cpu")
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: (min(t), max(t) - min(t)) for name, t in times.items()}
+
+
 def matmul_peak_flops(device: torch.device | None = None, dtype: torch.dtype = torch.float32,
                       n: int | None = None, repeats: int = 3) -> float:
     """Measured FLOP/s of an n x n matmul (2 n^3 FLOPs), best of ``repeats``."""

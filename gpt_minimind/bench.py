@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.bench import matmul_peak_flops, mfu
+from common.bench import matmul_peak_flops, mfu, time_interleaved
 from common.config import parse_config
 from common.data import Package, fetch_package
 from common.runtime import autocast, set_threads
@@ -59,18 +59,6 @@ class BenchConfig:
     nanogpt_dir: str = ""  # a clone of github.com/karpathy/nanoGPT: run its CPU recipe beside ours
     nanogpt_chars: int = 1_100_000  # characters of Shakespeare for that comparison (tinyshakespeare's size)
     out: str = "runs/gpt_minimind/bench/bench.json"
-
-
-def interleaved(fns: dict, repeats: int) -> dict[str, tuple[float, float]]:
-    """Time each function ``repeats`` times in rounds (A B C, A B C, ...), so a slow spell of the
-    shared machine hits every contender alike. -> name: (best seconds, max - min)."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: (min(t), max(t) - min(t)) for name, t in times.items()}
 
 
 def tiny_llama(cfg: BenchConfig) -> MiniMindConfig:
@@ -134,7 +122,7 @@ def speed_tables(cfg: BenchConfig) -> dict:
         fns[name] = step_fn(model, dtype)
         fns[name]()  # warm-up (and compilation)
         firsts[name] = time.perf_counter() - t_first
-    for name, (best, spread) in interleaved(fns, cfg.repeats).items():
+    for name, (best, spread) in time_interleaved(fns, cfg.repeats, warmup=0).items():
         peak = peak16 if "bf16" in name else peak32
         rows[name] = {"step_s": best, "spread_s": spread, "tokens_per_s": tokens / best, "first_step_s": firsts[name],
                       "mfu": mfu(tokens / best, flops_per_token, peak)}
@@ -157,9 +145,7 @@ def speed_tables(cfg: BenchConfig) -> dict:
     }
     same = torch.equal(gens["ours, KV cache"]().flatten(), gens["transformers generate (sdpa)"]()[0, cfg.prompt_len:])
     with torch.no_grad():
-        for fn in gens.values():
-            fn()  # warm-up
-        timed = interleaved(gens, cfg.repeats)
+        timed = time_interleaved(gens, cfg.repeats, warmup=1)
     for name, (best, spread) in timed.items():
         gen_rows[name] = {"s": best, "spread_s": spread, "tokens_per_s": cfg.new_tokens / best}
         print(f"generate   | {name:45s} | {best:6.3f} s (spread {spread:.3f}) | {cfg.new_tokens / best:7.0f} tok/s",

@@ -195,7 +195,8 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path, corpus):
 
 
 def test_memory_estimate_terms_scale_as_they_should():
-    from gpt_minimind.bench import estimate_training_memory, interleaved
+    from common.bench import time_interleaved
+    from gpt_minimind.bench import estimate_training_memory
 
     cfg = MiniMindConfig(vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2)
@@ -204,5 +205,5 @@ def test_memory_estimate_terms_scale_as_they_should():
     assert b["activations"] == 2 * a["activations"] and b["head"] == 2 * a["head"]
     assert estimate_training_memory(cfg, 8, 32, checkpointing=True)["activations"] < b["activations"]
     calls = []
-    timed = interleaved({"x": lambda: calls.append("x"), "y": lambda: calls.append("y")}, repeats=3)
+    timed = time_interleaved({"x": lambda: calls.append("x"), "y": lambda: calls.append("y")}, repeats=3, warmup=0)
     assert calls == ["x", "y"] * 3 and set(timed) == {"x", "y"}  # rounds alternate the contenders

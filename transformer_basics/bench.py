@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common.bench import matmul_peak_flops, mfu, peak_memory_bytes, time_fn
+from common.bench import matmul_peak_flops, mfu, peak_memory_bytes, time_fn, time_interleaved
 from common.config import apply_overrides, parse_config
 from common.runtime import autocast, pick_device, pick_dtype, set_threads
 
@@ -80,9 +80,9 @@ def main(cfg: BenchConfig) -> dict:
 
     # attention alone: ours vs the fused kernel, same inputs
     q = torch.randn(batch_size, mcfg.n_heads, 64, mcfg.d_model // mcfg.n_heads, device=device)
-    ours_s, ours_spread = time_fn(lambda: scaled_dot_product_attention(q, q, q), repeats=cfg.repeats, device=device)
-    fused_s, fused_spread = time_fn(lambda: F.scaled_dot_product_attention(q, q, q), repeats=cfg.repeats,
-                                    device=device)
+    timed = time_interleaved({"ours": lambda: scaled_dot_product_attention(q, q, q),
+                              "fused": lambda: F.scaled_dot_product_attention(q, q, q)}, cfg.repeats, device=device)
+    (ours_s, ours_spread), (fused_s, fused_spread) = timed["ours"], timed["fused"]
     result = {
         "device": str(device), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
         "train_step_s": best, "train_step_spread_s": spread, "tokens_per_s": tok_s,
