@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import pickle
 import re
 from collections.abc import Iterable, Iterator
@@ -143,6 +144,18 @@ def iter_hf_text(name: str, config: str = "", split: str = "train", field: str =
 
     for rec in load_dataset(name, config or None, split=split, streaming=True):
         yield rec[field]
+
+
+def load_documents(data_file: str = "", hf_dataset: str = "", max_documents: int = 0) -> dict[str, list[str]]:
+    """Train/valid documents from the chosen source: a minimind JSONL file, a Hugging Face dataset, or
+    (neither given) the default corpus. ``max_documents`` stops reading early (0 = everything)."""
+    if data_file:
+        docs: Iterable[str] = iter_text_jsonl(data_file)
+    elif hf_dataset:
+        docs = iter_hf_text(hf_dataset)
+    else:
+        docs = default_documents()
+    return split_documents(list(itertools.islice(docs, max_documents or None)))
 
 
 # ---------------------------------------------------------------------------------------------------

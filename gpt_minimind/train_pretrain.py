@@ -37,16 +37,7 @@ from common.results import make_record
 from common.runtime import autocast, pick_device, pick_dtype, seed_everything, set_threads
 from common.schedule import accumulation_slices, clip_grad, make_scheduler
 
-from .dataset import (
-    CharTokenizer,
-    PackedBlocks,
-    default_documents,
-    encode_documents,
-    iter_hf_text,
-    iter_text_jsonl,
-    ngram_baselines,
-    split_documents,
-)
+from .dataset import CharTokenizer, PackedBlocks, encode_documents, load_documents, ngram_baselines
 from .model import MiniMindConfig, MiniMindDecoderLayer, MiniMindForCausalLM
 
 
@@ -167,15 +158,7 @@ def load_streams(cfg: PretrainConfig) -> tuple[dict[str, torch.Tensor], dict, di
         cut = int(len(text) * 0.9)
         splits = {"train": [text[:cut]], "valid": [text[cut:]]}
     else:
-        if cfg.data_file:
-            docs = list(iter_text_jsonl(cfg.data_file))
-        elif cfg.hf_dataset:
-            docs = list(iter_hf_text(cfg.hf_dataset))
-        else:
-            docs = default_documents()
-        if cfg.max_documents:
-            docs = docs[:cfg.max_documents]
-        splits = split_documents(docs)
+        splits = load_documents(cfg.data_file, cfg.hf_dataset, cfg.max_documents)
         text = None
     if not splits["valid"]:
         raise ValueError("the valid split is empty: too few documents (need ~50+)")

@@ -22,7 +22,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from common.config import parse_config
 
-from .dataset import default_documents, iter_hf_text, iter_text_jsonl, split_documents
+from .dataset import load_documents
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -76,15 +76,7 @@ def chars_per_token(tok: Tokenizer, texts: list[str]) -> float:
 
 
 def main(cfg: TokenizerConfig) -> dict:
-    if cfg.data_file:
-        docs = list(iter_text_jsonl(cfg.data_file))
-    elif cfg.hf_dataset:
-        docs = list(iter_hf_text(cfg.hf_dataset))
-    else:
-        docs = default_documents()
-    if cfg.max_documents:
-        docs = docs[:cfg.max_documents]
-    splits = split_documents(docs)
+    splits = load_documents(cfg.data_file, cfg.hf_dataset, cfg.max_documents)
     t0 = time.perf_counter()
     tok = train_bpe(splits["train"], cfg.vocab_size, cfg.min_frequency)
     wall = time.perf_counter() - t0
