@@ -56,6 +56,7 @@ class BenchConfig:
     compile: bool = True  # also time torch.compile'd models (compilation takes a minute or two on CPU)
     speed: bool = True  # the ours-vs-transformers step and generation tables
     memory: bool = False  # the memory estimator against measured peaks (fresh subprocesses)
+    profile: bool = False  # where one training step of ours spends its time (torch.profiler, by operator)
     nanogpt_dir: str = ""  # a clone of github.com/karpathy/nanoGPT: run its CPU recipe beside ours
     nanogpt_chars: int = 1_100_000  # characters of Shakespeare for that comparison (tinyshakespeare's size)
     out: str = "runs/gpt_minimind/bench/bench.json"
@@ -156,6 +157,34 @@ def speed_tables(cfg: BenchConfig) -> dict:
             "n_params": ours.num_parameters(), "flops_per_token": flops_per_token,
             "matmul_peak_fp32": peak32, "matmul_peak_bf16": peak16, "train_step": rows, "generate": gen_rows,
             "same_greedy_tokens": same}
+
+
+def profile_step(cfg: BenchConfig) -> dict[str, float]:
+    """Share of one training step (forward, backward, AdamW) spent in each kind of operator."""
+    mcfg = tiny_llama(cfg)
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(mcfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(3, mcfg.vocab_size, (cfg.batch_size, cfg.seq_len + 1))
+
+    def step():
+        model(x[:, :-1], labels=x[:, 1:])["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    with torch.profiler.profile() as prof:
+        step()
+    self_us = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    total = sum(self_us.values())
+    groups = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm"), "log_softmax (loss)": ("aten::_log_softmax",
+              "aten::_log_softmax_backward_data"), "attention kernel": ("flash_attention",)}
+    shares = {g: sum(v for k, v in self_us.items() if any(n in k for n in names)) / total
+              for g, names in groups.items()}
+    shares["everything else"] = 1 - sum(shares.values())
+    for g, share in shares.items():
+        print(f"profile    | {g:45s} | {share:.0%} of the step", flush=True)
+    return shares
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -360,6 +389,8 @@ def main(cfg: BenchConfig) -> dict:
               "date": time.strftime("%Y-%m-%d")}
     if cfg.speed:
         result["speed"] = speed_tables(cfg)
+    if cfg.profile:
+        result["profile"] = profile_step(cfg)
     if cfg.memory:
         result["memory"] = memory_table()
     if cfg.nanogpt_dir:
