@@ -180,6 +180,14 @@ def latest_checkpoint(ckpt_root: str | os.PathLike) -> Path | None:
     return path if (path / "trainer_state.pt").is_file() else None
 
 
+def resume_point(ckpt_root: str | os.PathLike, resume: bool, is_main: bool = True) -> Path | None:
+    """The checkpoint ``--resume`` continues from (None without --resume, or when there is none yet)."""
+    path = latest_checkpoint(ckpt_root) if resume else None
+    if resume and path is None and is_main:
+        print(f"--resume: no checkpoint in {ckpt_root}, starting from scratch")
+    return path
+
+
 def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
                     restore_rng: bool = True) -> dict[str, Any]:

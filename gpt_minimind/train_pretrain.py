@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 from common.checkpoint import (
-    latest_checkpoint,
     load_checkpoint,
     load_weights,
     model_state,
+    resume_point,
     save_checkpoint,
     save_pretrained,
 )
@@ -214,9 +214,7 @@ def main(cfg: PretrainConfig) -> dict:
     seed_everything(cfg.seed)
     out = Path(cfg.out_dir)
     ckpt_root = out / "checkpoints"
-    resume_from = latest_checkpoint(ckpt_root) if cfg.resume else None
-    if cfg.resume and resume_from is None and dist_info.is_main:
-        print(f"--resume: no checkpoint in {ckpt_root}, starting from scratch")
+    resume_from = resume_point(ckpt_root, cfg.resume, dist_info.is_main)
 
     # 1) data: documents -> token stream -> fixed-length blocks
     t0 = time.perf_counter()

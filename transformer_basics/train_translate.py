@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from common.checkpoint import latest_checkpoint, load_checkpoint, model_state, save_checkpoint, save_pretrained
+from common.checkpoint import load_checkpoint, model_state, resume_point, save_checkpoint, save_pretrained
 from common.config import parse_config
 from common.distributed import all_reduce_mean, cleanup, init_distributed, wrap
 from common.log import RunLogger
@@ -138,9 +138,7 @@ def main(cfg: TrainConfig) -> dict:
     seed_everything(cfg.seed)
     out = Path(cfg.out_dir)
     ckpt_root = out / "checkpoints"
-    resume_from = latest_checkpoint(ckpt_root) if cfg.resume else None
-    if cfg.resume and resume_from is None and dist_info.is_main:
-        print(f"--resume: no checkpoint in {ckpt_root}, starting from scratch")
+    resume_from = resume_point(ckpt_root, cfg.resume, dist_info.is_main)
 
     # 1) data and tokenizers (learned on the training split only; reloaded when resuming)
     splits = load_pairs(cfg)
