@@ -14,6 +14,7 @@ precision, gradient checkpointing, optional torch.compile, DDP/FSDP, checkpoints
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -261,11 +262,15 @@ def main(cfg: PretrainConfig) -> dict:
             x, y = x[dist_info.rank::dist_info.world_size], y[dist_info.rank::dist_info.world_size]  # my share
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
-            for part in accumulation_slices(len(x), cfg.batch_size):
-                with autocast(device, dtype):
-                    out_ = run_model(x[part].to(device), labels=y[part].to(device))
-                loss = out_["loss"] * (part.stop - part.start) / len(x)  # mean over the whole step's batch
-                scaler.scale(loss).backward()
+            parts = accumulation_slices(len(x), cfg.batch_size)
+            for i, part in enumerate(parts):
+                # DDP all-reduces gradients in backward; with accumulation, only the last micro-batch needs to
+                last = i == len(parts) - 1
+                with contextlib.nullcontext() if last or not hasattr(ddp_model, "no_sync") else ddp_model.no_sync():
+                    with autocast(device, dtype):
+                        out_ = run_model(x[part].to(device), labels=y[part].to(device))
+                    loss = out_["loss"] * (part.stop - part.start) / len(x)  # mean over the whole step's batch
+                    scaler.scale(loss).backward()
                 step_loss += out_["lm_loss"].item() * (part.stop - part.start) / len(x)
             if not math.isfinite(step_loss):
                 raise FloatingPointError(f"loss is {step_loss} at step {step}; lower --lr or check the data")
