@@ -139,8 +139,9 @@ def from_hf_state_dict(state: dict[str, torch.Tensor], cfg: MiniMindConfig) -> d
     return out
 
 
-def export(ckpt: str | Path, out: str | Path) -> Path:
-    """Our checkpoint directory (config.json + model.safetensors [+ tokenizer/]) -> a transformers directory."""
+def export(ckpt: str | Path, out: str | Path) -> MiniMindForCausalLM:
+    """Our checkpoint directory (config.json + model.safetensors [+ tokenizer/]) -> a transformers directory.
+    Returns our model as loaded from ``ckpt``."""
     ckpt, out = Path(ckpt), Path(out)
     cfg = MiniMindConfig(**read_config(ckpt))
     model = load_pretrained(MiniMindForCausalLM(cfg), ckpt).eval()
@@ -154,7 +155,7 @@ def export(ckpt: str | Path, out: str | Path) -> Path:
     if tok_dir.is_dir():  # the tokenizer directory written by train_tokenizer.py
         for f in tok_dir.iterdir():
             shutil.copy2(f, out / f.name)
-    return out
+    return model
 
 
 def import_hf(src: str | Path, gguf_file: str | None = None) -> tuple[MiniMindForCausalLM, object]:
@@ -205,8 +206,7 @@ def main(cfg: ExportConfig) -> dict:
         other = hf_model
         print(f"imported {cfg.import_dir} ({model.num_parameters() / 1e6:.1f} M params) -> {cfg.out}")
     else:
-        export(cfg.ckpt, cfg.out)
-        model = load_pretrained(MiniMindForCausalLM(MiniMindConfig(**read_config(cfg.ckpt))), cfg.ckpt).eval()
+        model = export(cfg.ckpt, cfg.out)
         other = AutoModelForCausalLM.from_pretrained(cfg.out, dtype=torch.float32).eval()
         print(f"exported {cfg.ckpt} -> {cfg.out} as {type(other).__name__}")
     result = {"out": cfg.out}
