@@ -197,8 +197,8 @@ class PackedBlocks:
     Block i is stream[i*T : i*T + T + 1]; inputs are its first T ids, labels the last T (the next
     token of each input). Documents are separated by [EOS][BOS], so the model learns where one text
     ends; attention may look across that boundary into the previous document, as in GPT-2 and
-    nanoGPT, which costs nothing and gives every position a full context. (``doc_mask`` in the
-    README's notes shows the alternative.) No padding is needed, so no position is wasted."""
+    nanoGPT, which costs nothing and gives every position a full context (the README's design notes
+    discuss the block-diagonal alternative, not built here). No padding is needed, so no position is wasted."""
 
     def __init__(self, stream: torch.Tensor, block_size: int):
         if len(stream) < block_size + 1:
