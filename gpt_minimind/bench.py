@@ -321,6 +321,18 @@ BABY_GPT = ["--device=cpu", "--compile=False", "--eval_iters=20", "--log_interva
             "--lr_decay_iters=2000", "--dropout=0.0"]
 
 
+def nanogpt_param_count(nano_dir: Path, vocab_size: int) -> int:
+    """Parameters of nanoGPT's baby GPT, built from the clone's own model.py (tied head counted once)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nanogpt_model", nano_dir / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    gpt = module.GPT(module.GPTConfig(block_size=64, vocab_size=vocab_size, n_layer=4, n_head=4, n_embd=128,
+                                      dropout=0.0, bias=False))
+    return sum(p.numel() for p in gpt.parameters())
+
+
 def nanogpt_comparison(cfg: BenchConfig) -> dict:
     nano = Path(cfg.nanogpt_dir).expanduser().resolve()
     if not (nano / "train.py").is_file():
@@ -354,6 +366,7 @@ def nanogpt_comparison(cfg: BenchConfig) -> dict:
     nano_loop = sum(iter_ms) / 1e3
     tokens = 2000 * 12 * 64
     nano_res = {"loop_s": nano_loop, "wall_s": nano_wall, "tokens_per_s": tokens / nano_loop,
+                "n_params": nanogpt_param_count(nano, len(chars)),
                 "val_loss": float(vals[-1][2]), "train_loss": float(vals[-1][1]),
                 "reported_mfu_a100_percent": float(mfus[-1]) if mfus else None}
     print(f"nanoGPT: {nano_loop:.0f} s in the loop, {tokens / nano_loop:.0f} tok/s, "
