@@ -288,14 +288,15 @@ def memory_table() -> list[dict]:
         rows.append({"case": f"peak, cpu preset batch 8 x 256: {name}", "measured_bytes": got})
         print(f"memory | peak training memory, cpu preset, batch 8 x 256 | {name:28s} | {got / 2**20:6.0f} MiB",
               flush=True)
-    # the gpu4gb preset (26 M params, batch 32 x 512, bf16 activations, checkpointing) predicted
-    g = MiniMindConfig(vocab_size=6400, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
-                       num_key_value_heads=2, intermediate_size=1408, max_position_embeddings=512)
-    pred = estimate_training_memory(g, 32, 512, act_bytes=2, checkpointing=True)
-    print(f"memory | gpu4gb preset prediction (bf16 activations, checkpointing, batch 32 x 512): "
-          f"{pred['total'] / 2**30:.2f} GiB")
-    rows.append({"case": "gpu4gb preset prediction", "estimate_bytes": pred["total"], "measured_bytes": None,
-                 **{k: v for k, v in pred.items() if k != "total"}})
+    # the GPU presets, predicted: bf16 activations, gradient checkpointing, their micro-batches
+    from .model import PRESETS
+    for preset, batch, seq in (("gpu4gb", 32, 512), ("full", 16, 1024)):
+        g = MiniMindConfig(vocab_size=6400, max_position_embeddings=seq, **PRESETS[preset])
+        pred = estimate_training_memory(g, batch, seq, act_bytes=2, checkpointing=True)
+        print(f"memory | {preset} preset prediction ({pred['params'] / 1e6:.1f} M params, bf16 activations, "
+              f"checkpointing, micro-batch {batch} x {seq}): {pred['total'] / 2**30:.2f} GiB", flush=True)
+        rows.append({"case": f"{preset} preset prediction", "estimate_bytes": pred["total"], "measured_bytes": None,
+                     **{k: v for k, v in pred.items() if k != "total"}})
     return rows
 
 
