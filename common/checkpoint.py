@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -80,7 +80,7 @@ def save_pretrained(model: torch.nn.Module, config: dict[str, Any], out_dir: str
     tmp = out / "model.safetensors.tmp"
     save_file(model_state(model) if state is None else state, str(tmp))
     os.replace(tmp, out / "model.safetensors")
-    _atomic_write_text(out / "config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(out / "config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     return out
 
 
@@ -164,7 +164,7 @@ def save_checkpoint(ckpt_root: str | os.PathLike, step: int, model: torch.nn.Mod
     final = root / name
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    _atomic_write_text(root / "latest", name + "\n")
+    atomic_write_text(root / "latest", name + "\n")
     old = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
     for p in old[:-keep] if keep > 0 else []:
         shutil.rmtree(p, ignore_errors=True)

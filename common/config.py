@@ -41,13 +41,17 @@ def _flat_fields(cls, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...
 
 
 def _field_comments(cls) -> dict[str, str]:
-    """The trailing ``# comment`` of each field line in the class source: it becomes the --help text."""
-    try:
-        src = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    return {m.group(1): m.group(2).strip()
-            for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", src, re.MULTILINE)}
+    """The trailing ``# comment`` of each field line in the class source (and its dataclass bases', where
+    the subclass does not redefine the field): it becomes the --help text."""
+    comments: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        try:
+            src = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        comments.update({m.group(1): m.group(2).strip()
+                         for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", src, re.MULTILINE)})
+    return comments
 
 
 def _scalar_type(tp):

@@ -144,6 +144,21 @@ def speed_tables(cfg: BenchConfig) -> dict:
         "transformers generate (eager)": lambda: hf_eager.generate(prompt, max_new_tokens=cfg.new_tokens,
                                                                     do_sample=False, eos_token_id=None, pad_token_id=0),
     }
+    if cfg.compile:  # both sides with fixed-shape caches and a compiled decode step
+        from transformers import CompileConfig
+
+        hf_compile = CompileConfig(mode="default")  # "reduce-overhead" means CUDA graphs
+        hf_compile._compile_all_devices = True  # transformers compiles on CUDA only unless asked
+        gens["ours, KV cache + compiled decode_step"] = lambda: torch.stack(list(
+            ours.generate(prompt, cfg.new_tokens, compile=True)))
+        gens["transformers generate (sdpa), static cache + compile"] = lambda: hf_sdpa.generate(
+            prompt, max_new_tokens=cfg.new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
+            cache_implementation="static", compile_config=hf_compile)
+        for name in list(gens)[-2:]:
+            t_first = time.perf_counter()
+            with torch.no_grad():
+                gens[name]()  # compilation
+            print(f"generate   | {name:45s} | first call (compiling) {time.perf_counter() - t_first:.0f} s", flush=True)
     same = torch.equal(gens["ours, KV cache"]().flatten(), gens["transformers generate (sdpa)"]()[0, cfg.prompt_len:])
     with torch.no_grad():
         timed = time_interleaved(gens, cfg.repeats, warmup=1)
@@ -373,28 +388,34 @@ def nanogpt_comparison(cfg: BenchConfig) -> dict:
     print(f"nanoGPT: {nano_loop:.0f} s in the loop, {tokens / nano_loop:.0f} tok/s, "
           f"val loss {nano_res['val_loss']:.3f}")
 
-    print("ours: the same recipe through train_pretrain.py --tokenizer char ...", flush=True)
     ours_cmd = [sys.executable, "-m", "gpt_minimind.train_pretrain", "--text-file", str(work / "input.txt"),
                 "--tokenizer", "char", "--n-layer", "4", "--n-head", "4", "--n-kv-head", "4", "--dim", "128",
                 "--block-size", "64", "--batch-size", "12", "--max-iters", "2000", "--lr", "1e-3",
                 "--warmup-iters", "100", "--beta2", "0.99", "--weight-decay", "0.1", "--eval-every", "250",
                 "--eval-blocks", "240", "--save-every", "1000", "--log-every", "100", "--threads", str(cfg.threads),
-                "--out-dir", str(work / "ours"), "--rope-theta", "10000"]
+                "--rope-theta", "10000"]
     env["TQDM_DISABLE"] = "1"
-    proc = subprocess.run(ours_cmd, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"ours failed:\n{proc.stderr[-2000:]}")
-    summary = json.loads((work / "ours" / "train_summary.json").read_text())
-    metrics = [json.loads(x) for x in (work / "ours" / "metrics.jsonl").read_text().splitlines()]
-    last_est = [m["valid_loss"] for m in metrics if "valid_loss" in m][-1]
-    ours_res = {"loop_s": summary["train_wall_s"], "tokens_per_s": tokens / summary["train_wall_s"],
-                "val_loss_240_blocks": last_est, "val_loss_full_split": summary["valid_loss"],
-                "n_params": summary["n_params"]}
-    print(f"ours:    {summary['train_wall_s']:.0f} s in the loop, {ours_res['tokens_per_s']:.0f} tok/s, val loss "
-          f"{last_est:.3f} (240 blocks) / {summary['valid_loss']:.3f} (whole split)")
-    print(f"speed ratio ours / nanoGPT: {ours_res['tokens_per_s'] / nano_res['tokens_per_s']:.2f}x")
-    return {"nanogpt": nano_res, "ours": ours_res, "text_chars": len(text), "vocab": len(chars),
-            "speed_ratio": ours_res["tokens_per_s"] / nano_res["tokens_per_s"], "work_dir": str(work)}
+    result = {"nanogpt": nano_res, "text_chars": len(text), "vocab": len(chars), "work_dir": str(work)}
+    # nanoGPT's train.py runs fp32 on a CPU (its autocast is for CUDA); bf16 autocast is ours to add
+    for key, dtype in (("ours", "fp32"), ("ours_bf16", "bf16")):
+        print(f"ours ({dtype}): the same recipe through train_pretrain.py --tokenizer char ...", flush=True)
+        proc = subprocess.run([*ours_cmd, "--dtype", dtype, "--out-dir", str(work / key)], env=env,
+                              capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"ours ({dtype}) failed:\n{proc.stderr[-2000:]}")
+        summary = json.loads((work / key / "train_summary.json").read_text())
+        metrics = [json.loads(x) for x in (work / key / "metrics.jsonl").read_text().splitlines()]
+        last_est = [m["valid_loss"] for m in metrics if "valid_loss" in m][-1]
+        res = {"dtype": dtype, "loop_s": summary["train_wall_s"], "tokens_per_s": tokens / summary["train_wall_s"],
+               "val_loss_240_blocks": last_est, "val_loss_full_split": summary["valid_loss"],
+               "n_params": summary["n_params"]}
+        res["speed_ratio"] = res["tokens_per_s"] / nano_res["tokens_per_s"]
+        result[key] = res
+        print(f"ours ({dtype}): {res['loop_s']:.0f} s in the loop, {res['tokens_per_s']:.0f} tok/s "
+              f"({res['speed_ratio']:.2f}x nanoGPT), val loss {last_est:.3f} (240 blocks) / "
+              f"{summary['valid_loss']:.3f} (whole split)")
+    result["speed_ratio"] = result["ours"]["speed_ratio"]
+    return result
 
 
 def main(cfg: BenchConfig) -> dict:

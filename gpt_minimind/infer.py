@@ -36,6 +36,7 @@ class InferConfig:
     top_p: float = 0.95  # ... and only from the smallest set reaching this probability
     repetition_penalty: float = 1.1  # > 1 discourages tokens already in the text
     cache: bool = True  # use the KV cache (--no-cache re-runs the whole sequence every step)
+    compile: bool = False  # torch.compile the one-token decode step (the first prompt pays the compilation)
     chat: bool = False  # interactive chat with the chat template (for SFT models)
     seed: int = 0  # sampling seed
     threads: int = 0  # CPU threads (0 = torch's default)
@@ -61,7 +62,7 @@ def stream(model: MiniMindForCausalLM, tok, ids: list[int], cfg: InferConfig, ou
     printed = ""
     t0 = time.perf_counter()
     for t in model.generate(torch.tensor([ids], device=device), cfg.max_new_tokens, cfg.temperature, cfg.top_k,
-                            cfg.top_p, cfg.repetition_penalty, tok.eos_token_id, cfg.cache, gen):
+                            cfg.top_p, cfg.repetition_penalty, tok.eos_token_id, cfg.cache, gen, cfg.compile):
         if int(t) == tok.eos_token_id:
             break
         new.append(int(t))

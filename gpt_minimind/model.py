@@ -189,9 +189,17 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.length = 0  # positions filled so far (advanced by the model after all layers ran)
+        # static mode (decode_step): one token at a time, its position held in a tensor, and every
+        # slot returned with a mask, so that each step has the same shapes and one compiled graph serves all
+        self.static = False
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new positions of ``layer`` and return all keys/values up to them."""
+        if self.static:  # all max_len slots; decode_step masks the ones after `position`
+            self.k[layer].index_copy_(2, self.position, k)
+            self.v[layer].index_copy_(2, self.position, v)
+            return self.k[layer], self.v[layer]
         end = self.length + k.shape[2]
         if end > self.k[layer].shape[2]:
             raise ValueError(f"KV cache holds {self.k[layer].shape[2]} positions; asked for {end}")
@@ -445,25 +453,53 @@ class MiniMindForCausalLM(nn.Module):
         p = self.lm_head.weight
         return KVCache(self.config, batch, max_len, p.device, p.dtype)
 
+    def decode_step(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (B, V) of one new token (B, 1) at position ``cache.position``, with fixed shapes.
+
+        The ordinary cached forward slices the cache up to a Python-int length, so every step has new
+        shapes. Here the position is a tensor: keys/values are written with index_copy_ and attention runs
+        over all max_len slots, the unwritten ones masked. torch.compile then builds one graph for every
+        step and removes most of the per-operator overhead that dominates small-batch decoding
+        (the approach of pytorch-labs/gpt-fast)."""
+        m = self.model
+        cos, sin = m.rotary_emb.cos[cache.position], m.rotary_emb.sin[cache.position]  # (1, D)
+        unwritten = torch.arange(cache.k[0].shape[2], device=token.device) > cache.position  # (max_len,)
+        x = m.embed_tokens(token)
+        for layer in m.layers:
+            x = layer(x, cos, sin, cache, unwritten.expand(token.shape[0], -1))
+        return self.lm_head(m.norm(x))[:, -1]
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, repetition_penalty: float = 1.0, eos_token_id: int | None = None,
-                 use_cache: bool = True, generator: torch.Generator | None = None):
+                 use_cache: bool = True, generator: torch.Generator | None = None, compile: bool = False):
         """Yield one new token per step, (B,) each, from prompts ``input_ids`` (B, T) of equal length.
 
         temperature 0 is greedy. Sampling: logits / temperature, then keep the top_k tokens and the
         smallest set whose probability reaches top_p (nucleus). repetition_penalty > 1 makes tokens that
         already appear less likely (CTRL, Keskar et al. 2019). Stops when every row has produced EOS.
-        Without the cache each step re-runs the whole sequence: same tokens, O(T) times the work."""
+        Without the cache each step re-runs the whole sequence: same tokens, O(T) times the work.
+        ``compile``: the prompt runs through the ordinary forward, every later token through a
+        torch.compile'd decode_step (the first call compiles it: seconds; worth it for long outputs)."""
         self.eval()
         B, T = input_ids.shape
         limit = self.config.max_position_embeddings * max(self.config.rope_factor, 1.0)
         max_new_tokens = min(max_new_tokens, int(limit) - T)
-        cache = self.new_cache(B, T + max_new_tokens) if use_cache else None
+        cache_len = T + max_new_tokens
+        if compile:  # round up, so that prompts of other lengths reuse the compiled graph
+            cache_len = min(-(-cache_len // 256) * 256, int(limit))
+        cache = self.new_cache(B, cache_len) if use_cache else None
+        if compile and use_cache and "_compiled_decode" not in self.__dict__:
+            self.__dict__["_compiled_decode"] = torch.compile(self.decode_step, dynamic=False)
         seq, step_input = input_ids, input_ids
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            logits = self(step_input if use_cache else seq, cache=cache)["logits"][:, -1].float()  # (B, V)
+        for i in range(max_new_tokens):
+            if compile and use_cache and i > 0:  # one token at position T + i - 1, fixed shapes
+                cache.static = True
+                cache.position.fill_(T + i - 1)
+                logits = self.__dict__["_compiled_decode"](step_input, cache).float()
+            else:
+                logits = self(step_input if use_cache else seq, cache=cache)["logits"][:, -1].float()  # (B, V)
             nxt = sample_next(logits, seq, temperature, top_k, top_p, repetition_penalty, generator)
             if eos_token_id is not None:
                 nxt = nxt.masked_fill(done, eos_token_id)

@@ -1,0 +1,199 @@
+"""Score every stage the same way: validation perplexity on the pretraining text, and the held-out
+tasks of tasks.py answered by greedy decoding with the chat template.
+
+    python -m gpt_minimind.eval                                   # the stages found under runs/gpt_minimind
+    python -m gpt_minimind.eval --stage pretrain=runs/gpt_minimind/pretrain/final sft=runs/gpt_minimind/sft/final
+
+A stage directory is a full model (config.json + model.safetensors + tokenizer/) or a LoRA adapter
+(adapter_config.json + adapter_model.safetensors, on top of the base it names). Prints one table,
+stage x (valid ppl, task scores); writes eval.json and results.json (for ``make results``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from common.config import parse_config
+from common.results import make_record
+from common.runtime import pick_device, seed_everything, set_threads
+
+from .dataset import PackedBlocks, default_documents, encode_documents, split_documents
+from .infer import load_model
+from .model import MiniMindForCausalLM
+from .tasks import CHRF_TASKS, EXACT_TASKS, Example, build_examples
+
+DEFAULT_STAGES = ["pretrain=runs/gpt_minimind/pretrain/final", "sft=runs/gpt_minimind/sft/final",
+                  "lora=runs/gpt_minimind/lora/final", "qlora=runs/gpt_minimind/qlora/final"]
+
+
+@dataclass
+class EvalConfig:
+    """Evaluate checkpoints of the GPT chapter's stages on the same held-out data."""
+
+    stage: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))  # NAME=DIR; missing DIRs are skipped
+    per_task: int = 100  # held-out questions per task (the first N of a fixed shuffle)
+    max_new_tokens: int = 48  # longest answer generated
+    ppl_blocks: int = 64  # 256-token blocks of the pretraining valid split for the perplexity
+    out_dir: str = "runs/gpt_minimind/eval"  # eval.json, answers_<stage>.jsonl, results.json
+    threads: int = 0
+    device: str = "auto"
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scores
+# ---------------------------------------------------------------------------------------------------
+
+_TRAILING = re.compile(r"[\s。．.!！?？,，;；:：\"'“”]+$")
+
+
+def normalize(s: str) -> str:
+    """Compare answers without case, surrounding spaces or a final full stop."""
+    return _TRAILING.sub("", s.strip()).strip().lower()
+
+
+def exact_match(pred: str, ref: str) -> bool:
+    return normalize(pred) == normalize(ref)
+
+
+def chrf(preds: list[str], refs: list[str]) -> float:
+    """Character n-gram F-score (Popovic 2015) through sacrebleu: fair to Chinese without word segmentation."""
+    import sacrebleu
+
+    return sacrebleu.corpus_chrf(preds, [refs]).score
+
+
+def majority_baseline(train: list[Example], test: list[Example], task: str) -> float:
+    """Accuracy of always answering the most frequent training answer of ``task``."""
+    answers = [ex.answer for ex in train if ex.task == task]
+    if not answers:
+        return 0.0
+    top = max(set(answers), key=answers.count)
+    tests = [ex for ex in test if ex.task == task]
+    return sum(exact_match(top, ex.answer) for ex in tests) / max(len(tests), 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model side
+# ---------------------------------------------------------------------------------------------------
+
+def load_stage(path: str | Path, device) -> tuple[MiniMindForCausalLM, object]:
+    """A full model directory, or a LoRA adapter directory applied to its base model."""
+    path = Path(path)
+    if (path / "adapter_config.json").is_file():
+        from .lora import load_adapter
+
+        return load_adapter(path, device)
+    return load_model(path, device)
+
+
+@torch.no_grad()
+def answer(model: MiniMindForCausalLM, tok, messages: list[dict], max_new_tokens: int) -> str:
+    """Greedy reply to a conversation, decoded up to the end-of-turn token."""
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    limit = model.config.max_position_embeddings - max_new_tokens
+    ids = ids[-limit:]
+    device = model.lm_head.weight.device
+    out = []
+    for t in model.generate(torch.tensor([ids], device=device), max_new_tokens, eos_token_id=tok.eos_token_id):
+        if int(t) == tok.eos_token_id:
+            break
+        out.append(int(t))
+    return tok.decode(out, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def valid_perplexity(model: MiniMindForCausalLM, tok, docs: list[str], n_blocks: int, batch_size: int = 16) -> float:
+    """exp(mean next-token NLL) over the first ``n_blocks`` packed blocks of the pretraining valid split."""
+    T = model.config.max_position_embeddings
+    stream = encode_documents(docs, lambda s: tok.encode(s, add_special_tokens=False), tok.bos_token_id,
+                              tok.eos_token_id)
+    data = PackedBlocks(stream, T)
+    n = min(n_blocks, len(data))
+    device = model.lm_head.weight.device
+    total = count = 0
+    for i in range(0, n, batch_size):
+        x, y = data.get(torch.arange(i, min(i + batch_size, n)))
+        total += model(x.to(device), labels=y.to(device))["lm_loss"].item() * y.numel()
+        count += y.numel()
+    return math.exp(total / count)
+
+
+def evaluate_stage(model, tok, tests: list[Example], valid_docs: list[str], cfg: EvalConfig) -> tuple[dict, list]:
+    model.eval()
+    scores = {"valid_ppl": valid_perplexity(model, tok, valid_docs, cfg.ppl_blocks)}
+    answers = []
+    for task in EXACT_TASKS + CHRF_TASKS:
+        examples = [ex for ex in tests if ex.task == task][:cfg.per_task]
+        preds = [answer(model, tok, ex.prompt, cfg.max_new_tokens) for ex in examples]
+        answers += [{"task": task, "question": ex.prompt[-1]["content"], "reference": ex.answer, "prediction": p}
+                    for ex, p in zip(examples, preds)]
+        if task in EXACT_TASKS:
+            scores[f"{task}_accuracy"] = sum(map(exact_match, preds, (ex.answer for ex in examples))) / len(examples)
+        else:
+            scores[f"{task}_chrf"] = chrf(preds, [ex.answer for ex in examples])
+    return scores, answers
+
+
+def format_table(rows: dict[str, dict[str, float]]) -> str:
+    cols = list(next(iter(rows.values())))
+    head = "| stage | " + " | ".join(cols) + " |"
+    lines = [head, "|" + "---|" * (len(cols) + 1)]
+    for stage, sc in rows.items():
+        cells = [("-" if sc.get(c) is None else f"{sc[c]:.1f}" if c == "valid_ppl" or c.endswith("chrf")
+                  else f"{sc[c]:.0%}") for c in cols]
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(cfg: EvalConfig) -> dict:
+    set_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    t0 = time.perf_counter()
+    stages = dict(s.split("=", 1) for s in cfg.stage)
+    stages = {name: path for name, path in stages.items() if Path(path).is_dir()}
+    if not stages:
+        raise FileNotFoundError(f"none of the stage directories exist: {cfg.stage}; train a stage first "
+                                "(python -m gpt_minimind.train_pretrain, then train_sft ...)")
+    train, tests = build_examples("train"), build_examples("test", {t: -1 for t in EXACT_TASKS + CHRF_TASKS})
+    valid_docs = split_documents(default_documents())["valid"]
+    rows: dict[str, dict[str, float | None]] = {
+        "majority answer": {"valid_ppl": None, **{f"{t}_accuracy": majority_baseline(train, tests, t)
+                                                  for t in EXACT_TASKS}, **{f"{t}_chrf": None for t in CHRF_TASKS}}}
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    walls = {}
+    for name, path in stages.items():
+        ts = time.perf_counter()
+        model, tok = load_stage(path, device)
+        rows[name], answers = evaluate_stage(model, tok, tests, valid_docs, cfg)
+        walls[name] = time.perf_counter() - ts
+        with open(out_dir / f"answers_{name}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(a, ensure_ascii=False) + "\n" for a in answers)
+        print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[name].items()) + f" ({walls[name]:.0f} s)",
+              flush=True)
+    table = format_table(rows)
+    print(table)
+    command = "python -m gpt_minimind.eval"
+    records = []
+    for name in stages:
+        for metric, value in rows[name].items():
+            base = rows["majority answer"].get(metric)
+            records.append(make_record("gpt_minimind", f"{name}_cpu", metric, value,
+                                       "majority_answer" if base is not None else "none", base, walls[name], command))
+    (out_dir / "results.json").write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n")
+    result = {"scores": rows, "table": table, "wall_s": time.perf_counter() - t0, "per_task": cfg.per_task}
+    (out_dir / "eval.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main(parse_config(EvalConfig))

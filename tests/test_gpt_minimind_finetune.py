@@ -1,0 +1,269 @@
+"""gpt_minimind part 2: task data, SFT's assistant-only loss, LoRA against peft, QLoRA on CPU, adapters."""
+
+import json
+import random
+import shutil
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from common.checkpoint import load_pretrained, save_pretrained
+from common.config import apply_overrides
+from gpt_minimind import eval as gpt_eval
+from gpt_minimind import train_tokenizer
+from gpt_minimind.export_hf import hf_config, to_hf_state_dict
+from gpt_minimind.infer import load_model
+from gpt_minimind.lora import LoRALinear, inject_lora, load_adapter, merge_lora, save_adapter
+from gpt_minimind.model import MiniMindConfig, MiniMindForCausalLM
+from gpt_minimind.tasks import arithmetic_tasks, parse_mix, read_conversations
+from gpt_minimind.train_lora import LoRAConfig
+from gpt_minimind.train_lora import main as lora_main
+from gpt_minimind.train_sft import SFTConfig, SFTData, assistant_loss, encode_chat
+from gpt_minimind.train_sft import main as sft_main
+
+TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64)
+
+
+def tiny_model(**kw) -> MiniMindForCausalLM:
+    torch.manual_seed(0)
+    return MiniMindForCausalLM(MiniMindConfig(**{**TINY, **kw})).eval()
+
+
+def conversations(n: int, seed: int = 0) -> list[dict]:
+    """One-digit sums as chat turns (a second turn on every third one): learnable in a few dozen steps."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        a, b = rng.randrange(10), rng.randrange(10)
+        conv = [{"role": "user", "content": f"计算：{a}+{b}="}, {"role": "assistant", "content": str(a + b)}]
+        if i % 3 == 0:
+            conv += [{"role": "user", "content": "谢谢"}, {"role": "assistant", "content": "不客气"}]
+        out.append({"conversations": conv})
+    return out
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A 'pretrained' model directory as train_pretrain.py writes it: weights, config, tokenizer/."""
+    d = tmp_path_factory.mktemp("ft")
+    text = d / "text.jsonl"
+    rows = [{"text": f"计算：{a}+{b}={a + b}。谢谢，不客气。"} for a in range(10) for b in range(10)] * 3
+    text.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    train_tokenizer.main(train_tokenizer.TokenizerConfig(vocab_size=300, data_file=str(text),
+                                                         out_dir=str(d / "tok")))
+    tok = AutoTokenizer.from_pretrained(d / "tok")
+    model = tiny_model(vocab_size=len(tok), max_position_embeddings=64)
+    # a trained model's (tied) embeddings are far larger than the 0.02 init; with the head frozen, LoRA
+    # could not make confident predictions through 0.02-sized output vectors
+    torch.nn.init.normal_(model.model.embed_tokens.weight, std=0.5)
+    save_pretrained(model, model.config.to_dict(), d / "base")
+    tok.save_pretrained(d / "base" / "tokenizer")
+    data = d / "sft.jsonl"
+    data.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in conversations(300)))
+    return {"dir": d, "base": d / "base", "tok": tok, "data": data}
+
+
+# ---------------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------------
+
+def test_task_splits_share_no_question():
+    train = {ex.messages[0]["content"] for ex in arithmetic_tasks("train")}
+    test = {ex.messages[0]["content"] for ex in arithmetic_tasks("test")}
+    assert train and test and not train & test
+    assert len(train) + len(test) == 20_000
+    ex = next(arithmetic_tasks("test"))
+    a, op, b = ex.messages[0]["content"][3:-1].partition("+") if "+" in ex.messages[0]["content"] else (
+        ex.messages[0]["content"][3:-1].rpartition("-"))
+    assert int(ex.answer) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+
+
+def test_bad_inputs_are_named(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"conversations": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl: line 1: .*ending with an assistant turn"):
+        read_conversations(bad)
+    with pytest.raises(ValueError, match="expected TASK=N"):
+        parse_mix(["arithmetc=5"])
+    assert parse_mix(["arithmetic=0"])["arithmetic"] == 0
+
+
+def test_answers_are_compared_without_case_or_final_stop():
+    assert gpt_eval.exact_match(" Apple. ", "apple")
+    assert gpt_eval.exact_match("正面。", "正面")
+    assert not gpt_eval.exact_match("正面的", "正面")
+
+
+# ---------------------------------------------------------------------------------------------------
+# SFT: only the assistant's tokens are learned
+# ---------------------------------------------------------------------------------------------------
+
+def test_labels_keep_only_assistant_turns(base_dir):
+    tok = base_dir["tok"]
+    conv = conversations(1)[0]["conversations"]
+    ids, labels = encode_chat(tok, conv, 64)
+    learned = [t for t in labels if t != -100]
+    want = []
+    for turn in conv:
+        if turn["role"] == "assistant":
+            want += tok.encode(turn["content"], add_special_tokens=False) + [tok.eos_token_id]
+    assert learned == want
+    assert len(ids) == len(labels)
+    # the ids are exactly what the chat template produces (minus the last token, which has no target)
+    assert ids == tok.apply_chat_template(conv, tokenize=True, return_dict=False)[:-1]
+
+
+def test_masked_positions_contribute_nothing(base_dir):
+    tok = base_dir["tok"]
+    model = tiny_model(vocab_size=len(tok))
+    data = SFTData(tok, read_conversations(base_dir["data"])[:4], 64)
+    x, y = data.collate([0, 1, 2, 3])
+    loss, n = assistant_loss(model, x, y)
+    # scramble the logits at every position whose label is -100: the loss must not move
+    masked = (y == -100)
+
+    def scramble(_module, _inputs, logits):
+        return torch.where(masked[..., None], torch.randn_like(logits) * 100, logits)
+
+    handle = model.lm_head.register_forward_hook(scramble)
+    loss2, _ = assistant_loss(model, x, y)
+    handle.remove()
+    torch.testing.assert_close(loss, loss2)
+    # and it is the mean over exactly the n learned positions
+    logp = model(x)["logits"].log_softmax(-1)
+    manual = -logp[~masked].gather(-1, y[~masked][:, None]).sum() / n
+    torch.testing.assert_close(loss, manual)
+
+
+def test_sft_run_lowers_held_out_loss_and_resumes(base_dir, tmp_path):
+    cfg = apply_overrides(SFTConfig(), dict(init_from=str(base_dir["base"]), data_file=str(base_dir["data"]),
+                                            out_dir=str(tmp_path / "sft"), batch_size=8, max_iters=40, lr=3e-3,
+                                            warmup_iters=5, eval_every=20, save_every=20, log_every=10,
+                                            threads=1))
+    res = sft_main(cfg)
+    s = res["summary"]
+    assert s["valid_loss"] < 0.6 * s["initial_valid_loss"]
+    assert (tmp_path / "sft" / "final" / "tokenizer" / "tokenizer.json").is_file()
+    # resume from step 20 gives the same final weights as the uninterrupted run
+    full = MiniMindForCausalLM(MiniMindConfig(**json.loads((tmp_path / "sft/final/config.json").read_text())))
+    load_pretrained(full, tmp_path / "sft" / "final")
+    shutil.rmtree(tmp_path / "sft" / "checkpoints" / "step_000040")
+    (tmp_path / "sft" / "checkpoints" / "latest").write_text("step_000020\n")
+    sft_main(apply_overrides(cfg, {"resume": True}))
+    again = MiniMindForCausalLM(full.config)
+    load_pretrained(again, tmp_path / "sft" / "final")
+    for (name, p), q in zip(full.state_dict().items(), again.state_dict().values()):
+        torch.testing.assert_close(p, q, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# LoRA
+# ---------------------------------------------------------------------------------------------------
+
+def randomize_lora(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def test_lora_starts_at_base_trains_only_adapters_and_merges():
+    model = tiny_model()
+    x = torch.randint(0, 97, (2, 10))
+    before = model(x)["logits"]
+    params = inject_lora(model, r=4, alpha=8)
+    torch.testing.assert_close(model(x)["logits"], before)  # B = 0
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    assert sum(p.numel() for p in params) == 2 * (4 * (32 + 32) * 2 + 4 * (32 + 16) * 2 + 4 * (32 + 64) * 3)
+    randomize_lora(model)
+    adapted = model(x)["logits"]
+    assert (adapted - before).abs().max() > 1e-3
+    layer = next(m for m in model.modules() if isinstance(m, LoRALinear))
+    w0 = layer.base.weight.clone()
+    layer.merge()
+    layer.unmerge()
+    torch.testing.assert_close(layer.base.weight, w0)
+    merged = merge_lora(model)
+    assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+    torch.testing.assert_close(merged(x)["logits"], adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_equals_peft_with_equal_weights():
+    from peft import LoraConfig, get_peft_model
+
+    ours = tiny_model()
+    inject_lora(ours, r=4, alpha=8)
+    randomize_lora(ours)
+    hf = LlamaForCausalLM(hf_config(ours.config)).eval()
+    hf.load_state_dict(to_hf_state_dict(tiny_model()))
+    peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                                   "o_proj", "gate_proj", "up_proj",
+                                                                                   "down_proj"]))
+    theirs = dict(peft_model.named_parameters())
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if "lora_" in n:  # ours: ...q_proj.lora_A.weight, peft: base_model.model...q_proj.lora_A.default.weight
+                theirs["base_model.model." + n.replace(".weight", ".default.weight")].copy_(p)
+    x = torch.randint(0, 97, (2, 10))
+    torch.testing.assert_close(ours(x)["logits"], peft_model(input_ids=x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_file_loads_in_peft_on_the_export(base_dir, tmp_path):
+    from peft import PeftModel
+
+    model, tok = load_adapter_free(base_dir["base"])
+    inject_lora(model, r=4, alpha=8)
+    randomize_lora(model)
+    save_adapter(model, tmp_path / "adapter", base_dir["base"])
+    again, _ = load_adapter(tmp_path / "adapter", "cpu")
+    x = torch.randint(0, len(tok), (2, 10))
+    torch.testing.assert_close(again(x)["logits"], model(x)["logits"])
+    base = load_adapter_free(base_dir["base"])[0]
+    hf = LlamaForCausalLM(hf_config(base.config)).eval()
+    hf.load_state_dict(to_hf_state_dict(base))
+    peft_model = PeftModel.from_pretrained(hf, tmp_path / "adapter")
+    torch.testing.assert_close(peft_model(input_ids=x).logits, model(x)["logits"], atol=1e-5, rtol=1e-5)
+
+
+def load_adapter_free(path):
+    return load_model(path, "cpu")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qlora_base_is_quantized_and_trains_on_cpu(bits):
+    model = tiny_model(hidden_size=64, intermediate_size=128)
+    x = torch.randint(0, 97, (2, 12))
+    ref = model(x)["logits"]
+    params = inject_lora(model, r=4, alpha=8, quantize_bits=bits)
+    layer = next(m for m in model.modules() if isinstance(m, LoRALinear))
+    assert layer.base.weight.dtype in (torch.uint8, torch.int8)  # packed 4-bit pairs / int8
+    out = model(x)["logits"]
+    assert (out - ref).abs().max() < (0.3 if bits == 4 else 0.05) * ref.abs().max()  # close, not equal
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    losses = []
+    for _ in range(15):
+        loss = model(x[:, :-1], labels=x[:, 1:])["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1
+    assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
+
+
+def test_lora_run_saves_an_adapter_that_reloads(base_dir, tmp_path):
+    cfg = apply_overrides(LoRAConfig(), dict(init_from=str(base_dir["base"]), data_file=str(base_dir["data"]),
+                                             out_dir=str(tmp_path / "lora"), batch_size=8, max_iters=30, r=8,
+                                             alpha=16, lr=3e-2, warmup_iters=3, eval_every=15, save_every=15,
+                                             log_every=10, threads=1, merge=True))
+    res = lora_main(cfg)
+    s = res["summary"]
+    assert s["valid_loss"] < 0.8 * s["initial_valid_loss"]
+    assert s["trainable_params"] < 0.5 * s["total_params"]
+    model, tok = gpt_eval.load_stage(tmp_path / "lora" / "final", "cpu")
+    merged, _ = gpt_eval.load_stage(tmp_path / "lora" / "merged", "cpu")
+    x = torch.randint(0, len(tok), (2, 10))
+    torch.testing.assert_close(model(x)["logits"], merged(x)["logits"], atol=1e-3, rtol=1e-4)  # logits ~ 30
