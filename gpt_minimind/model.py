@@ -387,21 +387,22 @@ class MiniMindModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(cfg)
         self.gradient_checkpointing = cfg.gradient_checkpointing
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor | None, cache: KVCache | None = None,
+                attention_mask: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """``inputs_embeds`` (B, T, C) replaces the embedding look-up (prompt tuning feeds learned vectors)."""
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         start = cache.length if cache is not None else 0
-        cos, sin = self.rotary_emb(start, input_ids.shape[1])
+        cos, sin = self.rotary_emb(start, x.shape[1])
         key_padding = None
         if attention_mask is not None and not bool(attention_mask.all()):
             key_padding = attention_mask == 0  # (B, T) True at padding
-        x = self.embed_tokens(input_ids)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, None, key_padding, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, cache, key_padding)
         if cache is not None:
-            cache.length += input_ids.shape[1]
+            cache.length += x.shape[1]
         return self.norm(x)
 
 
@@ -430,13 +431,13 @@ class MiniMindForCausalLM(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, cache: KVCache | None = None,
-                attention_mask: torch.Tensor | None = None) -> dict:
+    def forward(self, input_ids: torch.Tensor | None, labels: torch.Tensor | None = None, cache: KVCache | None = None,
+                attention_mask: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> dict:
         """input_ids (B, T) -> {"logits": (B, T, V), "loss", "aux_loss"}.
 
         ``labels`` are already aligned with the inputs: labels[:, t] is the token that follows
         input_ids[:, t] (the dataset builds inputs = ids[:-1], labels = ids[1:]); -100 is ignored."""
-        h = self.model(input_ids, cache, attention_mask)
+        h = self.model(input_ids, cache, attention_mask, inputs_embeds)
         logits = self.lm_head(h)
         out = {"logits": logits}
         if labels is not None:

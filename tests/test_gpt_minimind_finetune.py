@@ -1,11 +1,13 @@
 """gpt_minimind part 2: task data, SFT's assistant-only loss, LoRA against peft, QLoRA on CPU, adapters."""
 
 import json
+import math
 import random
 import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from common.checkpoint import load_pretrained, save_pretrained
@@ -73,7 +75,7 @@ def test_task_splits_share_no_question():
     train = {ex.messages[0]["content"] for ex in arithmetic_tasks("train")}
     test = {ex.messages[0]["content"] for ex in arithmetic_tasks("test")}
     assert train and test and not train & test
-    assert len(train) + len(test) == 20_000
+    assert len(train) + len(test) == 2_000
     ex = next(arithmetic_tasks("test"))
     a, op, b = ex.messages[0]["content"][3:-1].partition("+") if "+" in ex.messages[0]["content"] else (
         ex.messages[0]["content"][3:-1].rpartition("-"))
@@ -267,3 +269,144 @@ def test_lora_run_saves_an_adapter_that_reloads(base_dir, tmp_path):
     merged, _ = gpt_eval.load_stage(tmp_path / "lora" / "merged", "cpu")
     x = torch.randint(0, len(tok), (2, 10))
     torch.testing.assert_close(model(x)["logits"], merged(x)["logits"], atol=1e-3, rtol=1e-4)  # logits ~ 30
+
+
+# ---------------------------------------------------------------------------------------------------
+# DPO
+# ---------------------------------------------------------------------------------------------------
+
+def test_dpo_loss_equals_trl_on_the_same_sequences(base_dir, tmp_path):
+    """trl's DPOTrainer builds the batch (its chat template use, padding, completion mask) and computes its
+    loss on the transformers copies; ours runs on the same token ids with our models."""
+    from datasets import Dataset
+    from trl import DPOConfig as TrlDPOConfig
+    from trl import DPOTrainer
+
+    from gpt_minimind.train_dpo import dpo_loss, sequence_logps
+
+    tok = base_dir["tok"]
+    policy, reference = load_model(base_dir["base"], "cpu")[0], load_model(base_dir["base"], "cpu")[0]
+    with torch.no_grad():  # the policy has moved away from the reference
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    hf_policy, hf_ref = (LlamaForCausalLM(hf_config(m.config)) for m in (policy, reference))
+    hf_policy.load_state_dict(to_hf_state_dict(policy))
+    hf_ref.load_state_dict(to_hf_state_dict(reference))
+    rows = [{"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": c}],
+             "rejected": [{"role": "assistant", "content": r}]}
+            for q, c, r in [("计算：1+2=", "3", "4"), ("计算：19+9=", "28", "27"), ("谢谢", "不客气", "3"),
+                            ("计算：7+8=", "15", "不客气，谢谢")]]
+    args = TrlDPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, report_to=[], use_cpu=True, bf16=False,
+                        per_device_train_batch_size=4)
+    trainer = DPOTrainer(model=hf_policy, ref_model=hf_ref, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=tok)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    theirs = trainer._compute_loss(hf_policy, batch, False)
+    ids, completion = batch["input_ids"], batch["completion_mask"]
+    assert batch["attention_mask"][:, 0].all()  # right padding: our causal model needs no mask
+    x, y = ids[:, :-1], ids[:, 1:].masked_fill(completion[:, 1:] == 0, -100)
+    lp, lp_ref = sequence_logps(policy, x, y), sequence_logps(reference, x, y)
+    ours, chosen_r, rejected_r = dpo_loss(lp[:4], lp[4:], lp_ref[:4], lp_ref[4:], beta=0.1)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert abs(ours.item() - math.log(2)) > 1e-3  # not the trivial policy == reference value
+
+
+def test_dpo_step_raises_the_chosen_answer(base_dir):
+    from gpt_minimind.train_dpo import PairData, dpo_loss, sequence_logps
+
+    tok = base_dir["tok"]
+    policy, reference = load_model(base_dir["base"], "cpu")[0], load_model(base_dir["base"], "cpu")[0]
+    data = PairData(tok, [([{"role": "user", "content": "计算：1+2="}], "3", "4")] * 4, 64)
+    x, y = data.collate([0, 1, 2, 3])
+    with torch.no_grad():
+        ref = sequence_logps(reference, x, y)
+    opt = torch.optim.SGD(policy.parameters(), lr=0.5)
+    lp = sequence_logps(policy, x, y)
+    loss, c, r = dpo_loss(lp[:4], lp[4:], ref[:4], ref[4:], beta=0.1)
+    assert abs(loss.item() - math.log(2)) < 1e-5 and torch.equal(c, r)  # policy == reference
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        lp2 = sequence_logps(policy, x, y)
+    assert (lp2[:4] - ref[:4]).mean() > (lp2[4:] - ref[4:]).mean()  # the chosen answer gained relative to the rejected
+
+
+def test_dpo_pairs_file_errors_are_named(tmp_path):
+    from gpt_minimind.train_dpo import read_dpo_jsonl
+
+    bad = tmp_path / "dpo.jsonl"
+    bad.write_text(json.dumps({"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+                               "rejected": [{"role": "user", "content": "DIFFERENT"},
+                                            {"role": "assistant", "content": "c"}]}) + "\n")
+    with pytest.raises(ValueError, match=r"dpo.jsonl: line 1: .*same prompt"):
+        read_dpo_jsonl(bad)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the PEFT zoo
+# ---------------------------------------------------------------------------------------------------
+
+def zoo_cfg(**kw):
+    from gpt_minimind.peft_zoo import ZooConfig
+    return apply_overrides(ZooConfig(), {"n_virtual": 3, "adapter_dim": 4, "lora_r": 2, **kw})
+
+
+def test_prompt_tuning_with_real_token_embeddings_equals_prepending_the_tokens():
+    from gpt_minimind.peft_zoo import apply_method
+
+    model = tiny_model()
+    x, prefix = torch.randint(3, 97, (2, 7)), torch.tensor([5, 9, 11])
+    expected = model(torch.cat([prefix.expand(2, -1), x], 1))["logits"][:, 3:]
+    wrapped, params = apply_method(model, "prompt", zoo_cfg())
+    with torch.no_grad():
+        wrapped.prompt.copy_(model.model.embed_tokens.weight[prefix])
+    torch.testing.assert_close(wrapped(x)["logits"], expected, atol=1e-5, rtol=1e-5)
+    assert params == [wrapped.prompt]
+
+
+def test_prefix_tuning_is_a_learned_kv_cache():
+    """With the keys/values a real prefix would leave in the cache, prefix tuning reproduces that prefix."""
+    from gpt_minimind.peft_zoo import apply_method
+
+    model = tiny_model()
+    x, prefix = torch.randint(3, 97, (2, 7)), torch.tensor([[5, 9, 11]] * 2)
+    expected = model(torch.cat([prefix, x], 1))["logits"][:, 3:]
+    cache = model.new_cache(2, 3)
+    model(prefix, cache=cache)
+    wrapped, params = apply_method(model, "prefix", zoo_cfg())
+    with torch.no_grad():
+        for i in range(model.config.num_hidden_layers):
+            wrapped.prefix_k[i].copy_(cache.k[i][0])
+            wrapped.prefix_v[i].copy_(cache.v[i][0])
+    torch.testing.assert_close(wrapped(x)["logits"], expected, atol=1e-5, rtol=1e-5)
+    assert params == [wrapped.prefix_k, wrapped.prefix_v]
+
+
+@pytest.mark.parametrize("method", ["full", "embedding", "prompt", "p_tuning", "prefix", "bitfit", "adapter", "lora"])
+def test_every_peft_method_trains_only_its_parameters(method):
+    from gpt_minimind.peft_zoo import LR, apply_method
+
+    model = tiny_model()
+    x = torch.randint(3, 97, (4, 12))
+    before = model(x)["logits"].detach()
+    wrapped, params = apply_method(model, method, zoo_cfg())
+    if method in ("bitfit", "adapter", "lora", "full", "embedding", "p_tuning"):  # these start at the base model
+        if method != "p_tuning":
+            torch.testing.assert_close(wrapped(x)["logits"], before)
+    trainable = {id(p) for p in params}
+    assert all(p.requires_grad == (id(p) in trainable) for p in wrapped.parameters())
+    frozen = {n: p.detach().clone() for n, p in wrapped.named_parameters() if id(p) not in trainable}
+    opt = torch.optim.Adam(params, lr=LR[method])
+    losses = []
+    for _ in range(25):
+        logits = wrapped(x[:, :-1])["logits"]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    # a random 32-wide model is hard to steer through a few input positions: a small but real fall
+    assert losses[-1] < losses[0] - (0.01 if method in ("prompt", "p_tuning", "prefix") else 0.05), losses
+    for n, p in wrapped.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n

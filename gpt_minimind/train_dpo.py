@@ -1,0 +1,317 @@
+"""Direct Preference Optimization (Rafailov et al. 2023, "Direct Preference Optimization: Your Language
+Model is Secretly a Reward Model"), written out.
+
+    python -m gpt_minimind.train_dpo                              # from runs/gpt_minimind/sft/final
+    python -m gpt_minimind.train_dpo --data-file dpo.jsonl        # minimind's DPO format instead
+    python -m gpt_minimind.eval --stage sft=runs/gpt_minimind/sft/final dpo=runs/gpt_minimind/dpo/final
+
+For a prompt x with a preferred answer y_w and a worse one y_l, the policy pi (initialised from the SFT
+model) is pushed to raise log pi(y_w|x) relative to a frozen reference pi_ref (the SFT model itself):
+
+    loss = -log sigmoid( beta * [ (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x)) ] )
+
+log pi(y|x) is the SUM of the answer tokens' log-probabilities (the prompt's are context). The implicit
+reward of an answer is beta * (log pi - log pi_ref); "reward accuracy" is how often the chosen answer's
+reward beats the rejected one's. beta sets how far from the reference the policy may move (eq. 7).
+
+Preference pairs come from the checkable tasks: chosen = the correct answer, rejected = a plausible wrong
+one (another label, a near-miss number, another word's meaning), and, for some questions, the SFT model's
+own wrong answer sampled at temperature 1 (what it actually gets wrong, so DPO pushes on real errors).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from common.checkpoint import load_checkpoint, resume_point, save_checkpoint, save_pretrained
+from common.config import parse_config
+from common.data import iter_jsonl
+from common.log import RunLogger
+from common.results import make_record
+from common.runtime import pick_device, seed_everything, set_threads
+from common.schedule import clip_grad, make_scheduler
+
+from .eval import exact_match
+from .infer import load_model
+from .model import MiniMindForCausalLM
+from .tasks import EXACT_TASKS, NEWS_LABELS, Example, build_examples
+from .train_sft import copy_tokenizer, encode_chat
+
+Pair = tuple[list[dict], str, str]  # (prompt turns, chosen answer, rejected answer)
+
+
+@dataclass
+class DPOConfig:
+    """Align the SFT model with preference pairs by DPO (a frozen reference, no reward model)."""
+
+    init_from: str = "runs/gpt_minimind/sft/final"  # the policy's start and the frozen reference
+    data_file: str = ""  # minimind DPO JSONL: {"chosen": [turns], "rejected": [turns]}; empty = checkable tasks
+    out_dir: str = "runs/gpt_minimind/dpo"  # checkpoints, metrics.jsonl, loss.png, final/, pairs.jsonl
+    train_pairs: int = 4000  # pairs built from the training questions
+    own_samples: int = 1000  # of those, questions answered by the SFT model itself (its wrong answers kept)
+    eval_pairs: int = 400  # held-out pairs (test questions) for reward accuracy / margin
+    beta: float = 0.1  # paper: 0.1; larger keeps the policy closer to the reference
+    batch_size: int = 16  # pairs per step (32 sequences)
+    max_iters: int = 250  # optimizer steps (one pass over the 4,000 pairs)
+    lr: float = 1e-4  # peak learning rate (DPO wants small steps; 5e-7 at 7B scale, larger for tiny models)
+    warmup_iters: int = 20
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 25
+    seed: int = 1234
+    threads: int = 0
+    device: str = "auto"
+    resume: bool = False  # continue from the newest checkpoint in out_dir/checkpoints
+    run_name: str = "dpo_cpu"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loss
+# ---------------------------------------------------------------------------------------------------
+
+def sequence_logps(model: MiniMindForCausalLM, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B,) sum over the answer positions (label != -100) of log p(label | prefix)."""
+    logp = model(x)["logits"].float().log_softmax(-1)
+    mask = y != -100
+    picked = logp.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)  # (B, T)
+    return (picked * mask).sum(-1)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean DPO loss over the batch, and the implicit rewards beta * log(pi / pi_ref) of both answers."""
+    chosen_reward = beta * (policy_chosen - ref_chosen)
+    rejected_reward = beta * (policy_rejected - ref_rejected)
+    loss = -F.logsigmoid(chosen_reward - rejected_reward).mean()
+    return loss, chosen_reward.detach(), rejected_reward.detach()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pairs
+# ---------------------------------------------------------------------------------------------------
+
+def plausible_wrong(ex: Example, pool: dict[str, list[str]], rng: random.Random) -> str:
+    """A wrong answer of the kind the model might give: another label, a near-miss, another word's gloss."""
+    if ex.task == "news_sentiment":
+        return rng.choice([a for a in NEWS_LABELS if a != ex.answer])
+    if ex.task == "review_sentiment":
+        return "差评" if ex.answer == "好评" else "好评"
+    if ex.task == "arithmetic":
+        return str(int(ex.answer) + rng.choice([-10, -2, -1, 1, 2, 10]))
+    while True:
+        other = rng.choice(pool[ex.task])
+        if not exact_match(other, ex.answer):
+            return other
+
+
+@torch.no_grad()
+def sample_answer(model: MiniMindForCausalLM, tok, messages: list[dict], generator: torch.Generator,
+                  max_new_tokens: int = 24) -> str:
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    out, prompt = [], torch.tensor([ids], device=model.lm_head.weight.device)
+    for t in model.generate(prompt, max_new_tokens, temperature=1.0, top_k=20, eos_token_id=tok.eos_token_id,
+                            generator=generator):
+        if int(t) == tok.eos_token_id:
+            break
+        out.append(int(t))
+    return tok.decode(out, skip_special_tokens=True).strip()
+
+
+def build_pairs(split: str, n: int, n_own: int, model, tok, seed: int) -> tuple[list[Pair], dict]:
+    """``n`` pairs from ``split``'s checkable questions; the first ``n_own`` questions are answered by
+    ``model`` itself and, where it is wrong, its answer is the rejected one."""
+    rng = random.Random(seed)
+    examples = [ex for ex in build_examples(split, {t: -1 for t in EXACT_TASKS}, seed) if ex.task in EXACT_TASKS]
+    pool: dict[str, list[str]] = {}
+    for ex in examples:
+        pool.setdefault(ex.task, []).append(ex.answer)
+    examples = examples[:n]
+    gen = torch.Generator().manual_seed(seed)
+    pairs, own_wrong, own_tried = [], 0, 0
+    for i, ex in enumerate(examples):
+        rejected = None
+        if i < n_own:
+            own_tried += 1
+            guess = sample_answer(model, tok, ex.prompt, gen)
+            if guess and not exact_match(guess, ex.answer):
+                rejected, own_wrong = guess, own_wrong + 1
+        pairs.append((ex.prompt, ex.answer, rejected or plausible_wrong(ex, pool, rng)))
+    return pairs, {"own_sampled": own_tried, "own_wrong": own_wrong}
+
+
+def read_dpo_jsonl(path: str | Path) -> list[Pair]:
+    """minimind's DPO format: {"chosen": [turns], "rejected": [turns]}, the same prompt, different last turns."""
+    pairs = []
+    for lineno, rec in enumerate(iter_jsonl(path, required=("chosen", "rejected")), start=1):
+        c, r = rec["chosen"], rec["rejected"]
+        ok = (isinstance(c, list) and isinstance(r, list) and c and r and c[:-1] == r[:-1]
+              and c[-1].get("role") == r[-1].get("role") == "assistant")
+        if not ok:
+            raise ValueError(f"{path}: line {lineno}: 'chosen' and 'rejected' must be turn lists with the same "
+                             "prompt turns and a final assistant turn each")
+        pairs.append((c[:-1], c[-1]["content"], r[-1]["content"]))
+    return pairs
+
+
+class PairData:
+    """Encoded pairs; a batch is [chosen rows; rejected rows], right-padded to one length."""
+
+    def __init__(self, tok, pairs: list[Pair], max_len: int):
+        self.rows = [(encode_chat(tok, p + [{"role": "assistant", "content": c}], max_len),
+                      encode_chat(tok, p + [{"role": "assistant", "content": r}], max_len)) for p, c, r in pairs]
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def collate(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        seqs = [self.rows[i][0] for i in idx] + [self.rows[i][1] for i in idx]
+        T = max(len(s[0]) for s in seqs)
+        x = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
+        y = torch.full((len(seqs), T), -100, dtype=torch.long)
+        for b, (ids, labels) in enumerate(seqs):
+            x[b, :len(ids)], y[b, :len(labels)] = torch.tensor(ids), torch.tensor(labels)
+        return x, y
+
+
+@torch.no_grad()
+def all_logps(model, data: PairData, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) summed log-probs of every pair: the reference's are computed once, up front."""
+    model.eval()
+    chosen, rejected = [], []
+    for i in range(0, len(data), batch_size):
+        idx = list(range(i, min(i + batch_size, len(data))))
+        x, y = data.collate(idx)
+        device = model.lm_head.weight.device
+        lp = sequence_logps(model, x.to(device), y.to(device)).cpu()
+        chosen.append(lp[:len(idx)])
+        rejected.append(lp[len(idx):])
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def reward_stats(policy, ref_logps, data: PairData, beta: float) -> dict:
+    pc, pr = all_logps(policy, data)
+    _, cr, rr = dpo_loss(pc, pr, *ref_logps, beta)
+    return {"preference_accuracy": (pc > pr).float().mean().item(),  # the model itself ranks chosen first
+            "reward_accuracy": (cr > rr).float().mean().item(), "reward_margin": (cr - rr).mean().item(),
+            "chosen_logp": pc.mean().item(), "rejected_logp": pr.mean().item()}
+
+
+def main(cfg: DPOConfig) -> dict:
+    set_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    out = Path(cfg.out_dir)
+    ckpt_root = out / "checkpoints"
+    resume_from = resume_point(ckpt_root, cfg.resume)
+    policy, tok = load_model(cfg.init_from, device)
+    reference, _ = load_model(cfg.init_from, device)  # frozen: never trained, only read
+    reference.requires_grad_(False)
+    max_len = policy.config.max_position_embeddings
+
+    # 1) pairs (cached in out_dir so that --resume trains on the very same ones)
+    t0 = time.perf_counter()
+    pairs_file = out / "pairs.json"
+    if resume_from is not None and pairs_file.is_file():
+        saved = json.loads(pairs_file.read_text())
+        train_pairs, valid_pairs, pair_stats = saved["train"], saved["valid"], saved["stats"]
+    elif cfg.data_file:
+        all_pairs = read_dpo_jsonl(cfg.data_file)
+        n_valid = max(1, len(all_pairs) // 20)
+        train_pairs, valid_pairs, pair_stats = all_pairs[n_valid:], all_pairs[:n_valid], {}
+    else:
+        train_pairs, pair_stats = build_pairs("train", cfg.train_pairs, cfg.own_samples, reference, tok, cfg.seed)
+        valid_pairs, _ = build_pairs("test", cfg.eval_pairs, 0, reference, tok, cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    pairs_file.write_text(json.dumps({"train": train_pairs, "valid": valid_pairs, "stats": pair_stats},
+                                     ensure_ascii=False) + "\n")
+    train, valid = PairData(tok, train_pairs, max_len), PairData(tok, valid_pairs, max_len)
+    ref_train, ref_valid = all_logps(reference, train), all_logps(reference, valid)
+    print(f"pairs: {len(train)} train / {len(valid)} held out | SFT model's own answers: {pair_stats} | "
+          f"reference log-probs precomputed | {time.perf_counter() - t0:.0f} s", flush=True)
+
+    # 2) optimise
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    scheduler = make_scheduler(optimizer, "cosine", cfg.warmup_iters, cfg.max_iters, min_ratio=0.1)
+    start = 0
+    if resume_from is not None:
+        start = load_checkpoint(resume_from, policy, optimizer, scheduler)["step"]
+        print(f"resumed from {resume_from} at step {start}")
+    logger = RunLogger(out, cfg.max_iters, start, resume=resume_from is not None, log_every=cfg.log_every,
+                       device=device)
+    before = reward_stats(policy, ref_valid, valid, cfg.beta) if start == 0 else None
+    if before:
+        logger.log({"step": 0, **{f"valid_{k}": v for k, v in before.items()}})
+        logger.write(f"step 0/{cfg.max_iters} | held-out preference accuracy {before['preference_accuracy']:.1%}"
+                     " (the SFT model's log p(chosen) > log p(rejected))")
+    steps_per_epoch = len(train) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train)} pairs are fewer than one batch of {cfg.batch_size}")
+    policy.train()
+    step, t_start, losses = start, time.perf_counter(), []
+    while step < cfg.max_iters:
+        epoch, b0 = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).tolist()
+        for b in range(b0, steps_per_epoch):
+            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            x, y = train.collate(idx)
+            lp = sequence_logps(policy, x.to(device), y.to(device))
+            loss, cr, rr = dpo_loss(lp[:len(idx)], lp[len(idx):], ref_train[0][idx].to(device),
+                                    ref_train[1][idx].to(device), cfg.beta)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower --lr")
+            loss.backward()
+            clip_grad(policy.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            losses.append(loss.item())
+            logger.step(step, loss.item(), scheduler.get_last_lr()[0], x.numel(),
+                        reward_accuracy=(cr > rr).float().mean().item(), reward_margin=(cr - rr).mean().item())
+            if step % cfg.eval_every == 0 or step == cfg.max_iters:
+                stats = reward_stats(policy, ref_valid, valid, cfg.beta)
+                policy.train()
+                logger.log({"step": step, **{f"valid_{k}": v for k, v in stats.items()}})
+                logger.write(f"step {step}/{cfg.max_iters} | held-out preference accuracy "
+                             f"{stats['preference_accuracy']:.1%} | reward accuracy {stats['reward_accuracy']:.1%}"
+                             f" | margin {stats['reward_margin']:.3f}")
+            if step % cfg.save_every == 0 or step == cfg.max_iters:
+                save_checkpoint(ckpt_root, step, policy, policy.config.to_dict(), optimizer, scheduler,
+                                keep=cfg.keep_checkpoints)
+            if step >= cfg.max_iters:
+                break
+    wall = time.perf_counter() - t_start
+    after = reward_stats(policy, ref_valid, valid, cfg.beta)
+    final_dir = out / "final"
+    save_pretrained(policy, policy.config.to_dict(), final_dir)
+    copy_tokenizer(cfg.init_from, final_dir)
+    summary = {"steps": step, "train_wall_s": wall, "before": before, "after": after, "pairs": pair_stats,
+               "beta": cfg.beta}
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    cmd = "python -m gpt_minimind.train_dpo"
+    base = before["preference_accuracy"] if before else None
+    (out / "results.json").write_text(json.dumps([
+        make_record("gpt_minimind", cfg.run_name, "preference_accuracy", after["preference_accuracy"],
+                    "sft_model", base, wall, cmd),
+        make_record("gpt_minimind", cfg.run_name, "reward_accuracy", after["reward_accuracy"], "chance", 0.5,
+                    wall, cmd)], indent=2) + "\n")
+    logger.write(f"done: {step} steps in {wall:.0f} s | held-out preference accuracy "
+                 f"{after['preference_accuracy']:.1%} (SFT model {base if base is None else f'{base:.1%}'}), "
+                 f"reward accuracy {after['reward_accuracy']:.1%}, margin {after['reward_margin']:.3f} | {final_dir}")
+    logger.close()
+    return {"losses": losses, "summary": summary, "final_dir": final_dir}
+
+
+if __name__ == "__main__":
+    main(parse_config(DPOConfig))
