@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: setup data demo demo-translate test lint results bench clean
+.PHONY: setup data demo demo-finetune demo-translate test lint results bench clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,16 @@ demo: data
 	$(PY) -m gpt_minimind.train_pretrain
 	$(PY) -m gpt_minimind.infer
 	$(PY) -m gpt_minimind.export_hf
+
+# the GPT chapter's part 2 after `make demo`: SFT, LoRA, QLoRA, DPO, GRPO, each scored by eval.py
+demo-finetune: data
+	$(PY) -m gpt_minimind.tasks
+	$(PY) -m gpt_minimind.train_sft
+	$(PY) -m gpt_minimind.train_lora
+	$(PY) -m gpt_minimind.train_lora --quantize-bits 4 --out-dir runs/gpt_minimind/qlora --run-name qlora_cpu
+	$(PY) -m gpt_minimind.train_dpo
+	$(PY) -m gpt_minimind.train_grpo
+	$(PY) -m gpt_minimind.eval
 
 # the first chapter end to end: train, then translate the test split (greedy + beam, BLEU)
 demo-translate: data

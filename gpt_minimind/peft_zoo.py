@@ -51,9 +51,9 @@ class ZooConfig(SFTConfig):
 
     method: str = "all"  # one of METHODS, or all (each in a fresh process, so peak memory is its own)
     out_dir: str = "runs/gpt_minimind/peft_zoo"  # <method>/ runs, zoo.json, zoo.md
-    max_iters: int = 300  # the same budget for every method
-    eval_every: int = 300
-    save_every: int = 300
+    max_iters: int = 200  # the same budget for every method
+    eval_every: int = 200
+    save_every: int = 200
     n_virtual: int = 16  # virtual tokens of prompt / p-tuning / prefix
     adapter_dim: int = 32  # bottleneck width of the adapters
     lora_r: int = 16

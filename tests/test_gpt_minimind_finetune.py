@@ -410,3 +410,55 @@ def test_every_peft_method_trains_only_its_parameters(method):
     for n, p in wrapped.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
+
+
+# ---------------------------------------------------------------------------------------------------
+# GRPO
+# ---------------------------------------------------------------------------------------------------
+
+def test_grpo_rewards_and_group_advantages():
+    from gpt_minimind.train_grpo import group_advantages, reward
+
+    assert reward(" 12 ", "12", 0.1) == pytest.approx(1.1)
+    assert reward("13", "12", 0.1) == pytest.approx(0.1)
+    assert reward("十二", "12", 0.1) == 0.0
+    adv = group_advantages(torch.tensor([[1.1, 0.1, 0.1, 0.0], [0.1, 0.1, 0.1, 0.1]]))
+    torch.testing.assert_close(adv.mean(-1), torch.zeros(2), atol=1e-6, rtol=0)
+    assert adv[0, 0] > 0 > adv[0, 1] > adv[0, 3]
+    assert torch.equal(adv[1], torch.zeros(4))  # a group that scores alike teaches nothing
+
+
+def test_grpo_step_moves_probability_to_the_better_answer():
+    from gpt_minimind.train_grpo import collate, grpo_loss, token_logps
+
+    model, reference = tiny_model(), tiny_model()
+    prompt = [5, 6, 7]
+    answers = [[10, 11], [20, 21, 22]]  # the first is rewarded, the second is not
+    x, y = collate([prompt, prompt], answers, pad_id=0)
+    assert y[0].tolist() == [-100, -100, 10, 11, -100] and y[1].tolist() == [-100, -100, 20, 21, 22]
+    mask = y != -100
+    adv = torch.tensor([1.0, -1.0])
+    with torch.no_grad():
+        ref = token_logps(reference, x, y)
+    logp = token_logps(model, x, y)
+    loss, kl = grpo_loss(logp, logp.detach(), ref, adv, mask, beta=0.04, clip_eps=0.2)
+    assert kl.item() == pytest.approx(0.0, abs=1e-6)  # policy == reference
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.05).step()
+    with torch.no_grad():
+        after = token_logps(model, x, y)
+    seq = lambda t: (t * mask).sum(-1)  # noqa: E731
+    assert seq(after)[0] > seq(ref)[0] and seq(after)[1] < seq(ref)[1]
+
+
+def test_distillation_loss_terms():
+    from gpt_minimind.train_distill import distill_loss
+
+    torch.manual_seed(0)
+    s, t, y = torch.randn(2, 5, 11), torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
+    ce = F.cross_entropy(s.reshape(-1, 11), y.reshape(-1))
+    torch.testing.assert_close(distill_loss(s, t, y, 0.0, 2.0)[0], ce)
+    torch.testing.assert_close(distill_loss(s, s, y, 0.5, 2.0)[0], 0.5 * ce)  # a student equal to its teacher
+    pt, ps = (t / 2).softmax(-1), (s / 2).log_softmax(-1)
+    kl = (pt * (pt.log() - ps)).sum(-1).mean() * 4  # KL(teacher || student) per position, times T^2
+    torch.testing.assert_close(distill_loss(s, t, y, 1.0, 2.0)[0], kl)

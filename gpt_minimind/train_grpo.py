@@ -1,0 +1,234 @@
+"""Reinforcement learning with a verifiable reward: GRPO (Shao et al. 2024, "DeepSeekMath", sec. 4.1) on
+the arithmetic questions, whose answers a rule can check.
+
+    python -m gpt_minimind.train_grpo                      # from runs/gpt_minimind/sft/final
+    python -m gpt_minimind.eval --stage sft=runs/gpt_minimind/sft/final grpo=runs/gpt_minimind/grpo/final
+
+For each question q the policy samples a group of G answers o_1..o_G; a rule scores each one
+(1 if the number is right, plus 0.1 if the answer is a bare integer: the format reward). GRPO needs no
+value network: an answer's advantage is its reward standardised within its own group,
+
+    A_i = (r_i - mean(r)) / (std(r) + eps),
+
+so answers better than their siblings are pushed up and worse ones down. The per-token objective is
+PPO's clipped ratio (ratio = pi / pi_old; with one update per batch, as here, it is 1 with the right
+gradient) minus beta times a KL penalty to the frozen SFT model, estimated per token as
+exp(ref - logp) - (ref - logp) - 1 (Schulman's k3, always >= 0).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.checkpoint import load_checkpoint, resume_point, save_checkpoint, save_pretrained
+from common.config import parse_config
+from common.log import RunLogger
+from common.results import make_record
+from common.runtime import pick_device, seed_everything, set_threads
+from common.schedule import clip_grad, make_scheduler
+
+from .eval import answer, exact_match
+from .infer import load_model
+from .model import MiniMindForCausalLM
+from .tasks import Example, arithmetic_tasks
+from .train_sft import copy_tokenizer
+
+
+@dataclass
+class GRPOConfig:
+    """Raise held-out arithmetic accuracy with group-relative policy optimisation and rule rewards."""
+
+    init_from: str = "runs/gpt_minimind/sft/final"  # the policy's start and the frozen KL reference
+    out_dir: str = "runs/gpt_minimind/grpo"  # checkpoints, metrics.jsonl, loss.png, final/
+    questions_per_step: int = 8  # prompts per optimizer step
+    group_size: int = 8  # G answers sampled per prompt
+    temperature: float = 1.0  # sampling temperature of the groups
+    max_new_tokens: int = 8  # answers are short numbers
+    max_iters: int = 150  # optimizer steps
+    lr: float = 5e-5  # peak learning rate
+    warmup_iters: int = 10
+    beta: float = 0.04  # KL penalty weight (DeepSeekMath: 0.04)
+    clip_eps: float = 0.2  # PPO clip range
+    format_reward: float = 0.1  # bonus for a bare integer answer
+    grad_clip: float = 1.0
+    eval_questions: int = 200  # held-out arithmetic questions for the greedy accuracy
+    eval_every: int = 50
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 1234
+    threads: int = 0
+    device: str = "auto"
+    resume: bool = False
+    run_name: str = "grpo_cpu"
+
+
+_INTEGER = re.compile(r"^-?\d+$")
+
+
+def reward(prediction: str, reference: str, format_bonus: float) -> float:
+    """1 for the right number, + format_bonus when the answer is just an integer."""
+    text = prediction.strip()
+    return float(exact_match(text, reference)) + (format_bonus if _INTEGER.match(text) else 0.0)
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """(Q, G) rewards -> advantages standardised within each group (row); a group whose answers all
+    score the same teaches nothing (all zero)."""
+    return (rewards - rewards.mean(-1, keepdim=True)) / (rewards.std(-1, keepdim=True) + eps)
+
+
+def token_logps(model: MiniMindForCausalLM, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B, T) log p(y_t | x_<=t); zero where y is -100."""
+    logp = model(x)["logits"].float().log_softmax(-1)
+    return logp.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1) * (y != -100)
+
+
+def grpo_loss(logp: torch.Tensor, logp_old: torch.Tensor, logp_ref: torch.Tensor, advantages: torch.Tensor,
+              mask: torch.Tensor, beta: float, clip_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token clipped policy-gradient objective with a k3 KL penalty, averaged over each answer's
+    tokens, then over answers. logp* (B, T); advantages (B,); mask (B, T) True on answer tokens."""
+    ratio = torch.exp(logp - logp_old)
+    A = advantages[:, None]
+    policy_term = torch.min(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A)
+    kl = torch.exp(logp_ref - logp) - (logp_ref - logp) - 1
+    per_token = -(policy_term - beta * kl)
+    per_answer = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    kl_mean = ((kl * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    return per_answer.mean(), kl_mean.detach()
+
+
+@torch.no_grad()
+def sample_group(model: MiniMindForCausalLM, tok, ex: Example, G: int, cfg: GRPOConfig, generator) -> tuple:
+    """G sampled answers to one question -> (prompt ids, list of answer token lists, answer texts)."""
+    ids = tok.apply_chat_template(ex.prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+    device = model.lm_head.weight.device
+    prompt = torch.tensor([ids] * G, device=device)
+    steps = list(model.generate(prompt, cfg.max_new_tokens, temperature=cfg.temperature,
+                                eos_token_id=tok.eos_token_id, generator=generator))
+    tokens = torch.stack(steps, 1).tolist() if steps else [[] for _ in range(G)]
+    answers = []
+    for row in tokens:  # keep up to and including the first end-of-turn token
+        cut = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
+        answers.append(row[:cut])
+    texts = [tok.decode([t for t in a if t != tok.eos_token_id], skip_special_tokens=True) for a in answers]
+    return ids, answers, texts
+
+
+def collate(prompts: list[list[int]], answers: list[list[int]], pad_id: int):
+    """Rows prompt + answer; labels only on the answer tokens (shifted: label t is token t + 1)."""
+    rows = [p + a for p, a in zip(prompts, answers)]
+    T = max(len(r) for r in rows) - 1
+    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), T), -100, dtype=torch.long)
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        r = p + a
+        x[i, :len(r) - 1] = torch.tensor(r[:-1])
+        y[i, len(p) - 1:len(r) - 1] = torch.tensor(a)
+    return x, y
+
+
+def arithmetic_accuracy(model, tok, examples: list[Example]) -> float:
+    model.eval()
+    return sum(exact_match(answer(model, tok, ex.prompt, 8), ex.answer) for ex in examples) / len(examples)
+
+
+def main(cfg: GRPOConfig) -> dict:
+    set_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    out = Path(cfg.out_dir)
+    ckpt_root = out / "checkpoints"
+    resume_from = resume_point(ckpt_root, cfg.resume)
+    policy, tok = load_model(cfg.init_from, device)
+    reference, _ = load_model(cfg.init_from, device)
+    reference.requires_grad_(False)
+    train_q = list(arithmetic_tasks("train"))
+    test_q = list(arithmetic_tasks("test"))[:cfg.eval_questions]
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    scheduler = make_scheduler(optimizer, "cosine", cfg.warmup_iters, cfg.max_iters, min_ratio=0.1)
+    start = 0
+    if resume_from is not None:
+        start = load_checkpoint(resume_from, policy, optimizer, scheduler)["step"]
+        print(f"resumed from {resume_from} at step {start}")
+    logger = RunLogger(out, cfg.max_iters, start, resume=resume_from is not None, log_every=cfg.log_every,
+                       device=device)
+    before = arithmetic_accuracy(policy, tok, test_q) if start == 0 else None
+    if before is not None:
+        logger.log({"step": 0, "valid_accuracy": before})
+        logger.write(f"step 0/{cfg.max_iters} | held-out arithmetic accuracy {before:.1%} (greedy)")
+    t_start, rewards_log = time.perf_counter(), []
+    for step in range(start, cfg.max_iters):
+        # the questions and samples of a step depend only on (seed, step): a resumed run sees the same ones
+        rng = random.Random(cfg.seed * 100_003 + step)
+        gen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + step)
+        batch = rng.sample(train_q, cfg.questions_per_step)
+        # 1) sample a group of answers per question and score them with the rule
+        policy.eval()
+        prompts, answers, rewards = [], [], []
+        for ex in batch:
+            ids, outs, texts = sample_group(policy, tok, ex, cfg.group_size, cfg, gen)
+            prompts += [ids] * len(outs)
+            answers += outs
+            rewards.append([reward(t, ex.answer, cfg.format_reward) for t in texts])
+        r = torch.tensor(rewards)  # (Q, G)
+        adv = group_advantages(r).flatten().to(device)
+        # 2) one policy-gradient step on all Q * G answers
+        x, y = collate(prompts, answers, pad_id)
+        x, y = x.to(device), y.to(device)
+        mask = y != -100
+        with torch.no_grad():
+            logp_ref = token_logps(reference, x, y)
+        policy.train()
+        logp = token_logps(policy, x, y)
+        loss, kl = grpo_loss(logp, logp.detach(), logp_ref, adv, mask, cfg.beta, cfg.clip_eps)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step}")
+        loss.backward()
+        clip_grad(policy.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        done = step + 1
+        correct = (r >= 1).float().mean().item()
+        rewards_log.append(r.mean().item())
+        logger.step(done, loss.item(), scheduler.get_last_lr()[0], int(mask.sum()), reward=r.mean().item(),
+                    sample_accuracy=correct, kl=kl.item())
+        if done % cfg.eval_every == 0 or done == cfg.max_iters:
+            acc = arithmetic_accuracy(policy, tok, test_q)
+            logger.log({"step": done, "valid_accuracy": acc})
+            logger.write(f"step {done}/{cfg.max_iters} | held-out arithmetic accuracy {acc:.1%} | "
+                         f"sampled answers right {correct:.0%} | KL {kl.item():.4f}")
+        if done % cfg.save_every == 0 or done == cfg.max_iters:
+            save_checkpoint(ckpt_root, done, policy, policy.config.to_dict(), optimizer, scheduler,
+                            keep=cfg.keep_checkpoints)
+    wall = time.perf_counter() - t_start
+    after = arithmetic_accuracy(policy, tok, test_q)
+    final_dir = out / "final"
+    save_pretrained(policy, policy.config.to_dict(), final_dir)
+    copy_tokenizer(cfg.init_from, final_dir)
+    summary = {"steps": cfg.max_iters, "train_wall_s": wall, "accuracy_before": before, "accuracy_after": after,
+               "mean_reward_first_10": sum(rewards_log[:10]) / max(len(rewards_log[:10]), 1),
+               "mean_reward_last_10": sum(rewards_log[-10:]) / max(len(rewards_log[-10:]), 1)}
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "results.json").write_text(json.dumps([make_record(
+        "gpt_minimind", cfg.run_name, "arithmetic_accuracy", after, "sft_model", before, wall,
+        "python -m gpt_minimind.train_grpo")], indent=2) + "\n")
+    logger.write(f"done: {cfg.max_iters} steps in {wall:.0f} s | held-out arithmetic accuracy "
+                 f"{before if before is None else f'{before:.1%}'} -> {after:.1%} | {final_dir}")
+    logger.close()
+    return {"summary": summary, "final_dir": final_dir}
+
+
+if __name__ == "__main__":
+    main(parse_config(GRPOConfig))
