@@ -86,12 +86,7 @@ def majority_baseline(train: list[Example], test: list[Example], task: str) -> f
 # ---------------------------------------------------------------------------------------------------
 
 def load_stage(path: str | Path, device) -> tuple[MiniMindForCausalLM, object]:
-    """A full model directory, or a LoRA adapter directory applied to its base model."""
-    path = Path(path)
-    if (path / "adapter_config.json").is_file():
-        from .lora import load_adapter
-
-        return load_adapter(path, device)
+    """A full model directory, or a LoRA adapter directory applied to its base model (infer.load_model)."""
     return load_model(path, device)
 
 

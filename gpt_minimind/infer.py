@@ -28,7 +28,7 @@ from .model import MiniMindConfig, MiniMindForCausalLM
 class InferConfig:
     """Generate from a trained checkpoint."""
 
-    ckpt: str = "runs/gpt_minimind/pretrain/final"  # model.safetensors + config.json + tokenizer/
+    ckpt: str = "runs/gpt_minimind/pretrain/final"  # a model directory (+ tokenizer/) or a LoRA adapter directory
     prompt: list[str] = field(default_factory=lambda: ["中国的首都是", "今天天气很好，"])  # one generation each
     max_new_tokens: int = 80  # tokens to add after the prompt
     temperature: float = 0.8  # 0 = greedy; higher = more random
@@ -44,9 +44,15 @@ class InferConfig:
 
 
 def load_model(ckpt: str | Path, device) -> tuple[MiniMindForCausalLM, object]:
+    """A model directory (config.json, model.safetensors, tokenizer/), or a LoRA adapter directory
+    (adapter_config.json: its base model is loaded and the adapter applied)."""
     from transformers import AutoTokenizer
 
     ckpt = Path(ckpt)
+    if (ckpt / "adapter_config.json").is_file():
+        from .lora import load_adapter
+
+        return load_adapter(ckpt, device)
     model = load_pretrained(MiniMindForCausalLM(MiniMindConfig(**read_config(ckpt))), ckpt).to(device).eval()
     tok_dir = ckpt / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
