@@ -31,7 +31,8 @@ from .tasks import CHRF_TASKS, EXACT_TASKS, Example, build_examples
 
 DEFAULT_STAGES = ["pretrain=runs/gpt_minimind/pretrain/final", "sft=runs/gpt_minimind/sft/final",
                   "lora=runs/gpt_minimind/lora/final", "qlora=runs/gpt_minimind/qlora/final",
-                  "dpo=runs/gpt_minimind/dpo/final", "grpo=runs/gpt_minimind/grpo/final"]
+                  "dpo=runs/gpt_minimind/dpo/final", "sft_arith=runs/gpt_minimind/sft_arith/final",
+                  "grpo=runs/gpt_minimind/grpo/final"]
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """Reinforcement learning with a verifiable reward: GRPO (Shao et al. 2024, "DeepSeekMath", sec. 4.1) on
 the arithmetic questions, whose answers a rule can check.
 
-    python -m gpt_minimind.train_grpo                      # from runs/gpt_minimind/sft/final
+    python -m gpt_minimind.train_sft --init-from runs/gpt_minimind/sft/final --only-tasks arithmetic \
+        --max-iters 400 --out-dir runs/gpt_minimind/sft_arith --run-name sft_arith_cpu   # a policy that is sometimes right
+    python -m gpt_minimind.train_grpo                      # from runs/gpt_minimind/sft_arith/final
     python -m gpt_minimind.eval --stage sft=runs/gpt_minimind/sft/final grpo=runs/gpt_minimind/grpo/final
 
 For each question q the policy samples a group of G answers o_1..o_G; a rule scores each one
@@ -46,7 +48,7 @@ from .train_sft import copy_tokenizer
 class GRPOConfig:
     """Raise held-out arithmetic accuracy with group-relative policy optimisation and rule rewards."""
 
-    init_from: str = "runs/gpt_minimind/sft/final"  # the policy's start and the frozen KL reference
+    init_from: str = "runs/gpt_minimind/sft_arith/final"  # the policy's start and the frozen KL reference
     out_dir: str = "runs/gpt_minimind/grpo"  # checkpoints, metrics.jsonl, loss.png, final/
     questions_per_step: int = 8  # prompts per optimizer step
     group_size: int = 8  # G answers sampled per prompt

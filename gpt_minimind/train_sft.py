@@ -44,6 +44,7 @@ class SFTConfig:
     init_from: str = "runs/gpt_minimind/pretrain/final"  # the pretrained model (and its tokenizer/)
     data_file: str = ""  # minimind SFT JSONL ({"conversations": [...]}); empty = the tasks of tasks.py
     mix: list[str] = field(default_factory=list)  # TASK=N overrides of tasks.DEFAULT_MIX (N=-1: all, 0: none)
+    only_tasks: list[str] = field(default_factory=list)  # train and validate on these tasks only (empty: all)
     out_dir: str = "runs/gpt_minimind/sft"  # checkpoints, metrics.jsonl, loss.png, final/
     batch_size: int = 16  # conversations per step
     max_iters: int = 800  # optimizer steps (~1.1 epochs of the default mix; ~6 minutes on 2 cores)
@@ -152,8 +153,15 @@ def load_conversations(cfg: SFTConfig) -> tuple[list[Example], list[Example]]:
         examples = read_conversations(cfg.data_file)
         n_valid = max(1, len(examples) // 50)
         return examples[n_valid:], examples[:n_valid]
-    train = build_examples("train", parse_mix(cfg.mix), cfg.seed)
-    valid = build_examples("test", {t: -1 for t in TASKS}, cfg.seed)[:cfg.eval_examples]
+    unknown = sorted(set(cfg.only_tasks) - set(TASKS))
+    if unknown:
+        raise ValueError(f"--only-tasks {unknown}: not tasks of tasks.py ({', '.join(TASKS)})")
+    mix = parse_mix(cfg.mix)
+    if cfg.only_tasks:
+        mix = {t: (-1 if t in cfg.only_tasks and n == 0 else n) if t in cfg.only_tasks else 0 for t, n in mix.items()}
+    train = build_examples("train", mix, cfg.seed)
+    valid = build_examples("test", {t: -1 if not cfg.only_tasks or t in cfg.only_tasks else 0 for t in TASKS},
+                           cfg.seed)[:cfg.eval_examples]
     return train, valid
 
 
