@@ -33,7 +33,7 @@ demo-finetune: data
 	$(PY) -m gpt_minimind.train_lora --quantize-bits 4 --out-dir runs/gpt_minimind/qlora --run-name qlora_cpu
 	$(PY) -m gpt_minimind.train_dpo
 	$(PY) -m gpt_minimind.train_sft --init-from runs/gpt_minimind/sft/final --only-tasks arithmetic \
-		--max-iters 400 --out-dir runs/gpt_minimind/sft_arith --run-name sft_arith_cpu
+		--max-iters 1500 --out-dir runs/gpt_minimind/sft_arith --run-name sft_arith_cpu
 	$(PY) -m gpt_minimind.train_grpo
 	$(PY) -m gpt_minimind.eval
 

@@ -2,7 +2,7 @@
 the arithmetic questions, whose answers a rule can check.
 
     python -m gpt_minimind.train_sft --init-from runs/gpt_minimind/sft/final --only-tasks arithmetic \
-        --max-iters 400 --out-dir runs/gpt_minimind/sft_arith --run-name sft_arith_cpu   # a policy that is sometimes right
+        --max-iters 1500 --out-dir runs/gpt_minimind/sft_arith --run-name sft_arith_cpu   # a policy right half the time
     python -m gpt_minimind.train_grpo                      # from runs/gpt_minimind/sft_arith/final
     python -m gpt_minimind.eval --stage sft=runs/gpt_minimind/sft/final grpo=runs/gpt_minimind/grpo/final
 
@@ -50,12 +50,12 @@ class GRPOConfig:
 
     init_from: str = "runs/gpt_minimind/sft_arith/final"  # the policy's start and the frozen KL reference
     out_dir: str = "runs/gpt_minimind/grpo"  # checkpoints, metrics.jsonl, loss.png, final/
-    questions_per_step: int = 8  # prompts per optimizer step
+    questions_per_step: int = 16  # prompts per optimizer step
     group_size: int = 8  # G answers sampled per prompt
     temperature: float = 1.0  # sampling temperature of the groups
     max_new_tokens: int = 8  # answers are short numbers
     max_iters: int = 150  # optimizer steps
-    lr: float = 5e-5  # peak learning rate
+    lr: float = 2e-5  # peak learning rate (1e-4 drifted: held-out accuracy 49.5% -> 40.3%)
     warmup_iters: int = 10
     beta: float = 0.04  # KL penalty weight (DeepSeekMath: 0.04)
     clip_eps: float = 0.2  # PPO clip range
