@@ -291,8 +291,10 @@ def main(cfg: ZooConfig) -> dict:
     wall = time.perf_counter() - t0
     note = (f"Measured by `python -m gpt_minimind.peft_zoo --write-readme` on {time.strftime('%Y-%m-%d')} "
             f"({wall / 60:.0f} minutes for all eight): {cfg.max_iters} steps of {cfg.batch_size} conversations each "
-            f"from the pretrained cpu model, {torch.get_num_threads()} threads, accuracy on {cfg.eval_per_task} "
-            "held-out questions per task (greedy).")
+            f"from the pretrained cpu model, {cfg.threads or 'torch default'} thread(s) per run, accuracy on "
+            f"{cfg.eval_per_task} held-out questions per task (greedy). 'grads + Adam' is the trainable "
+            "parameters' fp32 gradient and two Adam moments (12 bytes each); peak RSS is the whole process "
+            "(torch, data, activations), where the methods differ little at this size.")
     print(table)
     out = Path(cfg.out_dir)
     (out / "zoo.json").write_text(json.dumps({"rows": rows, "wall_s": wall}, indent=2) + "\n")

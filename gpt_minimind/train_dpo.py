@@ -59,6 +59,7 @@ class DPOConfig:
     own_samples: int = 1000  # of those, questions answered by the SFT model itself (its wrong answers kept)
     eval_pairs: int = 400  # held-out pairs (test questions) for reward accuracy / margin
     beta: float = 0.1  # paper: 0.1; larger keeps the policy closer to the reference
+    sft_weight: float = 0.0  # + this x the chosen answers' mean token NLL (RPO, Pang et al. 2024; trl's rpo_alpha)
     batch_size: int = 16  # pairs per step (32 sequences)
     max_iters: int = 250  # optimizer steps (one pass over the 4,000 pairs)
     lr: float = 1e-4  # peak learning rate (DPO wants small steps; 5e-7 at 7B scale, larger for tiny models)
@@ -268,6 +269,8 @@ def main(cfg: DPOConfig) -> dict:
             lp = sequence_logps(policy, x.to(device), y.to(device))
             loss, cr, rr = dpo_loss(lp[:len(idx)], lp[len(idx):], ref_train[0][idx].to(device),
                                     ref_train[1][idx].to(device), cfg.beta)
+            if cfg.sft_weight > 0:  # keep the chosen answers likely, not only likelier than the rejected
+                loss = loss - cfg.sft_weight * lp[:len(idx)].sum() / (y[:len(idx)] != -100).sum()
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower --lr")
             loss.backward()

@@ -90,6 +90,9 @@ def test_bad_inputs_are_named(tmp_path):
     with pytest.raises(ValueError, match="expected TASK=N"):
         parse_mix(["arithmetc=5"])
     assert parse_mix(["arithmetic=0"])["arithmetic"] == 0
+    from gpt_minimind.train_sft import load_conversations
+    with pytest.raises(ValueError, match="--only-tasks .*arithmetc"):
+        load_conversations(apply_overrides(SFTConfig(), {"only_tasks": ["arithmetc"]}))
 
 
 def test_answers_are_compared_without_case_or_final_stop():
