@@ -184,7 +184,7 @@ def main(cfg: EvalConfig) -> dict:
     for name in stages:
         for metric, value in rows[name].items():
             base = rows["majority answer"].get(metric)
-            records.append(make_record("gpt_minimind", f"{name}_cpu", metric, value,
+            records.append(make_record("gpt_minimind", f"eval_{name}_cpu", metric, value,
                                        "majority_answer" if base is not None else "none", base, walls[name], command))
     (out_dir / "results.json").write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n")
     result = {"scores": rows, "table": table, "wall_s": time.perf_counter() - t0, "per_task": cfg.per_task}

@@ -59,7 +59,7 @@ class DPOConfig:
     own_samples: int = 1000  # of those, questions answered by the SFT model itself (its wrong answers kept)
     eval_pairs: int = 400  # held-out pairs (test questions) for reward accuracy / margin
     beta: float = 0.1  # paper: 0.1; larger keeps the policy closer to the reference
-    sft_weight: float = 0.0  # + this x the chosen answers' mean token NLL (RPO, Pang et al. 2024; trl's rpo_alpha)
+    sft_weight: float = 1.0  # + this x the chosen answers' mean token NLL (RPO, Pang et al. 2024; trl's rpo_alpha)
     batch_size: int = 16  # pairs per step (32 sequences)
     max_iters: int = 250  # optimizer steps (one pass over the 4,000 pairs)
     lr: float = 1e-4  # peak learning rate (DPO wants small steps; 5e-7 at 7B scale, larger for tiny models)
