@@ -208,6 +208,14 @@ def reward_stats(policy, ref_logps, data: PairData, beta: float) -> dict:
             "chosen_logp": pc.mean().item(), "rejected_logp": pr.mean().item()}
 
 
+def policy_and_reference(init_from: str | Path, device) -> tuple[MiniMindForCausalLM, MiniMindForCausalLM, object]:
+    """The model to train and a frozen copy of its starting point (the reference of DPO and GRPO)."""
+    policy, tok = load_model(init_from, device)
+    reference, _ = load_model(init_from, device)
+    reference.requires_grad_(False)  # never trained, only read
+    return policy, reference, tok
+
+
 def main(cfg: DPOConfig) -> dict:
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
@@ -215,9 +223,7 @@ def main(cfg: DPOConfig) -> dict:
     out = Path(cfg.out_dir)
     ckpt_root = out / "checkpoints"
     resume_from = resume_point(ckpt_root, cfg.resume)
-    policy, tok = load_model(cfg.init_from, device)
-    reference, _ = load_model(cfg.init_from, device)  # frozen: never trained, only read
-    reference.requires_grad_(False)
+    policy, reference, tok = policy_and_reference(cfg.init_from, device)
     max_len = policy.config.max_position_embeddings
 
     # 1) pairs (cached in out_dir so that --resume trains on the very same ones)

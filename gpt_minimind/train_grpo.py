@@ -38,9 +38,9 @@ from common.runtime import pick_device, seed_everything, set_threads
 from common.schedule import clip_grad, make_scheduler
 
 from .eval import answer, exact_match
-from .infer import load_model
 from .model import MiniMindForCausalLM
 from .tasks import Example, arithmetic_tasks
+from .train_dpo import policy_and_reference
 from .train_sft import copy_tokenizer
 
 
@@ -150,9 +150,7 @@ def main(cfg: GRPOConfig) -> dict:
     out = Path(cfg.out_dir)
     ckpt_root = out / "checkpoints"
     resume_from = resume_point(ckpt_root, cfg.resume)
-    policy, tok = load_model(cfg.init_from, device)
-    reference, _ = load_model(cfg.init_from, device)
-    reference.requires_grad_(False)
+    policy, reference, tok = policy_and_reference(cfg.init_from, device)
     train_q = list(arithmetic_tasks("train"))
     test_q = list(arithmetic_tasks("test"))[:cfg.eval_questions]
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0

@@ -465,3 +465,24 @@ def test_distillation_loss_terms():
     pt, ps = (t / 2).softmax(-1), (s / 2).log_softmax(-1)
     kl = (pt * (pt.log() - ps)).sum(-1).mean() * 4  # KL(teacher || student) per position, times T^2
     torch.testing.assert_close(distill_loss(s, t, y, 1.0, 2.0)[0], kl)
+
+
+def test_dpo_run_on_a_pairs_file_raises_preference(base_dir, tmp_path):
+    from gpt_minimind.train_dpo import DPOConfig
+    from gpt_minimind.train_dpo import main as dpo_main
+
+    rows = []
+    for a in range(10):
+        for b in range(4):
+            prompt = [{"role": "user", "content": f"计算：{a}+{b}="}]
+            rows.append({"chosen": prompt + [{"role": "assistant", "content": str(a + b)}],
+                         "rejected": prompt + [{"role": "assistant", "content": "谢谢"}]})
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    cfg = apply_overrides(DPOConfig(), dict(init_from=str(base_dir["base"]), data_file=str(pairs),
+                                            out_dir=str(tmp_path / "dpo"), batch_size=8, max_iters=12, lr=3e-3,
+                                            warmup_iters=2, eval_every=12, save_every=6, log_every=4, threads=1))
+    s = dpo_main(cfg)["summary"]
+    assert s["after"]["reward_accuracy"] > 0.5 and s["after"]["reward_margin"] > 0
+    assert s["after"]["preference_accuracy"] >= s["before"]["preference_accuracy"]
+    assert (tmp_path / "dpo" / "final" / "tokenizer" / "tokenizer.json").is_file()
