@@ -65,7 +65,10 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The full state dict on CPU, tied duplicates dropped (works for plain, DDP and FSDP2 models;
     under FSDP it is a collective, so call it on every rank)."""
     model = unwrap(model)
-    state = get_model_state_dict(model, options=_FULL)
+    if any(type(p).__name__ == "DTensor" for p in model.parameters()):  # FSDP2: gather the shards
+        state = get_model_state_dict(model, options=_FULL)
+    else:  # plain or DDP: the module's own state dict, which also keeps what quantized layers add to it
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     for name in _tied_names(model):
         state.pop(name, None)
     return {k: v.contiguous() for k, v in state.items()}
