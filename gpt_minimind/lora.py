@@ -84,12 +84,20 @@ def quantize_linear(linear: nn.Linear, bits: int) -> nn.Module:
         q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False, quant_type="nf4",
                               compute_dtype=torch.float32)
         q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
+        # checkpoints keep the packed weight only: the quantization constants (absmax, code book) are
+        # rebuilt identically when the base is quantized again on load, and cannot be loaded in place
+        q._register_state_dict_hook(_drop_nf4_constants)
     elif bits == 8:
         q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=False, has_fp16_weights=False)
         q.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
     else:
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     return q.to(linear.weight.device)  # moving to the device is what quantizes
+
+
+def _drop_nf4_constants(module: nn.Module, state: dict, prefix: str, _metadata) -> None:
+    for key in [k for k in state if k.startswith(prefix + "weight.")]:
+        del state[key]
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -486,3 +486,18 @@ def test_dpo_run_on_a_pairs_file_raises_preference(base_dir, tmp_path):
     assert s["after"]["reward_accuracy"] > 0.5 and s["after"]["reward_margin"] > 0
     assert s["after"]["preference_accuracy"] >= s["before"]["preference_accuracy"]
     assert (tmp_path / "dpo" / "final" / "tokenizer" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_lora_checkpoint_round_trip(bits, tmp_path):
+    from common.checkpoint import load_checkpoint, save_checkpoint
+
+    model = tiny_model(hidden_size=64, intermediate_size=128)
+    inject_lora(model, r=4, alpha=8, quantize_bits=bits)
+    randomize_lora(model)
+    x = torch.randint(0, 97, (2, 12))
+    save_checkpoint(tmp_path, 1, model, model.config.to_dict())
+    again = tiny_model(hidden_size=64, intermediate_size=128)
+    inject_lora(again, r=4, alpha=8, quantize_bits=bits)  # fresh A, B = 0
+    load_checkpoint(tmp_path / "step_000001", again, restore_rng=False)
+    torch.testing.assert_close(again(x)["logits"], model(x)["logits"])
