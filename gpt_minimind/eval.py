@@ -86,11 +86,6 @@ def majority_baseline(train: list[Example], test: list[Example], task: str) -> f
 # Model side
 # ---------------------------------------------------------------------------------------------------
 
-def load_stage(path: str | Path, device) -> tuple[MiniMindForCausalLM, object]:
-    """A full model directory, or a LoRA adapter directory applied to its base model (infer.load_model)."""
-    return load_model(path, device)
-
-
 @torch.no_grad()
 def answer(model: MiniMindForCausalLM, tok, messages: list[dict], max_new_tokens: int) -> str:
     """Greedy reply to a conversation, decoded up to the end-of-turn token."""
@@ -170,7 +165,7 @@ def main(cfg: EvalConfig) -> dict:
     walls = {}
     for name, path in stages.items():
         ts = time.perf_counter()
-        model, tok = load_stage(path, device)
+        model, tok = load_model(path, device)  # a model directory or a LoRA adapter directory
         rows[name], answers = evaluate_stage(model, tok, tests, valid_docs, cfg)
         walls[name] = time.perf_counter() - ts
         with open(out_dir / f"answers_{name}.jsonl", "w", encoding="utf-8") as f:

@@ -31,19 +31,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common.checkpoint import load_checkpoint, resume_point, save_checkpoint, save_pretrained
+from common.checkpoint import resume_point, save_checkpoint, save_pretrained
 from common.config import parse_config
 from common.data import iter_jsonl
-from common.log import RunLogger
 from common.results import make_record
 from common.runtime import pick_device, seed_everything, set_threads
-from common.schedule import clip_grad, make_scheduler
+from common.schedule import clip_grad
 
 from .eval import exact_match
 from .infer import load_model
 from .model import MiniMindForCausalLM
 from .tasks import EXACT_TASKS, NEWS_LABELS, Example, build_examples
-from .train_sft import copy_tokenizer, encode_chat
+from .train_sft import copy_tokenizer, encode_chat, resume_or_start
 
 Pair = tuple[list[dict], str, str]  # (prompt turns, chosen answer, rejected answer)
 
@@ -249,13 +248,7 @@ def main(cfg: DPOConfig) -> dict:
 
     # 2) optimise
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    scheduler = make_scheduler(optimizer, "cosine", cfg.warmup_iters, cfg.max_iters, min_ratio=0.1)
-    start = 0
-    if resume_from is not None:
-        start = load_checkpoint(resume_from, policy, optimizer, scheduler)["step"]
-        print(f"resumed from {resume_from} at step {start}")
-    logger = RunLogger(out, cfg.max_iters, start, resume=resume_from is not None, log_every=cfg.log_every,
-                       device=device)
+    scheduler, start, logger = resume_or_start(policy, optimizer, cfg, out, resume_from, device)
     before = reward_stats(policy, ref_valid, valid, cfg.beta) if start == 0 else None
     if before:
         logger.log({"step": 0, **{f"valid_{k}": v for k, v in before.items()}})

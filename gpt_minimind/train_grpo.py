@@ -30,18 +30,17 @@ from pathlib import Path
 
 import torch
 
-from common.checkpoint import load_checkpoint, resume_point, save_checkpoint, save_pretrained
+from common.checkpoint import resume_point, save_checkpoint, save_pretrained
 from common.config import parse_config
-from common.log import RunLogger
 from common.results import make_record
 from common.runtime import pick_device, seed_everything, set_threads
-from common.schedule import clip_grad, make_scheduler
+from common.schedule import clip_grad
 
 from .eval import answer, exact_match
 from .model import MiniMindForCausalLM
 from .tasks import Example, arithmetic_tasks
 from .train_dpo import policy_and_reference
-from .train_sft import copy_tokenizer
+from .train_sft import copy_tokenizer, resume_or_start
 
 
 @dataclass
@@ -156,13 +155,7 @@ def main(cfg: GRPOConfig) -> dict:
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    scheduler = make_scheduler(optimizer, "cosine", cfg.warmup_iters, cfg.max_iters, min_ratio=0.1)
-    start = 0
-    if resume_from is not None:
-        start = load_checkpoint(resume_from, policy, optimizer, scheduler)["step"]
-        print(f"resumed from {resume_from} at step {start}")
-    logger = RunLogger(out, cfg.max_iters, start, resume=resume_from is not None, log_every=cfg.log_every,
-                       device=device)
+    scheduler, start, logger = resume_or_start(policy, optimizer, cfg, out, resume_from, device)
     before = arithmetic_accuracy(policy, tok, test_q) if start == 0 else None
     if before is not None:
         logger.log({"step": 0, "valid_accuracy": before})

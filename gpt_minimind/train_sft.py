@@ -169,6 +169,20 @@ def load_conversations(cfg: SFTConfig) -> tuple[list[Example], list[Example]]:
 # The loop (shared with train_lora.py)
 # ---------------------------------------------------------------------------------------------------
 
+def resume_or_start(model, optimizer, cfg, out: Path, resume_from: Path | None, device,
+                    min_lr_ratio: float = 0.1) -> tuple[object, int, RunLogger]:
+    """Warmup + cosine schedule, the step to start from (restored with the model, optimizer and schedule
+    when resuming) and the run's logger: the same for SFT, LoRA, DPO and GRPO."""
+    scheduler = make_scheduler(optimizer, "cosine", cfg.warmup_iters, cfg.max_iters, min_ratio=min_lr_ratio)
+    start = 0
+    if resume_from is not None:
+        start = load_checkpoint(resume_from, model, optimizer, scheduler)["step"]
+        print(f"resumed from {resume_from} at step {start}")
+    logger = RunLogger(out, cfg.max_iters, start, resume=resume_from is not None, log_every=cfg.log_every,
+                       device=device)
+    return scheduler, start, logger
+
+
 def finetune(model: MiniMindForCausalLM, tok, cfg, params: list[torch.nn.Parameter], device,
              save_final: Callable[[Path], None]) -> dict:
     """Train ``params`` of ``model`` on cfg's conversations; checkpoints, --resume, metrics.jsonl, loss.png.
@@ -197,13 +211,7 @@ def finetune(model: MiniMindForCausalLM, tok, cfg, params: list[torch.nn.Paramet
     no_decay = [p for p in params if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    scheduler = make_scheduler(optimizer, "cosine", cfg.warmup_iters, cfg.max_iters, min_ratio=cfg.min_lr_ratio)
-    start = 0
-    if resume_from is not None:
-        start = load_checkpoint(resume_from, model, optimizer, scheduler)["step"]
-        print(f"resumed from {resume_from} at step {start}")
-    logger = RunLogger(out, cfg.max_iters, start, resume=resume_from is not None, log_every=cfg.log_every,
-                       device=device)
+    scheduler, start, logger = resume_or_start(model, optimizer, cfg, out, resume_from, device, cfg.min_lr_ratio)
     if start == 0:
         vl = evaluate(model, valid, cfg.batch_size, device, dtype)
         logger.log({"step": 0, "valid_loss": vl})

@@ -268,8 +268,8 @@ def test_lora_run_saves_an_adapter_that_reloads(base_dir, tmp_path):
     s = res["summary"]
     assert s["valid_loss"] < 0.8 * s["initial_valid_loss"]
     assert s["trainable_params"] < 0.5 * s["total_params"]
-    model, tok = gpt_eval.load_stage(tmp_path / "lora" / "final", "cpu")
-    merged, _ = gpt_eval.load_stage(tmp_path / "lora" / "merged", "cpu")
+    model, tok = load_model(tmp_path / "lora" / "final", "cpu")
+    merged, _ = load_model(tmp_path / "lora" / "merged", "cpu")
     x = torch.randint(0, len(tok), (2, 10))
     torch.testing.assert_close(model(x)["logits"], merged(x)["logits"], atol=1e-3, rtol=1e-4)  # logits ~ 30
 
