@@ -55,6 +55,7 @@ class ZooConfig(SFTConfig):
     eval_every: int = 200
     save_every: int = 200
     n_virtual: int = 16  # virtual tokens of prompt / p-tuning / prefix
+    encoder_hidden: int = 0  # P-tuning's prompt-encoder width (0: the model width, peft's default)
     adapter_dim: int = 32  # bottleneck width of the adapters
     lora_r: int = 16
     eval_per_task: int = 50  # held-out questions per checkable task for the accuracy column
@@ -73,30 +74,32 @@ LR = {"full": 5e-4, "embedding": 2e-3, "prompt": 3e-2, "p_tuning": 3e-3, "prefix
 # ---------------------------------------------------------------------------------------------------
 
 class VirtualTokens(nn.Module):
-    """Prompt tuning and P-tuning: P vectors placed before the input embeddings; logits of those
-    positions are dropped. With ``encoder`` (P-tuning) the vectors are an MLP of learned inputs, which
-    trains more stably than free vectors."""
+    """Prompt tuning and P-tuning: P vectors placed before the input embeddings; the logits of those
+    positions are dropped. P-tuning (``encoder_hidden`` > 0) makes the vectors an MLP of learned inputs,
+    the prompt encoder; its layout is peft's (C -> H -> H -> C with ReLUs), so the weights swap 1:1."""
 
-    def __init__(self, base: MiniMindForCausalLM, n_virtual: int, encoder: bool):
+    def __init__(self, base: MiniMindForCausalLM, n_virtual: int, encoder_hidden: int = 0):
         super().__init__()
         self.base, self.config, self.n = base, base.config, n_virtual
-        C = base.config.hidden_size
+        C, H = base.config.hidden_size, encoder_hidden
         with torch.no_grad():  # start from the embeddings of random real tokens (Lester et al., sec. 3)
             init = base.model.embed_tokens.weight[torch.randint(3, base.config.vocab_size, (n_virtual,))].clone()
         self.prompt = nn.Parameter(init)
-        self.encoder = nn.Sequential(nn.Linear(C, C), nn.GELU(), nn.Linear(C, C)) if encoder else None
-        if self.encoder is not None:  # the encoder starts as the identity on the initial vectors
-            nn.init.zeros_(self.encoder[2].weight)
-            nn.init.zeros_(self.encoder[2].bias)
+        self.encoder = None
+        if H:
+            self.encoder = nn.Sequential(nn.Linear(C, H), nn.ReLU(), nn.Linear(H, H), nn.ReLU(), nn.Linear(H, C))
 
     @property
     def lm_head(self):
         return self.base.lm_head
 
+    def virtual_embeddings(self) -> torch.Tensor:
+        """(P, C): what goes before the input."""
+        return self.prompt if self.encoder is None else self.encoder(self.prompt)
+
     def forward(self, input_ids: torch.Tensor, labels=None) -> dict:
         B = input_ids.shape[0]
-        prompt = self.prompt if self.encoder is None else self.prompt + self.encoder(self.prompt)
-        embeds = torch.cat([prompt.expand(B, -1, -1), self.base.model.embed_tokens(input_ids)], dim=1)
+        embeds = torch.cat([self.virtual_embeddings().expand(B, -1, -1), self.base.model.embed_tokens(input_ids)], 1)
         logits = self.base(None, inputs_embeds=embeds)["logits"][:, self.n:]
         return {"logits": logits}
 
@@ -151,7 +154,8 @@ def apply_method(model: MiniMindForCausalLM, method: str, cfg: ZooConfig) -> tup
         model.model.embed_tokens.weight.requires_grad_(True)
         return model, [model.model.embed_tokens.weight]
     if method in ("prompt", "p_tuning"):
-        wrapped = VirtualTokens(model, cfg.n_virtual, encoder=method == "p_tuning")
+        hidden = (cfg.encoder_hidden or model.config.hidden_size) if method == "p_tuning" else 0
+        wrapped = VirtualTokens(model, cfg.n_virtual, hidden)
         return wrapped, [p for n, p in wrapped.named_parameters() if not n.startswith("base.")]
     if method == "prefix":
         wrapped = Prefix(model, cfg.n_virtual)

@@ -385,6 +385,55 @@ def test_prefix_tuning_is_a_learned_kv_cache():
     assert params == [wrapped.prefix_k, wrapped.prefix_v]
 
 
+def peft_twin(model: MiniMindForCausalLM, peft_config):
+    """peft's prompt-learning wrapper around the transformers export of ``model`` (equal weights)."""
+    from peft import get_peft_model
+
+    hf = LlamaForCausalLM(hf_config(model.config)).eval()
+    hf.load_state_dict(to_hf_state_dict(model))
+    return get_peft_model(hf, peft_config).eval()
+
+
+@pytest.mark.parametrize("method", ["prompt", "p_tuning"])
+def test_prompt_and_p_tuning_equal_peft_with_equal_weights(method):
+    from peft import PromptEncoderConfig, PromptTuningConfig
+
+    from gpt_minimind.peft_zoo import apply_method
+
+    model = tiny_model()
+    wrapped, _ = apply_method(model, method, zoo_cfg(encoder_hidden=24))
+    if method == "prompt":
+        twin = peft_twin(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    else:
+        twin = peft_twin(model, PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3,
+                                                    encoder_hidden_size=24))
+    encoder = twin.prompt_encoder["default"]
+    with torch.no_grad():
+        encoder.embedding.weight.copy_(wrapped.prompt)
+        if method == "p_tuning":  # the same Sequential indices on both sides
+            encoder.mlp_head.load_state_dict(wrapped.encoder.state_dict())
+            assert not torch.allclose(wrapped.virtual_embeddings(), wrapped.prompt)  # the encoder does act
+    x = torch.randint(3, 97, (2, 7))
+    # peft returns logits for the virtual positions too; ours drops them
+    torch.testing.assert_close(wrapped(x)["logits"], twin(input_ids=x).logits[:, 3:], atol=1e-5, rtol=1e-5)
+
+
+def test_prefix_tuning_equals_peft_with_equal_weights():
+    from peft import PrefixTuningConfig
+
+    from gpt_minimind.peft_zoo import apply_method
+
+    model = tiny_model()
+    wrapped, _ = apply_method(model, "prefix", zoo_cfg())
+    twin = peft_twin(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    # peft keeps the prefix as one (P, layers * 2 * kv_heads * head_dim) table, [layer][key, value] inside
+    table = torch.stack([wrapped.prefix_k, wrapped.prefix_v], 1).permute(3, 0, 1, 2, 4).reshape(3, -1)
+    with torch.no_grad():
+        twin.prompt_encoder["default"].embedding.weight.copy_(table)
+    x = torch.randint(3, 97, (2, 7))
+    torch.testing.assert_close(wrapped(x)["logits"], twin(input_ids=x).logits, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("method", ["full", "embedding", "prompt", "p_tuning", "prefix", "bitfit", "adapter", "lora"])
 def test_every_peft_method_trains_only_its_parameters(method):
     from gpt_minimind.peft_zoo import LR, apply_method
@@ -393,9 +442,8 @@ def test_every_peft_method_trains_only_its_parameters(method):
     x = torch.randint(3, 97, (4, 12))
     before = model(x)["logits"].detach()
     wrapped, params = apply_method(model, method, zoo_cfg())
-    if method in ("bitfit", "adapter", "lora", "full", "embedding", "p_tuning"):  # these start at the base model
-        if method != "p_tuning":
-            torch.testing.assert_close(wrapped(x)["logits"], before)
+    if method in ("bitfit", "adapter", "lora", "full", "embedding"):  # these start at the base model
+        torch.testing.assert_close(wrapped(x)["logits"], before)
     trainable = {id(p) for p in params}
     assert all(p.requires_grad == (id(p) in trainable) for p in wrapped.parameters())
     frozen = {n: p.detach().clone() for n, p in wrapped.named_parameters() if id(p) not in trainable}
