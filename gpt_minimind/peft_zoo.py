@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from common.config import apply_overrides, parse_config
+from common.results import make_record
 from common.runtime import pick_device, seed_everything, set_threads
 
 from .eval import exact_match
@@ -226,6 +227,7 @@ def peak_rss_bytes() -> int:
 def run_one(cfg: ZooConfig) -> dict:
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
+    t0 = time.perf_counter()
     device = pick_device(cfg.device)
     base, tok = load_model(cfg.init_from, device)
     model, params = apply_method(base, cfg.method, cfg)
@@ -243,7 +245,7 @@ def run_one(cfg: ZooConfig) -> dict:
            "grad_and_adam_bytes": 12 * s["trainable_params"],  # fp32 gradient + Adam's two moments
            "peak_rss_bytes": peak_rss_bytes(), "step_s_median": s["step_s_median"], "lr": LR[cfg.method],
            "valid_loss_before": s["initial_valid_loss"], "valid_loss_after": s["valid_loss"],
-           "accuracy": acc, "steps": s["steps"]}
+           "accuracy": acc, "steps": s["steps"], "wall_s": time.perf_counter() - t0}
     (Path(run_cfg.out_dir) / "zoo_row.json").write_text(json.dumps(row, indent=2) + "\n")
     return row
 
@@ -303,9 +305,24 @@ def main(cfg: ZooConfig) -> dict:
     out = Path(cfg.out_dir)
     (out / "zoo.json").write_text(json.dumps({"rows": rows, "wall_s": wall}, indent=2) + "\n")
     (out / "zoo.md").write_text(note + "\n\n" + table + "\n")
+    (out / "results.json").write_text(json.dumps(records(rows), indent=2) + "\n")
     if cfg.write_readme:
         write_readme(table, note)
     return {"rows": rows, "table": table}
+
+
+def records(rows: list[dict]) -> list[dict]:
+    """doc/results.json lines: each method's held-out loss (against the model before fine-tuning) and mean
+    task accuracy (against full fine-tuning at the same budget)."""
+    full = next((r for r in rows if r["method"] == "full"), None)
+    out = []
+    for r in rows:
+        run, cmd = f"peft_zoo_{r['method']}_cpu", f"python -m gpt_minimind.peft_zoo --method {r['method']}"
+        out.append(make_record("gpt_minimind", run, "valid_loss", r["valid_loss_after"], "before_finetune",
+                               r["valid_loss_before"], r["wall_s"], cmd))
+        out.append(make_record("gpt_minimind", run, "accuracy", r["accuracy"]["mean"], "full_finetune",
+                               full["accuracy"]["mean"] if full else None, r["wall_s"], cmd))
+    return out
 
 
 if __name__ == "__main__":

@@ -137,9 +137,26 @@ def collate(prompts: list[list[int]], answers: list[list[int]], pad_id: int):
     return x, y
 
 
-def arithmetic_accuracy(model, tok, examples: list[Example]) -> float:
+def arithmetic_correct(model, tok, examples: list[Example]) -> list[bool]:
+    """Greedy answer right or wrong, per held-out question."""
     model.eval()
-    return sum(exact_match(answer(model, tok, ex.prompt, 8), ex.answer) for ex in examples) / len(examples)
+    return [exact_match(answer(model, tok, ex.prompt, 8), ex.answer) for ex in examples]
+
+
+def arithmetic_accuracy(model, tok, examples: list[Example]) -> float:
+    right = arithmetic_correct(model, tok, examples)
+    return sum(right) / len(right)
+
+
+def mcnemar(before: list[bool], after: list[bool]) -> dict:
+    """Is 'after' better than 'before' on the same questions, or is the gap chance? Only the questions
+    that changed count: g gained, l lost; under 'no effect' each change is a fair coin, so the exact
+    two-sided p-value is P(Binomial(g + l, 1/2) as far from even as observed)."""
+    g = sum(a and not b for b, a in zip(before, after))
+    lost = sum(b and not a for b, a in zip(before, after))
+    n, k = g + lost, min(g, lost)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+    return {"gained": g, "lost": lost, "p_value": p}
 
 
 def main(cfg: GRPOConfig) -> dict:
@@ -156,7 +173,8 @@ def main(cfg: GRPOConfig) -> dict:
 
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     scheduler, start, logger = resume_or_start(policy, optimizer, cfg, out, resume_from, device)
-    before = arithmetic_accuracy(policy, tok, test_q) if start == 0 else None
+    right_before = arithmetic_correct(policy, tok, test_q) if start == 0 else None
+    before = sum(right_before) / len(test_q) if right_before else None
     if before is not None:
         logger.log({"step": 0, "valid_accuracy": before})
         logger.write(f"step 0/{cfg.max_iters} | held-out arithmetic accuracy {before:.1%} (greedy)")
@@ -206,19 +224,24 @@ def main(cfg: GRPOConfig) -> dict:
             save_checkpoint(ckpt_root, done, policy, policy.config.to_dict(), optimizer, scheduler,
                             keep=cfg.keep_checkpoints)
     wall = time.perf_counter() - t_start
-    after = arithmetic_accuracy(policy, tok, test_q)
+    right_after = arithmetic_correct(policy, tok, test_q)
+    after = sum(right_after) / len(test_q)
+    paired = mcnemar(right_before, right_after) if right_before else None
     final_dir = out / "final"
     save_pretrained(policy, policy.config.to_dict(), final_dir)
     copy_tokenizer(cfg.init_from, final_dir)
     summary = {"steps": cfg.max_iters, "train_wall_s": wall, "accuracy_before": before, "accuracy_after": after,
                "mean_reward_first_10": sum(rewards_log[:10]) / max(len(rewards_log[:10]), 1),
-               "mean_reward_last_10": sum(rewards_log[-10:]) / max(len(rewards_log[-10:]), 1)}
+               "mean_reward_last_10": sum(rewards_log[-10:]) / max(len(rewards_log[-10:]), 1),
+               "held_out_questions": len(test_q), "paired_test": paired}
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "results.json").write_text(json.dumps([make_record(
         "gpt_minimind", cfg.run_name, "arithmetic_accuracy", after, "sft_model", before, wall,
         "python -m gpt_minimind.train_grpo")], indent=2) + "\n")
     logger.write(f"done: {cfg.max_iters} steps in {wall:.0f} s | held-out arithmetic accuracy "
-                 f"{before if before is None else f'{before:.1%}'} -> {after:.1%} | {final_dir}")
+                 f"{before if before is None else f'{before:.1%}'} -> {after:.1%}"
+                 + (f" ({paired['gained']} questions gained, {paired['lost']} lost: McNemar p = "
+                    f"{paired['p_value']:.3f})" if paired else "") + f" | {final_dir}")
     logger.close()
     return {"summary": summary, "final_dir": final_dir}
 

@@ -467,6 +467,18 @@ def test_every_peft_method_trains_only_its_parameters(method):
 # GRPO
 # ---------------------------------------------------------------------------------------------------
 
+def test_mcnemar_counts_only_the_questions_that_changed():
+    from gpt_minimind.train_grpo import mcnemar
+
+    before = [True] * 50 + [False] * 10 + [True] * 2 + [False] * 38
+    after = [True] * 50 + [True] * 10 + [False] * 2 + [False] * 38
+    # 10 gained, 2 lost: p = 2 * P(Bin(12, 1/2) <= 2) = 2 * (1 + 12 + 66) / 4096
+    assert mcnemar(before, after) == {"gained": 10, "lost": 2, "p_value": pytest.approx(158 / 4096)}
+    assert mcnemar(after, before)["p_value"] == pytest.approx(158 / 4096)
+    assert mcnemar(before, before) == {"gained": 0, "lost": 0, "p_value": 1.0}
+    assert mcnemar([True, False] * 5, [False, True] * 5)["p_value"] == 1.0
+
+
 def test_grpo_rewards_and_group_advantages():
     from gpt_minimind.train_grpo import group_advantages, reward
 
