@@ -2,12 +2,18 @@
 student learns the pretraining text from the teacher's whole next-token distribution, not only from the
 one token that came next.
 
-    python -m gpt_minimind.train_distill        # teacher: runs/gpt_minimind/pretrain/final; a 4x smaller student
+    python -m gpt_minimind.train_pretrain --use-moe --n-experts 4 --experts-per-tok 1 \
+        --out-dir runs/gpt_minimind/pretrain_moe --run-name pretrain_moe_cpu      # the teacher: 4 experts
+    python -m gpt_minimind.train_distill        # that teacher -> a student a quarter of its width
+    python -m gpt_minimind.train_distill --teacher runs/gpt_minimind/pretrain/final   # a dense teacher
 
     loss = alpha * T^2 * KL( softmax(teacher / T) || softmax(student / T) ) + (1 - alpha) * CE(student, next token)
 
 A temperature T > 1 softens both distributions so the student also learns which wrong tokens the teacher
 finds plausible ("dark knowledge"); T^2 keeps the soft term's gradients on the scale of the hard one's.
+The default teacher is a mixture-of-experts model (model.py's MiniMindMoE: 4 SwiGLU experts per block,
+top-1 routing as in the Switch Transformer): 2.5x the dense model's parameters for about its compute per
+token, so at the same pretraining budget it is the larger and the better model.
 The script trains the same student twice, from the same initialisation and batches: with the teacher
 (alpha) and without it (alpha = 0, plain pretraining), and reports both validation losses beside the
 teacher's, so the table shows what the teacher was worth at equal compute for the student.
@@ -40,7 +46,7 @@ from .train_pretrain import PretrainConfig, evaluate, load_streams
 class DistillConfig:
     """Distil a pretrained teacher into a smaller student; compare with the student trained alone."""
 
-    teacher: str = "runs/gpt_minimind/pretrain/final"  # model + tokenizer/ (train_pretrain.py's output)
+    teacher: str = "runs/gpt_minimind/pretrain_moe/final"  # model + tokenizer/ (train_pretrain.py's output)
     out_dir: str = "runs/gpt_minimind/distill"  # student_kd/, student_alone/, distill.json
     dim: int = 128  # student width (the teacher's cpu preset: 256)
     n_layer: int = 4
