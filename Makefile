@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: setup data demo demo-finetune demo-translate test lint results bench clean
+.PHONY: setup data demo demo-finetune demo-distill demo-translate demo-address test lint results bench clean
 
 setup: $(VENV)/.installed
 
@@ -17,6 +17,7 @@ $(VENV)/.installed: pyproject.toml
 data: setup
 	$(PY) -m transformer_basics.dataset
 	$(PY) -m gpt_minimind.dataset
+	$(PY) -m bert_address_cls.dataset
 
 # the project's main job end to end on the CPU: the GPT chapter's tokenizer, pretraining, and samples
 demo: data
@@ -36,6 +37,18 @@ demo-finetune: data
 		--max-iters 1500 --out-dir runs/gpt_minimind/sft_arith --run-name sft_arith_cpu
 	$(PY) -m gpt_minimind.train_grpo
 	$(PY) -m gpt_minimind.eval
+
+# distillation: a mixture-of-experts teacher pretrained, then distilled into a 4x narrower dense student
+demo-distill: data
+	$(PY) -m gpt_minimind.train_pretrain --use-moe --n-experts 4 --experts-per-tok 1 \
+		--out-dir runs/gpt_minimind/pretrain_moe --run-name pretrain_moe_cpu
+	$(PY) -m gpt_minimind.train_distill
+
+# the BERT chapter end to end: masked-LM pretraining, then the address parser (tagging + province)
+demo-address: data
+	$(PY) -m bert_address_cls.train_mlm
+	$(PY) -m bert_address_cls.train_cls --confusion-png doc/bert_address_cls_confusion.png
+	$(PY) -m bert_address_cls.infer
 
 # the first chapter end to end: train, then translate the test split (greedy + beam, BLEU)
 demo-translate: data

@@ -229,6 +229,15 @@ class BertModel(nn.Module):
         return h, (self.pooler(h) if self.pooler is not None else None)
 
 
+HF_ONLY = ("embeddings.position_ids", "embeddings.token_type_ids")  # buffers transformers keeps; we compute them
+
+
+def from_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers BERT checkpoint -> our state dict: the names are the same; only transformers'
+    position/token-type id buffers are dropped. Load the result with ``strict=True``."""
+    return {k: v for k, v in state.items() if not k.endswith(HF_ONLY)}
+
+
 def init_weights(module: nn.Module, std: float = 0.02) -> None:
     """BERT's initialisation: normal(0, 0.02) for linear and embedding weights, zero biases, unit norms."""
     for m in module.modules():
@@ -330,7 +339,8 @@ class BertForAddressParsing(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 tags: torch.Tensor | None = None, province: torch.Tensor | None = None,
                 province_weight: float = 1.0) -> dict:
-        """tags (B, T): tag ids, -100 on [CLS]/[SEP]/padding; province (B,). loss = CE(tags) + w CE(province)."""
+        """tags (B, T): tag ids, -100 on [CLS]/[SEP]/padding; province (B,), -100 where unknown.
+        loss = CE(tags) + w CE(province)."""
         h, pooled = self.bert(input_ids, attention_mask)
         out = {"tag_logits": self.classifier(self.dropout(h)),
                "province_logits": self.province_classifier(self.dropout(pooled))}
@@ -338,7 +348,7 @@ class BertForAddressParsing(nn.Module):
             out["tag_loss"] = F.cross_entropy(out["tag_logits"].flatten(0, 1), tags.flatten(), ignore_index=-100)
             out["loss"] = out["tag_loss"]
         if province is not None:
-            out["province_loss"] = F.cross_entropy(out["province_logits"], province)
+            out["province_loss"] = F.cross_entropy(out["province_logits"], province, ignore_index=-100)
             out["loss"] = out.get("loss", 0) + province_weight * out["province_loss"]
         return out
 
