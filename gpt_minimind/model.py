@@ -19,6 +19,7 @@ so export to ``LlamaForCausalLM`` is an identity map of the state dict (export_h
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -50,7 +51,8 @@ class MiniMindConfig:
     num_experts_per_tok: int = 2  # k experts each token is sent to
     moe_intermediate_size: int = 0  # hidden width of one expert (0 = intermediate_size)
     shared_expert_intermediate_size: int = 0  # width of the always-on shared expert (0 = none)
-    norm_topk_prob: bool = True  # renormalise the k chosen router probabilities to sum to 1
+    norm_topk_prob: bool = True  # renormalise the k chosen router probabilities to sum to 1 (never with k = 1:
+    # the one weight would always be 1 and the router would get no gradient from the LM loss)
     router_aux_loss_coef: float = 0.01  # weight of the load-balancing loss added to the LM loss
     attn_impl: str = "sdpa"  # sdpa (PyTorch's fused kernel) or math (softmax written out, for reading)
     gradient_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
@@ -65,6 +67,10 @@ class MiniMindConfig:
             self.moe_intermediate_size = self.intermediate_size
         if self.original_max_position_embeddings == 0:
             self.original_max_position_embeddings = self.max_position_embeddings
+        if self.use_moe and self.num_experts_per_tok == 1 and self.norm_topk_prob:
+            warnings.warn("top-1 routing with norm_topk_prob=True: the chosen expert's weight is always 1, so the "
+                          "router learns only from the load-balancing loss; use norm_topk_prob=False (Switch "
+                          "Transformer) or k >= 2", stacklevel=2)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
                              f"{self.num_attention_heads}")

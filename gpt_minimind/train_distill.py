@@ -2,7 +2,7 @@
 student learns the pretraining text from the teacher's whole next-token distribution, not only from the
 one token that came next.
 
-    python -m gpt_minimind.train_pretrain --use-moe --n-experts 4 --experts-per-tok 1 \
+    python -m gpt_minimind.train_pretrain --use-moe --n-experts 4 --experts-per-tok 2 \
         --out-dir runs/gpt_minimind/pretrain_moe --run-name pretrain_moe_cpu      # the teacher: 4 experts
     python -m gpt_minimind.train_distill        # that teacher -> a student a quarter of its width
     python -m gpt_minimind.train_distill --teacher runs/gpt_minimind/pretrain/final   # a dense teacher
@@ -12,8 +12,7 @@ one token that came next.
 A temperature T > 1 softens both distributions so the student also learns which wrong tokens the teacher
 finds plausible ("dark knowledge"); T^2 keeps the soft term's gradients on the scale of the hard one's.
 The default teacher is a mixture-of-experts model (model.py's MiniMindMoE: 4 SwiGLU experts per block,
-top-1 routing as in the Switch Transformer): 2.5x the dense model's parameters for about its compute per
-token, so at the same pretraining budget it is the larger and the better model.
+each token sent to 2 of them, Mixtral's layout): 2.5x the dense model's parameters.
 The script trains the same student twice, from the same initialisation and batches: with the teacher
 (alpha) and without it (alpha = 0, plain pretraining), and reports both validation losses beside the
 teacher's, so the table shows what the teacher was worth at equal compute for the student.

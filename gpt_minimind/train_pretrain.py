@@ -117,6 +117,7 @@ def model_config(cfg: PretrainConfig, vocab_size: int) -> MiniMindConfig:
                           num_key_value_heads=cfg.n_kv_head, max_position_embeddings=cfg.block_size,
                           rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings, dropout=cfg.dropout,
                           use_moe=cfg.use_moe, num_experts=cfg.n_experts, num_experts_per_tok=cfg.experts_per_tok,
+                          norm_topk_prob=cfg.experts_per_tok > 1,  # top-1: weight the expert by p (Switch)
                           shared_expert_intermediate_size=cfg.shared_expert_dim, attn_impl=cfg.attn_impl,
                           gradient_checkpointing=cfg.gradient_checkpointing,
                           router_aux_loss_coef=cfg.router_aux_loss_coef)

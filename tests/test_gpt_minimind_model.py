@@ -257,3 +257,20 @@ def test_config_errors_are_clear():
     model = tiny()
     with pytest.raises(ValueError, match="RoPE table"):
         model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_top1_router_learns_from_the_lm_loss_only_without_renormalisation():
+    """With k = 1, renormalising the chosen probability makes the expert weight exactly 1: the LM loss
+    then sends no gradient to the router (only the balancing loss would). Switch's p-weighting does."""
+    grads = {}
+    for norm in (True, False):
+        kw = {**MOE, "num_experts_per_tok": 1, "norm_topk_prob": norm, "router_aux_loss_coef": 0.0}
+        if norm:
+            with pytest.warns(UserWarning, match="router learns only"):
+                model = tiny(**kw).train()
+        else:
+            model = tiny(**kw).train()
+        ids = torch.randint(0, 97, (2, 9))
+        model(ids, labels=ids)["loss"].backward()
+        grads[norm] = model.model.layers[0].mlp.gate.weight.grad.abs().sum().item()
+    assert grads[True] < 1e-8 < 1e-3 < grads[False]  # zero up to rounding: d(p / p)/dp = 0
