@@ -250,6 +250,8 @@ def make_address(town: Town, pools: dict[str, list[str]], rng: random.Random) ->
                 parts.append((room_text(rng), "room"))
     if rng.random() < 0.08:
         parts.append((rng.choice(_OTHER), "other"))
+    if not parts:  # everything left out by chance: keep the town
+        parts.append((town.name, "town"))
     # separators: most addresses run together; some have spaces or commas between the parts
     sep_p = rng.choice([0.0, 0.0, 0.0, 0.3, 0.6])
     text, spans = "", []
@@ -272,6 +274,41 @@ def build_split(split: str, n: int, seed: int = 0) -> list[Address]:
     pools = {k: [v for v in vs if split_of(v) == split] for k, vs in real_pools().items()}
     rng = random.Random(f"{split}-{seed}")
     return [make_address(rng.choice(towns), pools, rng) for _ in range(n)]
+
+
+def drop_fields(a: Address, drop: set[str]) -> Address:
+    """The same address with some fields, and the separator after each, cut out; offsets recomputed."""
+    text, spans, pos = "", [], 0
+    pieces = sorted(a.spans)
+    for i, (s, e, f) in enumerate(pieces):
+        nxt = pieces[i + 1][0] if i + 1 < len(pieces) else len(a.text)
+        if f not in drop:
+            text += a.text[pos:s]
+            spans.append((len(text), len(text) + e - s, f))
+            text += a.text[s:nxt]
+        pos = nxt
+    return Address(text, spans, a.province, a.meta)
+
+
+def district_drills(split: str, per_district: int, seed: int = 0) -> list[Address]:
+    """Addresses written with neither province nor city, ``per_district`` for every district that has
+    towns in ``split``: the only way for the [CLS] head to learn which province a district lies in
+    (in ordinary addresses the written province or city gives it away, so it never has to)."""
+    by_district: dict[tuple, list[Town]] = {}
+    for t in load_towns():
+        if t.district and split_of(t.name) == split:
+            by_district.setdefault((t.province, t.city, t.district), []).append(t)
+    pools = {k: [v for v in vs if split_of(v) == split] for k, vs in real_pools().items()}
+    rng = random.Random(f"drill-{split}-{seed}")
+    out = []
+    for towns in by_district.values():
+        made = 0
+        while made < per_district:
+            a = drop_fields(make_address(rng.choice(towns), pools, rng), {"province", "city"})
+            if any(f == "district" for _, _, f in a.spans):  # the generator leaves it out 5 % of the time
+                out.append(a)
+                made += 1
+    return out
 
 
 def provinces() -> list[str]:

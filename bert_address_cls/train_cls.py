@@ -54,6 +54,7 @@ class ClsConfig:
     valid_file: str = ""
     test_file: str = ""
     n_train: int = 40000  # generated training addresses
+    district_drills: int = 3  # + this many addresses per district written without province and city (0 = none)
     n_valid: int = 1000
     n_test: int = 5000
     max_len: int = 64  # tokens, [CLS] and [SEP] included
@@ -95,7 +96,10 @@ PRESETS = {
 def load_splits(cfg: ClsConfig) -> dict[str, list[Address]]:
     files = {"train": cfg.train_file, "valid": cfg.valid_file, "test": cfg.test_file}
     sizes = {"train": cfg.n_train, "valid": cfg.n_valid, "test": cfg.n_test}
-    return {s: list(D.read_addresses(files[s])) if files[s] else build_split(s, sizes[s]) for s in files}
+    splits = {s: list(D.read_addresses(files[s])) if files[s] else build_split(s, sizes[s]) for s in files}
+    if not cfg.train_file and cfg.district_drills:
+        splits["train"] += D.district_drills("train", cfg.district_drills)
+    return splits
 
 
 def encode_labelled(tok, addresses: list[Address], province_id: dict[str, int], max_len: int):

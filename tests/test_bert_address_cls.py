@@ -177,6 +177,20 @@ def test_every_character_of_a_field_is_labelled_and_tags_round_trip(splits):
     assert sum(ok) >= 0.93 * len(ok)  # the rest carry a typo
 
 
+def test_district_drills_write_neither_province_nor_city(splits):
+    from bert_address_cls.dataset import district_drills, drop_fields
+
+    a = next(a for a in splits["valid"] if {"province", "city", "district"} <= {f for _, _, f in a.spans})
+    cut = drop_fields(a, {"province", "city"})
+    assert cut.text.endswith(a.text[-3:]) and len(cut.text) < len(a.text)
+    assert [cut.text[s:e] for s, e, _ in cut.spans] == [a.text[s:e] for s, e, f in sorted(a.spans)
+                                                         if f not in ("province", "city")]
+    drills = district_drills("valid", 1)
+    assert len(drills) > 200 and all(not {"province", "city"} & {f for _, _, f in d.spans} for d in drills)
+    assert all(d.spans[0][2] == "district" for d in drills)
+    assert sum(d.text.startswith(d.meta["district"]) for d in drills) >= 0.9 * len(drills)  # the rest: typos
+
+
 def test_strict_bioes_decoding_drops_broken_spans():
     from bert_address_cls.dataset import tags_to_spans
 
