@@ -142,11 +142,11 @@ def main(cfg: DistillConfig) -> dict:
     print(f"teacher ({teacher.num_parameters() / 1e6:.2f} M) valid loss {teacher_loss:.3f} | student "
           f"({runs['student_kd']['n_params'] / 1e6:.2f} M) with the teacher {runs['student_kd']['valid_loss']:.3f}"
           + (f", alone {runs['student_alone']['valid_loss']:.3f}" if cfg.baseline else ""))
-    if cfg.baseline:
-        (out / "results.json").write_text(json.dumps([make_record(
-            "gpt_minimind", cfg.run_name, "valid_loss", runs["student_kd"]["valid_loss"], "student_without_teacher",
-            runs["student_alone"]["valid_loss"], runs["student_kd"]["wall_s"], "python -m gpt_minimind.train_distill")],
-            indent=2) + "\n")
+    alone = runs.get("student_alone", {}).get("valid_loss")
+    (out / "results.json").write_text(json.dumps([make_record(
+        "gpt_minimind", cfg.run_name, "valid_loss", runs["student_kd"]["valid_loss"],
+        "student_without_teacher" if alone is not None else "", alone, runs["student_kd"]["wall_s"],
+        f"python -m gpt_minimind.train_distill --teacher {cfg.teacher}")], indent=2) + "\n")
     return result
 
 
