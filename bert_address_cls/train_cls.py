@@ -22,18 +22,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from common.checkpoint import load_checkpoint, read_config, resume_point, save_checkpoint, save_pretrained
+from common.checkpoint import read_config, resume_or_start, resume_point, save_checkpoint, save_pretrained
 from common.config import parse_config
-from common.log import RunLogger
 from common.results import make_record
 from common.runtime import autocast, pick_device, pick_dtype, seed_everything, set_threads
-from common.schedule import clip_grad, make_scheduler
+from common.schedule import clip_grad
 
 from . import dataset as D
 from .dataset import FIELDS, TAG_ID, TAGS, Address, build_split, entity_scores, provinces
 from .infer import encode, parse_batch
 from .model import BertConfig, BertForAddressParsing
-from .train_mlm import MLMConfig, epoch_order, hf_config, load_or_train_tokenizer, model_config
+from .train_mlm import MLMConfig, decay_groups, epoch_order, hf_config, load_or_train_tokenizer, model_config
 
 
 @dataclass
@@ -256,17 +255,8 @@ def main(cfg: ClsConfig) -> dict:
     train = encode_labelled(tok, splits["train"], province_id, cfg.max_len)
     print(f"data: {', '.join(f'{k} {len(v):,}' for k, v in splits.items())} addresses | "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and "embeddings" not in n]
-    rest = [p for n, p in model.named_parameters() if p.requires_grad and not (p.ndim >= 2 and "embeddings" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": rest, "weight_decay": 0.0}], lr=cfg.lr)
-    scheduler = make_scheduler(optimizer, "cosine", cfg.warmup_iters, cfg.max_iters, min_ratio=0.05)
-    start = 0
-    if resume_from is not None:
-        start = load_checkpoint(resume_from, model, optimizer, scheduler)["step"]
-        print(f"resumed from {resume_from} at step {start}")
-    logger = RunLogger(out, cfg.max_iters, start, resume=resume_from is not None, log_every=cfg.log_every,
-                       device=device)
+    optimizer = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr)
+    scheduler, start, logger = resume_or_start(model, optimizer, cfg, out, resume_from, device, min_lr_ratio=0.05)
     run_config = {**hf_config(model.config, "BertForTokenClassification"), "num_tags": len(TAGS),
                   "tags": list(TAGS), "provinces": names}
     n = len(splits["train"])

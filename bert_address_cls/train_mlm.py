@@ -24,12 +24,11 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from common.checkpoint import load_checkpoint, resume_point, save_checkpoint, save_pretrained
+from common.checkpoint import resume_or_start, resume_point, save_checkpoint, save_pretrained
 from common.config import parse_config
-from common.log import RunLogger
 from common.results import make_record
 from common.runtime import autocast, pick_device, pick_dtype, seed_everything, set_threads
-from common.schedule import clip_grad, make_scheduler
+from common.schedule import clip_grad
 
 from .dataset import SPECIALS, build_split, corpus_documents, tokenizer_texts, train_tokenizer
 from .model import BertConfig, BertForPreTraining
@@ -91,6 +90,15 @@ def model_config(cfg: MLMConfig, vocab_size: int) -> BertConfig:
                       num_attention_heads=cfg.n_head, intermediate_size=cfg.ffn_dim,
                       hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
                       max_position_embeddings=max(cfg.max_len, 128))
+
+
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on the trainable matrices, none on biases, LayerNorms and embeddings."""
+    groups = {True: [], False: []}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            groups[p.ndim >= 2 and "embeddings" not in n].append(p)
+    return [{"params": groups[True], "weight_decay": weight_decay}, {"params": groups[False], "weight_decay": 0.0}]
 
 
 def hf_config(cfg: BertConfig, architecture: str) -> dict:
@@ -243,17 +251,8 @@ def main(cfg: MLMConfig) -> dict:
     V, mask_id = len(tok), tok.mask_token_id
     mcfg = model_config(cfg, V)
     model = BertForPreTraining(mcfg).to(device)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embeddings" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embeddings" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
-    scheduler = make_scheduler(optimizer, "cosine", cfg.warmup_iters, cfg.max_iters, min_ratio=0.1)
-    start = 0
-    if resume_from is not None:
-        start = load_checkpoint(resume_from, model, optimizer, scheduler)["step"]
-        print(f"resumed from {resume_from} at step {start}")
-    logger = RunLogger(out, cfg.max_iters, start, resume=resume_from is not None, log_every=cfg.log_every,
-                       device=device)
+    optimizer = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
+    scheduler, start, logger = resume_or_start(model, optimizer, cfg, out, resume_from, device)
     first = evaluate(model, valid, cfg, device, dtype, V, mask_id) if start == 0 else None
     steps_per_epoch = len(train) // cfg.batch_size
     model.train()

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common.checkpoint import resume_point, save_checkpoint, save_pretrained
+from common.checkpoint import resume_or_start, resume_point, save_checkpoint, save_pretrained
 from common.config import parse_config
 from common.data import iter_jsonl
 from common.results import make_record
@@ -42,7 +42,7 @@ from .eval import exact_match
 from .infer import load_model
 from .model import MiniMindForCausalLM
 from .tasks import EXACT_TASKS, NEWS_LABELS, Example, build_examples
-from .train_sft import copy_tokenizer, encode_chat, resume_or_start
+from .train_sft import copy_tokenizer, encode_chat
 
 Pair = tuple[list[dict], str, str]  # (prompt turns, chosen answer, rejected answer)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from common.checkpoint import resume_point, save_checkpoint, save_pretrained
+from common.checkpoint import resume_or_start, resume_point, save_checkpoint, save_pretrained
 from common.config import parse_config
 from common.results import make_record
 from common.runtime import pick_device, seed_everything, set_threads
@@ -40,7 +40,7 @@ from .eval import answer, exact_match
 from .model import MiniMindForCausalLM
 from .tasks import Example, arithmetic_tasks
 from .train_dpo import policy_and_reference
-from .train_sft import copy_tokenizer, resume_or_start
+from .train_sft import copy_tokenizer
 
 
 @dataclass

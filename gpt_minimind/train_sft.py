@@ -25,12 +25,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common.checkpoint import load_checkpoint, resume_point, save_checkpoint, save_pretrained
+from common.checkpoint import resume_or_start, resume_point, save_checkpoint, save_pretrained
 from common.config import parse_config
-from common.log import RunLogger
 from common.results import make_record
 from common.runtime import autocast, pick_device, pick_dtype, seed_everything, set_threads
-from common.schedule import clip_grad, make_scheduler
+from common.schedule import clip_grad
 
 from .infer import load_model
 from .model import MiniMindForCausalLM
@@ -168,20 +167,6 @@ def load_conversations(cfg: SFTConfig) -> tuple[list[Example], list[Example]]:
 # ---------------------------------------------------------------------------------------------------
 # The loop (shared with train_lora.py)
 # ---------------------------------------------------------------------------------------------------
-
-def resume_or_start(model, optimizer, cfg, out: Path, resume_from: Path | None, device,
-                    min_lr_ratio: float = 0.1) -> tuple[object, int, RunLogger]:
-    """Warmup + cosine schedule, the step to start from (restored with the model, optimizer and schedule
-    when resuming) and the run's logger: the same for SFT, LoRA, DPO and GRPO."""
-    scheduler = make_scheduler(optimizer, "cosine", cfg.warmup_iters, cfg.max_iters, min_ratio=min_lr_ratio)
-    start = 0
-    if resume_from is not None:
-        start = load_checkpoint(resume_from, model, optimizer, scheduler)["step"]
-        print(f"resumed from {resume_from} at step {start}")
-    logger = RunLogger(out, cfg.max_iters, start, resume=resume_from is not None, log_every=cfg.log_every,
-                       device=device)
-    return scheduler, start, logger
-
 
 def finetune(model: MiniMindForCausalLM, tok, cfg, params: list[torch.nn.Parameter], device,
              save_final: Callable[[Path], None]) -> dict:

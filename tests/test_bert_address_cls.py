@@ -312,8 +312,9 @@ def test_address_parser_trains_from_the_mlm_checkpoint_and_infer_prints_fields(m
     from bert_address_cls.train_cls import main as cls_main
 
     cfg = ClsConfig(init_from=str(mlm_run["result"]["final_dir"]), n_train=1500, n_valid=100, n_test=200,
-                    max_iters=200, batch_size=32, lr=3e-3, warmup_iters=10, eval_every=100, save_every=200,
-                    threads=1, log_every=10, out_dir=str(tmp_path / "cls"), confusion_png=str(tmp_path / "c.png"))
+                    district_drills=0, max_iters=200, batch_size=32, lr=3e-3, warmup_iters=10, eval_every=100,
+                    save_every=200, threads=1, log_every=10, out_dir=str(tmp_path / "cls"),
+                    confusion_png=str(tmp_path / "c.png"))
     res = cls_main(cfg)
     log = [json.loads(x) for x in (tmp_path / "cls" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["tag_loss"] for r in log if "tag_loss" in r]
