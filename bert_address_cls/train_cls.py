@@ -152,6 +152,19 @@ def score(addresses: list[Address], preds: list[dict]) -> dict:
     return res
 
 
+def province_by_written(addresses: list[Address], preds: list[dict]) -> dict[str, list[int]]:
+    """Province errors by what the address writes: key 'PCD' / 'P-D' / '--D' ... (P province, C city,
+    D district, - left out) -> [addresses, wrong]."""
+    table: dict[str, list[int]] = {}
+    for a, p in zip(addresses, preds):
+        written = {f for _, _, f in a.spans}
+        key = "".join(c if f in written else "-" for c, f in zip("PCD", ("province", "city", "district")))
+        row = table.setdefault(key, [0, 0])
+        row[0] += 1
+        row[1] += p["province"] != a.province
+    return dict(sorted(table.items(), reverse=True))
+
+
 def cpca_scores(addresses: list[Address]) -> dict | None:
     """cpca-new (rules over the official division names) on the same addresses. It returns full names
     and where it found them: a written field counts as right when the position and the name are right;
@@ -299,6 +312,7 @@ def main(cfg: ClsConfig) -> dict:
     preds = predict(model, tok, test, names)
     result = score(test, preds)
     result["confusion"] = field_confusion(test, preds)
+    result["province_by_written"] = province_by_written(test, preds)
     baseline = cpca_scores(test) if cfg.baseline else None
     summary = {"steps": cfg.max_iters, "train_wall_s": wall, "mode": cfg.mode, "init_from": cfg.init_from or "random",
                "test": result, "cpca": baseline, "n_test": len(test)}

@@ -325,6 +325,12 @@ def test_address_parser_trains_from_the_mlm_checkpoint_and_infer_prints_fields(m
     assert (tmp_path / "c.png").stat().st_size > 10_000
     assert sum(map(sum, test["confusion"])) == sum(len(a.text) for a in __import__(
         "bert_address_cls.dataset").dataset.build_split("test", 200))
+    from bert_address_cls.evaluate import EvalConfig
+    from bert_address_cls.evaluate import main as evaluate
+
+    again = evaluate(EvalConfig(ckpt=str(res["final_dir"]), n_test=200, baseline=False, device="cpu"))
+    assert again["test"]["f1"] == pytest.approx(test["f1"])  # the saved model scores as it did in training
+    assert sum(v[0] for v in again["summary"].values()) == 200
     capsys.readouterr()
     (tmp_path / "in.txt").write_text("浙江省杭州市西湖区文三路90号\n\n北京市海淀区中关村大街1号\n", encoding="utf-8")
     rows = infer.main(infer.InferConfig(ckpt=str(res["final_dir"]), file=str(tmp_path / "in.txt"), device="cpu"),
