@@ -308,6 +308,7 @@ def test_nsp_run_resumes_to_the_same_weights(mlm_run):
 
 def test_address_parser_trains_from_the_mlm_checkpoint_and_infer_prints_fields(mlm_run, tmp_path, capsys):
     from bert_address_cls import infer
+    from bert_address_cls.dataset import build_split
     from bert_address_cls.train_cls import ClsConfig
     from bert_address_cls.train_cls import main as cls_main
 
@@ -323,8 +324,7 @@ def test_address_parser_trains_from_the_mlm_checkpoint_and_infer_prints_fields(m
     assert test["f1"] > 0.3 and 0 <= test["province_accuracy"] <= 1
     assert res["summary"]["cpca"]["province_accuracy"] > 0.9  # the rule-based baseline ran on the same split
     assert (tmp_path / "c.png").stat().st_size > 10_000
-    assert sum(map(sum, test["confusion"])) == sum(len(a.text) for a in __import__(
-        "bert_address_cls.dataset").dataset.build_split("test", 200))
+    assert sum(map(sum, test["confusion"])) == sum(len(a.text) for a in build_split("test", 200))
     from bert_address_cls.evaluate import EvalConfig
     from bert_address_cls.evaluate import main as evaluate
 
