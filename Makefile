@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: setup data demo demo-finetune demo-distill demo-translate demo-address test lint results bench clean
+.PHONY: setup data demo demo-finetune demo-distill demo-translate demo-address demo-appendix test lint results bench clean
 
 setup: $(VENV)/.installed
 
@@ -18,6 +18,7 @@ data: setup
 	$(PY) -m transformer_basics.dataset
 	$(PY) -m gpt_minimind.dataset
 	$(PY) -m bert_address_cls.dataset
+	$(PY) -m appendix.text
 
 # the project's main job end to end on the CPU: the GPT chapter's tokenizer, pretraining, and samples
 demo: data
@@ -49,6 +50,16 @@ demo-address: data
 	$(PY) -m bert_address_cls.train_mlm
 	$(PY) -m bert_address_cls.train_cls --confusion-png doc/bert_address_cls_confusion.png
 	$(PY) -m bert_address_cls.infer
+
+# the appendix: every building block's checks and measurements (~20 minutes on 2 cores; the figures go to doc/)
+demo-appendix: data
+	$(PY) -m appendix.rnn
+	$(PY) -m appendix.norms --png doc/appendix_norms.png
+	$(PY) -m appendix.positions --decay-png doc/appendix_rope_decay.png
+	$(PY) -m appendix.attention
+	$(PY) -m appendix.linear_attention --png doc/appendix_linear_attention.png
+	$(PY) -m appendix.memory
+	$(PY) -m appendix.parallel
 
 # the first chapter end to end: train, then translate the test split (greedy + beam, BLEU)
 demo-translate: data

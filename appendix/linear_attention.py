@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common.bench import time_interleaved
+from common.bench import peak_memory_bytes, time_interleaved
 from common.config import parse_config
+from common.results import make_record
 from common.runtime import set_threads
 
 
@@ -112,7 +113,7 @@ class LinearAttentionConfig:
     repeats: int = 3  # best of this many, spread reported
     threads: int = 1  # 1: comparable on a shared machine
     png: str = "runs/appendix/linear_attention.png"  # the plot (README copy: doc/appendix_linear_attention.png)
-    out: str = "runs/appendix/linear_attention.json"  # the measured rows
+    out_dir: str = "runs/appendix/linear_attention"  # rows.json (every figure) and results.json
     worker: str = ""  # internal: "softmax:T" or "linear:T" runs one forward in this process and prints peak RSS
 
 
@@ -125,9 +126,7 @@ def _inputs(cfg: LinearAttentionConfig, T: int):
 
 
 def _peak_rss_mib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_memory_bytes("cpu") / 2**20
 
 
 def run_worker(cfg: LinearAttentionConfig) -> None:
@@ -206,8 +205,18 @@ def main(cfg: LinearAttentionConfig) -> list[dict]:
           f"  causal chunked vs recurrent:               "
           f"{(causal_linear_attention(q, k, v, chunk=8) - recurrent_linear_attention(q, k, v)).abs().max():.1e}")
     rows = measure(cfg)
-    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(cfg.out).write_text(json.dumps(rows, indent=2) + "\n")
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rows.json").write_text(json.dumps(rows, indent=2) + "\n")
+    cmd = "python -m appendix.linear_attention"
+    records = []
+    for r in rows:
+        run = f"linear_attention_h{cfg.heads}_d{cfg.head_dim}_T{r['T']}"
+        records += [make_record("appendix", run, "forward_ms", r["linear_ms"], "softmax_attention", r["softmax_ms"],
+                                0.0, cmd),
+                    make_record("appendix", run, "peak_added_mib", r["linear_peak_mib"], "softmax_attention",
+                                r["softmax_peak_mib"], 0.0, cmd)]
+    (out / "results.json").write_text(json.dumps(records, indent=2) + "\n")
     draw(rows, cfg.png)
     print("\n| T | softmax ms | linear ms | softmax / linear | softmax MiB | linear MiB | H T^2 fp32 scores MiB |\n"
           "|---|---|---|---|---|---|---|")

@@ -34,8 +34,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from common.bench import time_fn
+from common.bench import peak_memory_bytes, time_fn
 from common.config import parse_config
+from common.results import make_record
 from common.runtime import set_threads
 
 from .positions import Block, PositionsConfig, TinyLM
@@ -117,14 +118,12 @@ class MemoryConfig:
     repeats: int = 3  # best of this many step timings, spread reported
     threads: int = 1  # 1: comparable on a shared machine
     optim_steps: int = 400  # char-LM steps for the 32-bit vs 8-bit Adam comparison
-    out: str = "runs/appendix/memory.json"  # every measured figure
+    out_dir: str = "runs/appendix/memory"  # memory.json (every figure) and results.json
     worker: str = ""  # internal: "on" / "off" measures one checkpointing setting in a fresh process
 
 
 def _peak_rss_mib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_memory_bytes("cpu") / 2**20
 
 
 def checkpoint_worker(cfg: MemoryConfig) -> dict:
@@ -179,29 +178,21 @@ def autocast_dtypes() -> dict[str, str]:
     return seen
 
 
-def underflow_rows(seed: int = 0) -> list[dict]:
-    """Real fp32 gradients of the tiny char LM after a few steps: the share that fp16 flushes to zero,
-    without and with a 2^16 loss scale."""
-    torch.manual_seed(seed)
-    cfg = PositionsConfig(n_chars=200_000)
-    text = shakespeare_text(cfg.n_chars)
-    stoi = {c: i for i, c in enumerate(sorted(set(text)))}
-    ids = torch.tensor([stoi[c] for c in text])
-    model = TinyLM(len(stoi), cfg, "rope", cfg.train_len)
-    x = torch.stack([ids[i: i + 64] for i in range(0, 64 * 32, 64)])
-    y = torch.stack([ids[i + 1: i + 65] for i in range(0, 64 * 32, 64)])
-    loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-    loss.backward()
-    g = torch.cat([p.grad.flatten() for p in model.parameters()])
-    g = g[g != 0]
+def underflow_rows(grads: dict[str, torch.Tensor]) -> list[dict]:
+    """For real fp32 gradients (flattened, exact zeros dropped): the share that a 16-bit copy flushes to 0,
+    keeps only as an fp16 subnormal (below 2^-14: fewer significant bits), or overflows, with and without
+    a 2^16 loss scale."""
     rows = []
-    for scale in (1.0, 2.0**16):
-        g16 = (g * scale).half()
-        rows.append({"loss_scale": scale, "zero_in_fp16": (g16 == 0).float().mean().item(),
-                     "subnormal_in_fp16": ((g16 != 0) & (g16.abs() < 2**-14)).float().mean().item(),
-                     "inf_in_fp16": torch.isinf(g16).float().mean().item()})
-    rows.append({"loss_scale": "bf16, none", "zero_in_fp16": (g.bfloat16() == 0).float().mean().item(),
-                 "subnormal_in_fp16": float("nan"), "inf_in_fp16": torch.isinf(g.bfloat16()).float().mean().item()})
+    for when, g in grads.items():
+        g = g[g != 0]
+        for scale in (1.0, 2.0**16):
+            g16 = (g * scale).half()
+            rows.append({"gradients": when, "format": f"fp16, loss scale {scale:g}",
+                         "zero": (g16 == 0).float().mean().item(),
+                         "subnormal": ((g16 != 0) & (g16.abs() < 2**-14)).float().mean().item(),
+                         "inf": torch.isinf(g16).float().mean().item()})
+        rows.append({"gradients": when, "format": "bf16, no scaling", "zero": (g.bfloat16() == 0).float().mean().item(),
+                     "subnormal": float("nan"), "inf": torch.isinf(g.bfloat16()).float().mean().item()})
     return rows
 
 
@@ -224,9 +215,10 @@ def bf16_step_ratio(cfg: MemoryConfig) -> dict:
             "loss_fp32": losses["fp32"], "loss_bf16": losses["bf16"]}
 
 
-def optimizer_rows(cfg: MemoryConfig) -> list[dict]:
+def optimizer_rows(cfg: MemoryConfig) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """The tiny char LM trained with torch's Adam and with bitsandbytes' 8-bit Adam, same seed and batches:
-    state bytes per parameter and the final validation loss."""
+    state bytes per parameter and the final validation loss. Also returns the fp32 run's gradients at its
+    first and last step (for the underflow table)."""
     import bitsandbytes as bnb
 
     pcfg = PositionsConfig()
@@ -240,7 +232,7 @@ def optimizer_rows(cfg: MemoryConfig) -> list[dict]:
         s = torch.randint(len(src) - 65, (32,), generator=g).tolist()
         return torch.stack([src[i: i + 64] for i in s]), torch.stack([src[i + 1: i + 65] for i in s])
 
-    rows = []
+    rows, grads = [], {}
     for name, make in (("torch.optim.Adam (fp32 states)", lambda p: torch.optim.Adam(p, lr=3e-3)),
                        ("bitsandbytes Adam8bit", lambda p: bnb.optim.Adam8bit(p, lr=3e-3, min_8bit_size=4096))):
         torch.manual_seed(0)
@@ -252,6 +244,8 @@ def optimizer_rows(cfg: MemoryConfig) -> list[dict]:
             loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if not grads or (len(grads) == 1 and step == cfg.optim_steps - 1):  # the fp32 run's first and last
+                grads[f"step {step + 1}"] = torch.cat([p.grad.flatten() for p in model.parameters()])
             opt.step()
         wall = time.perf_counter() - t0
         with torch.no_grad():
@@ -266,7 +260,7 @@ def optimizer_rows(cfg: MemoryConfig) -> list[dict]:
         rows.append({"optimizer": name, "params": n, "state_bytes_per_param": state / n,
                      "state_bytes_per_param_8bit_tensors": big_state / sum(p.numel() for p in big),
                      "valid_loss": vl, "train_s": wall})
-    return rows
+    return rows, grads
 
 
 def main(cfg: MemoryConfig) -> dict:
@@ -294,23 +288,37 @@ def main(cfg: MemoryConfig) -> dict:
     print(f"   one step of a 4-block stack: fp32 {b['fp32_step_s'] * 1e3:.0f} ms, "
           f"bf16 autocast {b['bf16_step_s'] * 1e3:.0f} ms "
           f"({b['bf16_step_s'] / b['fp32_step_s']:.2f}x) | loss {b['loss_fp32']:.5f} vs {b['loss_bf16']:.5f}")
-    out["underflow"] = rows = underflow_rows()
-    print("| gradients cast to 16 bits | become 0 | subnormal (lose precision) | overflow to inf |\n|---|---|---|---|")
+    optimizers, grads = optimizer_rows(cfg)
+    out["underflow"] = rows = underflow_rows(grads)
+    print("| gradients of the char LM | cast to | become 0 | fp16 subnormal (fewer bits) | overflow to inf |\n"
+          "|---|---|---|---|---|")
     for r in rows:
-        label = r["loss_scale"] if isinstance(r["loss_scale"], str) else f"fp16, loss scale {r['loss_scale']:g}"
-        sub = "-" if math.isnan(r["subnormal_in_fp16"]) else f"{r['subnormal_in_fp16']:.2%}"
-        print(f"| {label} | {r['zero_in_fp16']:.2%} | {sub} | {r['inf_in_fp16']:.2%} |")
-
+        sub = "-" if math.isnan(r["subnormal"]) else f"{r['subnormal']:.2%}"
+        print(f"| {r['gradients']} | {r['format']} | {r['zero']:.2%} | {sub} | {r['inf']:.2%} |")
     print("\n3) optimizer states")
-    out["optimizers"] = rows = optimizer_rows(cfg)
+    out["optimizers"] = rows = optimizers
     print(f"| optimizer | state bytes / parameter (all) | (tensors >= 4096, the 8-bit ones) | valid loss after "
           f"{cfg.optim_steps} steps | train s |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['optimizer']} | {r['state_bytes_per_param']:.2f} | "
               f"{r['state_bytes_per_param_8bit_tensors']:.3f} | "
-              f"{r['valid_loss']:.3f} | {r['train_s']:.0f} |")
-    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(cfg.out).write_text(json.dumps(out, indent=2) + "\n")
+              f"{r['valid_loss']:.4f} | {r['train_s']:.0f} |")
+    folder = Path(cfg.out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "memory.json").write_text(json.dumps(out, indent=2) + "\n")
+    cmd = "python -m appendix.memory"
+    run = f"grad_checkpointing_{cfg.n_layer}x{cfg.dim}_b{cfg.batch_size}x{cfg.seq_len}"
+    adam, adam8 = out["optimizers"]
+    records = [make_record("appendix", run, "peak_added_mib", on["peak_added_mib"], "no_checkpointing",
+                           off["peak_added_mib"], 0.0, cmd),
+               make_record("appendix", run, "step_s", on["step_s"], "no_checkpointing", off["step_s"], 0.0, cmd),
+               make_record("appendix", "bf16_autocast_4x256_b4x256", "step_s", b["bf16_step_s"], "fp32",
+                           b["fp32_step_s"], 0.0, cmd),
+               make_record("appendix", f"adam8bit_tinylm_{cfg.optim_steps}_steps", "valid_loss", adam8["valid_loss"],
+                           "adam_fp32", adam["valid_loss"], adam8["train_s"], cmd),
+               make_record("appendix", f"adam8bit_tinylm_{cfg.optim_steps}_steps", "state_bytes_per_param",
+                           adam8["state_bytes_per_param"], "adam_fp32", adam["state_bytes_per_param"], 0.0, cmd)]
+    (folder / "results.json").write_text(json.dumps(records, indent=2) + "\n")
     return out
 
 

@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.config import parse_config
+from common.results import make_record
 from common.runtime import seed_everything, set_threads
 
 from .text import shakespeare_text
@@ -297,6 +298,12 @@ def main(cfg: PositionsConfig) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "extrapolation.json").write_text(json.dumps(rows, indent=2) + "\n")
+    # doc/results.json: each encoding's loss at each length, against the same model at its training length
+    cmd = "python -m appendix.positions"
+    records = [make_record("appendix", f"positions_{r['encoding']}_train{cfg.train_len}_len{n}", "valid_loss",
+                           r[f"len{n}"], f"len{cfg.train_len}", r[f"len{cfg.train_len}"], r["train_s"], cmd)
+               for r in rows for n in lens if n != cfg.train_len]
+    (out / "results.json").write_text(json.dumps(records, indent=2) + "\n")
     return {"rows": rows, "two_ways_max_diff": two_ways.abs().max().item(), "shift_max_diff": max(shifts)}
 
 

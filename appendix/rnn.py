@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.bench import time_interleaved
 from common.checkpoint import resume_or_start, resume_point, save_checkpoint, save_pretrained
 from common.config import parse_config
 from common.results import make_record
@@ -213,6 +214,7 @@ class CharLMConfig:
     threads: int = 0  # CPU threads (0: torch's default)
     device: str = "cpu"  # the loop over time is launch-bound: a GPU helps little at this size
     parity: bool = True  # first print the max difference between ours and torch.nn for all three cells
+    speed: bool = False  # also time one training step of ours vs torch.nn (1 thread, interleaved, best of 3)
     out_dir: str = "runs/appendix/char_lm"  # checkpoints, metrics.jsonl, loss.png, samples
     resume: bool = False  # continue from the last checkpoint in out_dir
     run_name: str = "char_lstm_cpu"  # names this run's records in doc/results.json
@@ -315,6 +317,36 @@ def _paired(ours: Recurrent, ref: nn.RNNBase):
         yield layer + ("_reverse" if rev else ""), kind, p
 
 
+def speed_rows(cfg: CharLMConfig, repeats: int = 3) -> list[dict]:
+    """One training step (forward, backward, Adam) of this config, our loop vs torch.nn's fused layer,
+    timed in interleaved rounds on 1 thread."""
+    torch.set_num_threads(1)
+    rows = []
+    for mode in ("rnn", "gru", "lstm"):
+        fns = {}
+        for impl in ("ours", "torch"):
+            torch.manual_seed(0)
+            model = CharLM(80, CharLMConfig(**{**vars(cfg), "mode": mode, "impl": impl}))
+            opt = torch.optim.Adam(model.parameters())
+            x = torch.randint(80, (cfg.batch_size, cfg.seq_len))
+
+            def step(model=model, opt=opt, x=x):
+                logits, _ = model(x)
+                opt.zero_grad()
+                F.cross_entropy(logits.flatten(0, 1), x.flatten()).backward()
+                opt.step()
+
+            fns[impl] = step
+        t = time_interleaved(fns, repeats=repeats)
+        rows.append({"mode": mode, "ours_s": t["ours"][0], "ours_spread_s": t["ours"][1],
+                     "torch_s": t["torch"][0], "torch_spread_s": t["torch"][1]})
+        print(f"  {mode:<4}  ours {t['ours'][0] * 1e3:6.0f} ms (+-{t['ours'][1] * 1e3:.0f})   torch.nn "
+              f"{t['torch'][0] * 1e3:6.0f} ms (+-{t['torch'][1] * 1e3:.0f})   "
+              f"ratio {t['ours'][0] / t['torch'][0]:.2f}x",
+              flush=True)
+    return rows
+
+
 def main(cfg: CharLMConfig) -> dict:
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
@@ -324,6 +356,11 @@ def main(cfg: CharLMConfig) -> dict:
         print("ours vs torch.nn (2 layers, bidirectional, float32): max |difference|")
         for r in parity_table():
             print(f"  {r['mode']:<4}  output {r['output_max_diff']:.1e}   gradients {r['grad_max_diff']:.1e}")
+    if cfg.speed:
+        print(f"one training step, batch {cfg.batch_size} x {cfg.seq_len}, {cfg.num_layers}x{cfg.hidden_size}, "
+              f"1 thread, best of 3 interleaved:")
+        speed_rows(cfg)
+        set_threads(cfg.threads)
     data = CharData(shakespeare_text(cfg.n_chars))
     model = CharLM(len(data.chars), cfg).to(device)
     n_params = sum(p.numel() for p in model.parameters())

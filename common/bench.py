@@ -19,6 +19,15 @@ def peak_memory_bytes(device: torch.device | str | None = None) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     try:
+        # Linux: this process's own high-water mark. (ru_maxrss is not: Linux carries it over from the
+        # parent through fork and exec, so a subprocess of a big process reports its parent's peak.)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
         import resource
 
         # ru_maxrss is KiB on Linux, bytes on macOS
