@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.config import parse_config
+from common.log import RunLogger
 from common.results import make_record
 from common.runtime import seed_everything, set_threads
 
@@ -140,7 +141,7 @@ class PositionsConfig:
     seed: int = 1337  # same data order and init for every encoding
     threads: int = 0  # CPU threads (0: torch's default)
     decay_png: str = "runs/appendix/rope_decay.png"  # the decay plot (the README's: doc/appendix_rope_decay.png)
-    out_dir: str = "runs/appendix/positions"  # extrapolation.json, the per-encoding losses
+    out_dir: str = "runs/appendix/positions"  # extrapolation.json, results.json; <encoding>/metrics.jsonl, loss.png
 
 
 class Block(nn.Module):
@@ -214,6 +215,7 @@ def run_extrapolation(cfg: PositionsConfig) -> list[dict]:
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / cfg.max_iters))))
+        logger = RunLogger(Path(cfg.out_dir) / enc, cfg.max_iters, log_every=max(cfg.max_iters // 4, 1))
         t0 = time.perf_counter()
         for step in range(cfg.max_iters):
             x, y = windows(train, cfg.batch_size, cfg.train_len, cfg.seed * 100_003 + step)
@@ -223,7 +225,9 @@ def run_extrapolation(cfg: PositionsConfig) -> list[dict]:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
+            logger.step(step + 1, loss.item(), sched.get_last_lr()[0], x.numel(), encoding=enc)
         wall = time.perf_counter() - t0
+        logger.close()  # <out_dir>/<encoding>/metrics.jsonl and loss.png
         model.eval()
         row = {"encoding": enc, "train_loss": loss.item(), "train_s": wall}
         with torch.no_grad():

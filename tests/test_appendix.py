@@ -171,12 +171,13 @@ def test_sinusoidal_table_and_rope_decay_bound():
     assert bound[200:].max() < bound[0] / 2  # decays with distance
 
 
-def test_extrapolation_experiment_runs_and_learned_table_refuses_longer_inputs():
+def test_extrapolation_experiment_runs_and_learned_table_refuses_longer_inputs(tmp_path):
     cfg = positions.PositionsConfig(max_iters=20, n_chars=40_000, eval_lens="32,64", train_len=32,
-                                    eval_batches=1, batch_size=4, encodings="learned,rope")
+                                    eval_batches=1, batch_size=4, encodings="learned,rope", out_dir=str(tmp_path))
     rows = positions.run_extrapolation(cfg)
     assert [r["encoding"] for r in rows] == ["learned", "rope"]
     assert all(math.isfinite(r["len64_pos32"]) for r in rows)
+    assert (tmp_path / "rope" / "metrics.jsonl").exists() and (tmp_path / "rope" / "loss.png").exists()
     with pytest.raises(ValueError, match="longer than the learned table"):
         positions.LearnedPositions(8, 4)(9)
 
