@@ -1,0 +1,217 @@
+"""Span-corruption pretraining (T5 paper sec. 3.1.4): drop 15 % of the tokens in spans of mean length 3,
+put one sentinel in place of each span, and train the model to write the spans back after their sentinels.
+
+    python -m t5_summarization.train_pretrain              # tokenizer (once), then ~15 minutes on 2 CPU cores
+    python -m t5_summarization.train_pretrain --resume     # continue after an interruption
+    python -m t5_summarization.train_pretrain --preset gpu4gb
+
+Text: People's Daily paragraphs and the inews *train* articles (never its dev or test split, which the
+summarizer is scored on), tokenized once into one stream with </s> between documents and cut into
+``seq_len``-token chunks; each step corrupts a batch of chunks with a generator seeded by the step, so
+a resumed run sees the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.checkpoint import resume_or_start, resume_point, save_checkpoint, save_pretrained
+from common.config import parse_config
+from common.results import make_record
+from common.runtime import autocast, pick_device, pick_dtype, seed_everything, set_threads
+from common.schedule import clip_grad
+
+from .dataset import EOS, PAD, Tokenizer, md5_bucket, pretraining_texts, span_corrupt, train_tokenizer
+from .model import T5Config, T5ForConditionalGeneration
+
+
+@dataclass
+class PretrainConfig:
+    """Model size, span corruption and the optimisation of the pretraining run."""
+
+    # model (T5 v1.1 shape: gated-GELU FFN; the head is tied, see model.py)
+    d_model: int = 256  # width
+    d_kv: int = 32  # head size
+    num_heads: int = 8  # heads
+    d_ff: int = 768  # FFN hidden size
+    num_layers: int = 4  # encoder blocks
+    num_decoder_layers: int = 4  # decoder blocks
+    vocab_size: int = 8000  # sentencepiece pieces (the 100 sentinels included)
+    dropout_rate: float = 0.0  # T5 v1.1 pretrains without dropout
+    # span corruption
+    seq_len: int = 128  # tokens per chunk before corruption (T5: 512)
+    noise_density: float = 0.15  # share of tokens dropped
+    mean_span: float = 3.0  # mean length of a dropped span
+    # optimisation
+    batch_size: int = 32  # chunks per step
+    max_iters: int = 1100  # steps (~15 minutes on 2 CPU cores at the default size)
+    lr: float = 2e-3  # AdamW peak learning rate
+    warmup_iters: int = 100  # linear warmup
+    min_lr_ratio: float = 0.1  # cosine decays to lr * this
+    weight_decay: float = 0.01  # on matrices only
+    grad_clip: float = 1.0  # global norm
+    eval_every: int = 250  # steps between validation losses
+    eval_batches: int = 10  # held-out batches per validation
+    save_every: int = 250  # steps between checkpoints
+    keep_checkpoints: int = 2  # newest kept
+    log_every: int = 25  # steps between log lines
+    # data and paths
+    tokenizer_dir: str = "runs/t5_summarization/tokenizer"  # spiece.model (+ the token stream cache)
+    out_dir: str = "runs/t5_summarization/pretrain"  # checkpoints, metrics.jsonl, loss.png, final/
+    resume: bool = False  # continue from the last checkpoint in out_dir
+    seed: int = 1234  # init, data order and corruption
+    threads: int = 0  # CPU threads (0: torch's default)
+    device: str = "auto"  # auto, cpu, cuda, mps
+    dtype: str = "auto"  # auto (bf16 on a GPU that has it), fp32, bf16, fp16
+    run_name: str = "span_corruption_cpu"  # names this run's records in doc/results.json
+
+
+PRESETS = {
+    "cpu": {},
+    "gpu4gb": {"d_model": 512, "d_kv": 64, "num_heads": 8, "d_ff": 1024, "num_layers": 6, "num_decoder_layers": 6,
+               "seq_len": 256, "batch_size": 64, "max_iters": 20000, "lr": 1e-3, "warmup_iters": 1000,
+               "eval_every": 1000, "save_every": 1000, "run_name": "span_corruption_gpu4gb"},
+}
+
+
+def model_config(cfg, vocab_size: int) -> T5Config:
+    return T5Config(vocab_size=vocab_size, d_model=cfg.d_model, d_kv=cfg.d_kv, num_heads=cfg.num_heads,
+                    d_ff=cfg.d_ff, num_layers=cfg.num_layers, num_decoder_layers=cfg.num_decoder_layers,
+                    dropout_rate=cfg.dropout_rate)
+
+
+def ensure_tokenizer(cfg: PretrainConfig) -> Tokenizer:
+    """The chapter's sentencepiece model: trained once on the pretraining text (never dev/test)."""
+    path = Path(cfg.tokenizer_dir) / "spiece.model"
+    if not path.exists():
+        t0 = time.perf_counter()
+        train_tokenizer(pretraining_texts(), cfg.tokenizer_dir, vocab_size=cfg.vocab_size, seed=cfg.seed)
+        print(f"tokenizer: unigram, {cfg.vocab_size} pieces, trained in {time.perf_counter() - t0:.0f} s -> {path}")
+    return Tokenizer(path)
+
+
+def token_streams(tok: Tokenizer, tokenizer_dir: str) -> dict[str, np.ndarray]:
+    """All pretraining documents tokenized into one stream per split (</s> between documents), cached
+    next to the tokenizer. Valid = documents whose md5 falls in 2 of 100 buckets."""
+    cache = Path(tokenizer_dir) / "pretrain_stream.npz"
+    if cache.exists():
+        with np.load(cache) as z:
+            return {"train": z["train"], "valid": z["valid"]}
+    streams: dict[str, list[int]] = {"train": [], "valid": []}
+    for text in pretraining_texts():
+        streams["valid" if md5_bucket(text) < 2 else "train"] += tok.encode(text, eos=True)
+    out = {k: np.asarray(v, dtype=np.int32) for k, v in streams.items()}
+    tmp = cache.with_suffix(".tmp.npz")
+    np.savez(tmp, **out)
+    tmp.replace(cache)
+    return out
+
+
+def pad_batch(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+def corrupted_batch(stream: np.ndarray, tok: Tokenizer, cfg, seed: int):
+    """``batch_size`` random chunks, span-corrupted: (input ids, attention mask, labels with -100 on padding)."""
+    rng = random.Random(seed)
+    n_chunks = len(stream) // cfg.seq_len
+    inputs, targets = [], []
+    for _ in range(cfg.batch_size):
+        c = rng.randrange(n_chunks)
+        chunk = [int(t) for t in stream[c * cfg.seq_len: (c + 1) * cfg.seq_len] if t != EOS]
+        x, y = span_corrupt(chunk, tok.sentinel_ids, rng, cfg.noise_density, cfg.mean_span)
+        inputs.append(x)
+        targets.append(y)
+    ids = pad_batch(inputs, PAD)
+    return ids, (ids != PAD).long(), pad_batch(targets, -100)
+
+
+@torch.no_grad()
+def evaluate(model, stream: np.ndarray, tok: Tokenizer, cfg, device, dtype) -> float:
+    """Mean span-corruption loss on fixed corrupted batches of the held-out stream."""
+    model.eval()
+    losses = []
+    for b in range(cfg.eval_batches):
+        ids, mask, labels = corrupted_batch(stream, tok, cfg, seed=9_000_000 + b)
+        with autocast(device, dtype):
+            loss, _ = model(ids.to(device), mask.to(device), labels.to(device))
+        losses.append(loss.item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def main(cfg: PretrainConfig) -> dict:
+    set_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    out = Path(cfg.out_dir)
+    t0 = time.perf_counter()
+    tok = ensure_tokenizer(cfg)
+    streams = token_streams(tok, cfg.tokenizer_dir)
+    mcfg = model_config(cfg, tok.vocab_size)
+    model = T5ForConditionalGeneration(mcfg).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"data: {len(streams['train']) / 1e6:.2f} M train / {len(streams['valid']) / 1e6:.2f} M valid tokens "
+          f"({len(streams['train']) // cfg.seq_len:,} chunks of {cfg.seq_len}) | model {n_params / 1e6:.1f} M "
+          f"parameters | {device} {dtype} | data {time.perf_counter() - t0:.0f} s", flush=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                                  lr=cfg.lr, betas=(0.9, 0.98))
+    resume_from = resume_point(out / "checkpoints", cfg.resume)
+    scheduler, start, logger = resume_or_start(model, optimizer, cfg, out, resume_from, device, cfg.min_lr_ratio)
+    vl = evaluate(model, streams["valid"], tok, cfg, device, dtype)
+    first_valid = vl
+    if start == 0:
+        logger.log({"step": 0, "valid_loss": vl})
+        logger.write(f"step 0/{cfg.max_iters} | valid loss {vl:.3f} (uniform: {math.log(tok.vocab_size):.3f})")
+    losses, t_start = [], time.perf_counter()
+    model.train()
+    for step in range(start + 1, cfg.max_iters + 1):
+        ids, mask, labels = corrupted_batch(streams["train"], tok, cfg, seed=cfg.seed * 1_000_003 + step)
+        with autocast(device, dtype):
+            loss, _ = model(ids.to(device), mask.to(device), labels.to(device))
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower --lr")
+        loss.backward()
+        clip_grad(params, cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        losses.append(loss.item())
+        logger.step(step, loss.item(), scheduler.get_last_lr()[0], ids.numel() + int((labels != -100).sum()))
+        if step % cfg.eval_every == 0 or step == cfg.max_iters:
+            vl = evaluate(model, streams["valid"], tok, cfg, device, dtype)
+            logger.log({"step": step, "valid_loss": vl})
+            logger.write(f"step {step}/{cfg.max_iters} | valid loss {vl:.3f}")
+        if step % cfg.save_every == 0 or step == cfg.max_iters:
+            save_checkpoint(out / "checkpoints", step, model, mcfg.to_dict(), optimizer, scheduler,
+                            keep=cfg.keep_checkpoints)
+    wall = time.perf_counter() - t_start
+    logger.close()
+    final = out / "final"
+    save_pretrained(model, mcfg.to_dict(), final)
+    (final / "spiece.model").write_bytes((Path(cfg.tokenizer_dir) / "spiece.model").read_bytes())
+    summary = {"steps": cfg.max_iters, "resumed_at": start, "train_wall_s": wall, "valid_loss": vl,
+               "initial_valid_loss": first_valid, "params": n_params}
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if start == 0:
+        rec = make_record("t5_summarization", cfg.run_name, "valid_loss", vl, "before_pretraining", first_valid, wall,
+                          "python -m t5_summarization.train_pretrain")
+        (out / "results.json").write_text(json.dumps([rec], indent=2) + "\n")
+    logger.write(f"done: {cfg.max_iters} steps in {wall:.0f} s | valid span-corruption loss {vl:.3f} | {final}")
+    return {"losses": losses, "valid_loss": vl, "summary": summary, "final_dir": final, "model": model}
+
+
+if __name__ == "__main__":
+    main(parse_config(PretrainConfig, presets=PRESETS))

@@ -1,0 +1,161 @@
+"""T5 from scratch against transformers' T5ForConditionalGeneration; the relative position buckets;
+span corruption's statistics and inverse; the data cleaning."""
+
+import inspect
+import random
+
+import pytest
+import torch
+
+from t5_summarization import dataset
+from t5_summarization.model import T5Config, T5ForConditionalGeneration, relative_position_bucket, to_hf_config
+
+
+def tiny(**kw) -> T5Config:
+    base = dict(vocab_size=99, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=3, num_heads=4,
+                relative_attention_num_buckets=8, relative_attention_max_distance=20, dropout_rate=0.0)
+    return T5Config(**{**base, **kw})
+
+
+@pytest.mark.parametrize("ff", ["relu", "gated-gelu"])
+def test_logits_and_loss_equal_transformers(ff):
+    from transformers import T5ForConditionalGeneration as HFT5
+
+    torch.manual_seed(0)
+    cfg = tiny(feed_forward_proj=ff)
+    hf = HFT5(to_hf_config(cfg)).eval()
+    ours = T5ForConditionalGeneration(cfg).eval()
+    ours.load_state_dict(hf.state_dict())
+    ids = torch.randint(3, 99, (2, 30))
+    mask = torch.ones_like(ids)
+    mask[1, 22:] = 0  # the second source is padded
+    labels = torch.randint(3, 99, (2, 25))
+    labels[0, 20:] = -100
+    ref = hf(input_ids=ids, attention_mask=mask, labels=labels)
+    loss, logits = ours(ids, mask, labels)
+    torch.testing.assert_close(logits, ref.logits, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(loss, ref.loss)
+
+
+def test_our_state_dict_loads_into_transformers():
+    from transformers import T5ForConditionalGeneration as HFT5
+
+    cfg = tiny()
+    ours = T5ForConditionalGeneration(cfg).eval()
+    hf = HFT5(to_hf_config(cfg)).eval()
+    result = hf.load_state_dict(ours.state_dict(), strict=False)
+    assert not result.unexpected_keys and set(result.missing_keys) <= {"encoder.embed_tokens.weight",
+                                                                       "decoder.embed_tokens.weight", "lm_head.weight"}
+    ids = torch.randint(3, 99, (1, 12))
+    dec = torch.randint(3, 99, (1, 7))
+    torch.testing.assert_close(ours(ids, decoder_input_ids=dec)[1], hf(input_ids=ids, decoder_input_ids=dec).logits,
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_relative_position_buckets_equal_transformers_and_are_shared_by_layers():
+    from transformers.models.t5.modeling_t5 import T5Attention as HFAttention
+
+    rel = torch.arange(-300, 300)[None, :]
+    for bidirectional in (True, False):
+        ours = relative_position_bucket(rel, bidirectional, 32, 128)
+        ref = HFAttention._relative_position_bucket(rel, bidirectional, 32, 128)
+        assert torch.equal(ours, ref)
+    ours = relative_position_bucket(rel, False, 32, 128)
+    assert (ours[rel > 0] == 0).all()  # the decoder cannot tell future keys apart: they are masked anyway
+    model = T5ForConditionalGeneration(tiny())
+    owners = [n for n, _ in model.named_parameters() if "relative_attention_bias" in n]
+    assert owners == ["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+                      "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+
+
+def test_decoding_with_the_cache_equals_the_full_forward():
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(tiny()).eval()
+    ids = torch.randint(3, 99, (2, 10))
+    dec = torch.randint(3, 99, (2, 6))
+    enc = model.encode(ids)
+    full, _ = model.decode(dec, enc)
+    steps, cache = [], None
+    for t in range(6):
+        logits, cache = model.decode(dec[:, t: t + 1], enc, cache=cache)
+        steps.append(logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def test_span_corruption_statistics_and_inverse():
+    rng = random.Random(0)
+    sentinels = list(range(1000, 1100))
+    noise, spans, total = 0, 0, 0
+    for n in range(50, 250):
+        ids = list(range(10, 10 + n))
+        inputs, targets = dataset.span_corrupt(ids, sentinels, rng)
+        assert dataset.uncorrupt(inputs, targets, sentinels) == ids
+        assert inputs[-1] == dataset.EOS and targets[-1] == dataset.EOS
+        k = sum(t in sentinels for t in inputs)
+        assert targets[:1] == [sentinels[0]] and sum(t in sentinels for t in targets) == k + 1
+        noise += len(targets) - 1 - (k + 1)
+        spans += k
+        total += n
+    assert noise / total == pytest.approx(0.15, abs=0.005)
+    assert noise / spans == pytest.approx(3.0, abs=0.15)
+
+
+def test_cleaning_cuts_site_names_and_escapes():
+    assert dataset.clean_title("乌什县燃气壁挂炉十大排名介绍-土拨鼠装修网") == "乌什县燃气壁挂炉十大排名介绍"
+    assert dataset.clean_title("朝阳法院司法拍卖拍出26套房产") == "朝阳法院司法拍卖拍出26套房产"
+    assert dataset.clean_title("某某新闻标题很长的一句话_律师365") == "某某新闻标题很长的一句话"
+    body = dataset.clean_body("第一段\\n第二段 http://example.com/x?a=1 电话0571-8888-1234。ＡＢＣ１２３")
+    assert body == "第一段 第二段 电话。ABC123"
+
+
+def test_unpickler_copy_matches_gpt_chapter():
+    from gpt_minimind import dataset as gpt_dataset
+
+    assert inspect.getsource(dataset._ListsOnlyUnpickler) == inspect.getsource(gpt_dataset._ListsOnlyUnpickler)
+    assert dataset.INEWS == gpt_dataset.INEWS
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_greedy_and_beam_search_equal_transformers_generate(seed):
+    from transformers import T5ForConditionalGeneration as HFT5
+
+    from t5_summarization.infer import beam_search, greedy_decode
+
+    torch.manual_seed(seed)
+    cfg = tiny(vocab_size=60, num_decoder_layers=2)
+    ours = T5ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        ours.shared.weight[dataset.EOS] *= 4  # make </s> likely, so that beams finish at different lengths
+    hf = HFT5(to_hf_config(cfg)).eval()
+    hf.load_state_dict(ours.state_dict(), strict=False)
+    ids = torch.randint(3, 60, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[2, 6:] = 0
+
+    def hf_rows(out):  # drop the start token; cut after </s> (transformers pads finished rows)
+        rows = [r[1:].tolist() for r in out]
+        return [r[: r.index(dataset.EOS) + 1] if dataset.EOS in r else r for r in rows]
+
+    for no_repeat in (0, 2):
+        ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, num_beams=1,
+                          no_repeat_ngram_size=no_repeat)
+        assert greedy_decode(ours, ids, mask, 12, no_repeat) == hf_rows(ref)
+        for length_penalty in (0.6, 2.0):
+            ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, num_beams=4,
+                              length_penalty=length_penalty, no_repeat_ngram_size=no_repeat, early_stopping=True)
+            assert beam_search(ours, ids, mask, 12, 4, length_penalty, no_repeat) == hf_rows(ref), (no_repeat,
+                                                                                                   length_penalty)
+
+
+def test_rouge_on_characters():
+    from t5_summarization.infer import rouge_scores
+
+    perfect = rouge_scores(["大巴车与汽车相撞"], ["大巴车与汽车相撞。"])
+    assert perfect == {"rouge1": 100.0, "rouge2": 100.0, "rougeL": 100.0}  # punctuation is not scored
+    s = rouge_scores(["汽车相撞大巴"], ["大巴车与汽车相撞"])
+    # 5 of 6 candidate chars in the 8 reference chars; LCS "汽车相撞" = 4
+    assert s["rouge1"] == pytest.approx(100 * 2 * (5 / 6) * (5 / 8) / (5 / 6 + 5 / 8))
+    assert s["rougeL"] == pytest.approx(100 * 2 * (4 / 6) * (4 / 8) / (4 / 6 + 4 / 8))
