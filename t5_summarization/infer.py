@@ -200,7 +200,7 @@ class InferConfig:
     split: str = "test"  # test or dev
     limit: int = 0  # only the first N articles (0: all)
     prefix: str = "摘要："  # the task prefix the model was fine-tuned with
-    max_source_len: int = 192  # body tokens the encoder sees
+    max_source_len: int = 128  # body tokens the encoder sees
     max_target_len: int = 32  # headline tokens at most
     num_beams: int = 4  # beam width
     length_penalty: float = 1.0  # > 0 favours longer headlines
