@@ -94,7 +94,8 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg) -> torch.optim.Optimiz
     """Adafactor (Shazeer & Stern 2018), T5's optimizer: factored second moments, and each update scaled by
     the RMS of the weight it changes. That matters for T5: its init gives the embedding entries of size 1
     and W_q entries of size 1/sqrt(C D) ~ 0.01, so one AdamW learning rate is tiny for the first and huge
-    for the second (measured here: AdamW 2e-3 reached span loss 5.9 in 150 steps, Adafactor 5.7 in 160)."""
+    for the second (the default run: held-out span loss 5.67 after 1,100 steps with AdamW 2e-3, 5.23 with
+    Adafactor; see the README)."""
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     if cfg.optimizer == "adafactor":
