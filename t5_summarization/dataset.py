@@ -142,14 +142,13 @@ def summarization_pairs(split: str, data_file: str = "", text_field: str = "text
             and len(r["text"]) >= 20]
 
 
-def pretraining_texts(exclude: Sequence[str] = ()) -> list[str]:
+def pretraining_texts() -> list[str]:
     """Text for span corruption: People's Daily paragraphs and the inews *train* bodies and titles
     (never dev or test: the summarizer is scored on those)."""
     texts = [clean_body(p) for p in peoples_daily_paragraphs()]
     for t, b, _ in load_inews("train"):
         texts += [clean_title(t), clean_body(b)]
-    skip = set(exclude)
-    return [t for t in texts if len(t) >= 8 and is_chinese(t) and t not in skip]
+    return [t for t in texts if len(t) >= 8 and is_chinese(t)]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ a resumed run sees the batches an uninterrupted one would.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -111,14 +112,17 @@ def ensure_tokenizer(cfg: PretrainConfig) -> Tokenizer:
     path = Path(cfg.tokenizer_dir) / "spiece.model"
     if not path.exists():
         t0 = time.perf_counter()
-        train_tokenizer(corpus(cfg), cfg.tokenizer_dir, vocab_size=cfg.vocab_size, seed=cfg.seed)
+        train_tokenizer(corpus(cfg.max_documents), cfg.tokenizer_dir, vocab_size=cfg.vocab_size, seed=cfg.seed)
         print(f"tokenizer: unigram, {cfg.vocab_size} pieces, trained in {time.perf_counter() - t0:.0f} s -> {path}")
     return Tokenizer(path)
 
 
-def corpus(cfg: PretrainConfig) -> list[str]:
+@functools.lru_cache(maxsize=1)
+def corpus(max_documents: int) -> tuple[str, ...]:
+    """The pretraining documents (the first ``max_documents``, 0: all), read once per process: a fresh
+    run needs them twice, for the tokenizer and for the token stream."""
     texts = pretraining_texts()
-    return texts[: cfg.max_documents] if cfg.max_documents else texts
+    return tuple(texts[:max_documents] if max_documents else texts)
 
 
 def token_streams(tok: Tokenizer, cfg: PretrainConfig) -> dict[str, np.ndarray]:
@@ -129,7 +133,7 @@ def token_streams(tok: Tokenizer, cfg: PretrainConfig) -> dict[str, np.ndarray]:
         with np.load(cache) as z:
             return {"train": z["train"], "valid": z["valid"]}
     streams: dict[str, list[int]] = {"train": [], "valid": []}
-    for text in corpus(cfg):
+    for text in corpus(cfg.max_documents):
         streams["valid" if md5_bucket(text) < 2 else "train"] += tok.encode(text, eos=True)
     out = {k: np.asarray(v, dtype=np.int32) for k, v in streams.items()}
     tmp = cache.with_suffix(".tmp.npz")
