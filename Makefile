@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: setup data demo demo-finetune demo-distill demo-translate demo-address demo-appendix test lint results bench clean
+.PHONY: setup data demo demo-finetune demo-distill demo-translate demo-address demo-summarize demo-appendix test lint results bench clean
 
 setup: $(VENV)/.installed
 
@@ -18,6 +18,7 @@ data: setup
 	$(PY) -m transformer_basics.dataset
 	$(PY) -m gpt_minimind.dataset
 	$(PY) -m bert_address_cls.dataset
+	$(PY) -m t5_summarization.dataset
 	$(PY) -m appendix.text
 
 # the project's main job end to end on the CPU: the GPT chapter's tokenizer, pretraining, and samples
@@ -50,6 +51,14 @@ demo-address: data
 	$(PY) -m bert_address_cls.train_mlm
 	$(PY) -m bert_address_cls.train_cls --confusion-png doc/bert_address_cls_confusion.png
 	$(PY) -m bert_address_cls.infer
+
+# the T5 chapter end to end (~50 minutes on 2 cores): span corruption, headline fine-tuning, the random-init control
+demo-summarize: data
+	$(PY) -m t5_summarization.train_pretrain
+	$(PY) -m t5_summarization.train_summarize
+	$(PY) -m t5_summarization.train_summarize --init-from "" --out-dir runs/t5_summarization/summarize_random \
+		--run-name random_init_cpu
+	$(PY) -m t5_summarization.infer --limit 20 --samples 5
 
 # the appendix: every building block's checks and measurements (~20 minutes on 2 cores; the figures go to doc/)
 demo-appendix: data
