@@ -229,3 +229,25 @@ def test_summarization_strategies_train_and_score(pretrained, tmp_path, strategy
         assert all(p.requires_grad == (".adapter." in n or "layer_norm" in n) for n, p in model.named_parameters())
     else:
         assert counts[0] < counts[1] < counts[2] == total
+
+
+def test_own_jsonl_data_is_split_by_hash_and_bad_lines_are_named(tmp_path):
+    """The LCSTS/NLPCC-style path: one {"text", "summary"} per line (field names are options), split 90/5/5
+    by the md5 of the text, cleaned like inews; a record without the field names its file and line."""
+    import json
+
+    rows = [{"body": f"第{i}条新闻的正文，讲了一件事情。\\n更多内容见 http://example.com/{i}",
+             "title": f"第{i}条新闻的标题_某某网"} for i in range(300)]
+    path = tmp_path / "own.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    kw = dict(data_file=str(path), text_field="body", summary_field="title")
+    splits = {s: dataset.summarization_pairs(s, **kw) for s in ("train", "dev", "test")}
+    texts = [{p["text"] for p in splits[s]} for s in ("train", "dev", "test")]
+    assert sum(map(len, texts)) == 300 and not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
+    assert 240 <= len(texts[0]) <= 290 and texts[1] and texts[2]  # ~90 / 5 / 5 %
+    pair = splits["train"][0]
+    assert "http" not in pair["text"] and "\\n" not in pair["text"] and pair["summary"].endswith("的标题")
+    path.write_text(json.dumps(rows[0], ensure_ascii=False) + "\n" + json.dumps({"body": "只有正文"}) + "\n",
+                    encoding="utf-8")
+    with pytest.raises(ValueError, match=r"own\.jsonl:2: missing field\(s\) \['title'\]"):
+        dataset.summarization_pairs("train", **kw)
