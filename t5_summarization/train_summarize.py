@@ -38,6 +38,7 @@ from common.schedule import clip_grad
 from .dataset import PAD, Tokenizer, summarization_pairs
 from .infer import evaluate_split, lead_baselines
 from .model import T5Config, T5ForConditionalGeneration
+from .train_pretrain import PRESETS as PRETRAIN_PRESETS
 from .train_pretrain import PretrainConfig, make_optimizer, model_config
 
 
@@ -46,6 +47,7 @@ class SummarizeConfig:
     """Fine-tuning data, strategy, budget, and the decoding used for the final scores."""
 
     init_from: str = "runs/t5_summarization/pretrain/final"  # pretrained weights ("" = random init, same size)
+    model_preset: str = "cpu"  # random init only: the model size of train_pretrain's preset of this name
     tokenizer: str = "runs/t5_summarization/tokenizer/spiece.model"  # the chapter's sentencepiece model
     data_file: str = ""  # your own JSONL instead of inews (split 90/5/5 by md5)
     text_field: str = "text"  # body field of --data-file
@@ -85,16 +87,18 @@ class SummarizeConfig:
 
 
 PRESETS = {"cpu": {}, "gpu4gb": {"max_source_len": 512, "batch_size": 32, "max_iters": 6000, "lr": 1e-3,
-                                 "eval_every": 500, "save_every": 500, "run_name": "pretrained_gpu4gb"}}
+                                 "model_preset": "gpu4gb", "eval_every": 500, "save_every": 500,
+                                 "run_name": "pretrained_gpu4gb"}}
 
 
 def build_model(cfg: SummarizeConfig, tok: Tokenizer) -> T5ForConditionalGeneration:
-    """The pretrained model (its config.json gives the size), or a random one of the pretraining default size."""
+    """The pretrained model (its config.json gives the size), or a random one of the size of the pretraining
+    preset ``model_preset`` (the control for that pretraining run)."""
     if cfg.init_from:
         src = json.loads((Path(cfg.init_from) / "config.json").read_text())
         mcfg = T5Config(**{k: v for k, v in src.items() if k in T5Config.__dataclass_fields__})
     else:
-        mcfg = model_config(PretrainConfig(), tok.vocab_size)
+        mcfg = model_config(PretrainConfig(**PRETRAIN_PRESETS[cfg.model_preset]), tok.vocab_size)
     mcfg.dropout_rate = cfg.dropout_rate
     mcfg.adapter_dim = cfg.adapter_dim if cfg.strategy == "adapters" else 0
     model = T5ForConditionalGeneration(mcfg)

@@ -251,3 +251,21 @@ def test_own_jsonl_data_is_split_by_hash_and_bad_lines_are_named(tmp_path):
                     encoding="utf-8")
     with pytest.raises(ValueError, match=r"own\.jsonl:2: missing field\(s\) \['title'\]"):
         dataset.summarization_pairs("train", **kw)
+
+
+def test_random_init_control_has_the_size_of_its_pretraining_preset(pretrained):
+    """``--init-from ""`` is the control for a pretraining run: with ``--preset gpu4gb`` it must be the
+    gpu4gb model, not the CPU one."""
+    from common.config import parse_config
+    from t5_summarization import train_pretrain, train_summarize
+
+    tok = dataset.Tokenizer(pretrained[0] / "tok" / "spiece.model")
+    for preset in ("cpu", "gpu4gb"):
+        cfg = parse_config(train_summarize.SummarizeConfig, ["--preset", preset, "--init-from", ""],
+                           train_summarize.PRESETS)
+        want = parse_config(train_pretrain.PretrainConfig, ["--preset", preset], train_pretrain.PRESETS)
+        with torch.device("meta"):
+            model = train_summarize.build_model(cfg, tok)
+        got = model.config
+        assert (got.d_model, got.num_layers, got.num_decoder_layers, got.d_ff) == \
+            (want.d_model, want.num_layers, want.num_decoder_layers, want.d_ff)
