@@ -66,7 +66,7 @@ class SummarizeConfig:
     #                 this 2 M model from a short pretraining learns much faster at 3e-2, see the README)
     warmup_iters: int = 50  # linear warmup
     min_lr_ratio: float = 0.1  # cosine floor
-    weight_decay: float = 0.01  # on matrices
+    weight_decay: float = 0.01  # AdamW only, on matrices
     grad_clip: float = 1.0  # global norm
     eval_every: int = 500  # steps between dev losses
     save_every: int = 500  # steps between checkpoints
@@ -98,6 +98,8 @@ def build_model(cfg: SummarizeConfig, tok: Tokenizer) -> T5ForConditionalGenerat
         src = json.loads((Path(cfg.init_from) / "config.json").read_text())
         mcfg = T5Config(**{k: v for k, v in src.items() if k in T5Config.__dataclass_fields__})
     else:
+        if cfg.model_preset not in PRETRAIN_PRESETS:
+            raise ValueError(f"--model-preset: expected one of {sorted(PRETRAIN_PRESETS)}; got {cfg.model_preset!r}")
         mcfg = model_config(PretrainConfig(**PRETRAIN_PRESETS[cfg.model_preset]), tok.vocab_size)
     mcfg.dropout_rate = cfg.dropout_rate
     mcfg.adapter_dim = cfg.adapter_dim if cfg.strategy == "adapters" else 0
