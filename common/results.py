@@ -13,6 +13,8 @@ import datetime as _dt
 import json
 import os
 import platform
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,16 @@ def machine() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"{platform.machine()} CPU, {os.cpu_count()} cores"
+
+
+def command_line(module: str) -> str:
+    """``python -m module`` with the flags this process was started with, when it was started as that
+    module (so a record says exactly what ran, e.g. ``--seed 2``); just ``python -m module`` otherwise
+    (a test or another script calling the module's ``main``)."""
+    started_as = Path(sys.argv[0]).with_suffix("").parts[-len(module.split(".")):] if sys.argv and sys.argv[0] else ()
+    if tuple(started_as) == tuple(module.split(".")):
+        return shlex.join(["python", "-m", module, *sys.argv[1:]])
+    return f"python -m {module}"
 
 
 def make_record(chapter: str, run: str, metric: str, value: float, baseline: str, baseline_value: float | None,

@@ -193,6 +193,15 @@ def test_results_collect_and_merge(tmp_path):
     assert "| ch | run | accuracy | 0.9123 |" in (doc / "results.md").read_text()
 
 
+def test_results_command_line_names_the_flags_it_ran_with(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["/repo/ch/train.py", "--seed", "2", "--out-dir", "runs/a b"])
+    assert results.command_line("ch.train") == "python -m ch.train --seed 2 --out-dir 'runs/a b'"
+    # called from elsewhere (a test, another script): only the module, no foreign flags
+    assert results.command_line("ch.infer") == "python -m ch.infer"
+    monkeypatch.setattr("sys.argv", ["/usr/bin/pytest", "-q"])
+    assert results.command_line("ch.train") == "python -m ch.train"
+
+
 def test_bench_figures():
     assert bench.peak_memory_bytes("cpu") > 10 * 2**20
     assert bench.matmul_peak_flops(n=128, repeats=1) > 1e6

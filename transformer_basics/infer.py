@@ -19,7 +19,7 @@ import torch
 
 from common.checkpoint import average_weights, list_checkpoints, load_pretrained, load_weights, read_config
 from common.config import parse_config
-from common.results import make_record
+from common.results import command_line, make_record
 from common.runtime import pick_device, set_threads
 
 from .dataset import BOS_ID, EOS_ID, PAD_ID, TranslationData, decode, encode, load_tokenizer
@@ -266,7 +266,8 @@ def write_results(run_dir: Path, result: dict, cfg: InferConfig) -> None:
     summary = run_dir / "train_summary.json"
     train = json.loads(summary.read_text()) if summary.exists() else {}
     wall = train.get("train_wall_s", 0.0)
-    cmd = "python -m transformer_basics.train_translate && python -m transformer_basics.infer"
+    cmd = train.get("command", "python -m transformer_basics.train_translate") + " && " + \
+        command_line("transformer_basics.infer")
     records = [
         make_record("transformer_basics", f"greedy_{cfg.run_name}", "bleu_greedy", result["bleu_greedy"],
                     "retrieval_nearest_english", result["bleu_retrieval_baseline"],

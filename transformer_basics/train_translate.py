@@ -26,6 +26,7 @@ from common.checkpoint import load_checkpoint, model_state, resume_point, save_c
 from common.config import parse_config
 from common.distributed import all_reduce_mean, cleanup, init_distributed, wrap
 from common.log import RunLogger
+from common.results import command_line
 from common.runtime import autocast, pick_device, pick_dtype, seed_everything, set_threads
 from common.schedule import clip_grad, make_scheduler
 
@@ -225,7 +226,8 @@ def main(cfg: TrainConfig) -> dict:
         summary = {"steps": step, "train_wall_s": wall, "final_train_loss": losses[-1] if losses else None,
                    "valid_loss": valid_losses[-1][1] if valid_losses else None,
                    "n_params": model.num_parameters(), "train_pairs": len(train),
-                   "tgt_vocab_size": mcfg.tgt_vocab_size}
+                   "tgt_vocab_size": mcfg.tgt_vocab_size,
+                   "command": command_line("transformer_basics.train_translate")}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         logger.write(f"done: {step} steps in {wall:.0f} s | weights in {final_dir}")
     logger.close()
