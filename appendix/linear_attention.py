@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from common.bench import peak_memory_bytes, time_interleaved
 from common.config import parse_config
-from common.results import make_record
+from common.results import command_line, make_record
 from common.runtime import set_threads
 
 
@@ -212,7 +212,7 @@ def main(cfg: LinearAttentionConfig) -> list[dict]:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "rows.json").write_text(json.dumps(rows, indent=2) + "\n")
-    cmd = "python -m appendix.linear_attention"
+    cmd = command_line("appendix.linear_attention")
     records = []
     for r in rows:
         run = f"linear_attention_h{cfg.heads}_d{cfg.head_dim}_T{r['T']}"

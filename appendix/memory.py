@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 
 from common.bench import peak_memory_bytes, time_fn
 from common.config import parse_config
-from common.results import make_record
+from common.results import command_line, make_record
 from common.runtime import set_threads
 
 from .positions import Block, PositionsConfig, TinyLM
@@ -318,7 +318,7 @@ def main(cfg: MemoryConfig) -> dict:
     folder = Path(cfg.out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "memory.json").write_text(json.dumps(out, indent=2) + "\n")
-    cmd = "python -m appendix.memory"
+    cmd = command_line("appendix.memory")
     run = f"grad_checkpointing_{cfg.n_layer}x{cfg.dim}_b{cfg.batch_size}x{cfg.seq_len}"
     adam, adam8 = out["optimizers"]
     records = [make_record("appendix", run, "peak_added_mib", on["peak_added_mib"], "no_checkpointing",

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from common.config import parse_config
 from common.log import RunLogger
-from common.results import make_record
+from common.results import command_line, make_record
 from common.runtime import seed_everything, set_threads
 
 from .text import shakespeare_text
@@ -303,7 +303,7 @@ def main(cfg: PositionsConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "extrapolation.json").write_text(json.dumps(rows, indent=2) + "\n")
     # doc/results.json: each encoding's loss at each length, against the same model at its training length
-    cmd = "python -m appendix.positions"
+    cmd = command_line("appendix.positions")
     records = [make_record("appendix", f"positions_{r['encoding']}_train{cfg.train_len}_len{n}", "valid_loss",
                            r[f"len{n}"], f"len{cfg.train_len}", r[f"len{cfg.train_len}"], r["train_s"], cmd)
                for r in rows for n in lens if n != cfg.train_len]

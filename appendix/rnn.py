@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from common.bench import time_interleaved
 from common.checkpoint import resume_or_start, resume_point, save_checkpoint, save_pretrained
 from common.config import parse_config
-from common.results import make_record
+from common.results import command_line, make_record
 from common.runtime import pick_device, seed_everything, set_threads
 from common.schedule import clip_grad
 
@@ -403,7 +403,7 @@ def main(cfg: CharLMConfig) -> dict:
                "bits_per_char": vl / math.log(2), "params": n_params, "sample": text}
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if start == 0:  # a figure for the docs only from an uninterrupted run (its wall time is whole)
-        cmd = f"python -m appendix.rnn --mode {cfg.mode} --impl {cfg.impl}"
+        cmd = command_line("appendix.rnn", f"python -m appendix.rnn --mode {cfg.mode} --impl {cfg.impl}")
         records = [make_record("appendix", cfg.run_name, "valid_loss", vl, "uniform", math.log(len(data.chars)),
                                wall, cmd)]
         (out / "results.json").write_text(json.dumps(records, indent=2) + "\n")

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from common.checkpoint import read_config, resume_or_start, resume_point, save_checkpoint, save_pretrained
 from common.config import parse_config
-from common.results import make_record
+from common.results import command_line, make_record
 from common.runtime import autocast, pick_device, pick_dtype, seed_everything, set_threads
 from common.schedule import clip_grad
 
@@ -319,8 +319,9 @@ def main(cfg: ClsConfig) -> dict:
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     if cfg.confusion_png:
         draw_confusion(result["confusion"], cfg.confusion_png)
-    cmd = "python -m bert_address_cls.train_cls" + ("" if cfg.init_from else " --init-from ''") + \
-          ("" if cfg.mode == "full" else f" --mode {cfg.mode}")
+    cmd = command_line("bert_address_cls.train_cls", "python -m bert_address_cls.train_cls"
+                       + ("" if cfg.init_from else " --init-from ''")
+                       + ("" if cfg.mode == "full" else f" --mode {cfg.mode}"))
     records = [make_record("bert_address_cls", cfg.run_name, "entity_f1", result["f1"], "", None, wall, cmd)]
     for f in ("province", "city", "district"):
         base = baseline[f"{f}_accuracy"] if baseline else None

@@ -26,7 +26,7 @@ from transformers import AutoTokenizer
 
 from common.checkpoint import resume_or_start, resume_point, save_checkpoint, save_pretrained
 from common.config import parse_config
-from common.results import make_record
+from common.results import command_line, make_record
 from common.runtime import autocast, pick_device, pick_dtype, seed_everything, set_threads
 from common.schedule import clip_grad
 
@@ -295,7 +295,8 @@ def main(cfg: MLMConfig) -> dict:
     summary = {"steps": cfg.max_iters, "train_wall_s": wall, "initial": first, "final": final,
                "params": sum(p.numel() for p in model.parameters()), "vocab_size": V}
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    cmd = "python -m bert_address_cls.train_mlm" + (" --nsp" if cfg.nsp else "")
+    cmd = command_line("bert_address_cls.train_mlm",
+                       "python -m bert_address_cls.train_mlm" + (" --nsp" if cfg.nsp else ""))
     records = [make_record("bert_address_cls", cfg.run_name, "mlm_accuracy", final["mlm_accuracy"], "before_training",
                            first["mlm_accuracy"] if first else None, wall, cmd)]
     if cfg.nsp:

@@ -31,14 +31,14 @@ def machine() -> str:
     return f"{platform.machine()} CPU, {os.cpu_count()} cores"
 
 
-def command_line(module: str) -> str:
+def command_line(module: str, fallback: str = "") -> str:
     """``python -m module`` with the flags this process was started with, when it was started as that
-    module (so a record says exactly what ran, e.g. ``--seed 2``); just ``python -m module`` otherwise
-    (a test or another script calling the module's ``main``)."""
+    module (so a record says exactly what ran, e.g. ``--seed 2``); otherwise (a test or another script
+    calling the module's ``main``) ``fallback``, or just ``python -m module``."""
     started_as = Path(sys.argv[0]).with_suffix("").parts[-len(module.split(".")):] if sys.argv and sys.argv[0] else ()
     if tuple(started_as) == tuple(module.split(".")):
         return shlex.join(["python", "-m", module, *sys.argv[1:]])
-    return f"python -m {module}"
+    return fallback or f"python -m {module}"
 
 
 def make_record(chapter: str, run: str, metric: str, value: float, baseline: str, baseline_value: float | None,

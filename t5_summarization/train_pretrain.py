@@ -26,7 +26,7 @@ import torch
 
 from common.checkpoint import resume_or_start, resume_point, save_checkpoint, save_pretrained
 from common.config import parse_config
-from common.results import make_record
+from common.results import command_line, make_record
 from common.runtime import autocast, pick_device, pick_dtype, seed_everything, set_threads
 from common.schedule import clip_grad
 
@@ -232,7 +232,7 @@ def main(cfg: PretrainConfig) -> dict:
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if start == 0:
         rec = make_record("t5_summarization", cfg.run_name, "valid_loss", vl, "before_pretraining", first_valid, wall,
-                          "python -m t5_summarization.train_pretrain")
+                          command_line("t5_summarization.train_pretrain"))
         (out / "results.json").write_text(json.dumps([rec], indent=2) + "\n")
     logger.write(f"done: {cfg.max_iters} steps in {wall:.0f} s | valid span-corruption loss {vl:.3f} | {final}")
     return {"losses": losses, "valid_loss": vl, "summary": summary, "final_dir": final, "model": model}

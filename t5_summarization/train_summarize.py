@@ -31,7 +31,7 @@ import torch
 
 from common.checkpoint import load_weights, model_state, resume_or_start, resume_point, save_checkpoint, save_pretrained
 from common.config import parse_config
-from common.results import make_record
+from common.results import command_line, make_record
 from common.runtime import autocast, pick_device, pick_dtype, seed_everything, set_threads
 from common.schedule import clip_grad
 
@@ -265,8 +265,9 @@ def main(cfg: SummarizeConfig) -> dict:
                            list(zip(test, scores["greedy"]["outputs"], scores["beam"]["outputs"]))[:20]]}
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     if start == 0 and not cfg.eval_limit:
-        cmd = ("python -m t5_summarization.train_summarize" + ("" if cfg.init_from else ' --init-from ""')
-               + ("" if cfg.strategy == "full" else f" --strategy {cfg.strategy}"))
+        cmd = command_line("t5_summarization.train_summarize", "python -m t5_summarization.train_summarize"
+                           + ("" if cfg.init_from else ' --init-from ""')
+                           + ("" if cfg.strategy == "full" else f" --strategy {cfg.strategy}"))
         records = [make_record("t5_summarization", f"{decoder}_{cfg.run_name}", metric, scores[decoder][key],
                                "lead10", base["lead10"][key], wall, cmd)
                    for decoder in ("greedy", "beam") for metric, key in (("rouge1", "rouge1"), ("rouge2", "rouge2"),
