@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from common.config import parse_config
-from common.results import make_record
+from common.results import command_line, make_record
 from common.runtime import pick_device, seed_everything, set_threads
 
 from .dataset import PackedBlocks, default_documents, encode_documents, split_documents
@@ -174,7 +174,7 @@ def main(cfg: EvalConfig) -> dict:
               flush=True)
     table = format_table(rows)
     print(table)
-    command = "python -m gpt_minimind.eval"
+    command = command_line("gpt_minimind.eval")
     records = []
     for name in stages:
         for metric, value in rows[name].items():

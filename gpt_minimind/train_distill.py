@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from common.checkpoint import save_pretrained
 from common.config import apply_overrides, parse_config
 from common.log import RunLogger
-from common.results import make_record
+from common.results import command_line, make_record
 from common.runtime import pick_device, seed_everything, set_threads
 from common.schedule import clip_grad, make_scheduler
 
@@ -143,10 +143,11 @@ def main(cfg: DistillConfig) -> dict:
           f"({runs['student_kd']['n_params'] / 1e6:.2f} M) with the teacher {runs['student_kd']['valid_loss']:.3f}"
           + (f", alone {runs['student_alone']['valid_loss']:.3f}" if cfg.baseline else ""))
     alone = runs.get("student_alone", {}).get("valid_loss")
+    cmd = command_line("gpt_minimind.train_distill", f"python -m gpt_minimind.train_distill --teacher {cfg.teacher}")
     (out / "results.json").write_text(json.dumps([make_record(
         "gpt_minimind", cfg.run_name, "valid_loss", runs["student_kd"]["valid_loss"],
         "student_without_teacher" if alone is not None else "", alone, runs["student_kd"]["wall_s"],
-        f"python -m gpt_minimind.train_distill --teacher {cfg.teacher}")], indent=2) + "\n")
+        cmd)], indent=2) + "\n")
     return result
 
 

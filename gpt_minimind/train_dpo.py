@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from common.checkpoint import resume_or_start, resume_point, save_checkpoint, save_pretrained
 from common.config import parse_config
 from common.data import iter_jsonl
-from common.results import make_record
+from common.results import command_line, make_record
 from common.runtime import pick_device, seed_everything, set_threads
 from common.schedule import clip_grad
 
@@ -301,7 +301,7 @@ def main(cfg: DPOConfig) -> dict:
     summary = {"steps": step, "train_wall_s": wall, "before": before, "after": after, "pairs": pair_stats,
                "beta": cfg.beta}
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    cmd = "python -m gpt_minimind.train_dpo"
+    cmd = command_line("gpt_minimind.train_dpo")
     base = before["preference_accuracy"] if before else None
     (out / "results.json").write_text(json.dumps([
         make_record("gpt_minimind", cfg.run_name, "preference_accuracy", after["preference_accuracy"],

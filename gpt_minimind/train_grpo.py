@@ -32,7 +32,7 @@ import torch
 
 from common.checkpoint import resume_or_start, resume_point, save_checkpoint, save_pretrained
 from common.config import parse_config
-from common.results import make_record
+from common.results import command_line, make_record
 from common.runtime import pick_device, seed_everything, set_threads
 from common.schedule import clip_grad
 
@@ -237,7 +237,7 @@ def main(cfg: GRPOConfig) -> dict:
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "results.json").write_text(json.dumps([make_record(
         "gpt_minimind", cfg.run_name, "arithmetic_accuracy", after, "sft_model", before, wall,
-        "python -m gpt_minimind.train_grpo")], indent=2) + "\n")
+        command_line("gpt_minimind.train_grpo"))], indent=2) + "\n")
     logger.write(f"done: {cfg.max_iters} steps in {wall:.0f} s | held-out arithmetic accuracy "
                  f"{before if before is None else f'{before:.1%}'} -> {after:.1%}"
                  + (f" ({paired['gained']} questions gained, {paired['lost']} lost: McNemar p = "

@@ -23,7 +23,7 @@ import torch
 
 from common.checkpoint import save_pretrained
 from common.config import parse_config
-from common.results import make_record
+from common.results import command_line, make_record
 from common.runtime import pick_device, seed_everything, set_threads
 
 from .infer import load_model
@@ -98,7 +98,7 @@ def main(cfg: LoRAConfig) -> dict:
         result["merged_dir"] = merged_dir
     (Path(cfg.out_dir) / "results.json").write_text(json.dumps([make_record(
         "gpt_minimind", cfg.run_name, "valid_loss", s["valid_loss"], "pretrained_before_sft", s["initial_valid_loss"],
-        s["train_wall_s"], "python -m gpt_minimind.train_lora")], indent=2) + "\n")
+        s["train_wall_s"], command_line("gpt_minimind.train_lora"))], indent=2) + "\n")
     return result
 
 

@@ -34,7 +34,7 @@ from common.checkpoint import (
 from common.config import parse_config
 from common.distributed import all_reduce_mean, cleanup, init_distributed, wrap
 from common.log import RunLogger
-from common.results import make_record
+from common.results import command_line, make_record
 from common.runtime import autocast, pick_device, pick_dtype, seed_everything, set_threads
 from common.schedule import accumulation_slices, clip_grad, make_scheduler
 
@@ -326,7 +326,7 @@ def main(cfg: PretrainConfig) -> dict:
 
             AutoTokenizer.from_pretrained(cfg.tokenizer_dir).save_pretrained(final_dir / "tokenizer")
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-        cmd = "python -m gpt_minimind.train_pretrain"
+        cmd = command_line("gpt_minimind.train_pretrain")
         records = [make_record("gpt_minimind", cfg.run_name, "valid_loss", vl, "bigram_counts",
                                baselines["bigram"], wall, cmd),
                    make_record("gpt_minimind", cfg.run_name, "valid_ppl", math.exp(vl), "bigram_counts",

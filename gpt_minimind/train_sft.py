@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from common.checkpoint import resume_or_start, resume_point, save_checkpoint, save_pretrained
 from common.config import parse_config
-from common.results import make_record
+from common.results import command_line, make_record
 from common.runtime import autocast, pick_device, pick_dtype, seed_everything, set_threads
 from common.schedule import clip_grad
 
@@ -260,7 +260,7 @@ def main(cfg: SFTConfig) -> dict:
     s = result["summary"]
     (Path(cfg.out_dir) / "results.json").write_text(json.dumps([make_record(
         "gpt_minimind", cfg.run_name, "valid_loss", s["valid_loss"], "pretrained_before_sft", s["initial_valid_loss"],
-        s["train_wall_s"], "python -m gpt_minimind.train_sft")], indent=2) + "\n")
+        s["train_wall_s"], command_line("gpt_minimind.train_sft"))], indent=2) + "\n")
     return result
 
 
