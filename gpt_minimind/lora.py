@@ -84,6 +84,11 @@ def quantize_linear(linear: nn.Linear, bits: int) -> nn.Module:
         q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False, quant_type="nf4",
                               compute_dtype=torch.float32)
         q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
+        # On a CPU with AVX-512 BF16, bitsandbytes repacks the weight for a faster inference kernel the
+        # first time the layer runs in eval mode (our held-out evaluation), and keeps using that kernel
+        # afterwards, also in training; it has no backward, so gradients would stop at every 4-bit layer
+        # and the adapters below it would train on a truncated gradient. Keep the differentiable path.
+        q.support_avx512bf16_for_cpu = False
         # checkpoints keep the packed weight only: the quantization constants (absmax, code book) are
         # rebuilt identically when the base is quantized again on load, and cannot be loaded in place
         q._register_state_dict_hook(_drop_nf4_constants)

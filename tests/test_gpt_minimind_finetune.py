@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -16,7 +17,7 @@ from gpt_minimind import eval as gpt_eval
 from gpt_minimind import train_tokenizer
 from gpt_minimind.export_hf import hf_config, to_hf_state_dict
 from gpt_minimind.infer import load_model
-from gpt_minimind.lora import LoRALinear, inject_lora, load_adapter, merge_lora, save_adapter
+from gpt_minimind.lora import LoRALinear, inject_lora, load_adapter, merge_lora, quantize_linear, save_adapter
 from gpt_minimind.model import MiniMindConfig, MiniMindForCausalLM
 from gpt_minimind.tasks import arithmetic_tasks, parse_mix, read_conversations
 from gpt_minimind.train_lora import LoRAConfig
@@ -257,6 +258,24 @@ def test_qlora_base_is_quantized_and_trains_on_cpu(bits):
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1
     assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_base_passes_gradients_after_an_eval_pass(bits):
+    # bitsandbytes repacks a 4-bit weight for a CPU inference kernel (no backward) on the first eval-mode
+    # call on AVX-512 BF16 CPUs; a held-out evaluation before training must not cut the gradient path
+    torch.manual_seed(0)
+    layer = quantize_linear(nn.Linear(64, 64, bias=False), bits)
+    x = torch.randn(2, 8, 64, requires_grad=True)
+    layer(x).sum().backward()
+    before, x.grad = x.grad.clone(), None
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.randn(2, 8, 64))
+    layer.train()
+    layer(x).sum().backward()
+    assert x.grad is not None
+    torch.testing.assert_close(x.grad, before)
 
 
 def test_lora_run_saves_an_adapter_that_reloads(base_dir, tmp_path):
