@@ -378,8 +378,10 @@ class MiniMindDecoderLayer(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, cos, sin, cache=None, key_padding=None):
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache, key_padding))
-        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+        h = self.self_attn(self.input_layernorm(x), cos, sin, cache, key_padding)
+        x = x + (self.dropout(h) if self.training else h)  # (skipping the no-op call saves time per token)
+        h = self.mlp(self.post_attention_layernorm(x))
+        return x + (self.dropout(h) if self.training else h)
 
 
 class MiniMindModel(nn.Module):
@@ -438,13 +440,18 @@ class MiniMindForCausalLM(nn.Module):
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
 
     def forward(self, input_ids: torch.Tensor | None, labels: torch.Tensor | None = None, cache: KVCache | None = None,
-                attention_mask: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> dict:
+                attention_mask: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                logits_to_keep: int = 0) -> dict:
         """input_ids (B, T) -> {"logits": (B, T, V), "loss", "aux_loss"}.
 
         ``labels`` are already aligned with the inputs: labels[:, t] is the token that follows
-        input_ids[:, t] (the dataset builds inputs = ids[:-1], labels = ids[1:]); -100 is ignored."""
+        input_ids[:, t] (the dataset builds inputs = ids[:-1], labels = ids[1:]); -100 is ignored.
+        ``logits_to_keep`` N > 0: only the last N positions go through lm_head, (B, N, V); generation needs
+        the last one only, and the head is the largest matrix of a small model (transformers' argument)."""
+        if logits_to_keep and labels is not None:
+            raise ValueError("logits_to_keep and labels exclude each other: the loss needs every position")
         h = self.model(input_ids, cache, attention_mask, inputs_embeds)
-        logits = self.lm_head(h)
+        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         out = {"logits": logits}
         if labels is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
@@ -506,7 +513,7 @@ class MiniMindForCausalLM(nn.Module):
                 cache.position.fill_(T + i - 1)
                 logits = self.__dict__["_compiled_decode"](step_input, cache).float()
             else:
-                logits = self(step_input if use_cache else seq, cache=cache)["logits"][:, -1].float()  # (B, V)
+                logits = self(step_input if use_cache else seq, cache=cache, logits_to_keep=1)["logits"][:, -1].float()
             nxt = sample_next(logits, seq, temperature, top_k, top_p, repetition_penalty, generator)
             if eos_token_id is not None:
                 nxt = nxt.masked_fill(done, eos_token_id)

@@ -130,6 +130,16 @@ def test_future_tokens_never_change_earlier_logits():
     torch.testing.assert_close(model(a)["logits"][:, :6], model(b)["logits"][:, :6])
 
 
+def test_logits_to_keep_is_the_tail_of_the_full_logits():
+    model = tiny()
+    ids = torch.randint(0, 97, (2, 9))
+    full = model(ids)["logits"]
+    torch.testing.assert_close(model(ids, logits_to_keep=1)["logits"], full[:, -1:])
+    torch.testing.assert_close(model(ids, logits_to_keep=4)["logits"], full[:, -4:])
+    with pytest.raises(ValueError, match="logits_to_keep and labels"):
+        model(ids, labels=ids, logits_to_keep=1)
+
+
 @pytest.mark.parametrize("impl", ["sdpa", "math"])
 def test_cache_generation_equals_no_cache(impl):
     model = tiny(attn_impl=impl)
