@@ -263,14 +263,14 @@ class MiniMindAttention(nn.Module):
         self.o_proj = nn.Linear(H * D, C, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
-                key_padding: torch.Tensor | None = None) -> torch.Tensor:
+                key_padding: torch.Tensor | None = None, qkv: torch.Tensor | None = None) -> torch.Tensor:
+        """``qkv``: q_proj's, k_proj's and v_proj's weights stacked (decoding; one product instead of three)."""
         cfg = self.cfg
         B, T, _ = x.shape
         H, H_kv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        # 1) project to queries (B, H, T, D) and keys/values (B, H_kv, T, D); while decoding, with the three
-        #    weights stacked into one matrix: one product instead of three (see MiniMindForCausalLM.new_cache)
-        if cache is not None and cache.fused is not None:
-            q, k, v = F.linear(x, cache.fused[self.layer_idx][0]).split([H * D, H_kv * D, H_kv * D], dim=-1)
+        # 1) project to queries (B, H, T, D) and keys/values (B, H_kv, T, D)
+        if qkv is not None:
+            q, k, v = F.linear(x, qkv).split([H * D, H_kv * D, H_kv * D], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q, k, v = q.view(B, T, H, D), k.view(B, T, H_kv, D), v.view(B, T, H_kv, D).transpose(1, 2)
@@ -388,13 +388,12 @@ class MiniMindDecoderLayer(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, cos, sin, cache=None, key_padding=None):
-        h = self.self_attn(self.input_layernorm(x), cos, sin, cache, key_padding)
+        # while decoding, the cache may carry this layer's projection weights stacked (see new_cache)
+        qkv, gate_up = cache.fused[self.self_attn.layer_idx] if cache is not None and cache.fused else (None, None)
+        h = self.self_attn(self.input_layernorm(x), cos, sin, cache, key_padding, qkv)
         x = x + (self.dropout(h) if self.training else h)  # (skipping the no-op call saves time per token)
         h = self.post_attention_layernorm(x)
-        if cache is not None and cache.fused is not None:
-            h = self.mlp(h, cache.fused[self.self_attn.layer_idx][1])
-        else:
-            h = self.mlp(h)
+        h = self.mlp(h) if gate_up is None else self.mlp(h, gate_up)  # (a mixture of experts never gets one)
         return x + (self.dropout(h) if self.training else h)
 
 
