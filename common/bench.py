@@ -60,10 +60,10 @@ def time_fn(fn: Callable[[], object], repeats: int = 3, warmup: int = 1,
     return min(times), max(times) - min(times)
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1,
-                     device: torch.device | None = None) -> dict[str, tuple[float, float]]:
+def time_rounds(fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1,
+                device: torch.device | None = None) -> dict[str, list[float]]:
     """Time several contenders in rounds (A B C, A B C, ...), so that a slow spell of a shared machine
-    hits all of them alike. -> name: (best seconds, max - min)."""
+    hits all of them alike. -> name: the seconds of each round, in order."""
     device = device or torch.device("cpu")
     for fn in fns.values():
         for _ in range(warmup):
@@ -76,7 +76,24 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 5, war
             fn()
             sync(device)
             times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1,
+                     device: torch.device | None = None) -> dict[str, tuple[float, float]]:
+    """``time_rounds`` summed up: name -> (best seconds, max - min)."""
+    times = time_rounds(fns, repeats, warmup, device)
     return {name: (min(t), max(t) - min(t)) for name, t in times.items()}
+
+
+def paired_ratio(reference: list[float], contender: list[float]) -> tuple[float, float, float]:
+    """Speed of ``contender`` relative to ``reference`` from the same rounds of ``time_rounds``:
+    (median, lowest, highest) of reference[i] / contender[i]. Pairing each round with itself cancels
+    the slow spells that hit both; the median ignores the rounds where only one of them was hit."""
+    ratios = sorted(r / c for r, c in zip(reference, contender, strict=True))
+    n = len(ratios)
+    median = ratios[n // 2] if n % 2 else (ratios[n // 2 - 1] + ratios[n // 2]) / 2
+    return median, ratios[0], ratios[-1]
 
 
 def matmul_peak_flops(device: torch.device | None = None, dtype: torch.dtype = torch.float32,

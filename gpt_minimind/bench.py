@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.bench import matmul_peak_flops, mfu, time_interleaved
+from common.bench import matmul_peak_flops, mfu, paired_ratio, time_interleaved, time_rounds
 from common.config import parse_config
 from common.data import Package, fetch_package
 from common.runtime import autocast, set_threads
@@ -59,6 +59,8 @@ class BenchConfig:
     profile: bool = False  # where one training step of ours spends its time (torch.profiler, by operator)
     nanogpt_dir: str = ""  # a clone of github.com/karpathy/nanoGPT: run its CPU recipe beside ours
     nanogpt_chars: int = 1_100_000  # characters of Shakespeare for that comparison (tinyshakespeare's size)
+    nanogpt_rounds: int = 3  # interleaved rounds of the three 2,000-iteration trainings (best and spread)
+    nanogpt_ffn_dim: int = 344  # our SwiGLU width there: 3 x 128 x 344 = nanoGPT's MLP (2 x 128 x 512), 0.80 M each
     out: str = "runs/gpt_minimind/bench/bench.json"
 
 
@@ -123,12 +125,17 @@ def speed_tables(cfg: BenchConfig) -> dict:
         fns[name] = step_fn(model, dtype)
         fns[name]()  # warm-up (and compilation)
         firsts[name] = time.perf_counter() - t_first
-    for name, (best, spread) in time_interleaved(fns, cfg.repeats, warmup=0).items():
+    times = time_rounds(fns, cfg.repeats, warmup=0)
+    for name, t in times.items():
+        best, spread = min(t), max(t) - min(t)
         peak = peak16 if "bf16" in name else peak32
+        ratio, low, high = paired_ratio(times["transformers Llama (sdpa)"], t)  # round by round
         rows[name] = {"step_s": best, "spread_s": spread, "tokens_per_s": tokens / best, "first_step_s": firsts[name],
-                      "mfu": mfu(tokens / best, flops_per_token, peak)}
+                      "mfu": mfu(tokens / best, flops_per_token, peak), "rounds_s": t,
+                      "vs_transformers_sdpa": {"median": ratio, "low": low, "high": high}}
         print(f"train step | {name:45s} | {best * 1e3:7.1f} ms (spread {spread * 1e3:5.1f}) | "
-              f"{tokens / best:7.0f} tok/s | MFU {rows[name]['mfu']:.0%}", flush=True)
+              f"{tokens / best:7.0f} tok/s | MFU {rows[name]['mfu']:.0%} | vs transformers sdpa, median of the "
+              f"rounds {ratio:.2f}x ({low:.2f}-{high:.2f})", flush=True)
 
     # generation: batch 1, greedy, exactly new_tokens tokens
     prompt = x[:1, :cfg.prompt_len]
@@ -136,6 +143,8 @@ def speed_tables(cfg: BenchConfig) -> dict:
     ours.eval()
     hf_sdpa = models["transformers Llama (sdpa)"].eval()
     hf_eager = models["transformers Llama (eager)"].eval()
+    for hf in (hf_sdpa, hf_eager):  # the timed steps trained each model apart: give them ours' weights again
+        hf.load_state_dict(to_hf_state_dict(ours))
     gens = {
         "ours, KV cache": lambda: torch.stack(list(ours.generate(prompt, cfg.new_tokens))),
         "ours, no cache": lambda: torch.stack(list(ours.generate(prompt, cfg.new_tokens, use_cache=False))),
@@ -161,10 +170,20 @@ def speed_tables(cfg: BenchConfig) -> dict:
             print(f"generate   | {name:45s} | first call (compiling) {time.perf_counter() - t_first:.0f} s", flush=True)
     same = torch.equal(gens["ours, KV cache"]().flatten(), gens["transformers generate (sdpa)"]()[0, cfg.prompt_len:])
     with torch.no_grad():
-        timed = time_interleaved(gens, cfg.repeats, warmup=1)
-    for name, (best, spread) in timed.items():
-        gen_rows[name] = {"s": best, "spread_s": spread, "tokens_per_s": cfg.new_tokens / best}
-        print(f"generate   | {name:45s} | {best:6.3f} s (spread {spread:.3f}) | {cfg.new_tokens / best:7.0f} tok/s",
+        times = time_rounds(gens, cfg.repeats, warmup=1)
+    for name, t in times.items():
+        best, spread = min(t), max(t) - min(t)
+        ratio, low, high = paired_ratio(times["transformers generate (sdpa)"], t)
+        gen_rows[name] = {"s": best, "spread_s": spread, "tokens_per_s": cfg.new_tokens / best, "rounds_s": t,
+                          "vs_transformers_generate": {"median": ratio, "low": low, "high": high}}
+        print(f"generate   | {name:45s} | {best:6.3f} s (spread {spread:.3f}) | {cfg.new_tokens / best:7.0f} tok/s | "
+              f"vs transformers generate, median of the rounds {ratio:.2f}x ({low:.2f}-{high:.2f})", flush=True)
+    if cfg.compile:  # equal treatment: both compiled, both with fixed-shape caches
+        ratio, low, high = paired_ratio(times["transformers generate (sdpa), static cache + compile"],
+                                        times["ours, KV cache + compiled decode_step"])
+        gen_rows["ours, KV cache + compiled decode_step"]["vs_compiled_transformers"] = {
+            "median": ratio, "low": low, "high": high}
+        print(f"generate   | compiled, ours vs transformers: median of the rounds {ratio:.2f}x ({low:.2f}-{high:.2f})",
               flush=True)
     print(f"ours and transformers generate the same {cfg.new_tokens} greedy tokens: {same}")
     return {"config": {k: getattr(cfg, k) for k in ("dim", "n_layer", "n_head", "n_kv_head", "vocab_size",
@@ -337,19 +356,72 @@ BABY_GPT = ["--device=cpu", "--compile=False", "--eval_iters=20", "--log_interva
             "--lr_decay_iters=2000", "--dropout=0.0"]
 
 
-def nanogpt_param_count(nano_dir: Path, vocab_size: int) -> int:
-    """Parameters of nanoGPT's baby GPT, built from the clone's own model.py (tied head counted once)."""
+def load_nanogpt(nano_dir: Path):
+    """nanoGPT's model.py from the clone, as a module."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("nanogpt_model", nano_dir / "model.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    gpt = module.GPT(module.GPTConfig(block_size=64, vocab_size=vocab_size, n_layer=4, n_head=4, n_embd=128,
-                                      dropout=0.0, bias=False))
-    return sum(p.numel() for p in gpt.parameters())
+    return module
+
+
+def baby_models(nano_dir: Path, vocab_size: int, ffn_dim: int):
+    """nanoGPT's baby GPT (4 x 128, 4 heads, block 64, no bias, no dropout) and ours at the same size:
+    4 query and 4 key/value heads, RoPE base 10,000, SwiGLU ``ffn_dim`` wide."""
+    nm = load_nanogpt(nano_dir)
+    nano = nm.GPT(nm.GPTConfig(block_size=64, vocab_size=vocab_size, n_layer=4, n_head=4, n_embd=128,
+                               dropout=0.0, bias=False))
+    ours = MiniMindForCausalLM(MiniMindConfig(vocab_size=vocab_size, hidden_size=128, num_hidden_layers=4,
+                                              num_attention_heads=4, num_key_value_heads=4, intermediate_size=ffn_dim,
+                                              max_position_embeddings=64, rope_theta=1e4))
+    return nano, ours
+
+
+def baby_flops_per_token(n_matmul_params: int) -> float:
+    return 6 * n_matmul_params + 12 * 4 * 128 * 64  # 6N + 12 L C T, nanoGPT's estimate_mfu
+
+
+def nanogpt_step_table(nano_dir: Path, vocab_size: int, cfg: BenchConfig) -> dict:
+    """One training step of each model in this process (forward, backward, clipping, AdamW with nanoGPT's
+    betas and decay), fp32 and under CPU bf16 autocast for both: equal treatment, interleaved rounds."""
+    torch.manual_seed(0)
+    nano, ours = baby_models(nano_dir, vocab_size, cfg.nanogpt_ffn_dim)
+    ids = torch.randint(0, vocab_size, (12, 65), generator=torch.Generator().manual_seed(0))
+    x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()  # nanoGPT views its targets
+
+    def step_fn(model, dtype, n_steps=10):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
+
+        def steps():
+            for _ in range(n_steps):
+                with autocast(torch.device("cpu"), dtype):
+                    if model is ours:
+                        loss = model(x, labels=y)["loss"]
+                    else:
+                        loss = model(x, y)[1]
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        return steps
+
+    fns = {f"{name}, {label}": step_fn(model, dtype) for name, model in (("nanoGPT", nano), ("ours", ours))
+           for label, dtype in (("fp32", torch.float32), ("bf16 autocast", torch.bfloat16))}
+    rows = {}
+    for name, (best, spread) in time_interleaved(fns, cfg.repeats, warmup=1).items():
+        rows[name] = {"step_s": best / 10, "spread_s": spread / 10}
+    base = rows["nanoGPT, fp32"]["step_s"]
+    for name, row in rows.items():
+        row["speed_vs_nanogpt_fp32"] = base / row["step_s"]
+        print(f"baby GPT step | {name:22s} | {row['step_s'] * 1e3:6.1f} ms (spread {row['spread_s'] * 1e3:4.1f}) | "
+              f"{row['speed_vs_nanogpt_fp32']:.2f}x nanoGPT fp32", flush=True)
+    return rows
 
 
 def nanogpt_comparison(cfg: BenchConfig) -> dict:
+    """nanoGPT's train.py with its README's CPU flags, and ours through train_pretrain.py with the same
+    recipe, fp32 and bf16 autocast; ``nanogpt_rounds`` interleaved rounds of the three full trainings."""
     nano = Path(cfg.nanogpt_dir).expanduser().resolve()
     if not (nano / "train.py").is_file():
         raise FileNotFoundError(f"{nano}: no train.py; clone github.com/karpathy/nanoGPT there")
@@ -367,54 +439,78 @@ def nanogpt_comparison(cfg: BenchConfig) -> dict:
         pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": stoi}, f)
     (work / "input.txt").write_text(text, encoding="utf-8")
     shutil.copy2(nano / "configurator.py", work / "configurator.py")  # train.py reads it from the working dir
-    env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads), "MKL_NUM_THREADS": str(cfg.threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads), "MKL_NUM_THREADS": str(cfg.threads),
+           "TQDM_DISABLE": "1"}
 
-    print("nanoGPT: training its baby GPT (train.py config/train_shakespeare_char.py + its CPU flags) ...", flush=True)
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(nano / "train.py"), str(nano / "config/train_shakespeare_char.py"),
-                           *BABY_GPT, f"--out_dir={work / 'out'}"], cwd=work, env=env, capture_output=True, text=True)
-    nano_wall = time.perf_counter() - t0
-    if proc.returncode:
-        raise RuntimeError(f"nanoGPT failed:\n{proc.stderr[-2000:]}")
-    iter_ms = [float(m) for m in re.findall(r"^iter \d+: loss [\d.]+, time ([\d.]+)ms", proc.stdout, re.M)]
-    vals = re.findall(r"^step (\d+): train loss ([\d.]+), val loss ([\d.]+)", proc.stdout, re.M)
-    mfus = re.findall(r"mfu (-?[\d.]+)%", proc.stdout)
-    nano_loop = sum(iter_ms) / 1e3
+    # parameters that enter a matrix product (nanoGPT's position table is a look-up; tied heads count once)
+    nano_model, ours_model = baby_models(nano, len(chars), cfg.nanogpt_ffn_dim)
+    n_nano = sum(p.numel() for p in nano_model.parameters())
+    n_nano_matmul = n_nano - nano_model.transformer.wpe.weight.numel()
+    n_ours = ours_model.num_parameters()
+    peak32, peak16 = matmul_peak_flops(dtype=torch.float32), matmul_peak_flops(dtype=torch.bfloat16)
+    result = {"text_chars": len(text), "vocab": len(chars), "work_dir": str(work), "matmul_peak_fp32": peak32,
+              "matmul_peak_bf16": peak16, "ffn_dim": cfg.nanogpt_ffn_dim,
+              "step": nanogpt_step_table(nano, len(chars), cfg)}
     tokens = 2000 * 12 * 64
-    nano_res = {"loop_s": nano_loop, "wall_s": nano_wall, "tokens_per_s": tokens / nano_loop,
-                "n_params": nanogpt_param_count(nano, len(chars)),
-                "val_loss": float(vals[-1][2]), "train_loss": float(vals[-1][1]),
-                "reported_mfu_a100_percent": float(mfus[-1]) if mfus else None}
-    print(f"nanoGPT: {nano_loop:.0f} s in the loop, {tokens / nano_loop:.0f} tok/s, "
-          f"val loss {nano_res['val_loss']:.3f}")
+
+    def run_nanogpt() -> dict:
+        proc = subprocess.run([sys.executable, str(nano / "train.py"), str(nano / "config/train_shakespeare_char.py"),
+                               *BABY_GPT, f"--out_dir={work / 'out'}"], cwd=work, env=env, capture_output=True,
+                              text=True)
+        if proc.returncode:
+            raise RuntimeError(f"nanoGPT failed:\n{proc.stderr[-2000:]}")
+        # its per-iteration times (the loop, evaluations included, as nanoGPT prints them)
+        iter_ms = [float(m) for m in re.findall(r"^iter \d+: loss [\d.]+, time ([\d.]+)ms", proc.stdout, re.M)]
+        vals = re.findall(r"^step (\d+): train loss ([\d.]+), val loss ([\d.]+)", proc.stdout, re.M)
+        return {"loop_s": sum(iter_ms) / 1e3, "val_loss": float(vals[-1][2]), "train_loss": float(vals[-1][1])}
 
     ours_cmd = [sys.executable, "-m", "gpt_minimind.train_pretrain", "--text-file", str(work / "input.txt"),
                 "--tokenizer", "char", "--n-layer", "4", "--n-head", "4", "--n-kv-head", "4", "--dim", "128",
-                "--block-size", "64", "--batch-size", "12", "--max-iters", "2000", "--lr", "1e-3",
-                "--warmup-iters", "100", "--beta2", "0.99", "--weight-decay", "0.1", "--eval-every", "250",
-                "--eval-blocks", "240", "--save-every", "1000", "--log-every", "100", "--threads", str(cfg.threads),
-                "--rope-theta", "10000"]
-    env["TQDM_DISABLE"] = "1"
-    result = {"nanogpt": nano_res, "text_chars": len(text), "vocab": len(chars), "work_dir": str(work)}
-    # nanoGPT's train.py runs fp32 on a CPU (its autocast is for CUDA); bf16 autocast is ours to add
-    for key, dtype in (("ours", "fp32"), ("ours_bf16", "bf16")):
-        print(f"ours ({dtype}): the same recipe through train_pretrain.py --tokenizer char ...", flush=True)
-        proc = subprocess.run([*ours_cmd, "--dtype", dtype, "--out-dir", str(work / key)], env=env,
-                              capture_output=True, text=True)
+                "--ffn-dim", str(cfg.nanogpt_ffn_dim), "--block-size", "64", "--batch-size", "12",
+                "--max-iters", "2000", "--lr", "1e-3", "--warmup-iters", "100", "--beta2", "0.99",
+                "--weight-decay", "0.1", "--eval-every", "250", "--eval-blocks", "240", "--save-every", "1000",
+                "--log-every", "100", "--threads", str(cfg.threads), "--rope-theta", "10000"]
+
+    def run_ours(dtype: str) -> dict:
+        out = work / f"ours_{dtype}"
+        shutil.rmtree(out, ignore_errors=True)
+        proc = subprocess.run([*ours_cmd, "--dtype", dtype, "--out-dir", str(out)], env=env, capture_output=True,
+                              text=True)
         if proc.returncode:
             raise RuntimeError(f"ours ({dtype}) failed:\n{proc.stderr[-2000:]}")
-        summary = json.loads((work / key / "train_summary.json").read_text())
-        metrics = [json.loads(x) for x in (work / key / "metrics.jsonl").read_text().splitlines()]
-        last_est = [m["valid_loss"] for m in metrics if "valid_loss" in m][-1]
-        res = {"dtype": dtype, "loop_s": summary["train_wall_s"], "tokens_per_s": tokens / summary["train_wall_s"],
-               "val_loss_240_blocks": last_est, "val_loss_full_split": summary["valid_loss"],
-               "n_params": summary["n_params"]}
-        res["speed_ratio"] = res["tokens_per_s"] / nano_res["tokens_per_s"]
+        summary = json.loads((out / "train_summary.json").read_text())
+        metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return {"loop_s": summary["train_wall_s"], "val_loss": [m["valid_loss"] for m in metrics
+                                                                 if "valid_loss" in m][-1],
+                "val_loss_full_split": summary["valid_loss"]}
+
+    # nanoGPT's train.py runs fp32 on a CPU (its autocast is for CUDA); bf16 autocast is ours to add
+    runs = {"nanogpt": run_nanogpt, "ours": lambda: run_ours("fp32"), "ours_bf16": lambda: run_ours("bf16")}
+    rounds: dict[str, list[dict]] = {k: [] for k in runs}
+    for r in range(cfg.nanogpt_rounds):
+        for key, run in runs.items():
+            print(f"round {r + 1}/{cfg.nanogpt_rounds}: {key} trains 2,000 iterations ...", flush=True)
+            rounds[key].append(run())
+            print(f"  {rounds[key][-1]['loop_s']:.0f} s in the loop, val loss {rounds[key][-1]['val_loss']:.3f}",
+                  flush=True)
+    for key, got in rounds.items():
+        loops = [g["loop_s"] for g in got]
+        n_matmul = n_nano_matmul if key == "nanogpt" else n_ours
+        peak = peak16 if key == "ours_bf16" else peak32
+        res = {**got[-1], "loop_s": min(loops), "loop_spread_s": max(loops) - min(loops), "rounds_loop_s": loops,
+               "tokens_per_s": tokens / min(loops), "n_params": n_nano if key == "nanogpt" else n_ours,
+               "n_matmul_params": n_matmul, "dtype": "bf16" if key == "ours_bf16" else "fp32"}
+        res["mfu"] = mfu(res["tokens_per_s"], baby_flops_per_token(n_matmul), peak)
+        res["mfu_of_fp32_peak"] = mfu(res["tokens_per_s"], baby_flops_per_token(n_matmul), peak32)
         result[key] = res
-        print(f"ours ({dtype}): {res['loop_s']:.0f} s in the loop, {res['tokens_per_s']:.0f} tok/s "
-              f"({res['speed_ratio']:.2f}x nanoGPT), val loss {last_est:.3f} (240 blocks) / "
-              f"{summary['valid_loss']:.3f} (whole split)")
-    result["speed_ratio"] = result["ours"]["speed_ratio"]
+    for key in ("ours", "ours_bf16"):
+        result[key]["speed_ratio"] = result[key]["tokens_per_s"] / result["nanogpt"]["tokens_per_s"]
+    for key, res in ((k, result[k]) for k in runs):
+        print(f"{key:10s} | {res['n_params']:,} params | {res['loop_s']:.0f} s (spread {res['loop_spread_s']:.0f}) | "
+              f"{res['tokens_per_s']:.0f} tok/s ({res['tokens_per_s'] / result['nanogpt']['tokens_per_s']:.2f}x "
+              f"nanoGPT) | MFU {res['mfu']:.0%} ({res['mfu_of_fp32_peak']:.0%} of the fp32 peak) | "
+              f"val loss {res['val_loss']:.3f}", flush=True)
+    result["speed_ratio"] = result["ours_bf16"]["speed_ratio"]
     return result
 
 

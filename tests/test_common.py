@@ -209,6 +209,15 @@ def test_bench_figures():
     assert bench.mfu(100.0, 1e6, 1e9) == pytest.approx(0.1)
 
 
+def test_paired_ratio_compares_each_round_with_itself():
+    # round 2 was a slow spell for both, round 3 for the contender only: the median ignores both
+    reference, contender = [2.0, 8.0, 2.0], [1.0, 4.0, 4.0]
+    assert bench.paired_ratio(reference, contender) == (2.0, 0.5, 2.0)
+    assert bench.paired_ratio([3.0, 1.0], [1.0, 1.0])[0] == 2.0  # even count: the mean of the middle two
+    with pytest.raises(ValueError):
+        bench.paired_ratio([1.0], [1.0, 2.0])  # rounds must pair up
+
+
 def test_average_weights_is_the_mean(tmp_path):
     dirs = []
     for i, value in enumerate((1.0, 2.0, 6.0)):
