@@ -29,6 +29,7 @@ import torch
 from common.bench import matmul_peak_flops, mfu, paired_ratio, time_interleaved, time_rounds
 from common.config import parse_config
 from common.data import Package, fetch_package
+from common.results import command_line, make_record
 from common.runtime import autocast, set_threads
 
 from .export_hf import hf_config, to_hf_state_dict
@@ -514,6 +515,36 @@ def nanogpt_comparison(cfg: BenchConfig) -> dict:
     return result
 
 
+def bench_records(result: dict) -> list[dict]:
+    """The headline ratios of this run as doc/results.json records (``make results`` collects them)."""
+    command = command_line("gpt_minimind.bench")
+    records = []
+    if "speed" in result:
+        train, gen = result["speed"]["train_step"], result["speed"]["generate"]
+        for run, name in (("train_step_fp32", "ours (sdpa)"),
+                          ("train_step_bf16_autocast", "ours (sdpa), bf16 autocast")):
+            ratio = train[name]["vs_transformers_sdpa"]["median"]
+            records.append(make_record("gpt_minimind", run, "speed_vs_transformers", ratio,
+                                       "transformers_llama_sdpa_fp32", 1.0, train[name]["step_s"], command))
+        records.append(make_record("gpt_minimind", "generate_kv_cache", "speed_vs_transformers",
+                                   gen["ours, KV cache"]["vs_transformers_generate"]["median"],
+                                   "transformers_generate_sdpa", 1.0, gen["ours, KV cache"]["s"], command))
+        compiled = gen.get("ours, KV cache + compiled decode_step", {})
+        if "vs_compiled_transformers" in compiled:
+            records.append(make_record("gpt_minimind", "generate_kv_cache_compiled", "speed_vs_transformers",
+                                       compiled["vs_compiled_transformers"]["median"],
+                                       "transformers_generate_static_cache_compiled", 1.0, compiled["s"], command))
+    if "nanogpt" in result:
+        nano = result["nanogpt"]["nanogpt"]
+        for run, key in (("nanogpt_baby_fp32", "ours"), ("nanogpt_baby_bf16_autocast", "ours_bf16")):
+            ours = result["nanogpt"][key]
+            records.append(make_record("gpt_minimind", run, "tokens_per_s", ours["tokens_per_s"],
+                                       "nanogpt_train_py_fp32", nano["tokens_per_s"], ours["loop_s"], command))
+            records.append(make_record("gpt_minimind", run, "valid_loss", ours["val_loss"], "nanogpt_train_py_fp32",
+                                       nano["val_loss"], ours["loop_s"], command))
+    return records
+
+
 def main(cfg: BenchConfig) -> dict:
     set_threads(cfg.threads)
     result = {"threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -531,6 +562,12 @@ def main(cfg: BenchConfig) -> dict:
     old = json.loads(out.read_text()) if out.exists() else {}
     out.write_text(json.dumps({**old, **result}, indent=2, default=float) + "\n")
     print(f"figures -> {out}")
+    records = bench_records(result)
+    if records:  # keep the records of the parts this run did not measure
+        kept = json.loads((out.parent / "results.json").read_text()) if (out.parent / "results.json").exists() else []
+        new_runs = {r["run"] for r in records}
+        records = [r for r in kept if r["run"] not in new_runs] + records
+        (out.parent / "results.json").write_text(json.dumps(records, indent=2) + "\n")
     return result
 
 

@@ -207,3 +207,22 @@ def test_memory_estimate_terms_scale_as_they_should():
     calls = []
     timed = time_interleaved({"x": lambda: calls.append("x"), "y": lambda: calls.append("y")}, repeats=3, warmup=0)
     assert calls == ["x", "y"] * 3 and set(timed) == {"x", "y"}  # rounds alternate the contenders
+
+
+def test_bench_records_carry_the_paired_medians():
+    from gpt_minimind.bench import bench_records
+
+    ratio = {"median": 1.4, "low": 1.1, "high": 1.6}
+    speed = {"train_step": {"ours (sdpa)": {"step_s": 0.7, "vs_transformers_sdpa": {**ratio, "median": 0.95}},
+                            "ours (sdpa), bf16 autocast": {"step_s": 0.3, "vs_transformers_sdpa": ratio}},
+             "generate": {"ours, KV cache": {"s": 0.2, "vs_transformers_generate": ratio}}}
+    nano = {"nanogpt": {"tokens_per_s": 100.0, "val_loss": 1.9},
+            "ours": {"tokens_per_s": 98.0, "val_loss": 1.6, "loop_s": 10.0},
+            "ours_bf16": {"tokens_per_s": 121.0, "val_loss": 1.6, "loop_s": 8.0}}
+    records = {(r["run"], r["metric"]): r for r in bench_records({"speed": speed, "nanogpt": nano})}
+    assert records[("train_step_fp32", "speed_vs_transformers")]["value"] == 0.95
+    assert records[("generate_kv_cache", "speed_vs_transformers")]["value"] == 1.4
+    bf16 = records[("nanogpt_baby_bf16_autocast", "tokens_per_s")]
+    assert (bf16["value"], bf16["baseline_value"]) == (121.0, 100.0)
+    assert ("generate_kv_cache_compiled", "speed_vs_transformers") not in records  # not measured: no record
+    assert bench_records({}) == []
