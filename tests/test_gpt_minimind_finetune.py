@@ -161,7 +161,7 @@ def test_sft_run_lowers_held_out_loss_and_resumes(base_dir, tmp_path):
     again = MiniMindForCausalLM(full.config)
     load_pretrained(again, tmp_path / "sft" / "final")
     for (name, p), q in zip(full.state_dict().items(), again.state_dict().values()):
-        torch.testing.assert_close(p, q, msg=name)
+        assert torch.equal(p, q), name  # bit for bit
 
 
 # ---------------------------------------------------------------------------------------------------
