@@ -61,7 +61,7 @@ class BenchConfig:
     nanogpt_dir: str = ""  # a clone of github.com/karpathy/nanoGPT: run its CPU recipe beside ours
     nanogpt_chars: int = 1_100_000  # characters of Shakespeare for that comparison (tinyshakespeare's size)
     nanogpt_rounds: int = 3  # interleaved rounds of the three 2,000-iteration trainings (best and spread)
-    nanogpt_ffn_dim: int = 344  # our SwiGLU width there: 3 x 128 x 344 = nanoGPT's MLP (2 x 128 x 512), 0.80 M each
+    nanogpt_ffn_dim: int = 344  # our SwiGLU width there: 3 x 128 x 344 = nanoGPT's MLP (2 x 128 x 512), ~0.80 M each
     out: str = "runs/gpt_minimind/bench/bench.json"
 
 

@@ -76,7 +76,7 @@ class PretrainConfig:
     lr: float = 2e-3  # peak learning rate; small models take large rates
     min_lr_ratio: float = 0.1  # the cosine ends at lr * this
     warmup_iters: int = 50  # linear warmup steps
-    weight_decay: float = 0.1  # on matrices only (not norms, not embeddings... as nanoGPT)
+    weight_decay: float = 0.1  # on matrices only (embeddings too, not the norms' gains), as nanoGPT
     beta2: float = 0.95  # Adam's second-moment decay; 0.95 is steadier than 0.999 for LLMs
     grad_clip: float = 1.0  # clip the global gradient norm
     router_aux_loss_coef: float = 0.01  # MoE load-balancing loss weight
