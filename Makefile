@@ -60,7 +60,7 @@ demo-summarize: data
 		--run-name random_init_cpu
 	$(PY) -m t5_summarization.infer --limit 20 --samples 5
 
-# the appendix: every building block's checks and measurements (~20 minutes on 2 cores; the figures go to doc/)
+# the appendix: every building block's checks and measurements (about 9 minutes on 2 cores; the figures go to doc/)
 demo-appendix: data
 	$(PY) -m appendix.rnn
 	$(PY) -m appendix.norms --png doc/appendix_norms.png
