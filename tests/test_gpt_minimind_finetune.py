@@ -118,7 +118,10 @@ def test_labels_keep_only_assistant_turns(base_dir):
     assert learned == want
     assert len(ids) == len(labels)
     # the ids are exactly what the chat template produces (minus the last token, which has no target)
-    assert ids == tok.apply_chat_template(conv, tokenize=True, return_dict=False)[:-1]
+    full = tok.apply_chat_template(conv, tokenize=True, return_dict=False)
+    assert ids == full[:-1]
+    # and every kept label is the token that follows its position (labels are shifted by one)
+    assert all(label in (-100, full[t + 1]) for t, label in enumerate(labels))
 
 
 def test_masked_positions_contribute_nothing(base_dir):
@@ -157,7 +160,8 @@ def test_sft_run_lowers_held_out_loss_and_resumes(base_dir, tmp_path):
     load_pretrained(full, tmp_path / "sft" / "final")
     shutil.rmtree(tmp_path / "sft" / "checkpoints" / "step_000040")
     (tmp_path / "sft" / "checkpoints" / "latest").write_text("step_000020\n")
-    sft_main(apply_overrides(cfg, {"resume": True}))
+    resumed = sft_main(apply_overrides(cfg, {"resume": True}))
+    assert resumed["losses"] == res["losses"][20:]  # it continued from step 20: the same last 20 losses
     again = MiniMindForCausalLM(full.config)
     load_pretrained(again, tmp_path / "sft" / "final")
     for (name, p), q in zip(full.state_dict().items(), again.state_dict().values()):
@@ -263,7 +267,8 @@ def test_qlora_base_is_quantized_and_trains_on_cpu(bits):
     layer = next(m for m in model.modules() if isinstance(m, LoRALinear))
     assert layer.base.weight.dtype in (torch.uint8, torch.int8)  # packed 4-bit pairs / int8
     out = model(x)["logits"]
-    assert (out - ref).abs().max() < (0.3 if bits == 4 else 0.05) * ref.abs().max()  # close, not equal
+    err = (out - ref).abs().max()
+    assert 0 < err < (0.3 if bits == 4 else 0.05) * ref.abs().max()  # close, not equal
     opt = torch.optim.AdamW(params, lr=1e-2)
     losses = []
     for _ in range(15):
@@ -307,6 +312,8 @@ def test_lora_run_saves_an_adapter_that_reloads(base_dir, tmp_path):
     merged, _ = load_model(tmp_path / "lora" / "merged", "cpu")
     x = torch.randint(0, len(tok), (2, 10))
     torch.testing.assert_close(model(x)["logits"], merged(x)["logits"], atol=1e-3, rtol=1e-4)  # logits ~ 30
+    base, _ = load_model(base_dir["base"], "cpu")
+    assert (model(x)["logits"] - base(x)["logits"]).abs().max() > 1e-2  # the reloaded adapter is in use
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -481,6 +488,16 @@ def test_every_peft_method_trains_only_its_parameters(method):
         torch.testing.assert_close(wrapped(x)["logits"], before)
     trainable = {id(p) for p in params}
     assert all(p.requires_grad == (id(p) in trainable) for p in wrapped.parameters())
+    # and they are the method's own parameters, by name
+    names = [n for n, p in wrapped.named_parameters() if id(p) in trainable]
+    owns = {"full": lambda n: True, "embedding": lambda n: n == "model.embed_tokens.weight",
+            "prompt": lambda n: n == "prompt", "p_tuning": lambda n: n == "prompt" or n.startswith("encoder."),
+            "prefix": lambda n: n in ("prefix_k", "prefix_v"), "bitfit": lambda n: n.endswith(".bias"),
+            "adapter": lambda n: ".down." in n or ".up." in n or n.endswith("layernorm.weight"),
+            "lora": lambda n: ".lora_A." in n or ".lora_B." in n}[method]
+    assert names and all(owns(n) for n in names), names
+    if method == "full":
+        assert len(names) == len(list(model.parameters()))
     frozen = {n: p.detach().clone() for n, p in wrapped.named_parameters() if id(p) not in trainable}
     opt = torch.optim.Adam(params, lr=LR[method])
     losses = []
@@ -593,6 +610,13 @@ def test_quantized_lora_checkpoint_round_trip(bits, tmp_path):
     x = torch.randint(0, 97, (2, 12))
     save_checkpoint(tmp_path, 1, model, model.config.to_dict())
     again = tiny_model(hidden_size=64, intermediate_size=128)
-    inject_lora(again, r=4, alpha=8, quantize_bits=bits)  # fresh A, B = 0
+    inject_lora(again, r=4, alpha=8, quantize_bits=bits)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # different A and B from the saved model's, so the load must restore both
+        for n, p in again.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    saved = dict(model.named_parameters())
+    assert all(not torch.equal(p, saved[n]) for n, p in again.named_parameters() if "lora_" in n)
     load_checkpoint(tmp_path / "step_000001", again, restore_rng=False)
     torch.testing.assert_close(again(x)["logits"], model(x)["logits"])

@@ -120,6 +120,16 @@ def test_padded_prompt_gives_same_logits_as_unpadded():
     padded = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], 1)
     mask = torch.cat([torch.ones(1, 7), torch.zeros(1, 3)], 1).long()
     torch.testing.assert_close(model(padded, attention_mask=mask)["logits"][:, :7], model(ids)["logits"])
+    # right padding is invisible to a causal model anyway; a masked key in the middle is not: changing its
+    # token must leave every other position's logits unchanged
+    mask = torch.ones(1, 7, dtype=torch.long)
+    mask[0, 3] = 0
+    other = ids.clone()
+    other[0, 3] = (other[0, 3] + 1) % 97
+    keep = [0, 1, 2, 4, 5, 6]
+    a, b = model(ids, attention_mask=mask)["logits"], model(other, attention_mask=mask)["logits"]
+    torch.testing.assert_close(a[:, keep], b[:, keep])
+    assert (model(ids)["logits"][:, 4:] - model(other)["logits"][:, 4:]).abs().max() > 1e-4  # unmasked, it shows
 
 
 def test_future_tokens_never_change_earlier_logits():
@@ -153,6 +163,13 @@ def test_cache_generation_equals_no_cache(impl):
     s2 = list(model.generate(prompt, 10, temperature=1.0, top_k=20, top_p=0.9, use_cache=False,
                              generator=torch.Generator().manual_seed(3)))
     assert torch.equal(torch.stack(s1), torch.stack(s2))
+    # and the logits themselves: a prompt, then one token at a time through the cache
+    seq = torch.randint(0, 97, (2, 9))
+    cache = model.new_cache(2, 9)
+    model(seq[:, :5], cache=cache)
+    for pos in range(5, 9):
+        step = model(seq[:, pos:pos + 1], cache=cache)["logits"][:, -1]
+        torch.testing.assert_close(step, model(seq[:, :pos + 1])["logits"][:, -1], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "math"])
@@ -245,18 +262,26 @@ def test_moe_trains_and_reports_aux_loss():
     ids = torch.randint(0, 97, (2, 9))
     out = model(ids[:, :-1], labels=ids[:, 1:])
     assert out["aux_loss"] >= 2.0 - 1e-5  # the minimum is k
+    torch.testing.assert_close(out["loss"], out["lm_loss"] + model.config.router_aux_loss_coef * out["aux_loss"])
     out["loss"].backward()
     assert model.model.layers[0].mlp.gate.weight.grad.abs().sum() > 0  # the router learns through p
 
 
-def test_gradient_checkpointing_gives_same_gradients():
+def test_gradient_checkpointing_gives_same_gradients(monkeypatch):
+    import gpt_minimind.model as model_module
+
+    calls = []
+    real = model_module.checkpoint
+    monkeypatch.setattr(model_module, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     ids = torch.randint(0, 97, (2, 9))
     grads = []
     for ckpt in (False, True):
         model = tiny(gradient_checkpointing=ckpt).train()
         model(ids[:, :-1], labels=ids[:, 1:])["loss"].backward()
-        grads.append(model.model.layers[0].self_attn.q_proj.weight.grad)
-    torch.testing.assert_close(grads[0], grads[1])
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert len(calls) == model.config.num_hidden_layers  # once per block, only in the checkpointed run
+    for name, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][name], msg=name)
 
 
 def test_config_errors_are_clear():
