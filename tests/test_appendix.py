@@ -223,8 +223,11 @@ def test_mla_absorbed_equals_naive_and_cache_decoding_equals_full(absorb, q_lora
     torch.manual_seed(0)
     mla = attention.MultiHeadLatentAttention(64, 4, 32, 16, 8, 12, q_lora_rank=q_lora_rank).double()
     x = torch.randn(2, 6, 64, dtype=torch.float64)
+    mla.absorb = False
     naive, cache = mla(x)
-    mla.absorb = absorb
+    mla.absorb = True  # whatever the parametrisation, the absorbed form must equal the naive one
+    torch.testing.assert_close(mla(x)[0], naive)
+    mla.absorb = absorb  # the cache decoding below runs in the parametrised form
     full = mla(x)[0]
     torch.testing.assert_close(full, naive)
     assert cache[0].shape == (2, 6, 32) and cache[1].shape == (2, 6, 8)  # latent + shared rope key only
@@ -327,6 +330,16 @@ def test_fp16_flushes_small_gradients_and_scaling_rescues_them():
     g = torch.tensor([1e-9, 2e-8, 1e-6, 1e-2])
     assert (g.half() == 0).sum() == 2  # below 2^-24 ~ 6e-8 rounds to 0
     assert ((g * 2**16).half() == 0).sum() == 0
+    # the chapter's table measures the same thing: 1e-9 and 2e-8 flush, 1e-6 survives only as a subnormal;
+    # with a 2^16 scale nothing flushes or overflows; bf16 (fp32's exponent range) flushes none
+    rows = {r["format"]: r for r in memory.underflow_rows({"g": g})}
+    assert rows["fp16, loss scale 1"] == {"gradients": "g", "format": "fp16, loss scale 1", "zero": 0.5,
+                                          "subnormal": 0.25, "inf": 0.0}
+    assert rows["fp16, loss scale 65536"] == {"gradients": "g", "format": "fp16, loss scale 65536", "zero": 0.0,
+                                              "subnormal": 0.0, "inf": 0.0}
+    assert rows["bf16, no scaling"]["zero"] == 0.0 and rows["bf16, no scaling"]["inf"] == 0.0
+    # an overflow is counted too: 2 * 2^16 is past fp16's largest finite value (65504)
+    assert memory.underflow_rows({"g": torch.tensor([2.0])})[1]["inf"] == 1.0
 
 
 # ------------------------------------------------------------------------------------------ parallel

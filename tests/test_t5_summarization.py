@@ -229,6 +229,19 @@ def test_summarization_strategies_train_and_score(pretrained, tmp_path, strategy
         assert all(p.requires_grad == (".adapter." in n or "layer_norm" in n) for n, p in model.named_parameters())
     else:
         assert counts[0] < counts[1] < counts[2] == total
+    # what training actually changed, read back from the saved final weights
+    from safetensors.torch import load_file
+
+    init = load_file(str(first["final_dir"] / "model.safetensors"))
+    trained = load_file(str(tmp_path / "final" / "model.safetensors"))
+    if strategy == "adapters":
+        assert set(init) <= set(trained) and any(".adapter." in k for k in trained)
+        frozen = [k for k in init if "layer_norm" not in k]  # adapters and layer norms are all it trains
+        assert frozen and all(torch.equal(trained[k], init[k]) for k in frozen), \
+            [k for k in frozen if not torch.equal(trained[k], init[k])][:5]
+    elif strategy == "full":
+        first_layer = [k for k in init if k.startswith("encoder.block.0.")]
+        assert first_layer and any(not torch.equal(trained[k], init[k]) for k in first_layer)
 
 
 def test_own_jsonl_data_is_split_by_hash_and_bad_lines_are_named(tmp_path):
