@@ -105,14 +105,19 @@ def split_pairs(pairs: list[Pair]) -> dict[str, list[Pair]]:
 # ----------------------------------------------------------------------------------------------
 # Tokenizers
 # ----------------------------------------------------------------------------------------------
+EOW = "</w>"  # the end-of-word mark of the English BPE
+
+
 def train_english_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
-    """Lower-cased BPE over words and punctuation, learned on ``texts``."""
-    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    """Lower-cased BPE over words and punctuation, learned on ``texts``. A word's last piece carries the
+    end-of-word mark ``</w>`` (the original BPE of Sennrich et al. 2016): "the" at the end of a word is
+    then a different token from "the" inside "there", and decoding knows where to put the spaces."""
+    tok = Tokenizer(models.BPE(unk_token="[UNK]", end_of_word_suffix=EOW))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.BPEDecoder()
+    tok.decoder = decoders.BPEDecoder(suffix=EOW)
     tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                                       show_progress=False))
+                                                       end_of_word_suffix=EOW, show_progress=False))
     return tok
 
 
