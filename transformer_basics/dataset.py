@@ -105,19 +105,22 @@ def split_pairs(pairs: list[Pair]) -> dict[str, list[Pair]]:
 # ----------------------------------------------------------------------------------------------
 # Tokenizers
 # ----------------------------------------------------------------------------------------------
-EOW = "</w>"  # the end-of-word mark of the English BPE
+WORD_START = "▁"  # "▁", the word-start mark of the English BPE (SentencePiece's; T5 and Llama use it too)
 
 
 def train_english_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
-    """Lower-cased BPE over words and punctuation, learned on ``texts``. A word's last piece carries the
-    end-of-word mark ``</w>`` (the original BPE of Sennrich et al. 2016): "the" at the end of a word is
-    then a different token from "the" inside "there", and decoding knows where to put the spaces."""
-    tok = Tokenizer(models.BPE(unk_token="[UNK]", end_of_word_suffix=EOW))
+    """Lower-cased BPE learned on ``texts``. Each word begins with the mark ``▁`` (spaces become marks,
+    then punctuation is split off), so "▁the" at the start of a word is a different token from "the"
+    inside "other", and decoding turns the marks back into spaces: "i wonder who has come.".
+    (tokenizers' other option, an end-of-word suffix, breaks ties between equal pair counts differently
+    on every run, so the vocabulary, and every figure after it, would not be reproducible.)"""
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.BPEDecoder(suffix=EOW)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(replacement=WORD_START),
+                                                 pre_tokenizers.Punctuation()])
+    tok.decoder = decoders.Metaspace(replacement=WORD_START)
     tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                                       end_of_word_suffix=EOW, show_progress=False))
+                                                       show_progress=False))
     return tok
 
 

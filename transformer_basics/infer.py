@@ -22,7 +22,7 @@ from common.config import parse_config
 from common.results import command_line, make_record
 from common.runtime import pick_device, set_threads
 
-from .dataset import BOS_ID, EOS_ID, EOW, PAD_ID, TranslationData, decode, encode, load_tokenizer
+from .dataset import BOS_ID, EOS_ID, PAD_ID, TranslationData, decode, encode, load_tokenizer
 from .model import Transformer, TransformerConfig
 from .train_translate import TrainConfig, load_pairs
 
@@ -186,7 +186,7 @@ def draw_attention(model: Transformer, src_tok, tgt_tok, sentence: str, path: st
     # Chinese labels need a CJK font; fall back to ids when none is installed
     cjk = _cjk_fonts(font_manager)
     ylabels = [tgt_tok.id_to_token(i) for i in out] if cjk else [str(i) for i in out]
-    xlabels = [src_tok.id_to_token(i).removesuffix(EOW) for i in src[0].tolist()]  # (the end-of-word mark)
+    xlabels = [src_tok.id_to_token(i) for i in src[0].tolist()]
     fig, ax = plt.subplots(figsize=(0.45 * len(xlabels) + 1.5, 0.35 * len(ylabels) + 1.2), dpi=100)
     ax.imshow(weights.numpy(), cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(xlabels)), xlabels, rotation=60, ha="right")
