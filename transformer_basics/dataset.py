@@ -10,8 +10,8 @@ Split: by the md5 of the English sentence (90% train / 5% valid / 5% test), so t
 changes when the file order does, and a repeated English sentence cannot leak across splits.
 
 Tokenizers (both from the ``tokenizers`` library, saved as JSON next to the checkpoint):
-- English: BPE learned on the training split. Words are space-separated, and sub-words let a
-  2k vocabulary cover rare words.
+- English: BPE learned on the training split. Words are space-separated (each starts with the mark
+  "▁"), and sub-words let a 4k vocabulary cover rare words.
 - Chinese: one token per character. Chinese has no spaces, a word segmenter would add its own
   errors, and ~2.5k characters cover almost all of the text; BLEU with tokenize='zh' also scores
   Chinese character by character, so the model predicts exactly the units it is scored on.
@@ -105,7 +105,7 @@ def split_pairs(pairs: list[Pair]) -> dict[str, list[Pair]]:
 # ----------------------------------------------------------------------------------------------
 # Tokenizers
 # ----------------------------------------------------------------------------------------------
-WORD_START = "▁"  # "▁", the word-start mark of the English BPE (SentencePiece's; T5 and Llama use it too)
+WORD_START = "\u2581"  # "▁", the word-start mark of the English BPE (SentencePiece's; T5 and Llama use it too)
 
 
 def train_english_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
