@@ -56,6 +56,12 @@ def test_training_loss_falls_and_translates(tmp_path, digits_file):
     assert averaged["bleu_greedy"] > 50
     records = json.loads((run / "results.json").read_text())
     assert {r["metric"] for r in records} == {"bleu_greedy", "bleu_beam", "valid_loss"}
+    # one sentence with a picture: drawn, and the run's results are left alone
+    before = (run / "results.json").read_bytes()
+    one = infer.main(infer.InferConfig(model_dir=str(out["final_dir"]), sentence="three one four",
+                                       attention_png=str(tmp_path / "one.png"), run_name="not_a_result"))
+    assert (tmp_path / "one.png").exists() and one["greedy"] and "bleu_greedy" not in one
+    assert (run / "results.json").read_bytes() == before
 
 
 def test_resume_reproduces_uninterrupted_run_bit_for_bit(tmp_path, digits_file):

@@ -32,7 +32,7 @@ class InferConfig:
     """Decode with a trained translation model and score it with BLEU."""
 
     model_dir: str = "runs/transformer_basics/translate/final"  # model.safetensors, config.json, tokenizers
-    sentence: str = ""  # translate this one English sentence and exit
+    sentence: str = ""  # translate this one English sentence and exit (with --attention-png: draw it too)
     split: str = "test"  # which split to score: test or valid
     data_file: str = ""  # the same data source as training (empty = zhlib)
     hf_dataset: str = ""  # a Hugging Face dataset in opus format
@@ -214,7 +214,11 @@ def main(cfg: InferConfig) -> dict:
         g = decode(tgt_tok, greedy_decode(model, src, cfg.max_new_tokens)[0])
         b = decode(tgt_tok, beam_search(model, src, cfg.beam_size, cfg.max_new_tokens, cfg.length_penalty))
         print(f"greedy: {g}\nbeam{cfg.beam_size}:  {b}")
-        return {"greedy": g, "beam": b}
+        result = {"greedy": g, "beam": b}
+        if cfg.attention_png:  # the picture of this sentence; no split is scored, no results are written
+            result["attention_png"] = str(draw_attention(model, src_tok, tgt_tok, cfg.sentence, cfg.attention_png))
+            print(f"attention picture: {result['attention_png']}")
+        return result
 
     splits = load_pairs(TrainConfig(data_file=cfg.data_file, hf_dataset=cfg.hf_dataset, hf_config=cfg.hf_config))
     pairs = splits[cfg.split]
