@@ -30,7 +30,7 @@ class TransformerConfig:
     n_encoder_layers: int = 3  # the paper uses 6; 3 trains in minutes
     n_decoder_layers: int = 3  # the paper uses 6
     ffn_mult: int = 4  # FFN hidden size = ffn_mult * C (paper: 2048 = 4 * 512)
-    dropout: float = 0.1  # on attention weights, sub-layer outputs and embeddings (paper: 0.1)
+    dropout: float = 0.1  # on attention weights, sub-layer outputs and embeddings (paper: 0.1; the CPU run: 0.2)
     max_len: int = 256  # longest sequence the positional table covers
     norm_first: bool = False  # False: post-LN as in the paper; True: pre-LN (trains more easily)
     tie_embeddings: bool = False  # share lm_head.weight with the decoder's input embedding
