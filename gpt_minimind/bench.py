@@ -54,6 +54,7 @@ class BenchConfig:
     new_tokens: int = 128  # generation: tokens generated (greedy, batch 1)
     threads: int = 1  # 1 thread: comparable on a shared machine
     repeats: int = 5  # best of this many (interleaved rounds), spread reported
+    loss_chunk_size: int = 256  # the "chunked loss" row: head + loss in chunks of this many positions
     compile: bool = True  # also time torch.compile'd models (compilation takes a minute or two on CPU)
     speed: bool = True  # the ours-vs-transformers step and generation tables
     memory: bool = False  # the memory estimator against measured peaks (fresh subprocesses)
@@ -85,6 +86,9 @@ def speed_tables(cfg: BenchConfig) -> dict:
     math_cfg = MiniMindConfig(**{**mcfg.to_dict(), "attn_impl": "math"})
     models["ours (math attention)"] = MiniMindForCausalLM(math_cfg)
     models["ours (math attention)"].load_state_dict(ours.state_dict())
+    chunked_cfg = MiniMindConfig(**{**mcfg.to_dict(), "loss_chunk_size": cfg.loss_chunk_size})
+    models["ours (sdpa), chunked loss"] = MiniMindForCausalLM(chunked_cfg)  # LinearCrossEntropy: no stored logits
+    models["ours (sdpa), chunked loss"].load_state_dict(ours.state_dict())
     for impl in ("eager", "sdpa"):
         hf = LlamaForCausalLM(hf_config(mcfg))
         hf.load_state_dict(to_hf_state_dict(ours))
@@ -524,6 +528,7 @@ def bench_records(result: dict) -> list[dict]:
     if "speed" in result:
         train, gen = result["speed"]["train_step"], result["speed"]["generate"]
         for run, name in (("train_step_fp32", "ours (sdpa)"),
+                          ("train_step_fp32_chunked_loss", "ours (sdpa), chunked loss"),
                           ("train_step_bf16_autocast", "ours (sdpa), bf16 autocast")):
             ratio = train[name]["vs_transformers_sdpa"]["median"]
             records.append(make_record("gpt_minimind", run, "speed_vs_transformers", ratio,

@@ -55,6 +55,8 @@ class MiniMindConfig:
     # the one weight would always be 1 and the router would get no gradient from the LM loss)
     router_aux_loss_coef: float = 0.01  # weight of the load-balancing loss added to the LM loss
     attn_impl: str = "sdpa"  # sdpa (PyTorch's fused kernel) or math (softmax written out, for reading)
+    loss_chunk_size: int = 0  # > 0: with labels, the head and the loss run this many positions at a time
+    # (LinearCrossEntropy): the (B, T, V) logits are never stored, and forward returns no logits then
     gradient_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
     bos_token_id: int = 1
     eos_token_id: int = 2
@@ -79,6 +81,8 @@ class MiniMindConfig:
                              f"num_key_value_heads {self.num_key_value_heads}")
         if self.rope_scaling not in ("none", "linear", "ntk", "yarn"):
             raise ValueError(f"rope_scaling must be none, linear, ntk or yarn, not {self.rope_scaling!r}")
+        if self.loss_chunk_size < 0:
+            raise ValueError(f"loss_chunk_size must be >= 0 (0 = plain logits), not {self.loss_chunk_size}")
         if self.attn_impl not in ("sdpa", "math"):
             raise ValueError(f"attn_impl must be sdpa or math, not {self.attn_impl!r}")
 
@@ -302,6 +306,75 @@ class MiniMindAttention(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------
+# The output head and the loss, chunk by chunk
+# ---------------------------------------------------------------------------------------------------
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """mean cross_entropy(h @ W^T, labels) over the labels that are not -100, without the (N, V) logits.
+
+    With a small model and a 6,400-token vocabulary the logits are the largest activation of a training
+    step: at 2,048 positions, 52 MB in fp32, written by the head, read by log_softmax, written again as
+    log-probabilities, and their gradient the same again. Here the positions go through in chunks: each
+    chunk's logits (chunk x V, a few MB, in cache) become the loss and, in the same pass, their gradient
+    softmax - one_hot, which goes straight into the gradients of h and W. Backward only scales what
+    forward stored. The FLOPs are those of the plain head (forward and backward products); what goes is
+    the traffic to memory and the stored logits (the trick of Liger Kernel's fused linear cross-entropy
+    and of Apple's Cut Cross-Entropy, Wijmans et al. 2024, written here with plain torch ops)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+        # h (N, C), weight (V, C), labels (N,)
+        valid = labels != -100
+        n_valid = valid.sum().clamp(min=1)
+        target = labels.clamp(min=0)  # any index for the ignored rows; their terms are zeroed below
+        acc = torch.promote_types(weight.dtype, torch.float32)  # softmax and sums: fp32 at least
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight, dtype=acc) if ctx.needs_input_grad[1] else None
+        total = torch.zeros((), dtype=acc, device=h.device)
+        for s in range(0, h.shape[0], chunk):
+            hc, tc, vc = h[s:s + chunk], target[s:s + chunk], valid[s:s + chunk]
+            logits = (hc @ weight.t()).to(acc)  # (chunk, V)
+            picked = logits.gather(1, tc[:, None]).squeeze(1)  # the target's logit
+            m = logits.amax(-1, keepdim=True)
+            p = logits.sub_(m).exp_()  # in place: exp(logit - max), the logits are not needed again
+            z = p.sum(-1, keepdim=True)
+            lse = (m + z.log()).squeeze(1)  # log sum exp(logits)
+            total += ((lse - picked) * vc).sum()  # -log softmax(logits)[target]
+            if grad_h is None and grad_w is None:
+                continue
+            # d loss_i / d logits_i = softmax(logits_i) - one_hot(target_i); ignored rows get 0
+            p.div_(z).scatter_add_(1, tc[:, None], -torch.ones_like(picked)[:, None])
+            p.mul_(vc[:, None])
+            g = p.to(h.dtype)
+            if grad_h is not None:
+                grad_h[s:s + chunk] = g @ weight.to(h.dtype)
+            if grad_w is not None:
+                grad_w.addmm_(g.t().to(grad_w.dtype), hc.to(grad_w.dtype))
+        # the loss is a mean over the valid labels: every gradient carries the same 1 / n_valid
+        if grad_h is not None:
+            grad_h.div_(n_valid)
+        if grad_w is not None:
+            grad_w = grad_w.div_(n_valid).to(weight.dtype)
+        ctx.save_for_backward(grad_h, grad_w)
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype),
+                None if grad_w is None else grad_w * grad_loss.to(grad_w.dtype), None, None)
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The loss of ``LinearCrossEntropy`` for h (..., C) and labels (...). Under torch.no_grad (evaluation)
+    only the loss is computed, chunk by chunk: no gradient is formed."""
+    h, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
+    if not torch.is_grad_enabled():  # (autograd.Function would still report needs_input_grad)
+        h, weight = h.detach(), weight.detach()
+    return LinearCrossEntropy.apply(h, weight, labels, chunk)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Feed-forward: SwiGLU, and a mixture of SwiGLU experts
 # ---------------------------------------------------------------------------------------------------
 
@@ -464,10 +537,17 @@ class MiniMindForCausalLM(nn.Module):
         if logits_to_keep and labels is not None:
             raise ValueError("logits_to_keep and labels exclude each other: the loss needs every position")
         h = self.model(input_ids, cache, attention_mask, inputs_embeds)
-        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
-        out = {"logits": logits}
+        chunk = self.config.loss_chunk_size
+        if labels is not None and chunk and type(self.lm_head) is nn.Linear:  # (a wrapped head: plain path)
+            out = {"logits": None}  # never formed whole: the head runs inside the loss, chunk by chunk
+            loss = linear_cross_entropy(h, self.lm_head.weight, labels, chunk)
+        else:
+            logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
+            out = {"logits": logits}
+            if labels is not None:
+                loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1),
+                                       ignore_index=-100)
         if labels is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
             out["lm_loss"] = loss
             if self.config.use_moe and self.training:
                 aux = sum(layer.mlp.aux_loss for layer in self.model.layers) / len(self.model.layers)

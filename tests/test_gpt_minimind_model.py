@@ -14,6 +14,7 @@ from gpt_minimind.model import (
     apply_rotary,
     attention_math,
     causal_mask,
+    linear_cross_entropy,
     load_balancing_loss,
     sample_next,
 )
@@ -282,6 +283,42 @@ def test_gradient_checkpointing_gives_same_gradients(monkeypatch):
     assert len(calls) == model.config.num_hidden_layers  # once per block, only in the checkpointed run
     for name, g in grads[0].items():
         torch.testing.assert_close(g, grads[1][name], msg=name)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_linear_cross_entropy_equals_torch(chunk):
+    torch.manual_seed(0)
+    h = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 16, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 7))
+    labels[0, :4] = -100  # ignored positions: no loss, no gradient
+    ref = F.cross_entropy((h @ w.t()).flatten(0, 1), labels.flatten(), ignore_index=-100)
+    ref_grads = torch.autograd.grad(3.0 * ref, (h, w))  # an upstream factor, as a loss weight would give
+    ours = linear_cross_entropy(h, w, labels, chunk)
+    torch.testing.assert_close(ours, ref)
+    for g, r in zip(torch.autograd.grad(3.0 * ours, (h, w)), ref_grads):
+        torch.testing.assert_close(g, r)
+    assert ref_grads[0][0, :4].abs().max() == 0  # (the ignored rows really get none)
+    with torch.no_grad():  # evaluation: the loss alone
+        torch.testing.assert_close(linear_cross_entropy(h, w, labels, chunk), ref)
+
+
+def test_chunked_loss_in_the_model_equals_the_plain_path():
+    ids = torch.randint(0, 97, (2, 9))
+    grads, losses = [], []
+    for chunk in (0, 4):  # tied embeddings: the head's gradient adds to the embedding's
+        model = tiny(loss_chunk_size=chunk).train()
+        out = model(ids[:, :-1], labels=ids[:, 1:])
+        assert (out["logits"] is None) == (chunk > 0)
+        out["loss"].backward()
+        losses.append(out["loss"])
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    torch.testing.assert_close(losses[0], losses[1])
+    for name, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][name], msg=name)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the products in bf16, softmax in fp32
+        loss16 = tiny(loss_chunk_size=4).train()(ids[:, :-1], labels=ids[:, 1:])["loss"]
+    assert abs(loss16.item() - losses[0].item()) < 0.05
 
 
 def test_config_errors_are_clear():

@@ -124,7 +124,9 @@ def test_padding_adds_nothing_to_the_loss():
 
 
 def test_pretraining_loss_falls_then_export_loads_in_transformers(tmp_path, corpus):
-    out = main(tiny_cfg(tmp_path, corpus, max_iters=120, lr=6e-3))
+    # the head and the loss in chunks (LinearCrossEntropy): training, evaluation and export go through it
+    out = main(tiny_cfg(tmp_path, corpus, max_iters=120, lr=6e-3, loss_chunk_size=16))
+    assert out["model"].config.loss_chunk_size == 16
     first, last = sum(out["losses"][:5]) / 5, sum(out["losses"][-5:]) / 5
     assert last < 0.5 * first, (first, last)
     s = out["summary"]
@@ -217,6 +219,8 @@ def test_bench_records_carry_the_paired_medians():
 
     ratio = {"median": 1.4, "low": 1.1, "high": 1.6}
     speed = {"train_step": {"ours (sdpa)": {"step_s": 0.7, "vs_transformers_sdpa": {**ratio, "median": 0.95}},
+                            "ours (sdpa), chunked loss": {"step_s": 0.65,
+                                                          "vs_transformers_sdpa": {**ratio, "median": 1.1}},
                             "ours (sdpa), bf16 autocast": {"step_s": 0.3, "vs_transformers_sdpa": ratio}},
              "generate": {"ours, KV cache": {"s": 0.2, "vs_transformers_generate": ratio}}}
     nano = {"nanogpt": {"tokens_per_s": 100.0, "val_loss": 1.9},
@@ -224,6 +228,7 @@ def test_bench_records_carry_the_paired_medians():
             "ours_bf16": {"tokens_per_s": 121.0, "val_loss": 1.6, "loop_s": 8.0}}
     records = {(r["run"], r["metric"]): r for r in bench_records({"speed": speed, "nanogpt": nano})}
     assert records[("train_step_fp32", "speed_vs_transformers")]["value"] == 0.95
+    assert records[("train_step_fp32_chunked_loss", "speed_vs_transformers")]["value"] == 1.1
     assert records[("generate_kv_cache", "speed_vs_transformers")]["value"] == 1.4
     bf16 = records[("nanogpt_baby_bf16_autocast", "tokens_per_s")]
     assert (bf16["value"], bf16["baseline_value"]) == (121.0, 100.0)
