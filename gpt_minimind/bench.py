@@ -241,6 +241,8 @@ def estimate_training_memory(mcfg: MiniMindConfig, batch: int, seq: int, param_b
       SwiGLU gate/up/silu/product 4I                                              ~ 11C + 4C_kv + 4I
       With checkpointing only each block's input C is kept, plus one block recomputed at a time.
     - the head: logits B*T*V, their fp32 copy for the loss and its gradient       ~ 3 B T V
+      or, with mcfg.loss_chunk_size k (LinearCrossEntropy), one chunk's logits and
+      their exp, the stored gradient of h and of the head's weight                ~ 2 k V + B T C + V C
     """
     P = sum(p.numel() for p in MiniMindForCausalLM(mcfg).parameters())
     C, I, L, V = mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_hidden_layers, mcfg.vocab_size
@@ -248,7 +250,8 @@ def estimate_training_memory(mcfg: MiniMindConfig, batch: int, seq: int, param_b
     tokens = batch * seq
     per_layer = (11 * C + 4 * C_kv + 4 * I) * tokens * act_bytes
     acts = (L * C * tokens * act_bytes + per_layer) if checkpointing else L * per_layer
-    head = 3 * tokens * V * 4
+    k = mcfg.loss_chunk_size
+    head = (2 * min(k, tokens) * V + tokens * C + V * C) * 4 if k else 3 * tokens * V * 4
     states = P * (param_bytes + param_bytes + 8)  # weights, grads, Adam moments (fp32)
     return {"params": P, "weights_grads_adam": states, "activations": acts, "head": head,
             "total": states + acts + head}
@@ -307,6 +310,8 @@ def memory_table() -> list[dict]:
         ("512 wide x 8 layers, batch 4 x 512", dict(hidden_size=512, num_hidden_layers=8,
                                                    intermediate_size=1408), 4, 512),
         ("384 wide x 6 layers, batch 8 x 512", dict(hidden_size=384, num_hidden_layers=6), 8, 512),
+        ("cpu preset, batch 16 x 256, chunked loss", dict(hidden_size=256, num_hidden_layers=4,
+                                                          loss_chunk_size=256), 16, 256),
     ]
     rows = []
     for name, kw, batch, seq in cases:
@@ -330,12 +335,15 @@ def memory_table() -> list[dict]:
     # the GPU presets, predicted: bf16 activations, gradient checkpointing, their micro-batches
     from .model import PRESETS
     for preset, batch, seq in (("gpu4gb", 32, 512), ("full", 16, 1024)):
-        g = MiniMindConfig(vocab_size=6400, max_position_embeddings=seq, **PRESETS[preset])
-        pred = estimate_training_memory(g, batch, seq, act_bytes=2, checkpointing=True)
-        print(f"memory | {preset} preset prediction ({pred['params'] / 1e6:.1f} M params, bf16 activations, "
-              f"checkpointing, micro-batch {batch} x {seq}): {pred['total'] / 2**30:.2f} GiB", flush=True)
-        rows.append({"case": f"{preset} preset prediction", "estimate_bytes": pred["total"], "measured_bytes": None,
-                     **{k: v for k, v in pred.items() if k != "total"}})
+        for chunk in (0, 2048):  # train_pretrain's GPU presets use chunks of 2,048 positions
+            g = MiniMindConfig(vocab_size=6400, max_position_embeddings=seq, loss_chunk_size=chunk, **PRESETS[preset])
+            pred = estimate_training_memory(g, batch, seq, act_bytes=2, checkpointing=True)
+            how = f"head and loss in chunks of {chunk}" if chunk else "whole logits"
+            print(f"memory | {preset} preset prediction ({pred['params'] / 1e6:.1f} M params, bf16 activations, "
+                  f"checkpointing, micro-batch {batch} x {seq}, {how}): {pred['total'] / 2**30:.2f} GiB "
+                  f"(head {pred['head'] / 2**30:.2f} GiB)", flush=True)
+            rows.append({"case": f"{preset} preset prediction, {how}", "estimate_bytes": pred["total"],
+                         "measured_bytes": None, **{k: v for k, v in pred.items() if k != "total"}})
     return rows
 
 

@@ -349,7 +349,10 @@ class LinearCrossEntropy(torch.autograd.Function):
             if grad_h is not None:
                 grad_h[s:s + chunk] = g @ weight.to(h.dtype)
             if grad_w is not None:
-                grad_w.addmm_(g.t().to(grad_w.dtype), hc.to(grad_w.dtype))
+                if torch.is_autocast_enabled(h.device.type):  # the product in bf16/fp16, summed in fp32
+                    grad_w += (g.t() @ hc).to(grad_w.dtype)
+                else:  # in place, no (V, C) temporary
+                    grad_w.addmm_(g.t().to(grad_w.dtype), hc.to(grad_w.dtype))
         # the loss is a mean over the valid labels: every gradient carries the same 1 / n_valid
         if grad_h is not None:
             grad_h.div_(n_valid)

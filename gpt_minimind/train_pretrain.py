@@ -105,11 +105,12 @@ PRESETS = {
     # minimind-small: 512 wide, 8 layers, ~26 M parameters; bf16 + gradient checkpointing fit a 4 GB card
     "gpu4gb": {"dim": 512, "n_layer": 8, "block_size": 512, "batch_size": 32, "grad_accum": 2,
                "max_iters": 6000, "lr": 1e-3, "warmup_iters": 300, "gradient_checkpointing": True,
-               "eval_every": 500, "save_every": 500, "eval_blocks": 256},
+               "eval_every": 500, "save_every": 500, "eval_blocks": 256,
+               "loss_chunk_size": 2048},  # whole logits would take 1.2 GB of the 4 (bench.py --memory)
     # ~100 M parameters (minimind's larger size): a real GPU run
     "full": {"dim": 768, "n_layer": 16, "block_size": 1024, "batch_size": 16, "grad_accum": 8,
              "max_iters": 20000, "lr": 6e-4, "warmup_iters": 1000, "gradient_checkpointing": True,
-             "eval_every": 1000, "save_every": 1000, "eval_blocks": 512},
+             "eval_every": 1000, "save_every": 1000, "eval_blocks": 512, "loss_chunk_size": 2048},
 }
 
 

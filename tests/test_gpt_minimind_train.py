@@ -209,6 +209,9 @@ def test_memory_estimate_terms_scale_as_they_should():
     assert a["weights_grads_adam"] == b["weights_grads_adam"] == 16 * a["params"]  # fp32 weights, grads, 2 moments
     assert b["activations"] == 2 * a["activations"] and b["head"] == 2 * a["head"]
     assert estimate_training_memory(cfg, 8, 32, checkpointing=True)["activations"] < b["activations"]
+    # chunked head and loss: one chunk's logits instead of all positions', plus the stored gradients of h and W
+    chunked = MiniMindConfig(**{**cfg.to_dict(), "loss_chunk_size": 16})
+    assert estimate_training_memory(chunked, 8, 32)["head"] == (2 * 16 * 500 + 8 * 32 * 64 + 500 * 64) * 4
     calls = []
     timed = time_interleaved({"x": lambda: calls.append("x"), "y": lambda: calls.append("y")}, repeats=3, warmup=0)
     assert calls == ["x", "y"] * 3 and set(timed) == {"x", "y"}  # rounds alternate the contenders
