@@ -316,9 +316,13 @@ def test_chunked_loss_in_the_model_equals_the_plain_path():
     torch.testing.assert_close(losses[0], losses[1])
     for name, g in grads[0].items():
         torch.testing.assert_close(g, grads[1][name], msg=name)
+    model16 = tiny(loss_chunk_size=4).train()
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the products in bf16, softmax in fp32
-        loss16 = tiny(loss_chunk_size=4).train()(ids[:, :-1], labels=ids[:, 1:])["loss"]
+        loss16 = model16(ids[:, :-1], labels=ids[:, 1:])["loss"]
+    loss16.backward()
     assert abs(loss16.item() - losses[0].item()) < 0.05
+    g16, g32 = model16.lm_head.weight.grad, grads[0]["model.embed_tokens.weight"]  # (tied: one tensor)
+    assert g16.dtype == torch.float32 and F.cosine_similarity(g16.flatten(), g32.flatten(), dim=0) > 0.99
 
 
 def test_config_errors_are_clear():
