@@ -240,7 +240,7 @@ def estimate_training_memory(mcfg: MiniMindConfig, batch: int, seq: int, param_b
       repeated k v 3C + C (+ the fp32 logsumexp), o_proj in C, residual + 2nd norm 2C,
       SwiGLU gate/up/silu/product 4I                                              ~ 11C + 4C_kv + 4I
       With checkpointing only each block's input C is kept, plus one block recomputed at a time.
-    - the head: logits B*T*V, their fp32 copy for the loss and its gradient       ~ 3 B T V
+    - the head: logits B*T*V, their log-probabilities and their gradient          ~ 3 B T V
       or, with mcfg.loss_chunk_size k (LinearCrossEntropy), one chunk's logits and
       their exp, the stored gradient of h and of the head's weight                ~ 2 k V + B T C + V C
     """

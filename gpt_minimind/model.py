@@ -310,7 +310,8 @@ class MiniMindAttention(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """mean cross_entropy(h @ W^T, labels) over the labels that are not -100, without the (N, V) logits.
+    """mean cross_entropy(h @ W^T, labels) over the labels that are not -100, without the (N, V) logits
+    (NaN when every label is -100, as F.cross_entropy gives).
 
     With a small model and a 6,400-token vocabulary the logits are the largest activation of a training
     step: at 2,048 positions, 52 MB in fp32, written by the head, read by log_softmax, written again as
@@ -325,7 +326,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
         # h (N, C), weight (V, C), labels (N,)
         valid = labels != -100
-        n_valid = valid.sum().clamp(min=1)
+        n_valid = valid.sum().clamp(min=1)  # (the gradients of an all-ignored batch are zeros)
         target = labels.clamp(min=0)  # any index for the ignored rows; their terms are zeroed below
         acc = torch.promote_types(weight.dtype, torch.float32)  # softmax and sums: fp32 at least
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
@@ -359,9 +360,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         if grad_w is not None:
             grad_w = grad_w.div_(n_valid).to(weight.dtype)
         ctx.save_for_backward(grad_h, grad_w)
-        return total / n_valid
+        return total / valid.sum()
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the stored gradients are constants: no second order
     def backward(ctx, grad_loss: torch.Tensor):
         grad_h, grad_w = ctx.saved_tensors
         return (None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype),
@@ -372,6 +374,10 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     """The loss of ``LinearCrossEntropy`` for h (..., C) and labels (...). Under torch.no_grad (evaluation)
     only the loss is computed, chunk by chunk: no gradient is formed."""
     h, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
+    bad = (labels < 0) & (labels != -100) | (labels >= weight.shape[0])
+    if bool(bad.any()):  # gather would score them silently as some other token
+        raise ValueError(f"labels must be token ids in [0, {weight.shape[0]}) or -100 (ignored); got "
+                         f"{labels[bad][:5].tolist()}")
     if not torch.is_grad_enabled():  # (autograd.Function would still report needs_input_grad)
         h, weight = h.detach(), weight.detach()
     return LinearCrossEntropy.apply(h, weight, labels, chunk)
@@ -541,7 +547,9 @@ class MiniMindForCausalLM(nn.Module):
             raise ValueError("logits_to_keep and labels exclude each other: the loss needs every position")
         h = self.model(input_ids, cache, attention_mask, inputs_embeds)
         chunk = self.config.loss_chunk_size
-        if labels is not None and chunk and type(self.lm_head) is nn.Linear:  # (a wrapped head: plain path)
+        head = self.lm_head  # a wrapped, biased or hooked head takes the plain path
+        if (labels is not None and chunk and type(head) is nn.Linear and head.bias is None
+                and not head._forward_hooks and not head._forward_pre_hooks):
             out = {"logits": None}  # never formed whole: the head runs inside the loss, chunk by chunk
             loss = linear_cross_entropy(h, self.lm_head.weight, labels, chunk)
         else:

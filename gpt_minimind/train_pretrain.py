@@ -63,7 +63,7 @@ class PretrainConfig:
     attn_impl: str = "sdpa"  # sdpa (fused) or math (readable)
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     loss_chunk_size: int = 0  # > 0: output head + loss in chunks of this many positions (model.py:LinearCrossEntropy;
-    # no stored logits, ~1.1x faster steps on the CPU: bench.py)
+    # no stored logits; 1.12x our plain fp32 step on one CPU thread: bench.py)
     # data
     tokenizer: str = "bpe"  # bpe (the trained tokenizer directory) or char (one token per character)
     tokenizer_dir: str = "runs/gpt_minimind/tokenizer"  # from train_tokenizer.py (trained here if missing)
