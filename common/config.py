@@ -79,6 +79,7 @@ def build_parser(cls, presets: Mapping[str, Mapping[str, Any]] | None = None, de
         name = path[-1]
         flag = "--" + name.replace("_", "-")
         helptext = f.metadata.get("help") or _field_comments(_owner(cls, path)).get(name, "")
+        helptext = helptext.replace("%", "%%")  # argparse formats help with %: "90% train" would crash --help
         if typing.get_origin(tp) is list:  # list[str] -> --flag a b c
             parser.add_argument(flag, dest=name, nargs="*", type=typing.get_args(tp)[0], default=defaults[name],
                                 help=helptext or " ")

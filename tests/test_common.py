@@ -3,6 +3,7 @@
 import json
 import zipfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -264,3 +265,23 @@ def test_every_test_named_in_the_syllabus_map_exists():
             if f"def {m.group(2)}(" not in (root / current).read_text():
                 missing.append(f"{current}::{m.group(2)}")
     assert cited > 50 and not missing, missing
+
+
+def test_every_script_help_renders():
+    """`python -m chapter.script --help` for every script that parses a config: argparse formats help
+    strings with %, so a field comment such as "90% train" once made --help crash."""
+    import importlib
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    found = 0
+    for path in sorted(root.glob("*/*.py")):
+        m = re.search(r"main\(parse_config\((\w+)", path.read_text(encoding="utf-8"))
+        if m is None or path.parent.name in ("tests", "common"):
+            continue
+        module = importlib.import_module(f"{path.parent.name}.{path.stem}")
+        presets = getattr(module, "PRESETS", None) if "presets=PRESETS" in path.read_text(encoding="utf-8") else None
+        help_text = config.build_parser(getattr(module, m.group(1)), presets).format_help()
+        assert "--" in help_text, path
+        found += 1
+    assert found >= 20  # every chapter's train/infer/bench scripts
