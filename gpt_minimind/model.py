@@ -551,7 +551,7 @@ class MiniMindForCausalLM(nn.Module):
         if (labels is not None and chunk and type(head) is nn.Linear and head.bias is None
                 and not head._forward_hooks and not head._forward_pre_hooks):
             out = {"logits": None}  # never formed whole: the head runs inside the loss, chunk by chunk
-            loss = linear_cross_entropy(h, self.lm_head.weight, labels, chunk)
+            loss = linear_cross_entropy(h, head.weight, labels, chunk)
         else:
             logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
             out = {"logits": logits}
