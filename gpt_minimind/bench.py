@@ -89,6 +89,10 @@ def speed_tables(cfg: BenchConfig) -> dict:
     chunked_cfg = MiniMindConfig(**{**mcfg.to_dict(), "loss_chunk_size": cfg.loss_chunk_size})
     models["ours (sdpa), chunked loss"] = MiniMindForCausalLM(chunked_cfg)  # LinearCrossEntropy: no stored logits
     models["ours (sdpa), chunked loss"].load_state_dict(ours.state_dict())
+    # the bf16 recipe: on a CPU, torch's fused attention kernel is slow in bf16, the written-out one is not
+    fast16_cfg = MiniMindConfig(**{**mcfg.to_dict(), "loss_chunk_size": cfg.loss_chunk_size, "attn_impl": "math"})
+    fast16 = MiniMindForCausalLM(fast16_cfg)
+    fast16.load_state_dict(ours.state_dict())
     for impl in ("eager", "sdpa"):
         hf = LlamaForCausalLM(hf_config(mcfg))
         hf.load_state_dict(to_hf_state_dict(ours))
@@ -119,6 +123,8 @@ def speed_tables(cfg: BenchConfig) -> dict:
     peak16 = matmul_peak_flops(dtype=torch.bfloat16)
     variants = [(name, m, torch.float32) for name, m in models.items()]
     variants.append(("ours (sdpa), bf16 autocast", ours, torch.bfloat16))
+    variants.append(("ours (math attention), chunked loss, bf16 autocast", fast16, torch.bfloat16))
+    variants.append(("transformers Llama (sdpa), bf16 autocast", models["transformers Llama (sdpa)"], torch.bfloat16))
     if cfg.compile:
         variants.append(("ours (sdpa) + torch.compile", torch.compile(ours), torch.float32))
         hf_compiled = torch.compile(models["transformers Llama (sdpa)"])
@@ -138,9 +144,14 @@ def speed_tables(cfg: BenchConfig) -> dict:
         rows[name] = {"step_s": best, "spread_s": spread, "tokens_per_s": tokens / best, "first_step_s": firsts[name],
                       "mfu": mfu(tokens / best, flops_per_token, peak), "rounds_s": t,
                       "vs_transformers_sdpa": {"median": ratio, "low": low, "high": high}}
+        same = ""
+        if "bf16" in name:  # and against transformers in bf16 too: the same precision on both sides
+            r16 = paired_ratio(times["transformers Llama (sdpa), bf16 autocast"], t)
+            rows[name]["vs_transformers_sdpa_bf16"] = dict(zip(("median", "low", "high"), r16))
+            same = f"; vs transformers sdpa bf16 {r16[0]:.2f}x ({r16[1]:.2f}-{r16[2]:.2f})"
         print(f"train step | {name:45s} | {best * 1e3:7.1f} ms (spread {spread * 1e3:5.1f}) | "
-              f"{tokens / best:7.0f} tok/s | MFU {rows[name]['mfu']:.0%} | vs transformers sdpa, median of the "
-              f"rounds {ratio:.2f}x ({low:.2f}-{high:.2f})", flush=True)
+              f"{tokens / best:7.0f} tok/s | MFU {rows[name]['mfu']:.0%} | vs transformers sdpa fp32, median of the "
+              f"rounds {ratio:.2f}x ({low:.2f}-{high:.2f}){same}", flush=True)
 
     # generation: batch 1, greedy, exactly new_tokens tokens
     prompt = x[:1, :cfg.prompt_len]
@@ -152,6 +163,8 @@ def speed_tables(cfg: BenchConfig) -> dict:
         hf.load_state_dict(to_hf_state_dict(ours))
     gens = {
         "ours, KV cache": lambda: torch.stack(list(ours.generate(prompt, cfg.new_tokens))),
+        "ours, KV cache, weights not packed": lambda: torch.stack(list(
+            ours.generate(prompt, cfg.new_tokens, pack_weights=False))),
         "ours, no cache": lambda: torch.stack(list(ours.generate(prompt, cfg.new_tokens, use_cache=False))),
         "transformers generate (sdpa)": lambda: hf_sdpa.generate(prompt, max_new_tokens=cfg.new_tokens,
                                                                   do_sample=False, eos_token_id=None, pad_token_id=0),
@@ -191,11 +204,43 @@ def speed_tables(cfg: BenchConfig) -> dict:
         print(f"generate   | compiled, ours vs transformers: median of the rounds {ratio:.2f}x ({low:.2f}-{high:.2f})",
               flush=True)
     print(f"ours and transformers generate the same {cfg.new_tokens} greedy tokens: {same}")
-    return {"config": {k: getattr(cfg, k) for k in ("dim", "n_layer", "n_head", "n_kv_head", "vocab_size",
+    products = token_products(ours, cfg.repeats)
+    return {"token_products": products, "config": {k: getattr(cfg, k) for k in ("dim", "n_layer", "n_head", "n_kv_head", "vocab_size",
                                                     "batch_size", "seq_len", "prompt_len", "new_tokens")},
             "n_params": ours.num_parameters(), "flops_per_token": flops_per_token,
             "matmul_peak_fp32": peak32, "matmul_peak_bf16": peak16, "train_step": rows, "generate": gen_rows,
             "same_greedy_tokens": same}
+
+
+def token_products(model: MiniMindForCausalLM, repeats: int, tokens: int = 50) -> dict:
+    """Why new_cache packs the weights as (in, out): one decoded token's matrix-vector products (per layer
+    q/k/v stacked, o, gate/up stacked, down; then the head), the same numbers two ways: nn.Linear's
+    x @ W^T on its (out, in) weights, and x @ W on an (in, out) copy. Same bytes read, other BLAS path."""
+    cache = model.new_cache(1, 1)
+    packed = [w for layer in cache.packed for w in layer] + [cache.head]  # (in, out)
+    linear = [w.t().contiguous() for w in packed]  # (out, in), as nn.Linear holds them
+    xs = [torch.randn(1, w.shape[0]) for w in packed]
+
+    def run(layout):
+        def fn():
+            for _ in range(tokens):
+                for x, w in zip(xs, layout[0]):
+                    layout[1](x, w)
+        return fn
+
+    times = time_rounds({"x @ W^T, (out, in) as nn.Linear": run((linear, torch.nn.functional.linear)),
+                         "x @ W, (in, out) as new_cache packs": run((packed, torch.matmul))}, repeats)
+    names = list(times)
+    ratio, low, high = paired_ratio(times[names[0]], times[names[1]])
+    mb = sum(w.numel() * w.element_size() for w in packed) / 1e6
+    row = {name: {"us_per_token": min(t) / tokens * 1e6, "spread_us": (max(t) - min(t)) / tokens * 1e6}
+           for name, t in times.items()}
+    for name, r in row.items():
+        print(f"products   | {name:45s} | {r['us_per_token']:6.0f} us per token (spread {r['spread_us']:.0f}) "
+              f"| {mb / r['us_per_token'] * 1e3:5.1f} GB/s over {mb:.1f} MB", flush=True)
+    print(f"products   | packed over nn.Linear's layout: median of the rounds {ratio:.2f}x ({low:.2f}-{high:.2f})")
+    return {"n_products": len(packed), "megabytes": mb, "rows": row,
+            "packed_vs_linear": {"median": ratio, "low": low, "high": high}}
 
 
 def profile_step(cfg: BenchConfig) -> dict[str, float]:
@@ -536,11 +581,17 @@ def bench_records(result: dict) -> list[dict]:
     if "speed" in result:
         train, gen = result["speed"]["train_step"], result["speed"]["generate"]
         for run, name in (("train_step_fp32", "ours (sdpa)"),
-                          ("train_step_fp32_chunked_loss", "ours (sdpa), chunked loss"),
-                          ("train_step_bf16_autocast", "ours (sdpa), bf16 autocast")):
+                          ("train_step_fp32_chunked_loss", "ours (sdpa), chunked loss")):
             ratio = train[name]["vs_transformers_sdpa"]["median"]
             records.append(make_record("gpt_minimind", run, "speed_vs_transformers", ratio,
                                        "transformers_llama_sdpa_fp32", 1.0, train[name]["step_s"], command))
+        for run, name in (("train_step_bf16_autocast", "ours (sdpa), bf16 autocast"),  # bf16 on both sides
+                          ("train_step_bf16_math_attention_chunked_loss",
+                           "ours (math attention), chunked loss, bf16 autocast")):
+            if "vs_transformers_sdpa_bf16" in train.get(name, {}):
+                records.append(make_record("gpt_minimind", run, "speed_vs_transformers",
+                                           train[name]["vs_transformers_sdpa_bf16"]["median"],
+                                           "transformers_llama_sdpa_bf16_autocast", 1.0, train[name]["step_s"], command))
         records.append(make_record("gpt_minimind", "generate_kv_cache", "speed_vs_transformers",
                                    gen["ours, KV cache"]["vs_transformers_generate"]["median"],
                                    "transformers_generate_sdpa", 1.0, gen["ours, KV cache"]["s"], command))

@@ -203,8 +203,10 @@ class KVCache:
         # slot returned with a mask, so that each step has the same shapes and one compiled graph serves all
         self.static = False
         self.position = torch.zeros(1, dtype=torch.long, device=device)
-        # per layer: (q/k/v weights stacked, gate/up weights stacked), set by MiniMindForCausalLM.new_cache
-        self.fused: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        # decoding weights, set by MiniMindForCausalLM.new_cache, all in (in, out) layout: per layer
+        # (q/k/v stacked, o, gate/up stacked, down), and the output head (C, V)
+        self.packed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        self.head: torch.Tensor | None = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new positions of ``layer`` and return all keys/values up to them."""
@@ -234,11 +236,17 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 def attention_math(q, k, v, mask: torch.Tensor | None, dropout: float = 0.0) -> torch.Tensor:
     """softmax(q k^T / sqrt(D) + mask) v, written out. q (B, H, Tq, D), k/v (B, H, Tk, D);
-    mask is additive (0 or -inf), broadcastable to (B, H, Tq, Tk)."""
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    mask is additive (0 or -inf), broadcastable to (B, H, Tq, Tk).
+
+    Two choices here are about speed, not maths: q is scaled before the product (Tq x D numbers instead
+    of the Tq x Tk scores), and the softmax takes the scores in their own dtype. For bf16/fp16 scores the
+    softmax kernel still sums in fp32 and rounds once at the end, the same numbers as an explicit
+    ``.float()`` and back, but without two copies of the largest tensor of the layer (and two more in
+    backward): at T = 256 on a CPU those copies cost as much as the softmax itself."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if mask is not None:
         scores = scores + mask
-    weights = F.softmax(scores.float(), dim=-1).to(q.dtype)
+    weights = F.softmax(scores, dim=-1)
     return F.dropout(weights, dropout, training=dropout > 0) @ v
 
 
@@ -267,14 +275,15 @@ class MiniMindAttention(nn.Module):
         self.o_proj = nn.Linear(H * D, C, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
-                key_padding: torch.Tensor | None = None, qkv: torch.Tensor | None = None) -> torch.Tensor:
-        """``qkv``: q_proj's, k_proj's and v_proj's weights stacked (decoding; one product instead of three)."""
+                key_padding: torch.Tensor | None = None, packed: tuple | None = None) -> torch.Tensor:
+        """``packed`` (decoding, see new_cache): q_proj's, k_proj's and v_proj's weights stacked, and o_proj's,
+        both (in, out): one product instead of three, and x @ W instead of x @ W^T."""
         cfg = self.cfg
         B, T, _ = x.shape
         H, H_kv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         # 1) project to queries (B, H, T, D) and keys/values (B, H_kv, T, D)
-        if qkv is not None:
-            q, k, v = F.linear(x, qkv).split([H * D, H_kv * D, H_kv * D], dim=-1)
+        if packed is not None:
+            q, k, v = (x @ packed[0]).split([H * D, H_kv * D, H_kv * D], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q, k, v = q.view(B, T, H, D), k.view(B, T, H_kv, D), v.view(B, T, H_kv, D).transpose(1, 2)
@@ -302,7 +311,8 @@ class MiniMindAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                                is_causal=mask is None and T > 1, **_SDPA_GQA)
         # 5) merge heads and project back: (B, H, T, D) -> (B, T, C)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
+        y = y.transpose(1, 2).reshape(B, T, H * D)
+        return self.o_proj(y) if packed is None else y @ packed[1]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -331,10 +341,13 @@ class LinearCrossEntropy(torch.autograd.Function):
         acc = torch.promote_types(weight.dtype, torch.float32)  # softmax and sums: fp32 at least
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(weight, dtype=acc) if ctx.needs_input_grad[1] else None
+        # the products' dtype: under autocast, h and W are cast once here (not in each chunk's three products)
+        cast = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+        h, w = h.to(cast), weight.to(cast)
         total = torch.zeros((), dtype=acc, device=h.device)
         for s in range(0, h.shape[0], chunk):
             hc, tc, vc = h[s:s + chunk], target[s:s + chunk], valid[s:s + chunk]
-            logits = (hc @ weight.t()).to(acc)  # (chunk, V)
+            logits = (hc @ w.t()).to(acc)  # (chunk, V)
             picked = logits.gather(1, tc[:, None]).squeeze(1)  # the target's logit
             m = logits.amax(-1, keepdim=True)
             p = logits.sub_(m).exp_()  # in place: exp(logit - max), the logits are not needed again
@@ -346,14 +359,14 @@ class LinearCrossEntropy(torch.autograd.Function):
             # d loss_i / d logits_i = softmax(logits_i) - one_hot(target_i); ignored rows get 0
             p.div_(z).scatter_add_(1, tc[:, None], -torch.ones_like(picked)[:, None])
             p.mul_(vc[:, None])
-            g = p.to(h.dtype)
+            g = p.to(cast)
             if grad_h is not None:
-                grad_h[s:s + chunk] = g @ weight.to(h.dtype)
+                grad_h[s:s + chunk] = g @ w
             if grad_w is not None:
-                if torch.is_autocast_enabled(h.device.type):  # the product in bf16/fp16, summed in fp32
-                    grad_w += (g.t() @ hc).to(grad_w.dtype)
+                if cast != grad_w.dtype:  # the product in bf16/fp16, summed over the chunks in fp32
+                    grad_w += g.t() @ hc
                 else:  # in place, no (V, C) temporary
-                    grad_w.addmm_(g.t().to(grad_w.dtype), hc.to(grad_w.dtype))
+                    grad_w.addmm_(g.t(), hc)
         # the loss is a mean over the valid labels: every gradient carries the same 1 / n_valid
         if grad_h is not None:
             grad_h.div_(n_valid)
@@ -396,13 +409,13 @@ class MiniMindMLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, gate_up: torch.Tensor | None = None) -> torch.Tensor:
-        """``gate_up``: gate_proj's and up_proj's weights stacked (decoding; one product instead of two)."""
-        if gate_up is not None:
-            gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, packed: tuple | None = None) -> torch.Tensor:
+        """``packed`` (decoding, see new_cache): gate_proj's and up_proj's weights stacked, and down_proj's,
+        both (in, out)."""
+        if packed is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = (x @ packed[0]).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ packed[1]
 
 
 def load_balancing_loss(router_probs: torch.Tensor, top_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -470,12 +483,12 @@ class MiniMindDecoderLayer(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, cos, sin, cache=None, key_padding=None):
-        # while decoding, the cache may carry this layer's projection weights stacked (see new_cache)
-        qkv, gate_up = cache.fused[self.self_attn.layer_idx] if cache is not None and cache.fused else (None, None)
-        h = self.self_attn(self.input_layernorm(x), cos, sin, cache, key_padding, qkv)
+        # while decoding, the cache may carry this layer's weights packed for x @ W (see new_cache)
+        packed = cache.packed[self.self_attn.layer_idx] if cache is not None and cache.packed else None
+        h = self.self_attn(self.input_layernorm(x), cos, sin, cache, key_padding, packed and packed[:2])
         x = x + (self.dropout(h) if self.training else h)  # (skipping the no-op call saves time per token)
         h = self.post_attention_layernorm(x)
-        h = self.mlp(h) if gate_up is None else self.mlp(h, gate_up)  # (a mixture of experts never gets one)
+        h = self.mlp(h) if packed is None else self.mlp(h, packed[2:])  # (a mixture of experts never gets one)
         return x + (self.dropout(h) if self.training else h)
 
 
@@ -553,7 +566,8 @@ class MiniMindForCausalLM(nn.Module):
             out = {"logits": None}  # never formed whole: the head runs inside the loss, chunk by chunk
             loss = linear_cross_entropy(h, head.weight, labels, chunk)
         else:
-            logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
+            h = h[:, -logits_to_keep:] if logits_to_keep else h
+            logits = h @ cache.head if cache is not None and cache.head is not None else self.lm_head(h)
             out = {"logits": logits}
             if labels is not None:
                 loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1),
@@ -567,24 +581,36 @@ class MiniMindForCausalLM(nn.Module):
             out["loss"] = loss
         return out
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        """An empty cache, carrying each layer's q/k/v weights stacked into one matrix and gate/up into
-        another. At batch 1 a token's time goes to per-call overhead more than to arithmetic (the same
-        bytes are read either way), so 2 products instead of 5 per layer make decoding faster (vLLM and
-        gpt-fast store these weights fused; we keep Llama's separate modules for export, LoRA and reading,
-        and stack them once per generate call). Not done when a projection is wrapped (LoRA, a quantized
-        base) or the FFN is a mixture of experts: those keep their own calls."""
+    def new_cache(self, batch: int, max_len: int, pack_weights: bool = True) -> KVCache:
+        """An empty cache for ``max_len`` positions, carrying a copy of the weights packed for decoding.
+
+        Decoding one token at a time makes every product a matrix-vector product, bound by reading the
+        weights from memory, and at batch 1 per-call overhead counts too. So the copy (1) stacks q/k/v into
+        one matrix and gate/up into another (2 products instead of 5 per layer, as vLLM and gpt-fast store
+        them) and (2) stores every matrix as (in, out), for x @ W instead of nn.Linear's x @ W^T: the same
+        numbers, but this CPU's BLAS reads the (in, out) layout in about two thirds of the time
+        (``python -m gpt_minimind.bench``, table "one token's products"). We keep Llama's separate
+        (out, in) modules for training, export, LoRA and reading, and pack once per generate call.
+        Not done when a projection is wrapped (LoRA, a quantized base) or the FFN is a mixture of experts:
+        those keep their own calls. The copy costs the model's matrices once more in memory."""
         p = self.lm_head.weight
         cache = KVCache(self.config, batch, max_len, p.device, p.dtype)
-        fused = []
+        linears = [self.lm_head]
         for layer in self.model.layers:
             a, m = layer.self_attn, layer.mlp
-            if not isinstance(m, MiniMindMLP) or any(type(lin) is not nn.Linear for lin in
-                                                     (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj)):
+            if not isinstance(m, MiniMindMLP):
                 return cache
-            fused.append((torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach(),
-                          torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach()))
-        cache.fused = fused
+            linears += [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
+        if not pack_weights or any(type(lin) is not nn.Linear or lin.bias is not None or lin._forward_hooks
+                                   or lin._forward_pre_hooks for lin in linears):
+            return cache
+
+        def packed(*lins: nn.Linear) -> torch.Tensor:  # (in, sum of outs), contiguous
+            return torch.cat([lin.weight.detach() for lin in lins]).t().contiguous()
+
+        cache.packed = [(packed(l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj), packed(l.self_attn.o_proj),
+                         packed(l.mlp.gate_proj, l.mlp.up_proj), packed(l.mlp.down_proj)) for l in self.model.layers]
+        cache.head = packed(self.lm_head)
         return cache
 
     def decode_step(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -601,12 +627,14 @@ class MiniMindForCausalLM(nn.Module):
         x = m.embed_tokens(token)
         for layer in m.layers:
             x = layer(x, cos, sin, cache, unwritten.expand(token.shape[0], -1))
-        return self.lm_head(m.norm(x))[:, -1]
+        h = m.norm(x)
+        return (self.lm_head(h) if cache.head is None else h @ cache.head)[:, -1]
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, repetition_penalty: float = 1.0, eos_token_id: int | None = None,
-                 use_cache: bool = True, generator: torch.Generator | None = None, compile: bool = False):
+                 use_cache: bool = True, generator: torch.Generator | None = None, compile: bool = False,
+                 pack_weights: bool = True):
         """Yield one new token per step, (B,) each, from prompts ``input_ids`` (B, T) of equal length.
 
         temperature 0 is greedy. Sampling: logits / temperature, then keep the top_k tokens and the
@@ -614,7 +642,8 @@ class MiniMindForCausalLM(nn.Module):
         already appear less likely (CTRL, Keskar et al. 2019). Stops when every row has produced EOS.
         Without the cache each step re-runs the whole sequence: same tokens, O(T) times the work.
         ``compile``: the prompt runs through the ordinary forward, every later token through a
-        torch.compile'd decode_step (the first call compiles it: seconds; worth it for long outputs)."""
+        torch.compile'd decode_step (the first call compiles it: seconds; worth it for long outputs).
+        ``pack_weights``: decode with a packed copy of the weights (see new_cache); False uses the modules."""
         self.eval()
         B, T = input_ids.shape
         limit = self.config.max_position_embeddings * max(self.config.rope_factor, 1.0)
@@ -622,7 +651,7 @@ class MiniMindForCausalLM(nn.Module):
         cache_len = T + max_new_tokens
         if compile:  # round up, so that prompts of other lengths reuse the compiled graph
             cache_len = min(-(-cache_len // 256) * 256, int(limit))
-        cache = self.new_cache(B, cache_len) if use_cache else None
+        cache = self.new_cache(B, cache_len, pack_weights) if use_cache else None
         if compile and use_cache and "_compiled_decode" not in self.__dict__:
             self.__dict__["_compiled_decode"] = torch.compile(self.decode_step, dynamic=False)
         seq, step_input = input_ids, input_ids

@@ -246,12 +246,12 @@ def test_generation_with_adapters_uses_them_with_and_without_the_cache():
     # new_cache stacks plain q/k/v and gate/up weights for decoding; adapters must keep their own calls
     model = tiny_model(hidden_size=64, intermediate_size=128)
     plain = model.new_cache(1, 4)
-    assert plain.fused is not None
+    assert plain.packed is not None
     inject_lora(model, r=4, alpha=8)
     for layer in model.modules():
         if isinstance(layer, LoRALinear):
             nn.init.normal_(layer.lora_B.weight, std=0.5)  # adapters that change the output
-    assert model.new_cache(1, 4).fused is None
+    assert model.new_cache(1, 4).packed is None
     prompt = torch.randint(0, 97, (1, 5))
     cached = torch.stack(list(model.generate(prompt, 12)), 1)
     uncached = torch.stack(list(model.generate(prompt, 12, use_cache=False)), 1)

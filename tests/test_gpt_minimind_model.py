@@ -107,6 +107,15 @@ def test_math_attention_equals_sdpa_and_masks():
     assert (w[1, 0].triu(1) == 0).all()  # nobody sees the future
 
 
+def test_math_attention_in_bf16_rounds_once_like_an_fp32_softmax():
+    """attention_math hands bf16 scores to softmax as they are: the kernel sums in fp32 and rounds once,
+    so the result is bit for bit the explicit .float() softmax cast back (without the two copies)."""
+    q, k, v = torch.randn(3, 2, 4, 16, 8).bfloat16().unbind(0)
+    mask = causal_mask(16, 16, "cpu", dtype=torch.bfloat16)
+    scores = (q * 8 ** -0.5) @ k.transpose(-2, -1) + mask
+    assert torch.equal(attention_math(q, k, v, mask), F.softmax(scores.float(), -1).to(torch.bfloat16) @ v)
+
+
 def test_gqa_with_one_group_per_head_is_mha():
     model = tiny(num_key_value_heads=4)
     hf = to_hf(model)
@@ -164,13 +173,16 @@ def test_cache_generation_equals_no_cache(impl):
     s2 = list(model.generate(prompt, 10, temperature=1.0, top_k=20, top_p=0.9, use_cache=False,
                              generator=torch.Generator().manual_seed(3)))
     assert torch.equal(torch.stack(s1), torch.stack(s2))
-    # and the logits themselves: a prompt, then one token at a time through the cache
+    # and the logits themselves: a prompt, then one token at a time through the cache, with the weights
+    # packed for x @ W (new_cache's default) and with the model's own modules
     seq = torch.randint(0, 97, (2, 9))
-    cache = model.new_cache(2, 9)
-    model(seq[:, :5], cache=cache)
-    for pos in range(5, 9):
-        step = model(seq[:, pos:pos + 1], cache=cache)["logits"][:, -1]
-        torch.testing.assert_close(step, model(seq[:, :pos + 1])["logits"][:, -1], atol=1e-5, rtol=1e-5)
+    for pack in (True, False):
+        cache = model.new_cache(2, 9, pack_weights=pack)
+        assert (cache.packed is not None and cache.head is not None) == pack
+        model(seq[:, :5], cache=cache)
+        for pos in range(5, 9):
+            step = model(seq[:, pos:pos + 1], cache=cache)["logits"][:, -1]
+            torch.testing.assert_close(step, model(seq[:, :pos + 1])["logits"][:, -1], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "math"])
