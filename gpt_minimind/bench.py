@@ -205,7 +205,8 @@ def speed_tables(cfg: BenchConfig) -> dict:
               flush=True)
     print(f"ours and transformers generate the same {cfg.new_tokens} greedy tokens: {same}")
     products = token_products(ours, cfg.repeats)
-    return {"token_products": products, "config": {k: getattr(cfg, k) for k in ("dim", "n_layer", "n_head", "n_kv_head", "vocab_size",
+    return {"token_products": products,
+            "config": {k: getattr(cfg, k) for k in ("dim", "n_layer", "n_head", "n_kv_head", "vocab_size",
                                                     "batch_size", "seq_len", "prompt_len", "new_tokens")},
             "n_params": ours.num_parameters(), "flops_per_token": flops_per_token,
             "matmul_peak_fp32": peak32, "matmul_peak_bf16": peak16, "train_step": rows, "generate": gen_rows,
@@ -591,7 +592,8 @@ def bench_records(result: dict) -> list[dict]:
             if "vs_transformers_sdpa_bf16" in train.get(name, {}):
                 records.append(make_record("gpt_minimind", run, "speed_vs_transformers",
                                            train[name]["vs_transformers_sdpa_bf16"]["median"],
-                                           "transformers_llama_sdpa_bf16_autocast", 1.0, train[name]["step_s"], command))
+                                           "transformers_llama_sdpa_bf16_autocast", 1.0, train[name]["step_s"],
+                                           command))
         records.append(make_record("gpt_minimind", "generate_kv_cache", "speed_vs_transformers",
                                    gen["ours, KV cache"]["vs_transformers_generate"]["median"],
                                    "transformers_generate_sdpa", 1.0, gen["ours, KV cache"]["s"], command))

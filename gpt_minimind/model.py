@@ -485,10 +485,11 @@ class MiniMindDecoderLayer(nn.Module):
     def forward(self, x, cos, sin, cache=None, key_padding=None):
         # while decoding, the cache may carry this layer's weights packed for x @ W (see new_cache)
         packed = cache.packed[self.self_attn.layer_idx] if cache is not None and cache.packed else None
-        h = self.self_attn(self.input_layernorm(x), cos, sin, cache, key_padding, packed and packed[:2])
+        attn_w, mlp_w = (packed[:2], packed[2:]) if packed is not None else (None, None)
+        h = self.self_attn(self.input_layernorm(x), cos, sin, cache, key_padding, attn_w)
         x = x + (self.dropout(h) if self.training else h)  # (skipping the no-op call saves time per token)
         h = self.post_attention_layernorm(x)
-        h = self.mlp(h) if packed is None else self.mlp(h, packed[2:])  # (a mixture of experts never gets one)
+        h = self.mlp(h) if mlp_w is None else self.mlp(h, mlp_w)  # (a mixture of experts never gets one)
         return x + (self.dropout(h) if self.training else h)
 
 

@@ -60,10 +60,10 @@ class PretrainConfig:
     n_experts: int = 4  # routed experts
     experts_per_tok: int = 2  # top-k
     shared_expert_dim: int = 0  # width of an always-on shared expert (0 = none)
-    attn_impl: str = "sdpa"  # sdpa (fused) or math (readable)
+    attn_impl: str = "sdpa"  # sdpa (fused) or math (readable; the faster one in bf16 on a CPU: bench.py)
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     loss_chunk_size: int = 0  # > 0: output head + loss in chunks of this many positions (model.py:LinearCrossEntropy;
-    # no stored logits; 1.12x our plain fp32 step on one CPU thread: bench.py)
+    # no stored logits; 1.07x our plain fp32 step on one CPU thread: bench.py)
     # data
     tokenizer: str = "bpe"  # bpe (the trained tokenizer directory) or char (one token per character)
     tokenizer_dir: str = "runs/gpt_minimind/tokenizer"  # from train_tokenizer.py (trained here if missing)
