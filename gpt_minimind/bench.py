@@ -582,12 +582,13 @@ def bench_records(result: dict) -> list[dict]:
     if "speed" in result:
         train, gen = result["speed"]["train_step"], result["speed"]["generate"]
         for run, name in (("train_step_fp32", "ours (sdpa)"),
-                          ("train_step_fp32_chunked_loss", "ours (sdpa), chunked loss")):
+                          ("train_step_fp32_chunked_loss", "ours (sdpa), chunked loss"),
+                          ("train_step_bf16_autocast", "ours (sdpa), bf16 autocast")):  # ours bf16, theirs fp32
             ratio = train[name]["vs_transformers_sdpa"]["median"]
             records.append(make_record("gpt_minimind", run, "speed_vs_transformers", ratio,
                                        "transformers_llama_sdpa_fp32", 1.0, train[name]["step_s"], command))
-        for run, name in (("train_step_bf16_autocast", "ours (sdpa), bf16 autocast"),  # bf16 on both sides
-                          ("train_step_bf16_math_attention_chunked_loss",
+        for run, name in (("train_step_bf16_autocast_vs_bf16", "ours (sdpa), bf16 autocast"),  # bf16 on both sides
+                          ("train_step_bf16_math_attention_chunked_loss_vs_bf16",
                            "ours (math attention), chunked loss, bf16 autocast")):
             if "vs_transformers_sdpa_bf16" in train.get(name, {}):
                 records.append(make_record("gpt_minimind", run, "speed_vs_transformers",

@@ -54,7 +54,8 @@ class MiniMindConfig:
     norm_topk_prob: bool = True  # renormalise the k chosen router probabilities to sum to 1 (never with k = 1:
     # the one weight would always be 1 and the router would get no gradient from the LM loss)
     router_aux_loss_coef: float = 0.01  # weight of the load-balancing loss added to the LM loss
-    attn_impl: str = "sdpa"  # sdpa (PyTorch's fused kernel) or math (softmax written out, for reading)
+    attn_impl: str = "sdpa"  # sdpa (PyTorch's fused kernel) or math (softmax written out: for reading, and
+    # the faster one for bf16 training on a CPU, see bench.py)
     loss_chunk_size: int = 0  # > 0: with labels, the head and the loss run this many positions at a time
     # (LinearCrossEntropy): the (B, T, V) logits are never stored, and forward returns no logits then
     gradient_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
@@ -583,36 +584,57 @@ class MiniMindForCausalLM(nn.Module):
         return out
 
     def new_cache(self, batch: int, max_len: int, pack_weights: bool = True) -> KVCache:
-        """An empty cache for ``max_len`` positions, carrying a copy of the weights packed for decoding.
+        """An empty cache for ``max_len`` positions. Under torch.no_grad (generate) it also carries the
+        weights packed for decoding (``packed_weights``); with autograd on, the modules are used, so that
+        gradients reach the weights."""
+        p = self.lm_head.weight
+        cache = KVCache(self.config, batch, max_len, p.device, p.dtype)
+        if pack_weights and not torch.is_grad_enabled():
+            cache.packed, cache.head = self.packed_weights() or (None, None)
+        return cache
+
+    def packed_weights(self) -> tuple[list[tuple[torch.Tensor, ...]], torch.Tensor] | None:
+        """A copy of the weights for decoding: per layer (q/k/v stacked, o, gate/up stacked, down), and the
+        head, each as (in, out). None when a projection is wrapped, biased or hooked (LoRA, an adapter,
+        BitFit, a quantized base) or the FFN is a mixture of experts: those keep their own calls.
 
         Decoding one token at a time makes every product a matrix-vector product, bound by reading the
         weights from memory, and at batch 1 per-call overhead counts too. So the copy (1) stacks q/k/v into
         one matrix and gate/up into another (2 products instead of 5 per layer, as vLLM and gpt-fast store
         them) and (2) stores every matrix as (in, out), for x @ W instead of nn.Linear's x @ W^T: the same
-        numbers, but this CPU's BLAS reads the (in, out) layout in about two thirds of the time
+        numbers, but this CPU's BLAS reads the (in, out) layout in less than half the time
         (``python -m gpt_minimind.bench``, table "one token's products"). We keep Llama's separate
-        (out, in) modules for training, export, LoRA and reading, and pack once per generate call.
-        Not done when a projection is wrapped (LoRA, a quantized base) or the FFN is a mixture of experts:
-        those keep their own calls. The copy costs the model's matrices once more in memory."""
-        p = self.lm_head.weight
-        cache = KVCache(self.config, batch, max_len, p.device, p.dtype)
+        (out, in) modules for training, export, LoRA and reading.
+
+        The copy is kept on the model (not in its state_dict) and rebuilt when a weight has changed: every
+        in-place update (an optimizer step, load_state_dict) raises the tensor's version counter, and a
+        move or cast gives it new memory. So repeated generate calls and chat turns pack once. It costs
+        the model's matrices once more in memory."""
         linears = [self.lm_head]
         for layer in self.model.layers:
             a, m = layer.self_attn, layer.mlp
             if not isinstance(m, MiniMindMLP):
-                return cache
+                return None
             linears += [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
-        if not pack_weights or any(type(lin) is not nn.Linear or lin.bias is not None or lin._forward_hooks
-                                   or lin._forward_pre_hooks for lin in linears):
-            return cache
+        if any(type(lin) is not nn.Linear or lin.bias is not None or lin._forward_hooks or lin._forward_pre_hooks
+               for lin in linears):
+            return None
+        key = [(lin.weight.data_ptr(), lin.weight._version, lin.weight.dtype, lin.weight.device) for lin in linears]
+        kept = self.__dict__.get("_packed")
+        if kept is not None and kept[0] == key:
+            return kept[1]
 
         def packed(*lins: nn.Linear) -> torch.Tensor:  # (in, sum of outs), contiguous
             return torch.cat([lin.weight.detach() for lin in lins]).t().contiguous()
 
-        cache.packed = [(packed(l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj), packed(l.self_attn.o_proj),
-                         packed(l.mlp.gate_proj, l.mlp.up_proj), packed(l.mlp.down_proj)) for l in self.model.layers]
-        cache.head = packed(self.lm_head)
-        return cache
+        layers = []
+        for layer in self.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            layers.append((packed(a.q_proj, a.k_proj, a.v_proj), packed(a.o_proj),
+                           packed(m.gate_proj, m.up_proj), packed(m.down_proj)))
+        head = packed(self.lm_head)
+        self.__dict__["_packed"] = (key, (layers, head))  # (kept out of the module's attributes: no state_dict)
+        return layers, head
 
     def decode_step(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (B, V) of one new token (B, 1) at position ``cache.position``, with fixed shapes.

@@ -242,16 +242,21 @@ def load_adapter_free(path):
     return load_model(path, "cpu")
 
 
-def test_generation_with_adapters_uses_them_with_and_without_the_cache():
-    # new_cache stacks plain q/k/v and gate/up weights for decoding; adapters must keep their own calls
+@pytest.mark.parametrize("method", ["lora", "bitfit", "adapter"])
+def test_generation_with_adapters_uses_them_with_and_without_the_cache(method):
+    # new_cache packs plain weights for decoding (x @ W); LoRA, BitFit's biases and adapters must keep
+    # their own calls
+    from gpt_minimind.peft_zoo import apply_method
+
     model = tiny_model(hidden_size=64, intermediate_size=128)
-    plain = model.new_cache(1, 4)
-    assert plain.packed is not None
-    inject_lora(model, r=4, alpha=8)
-    for layer in model.modules():
-        if isinstance(layer, LoRALinear):
-            nn.init.normal_(layer.lora_B.weight, std=0.5)  # adapters that change the output
-    assert model.new_cache(1, 4).packed is None
+    with torch.no_grad():
+        assert model.new_cache(1, 4).packed is not None
+    apply_method(model, method, zoo_cfg())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or name.endswith("bias") or ".up." in name:
+                p.normal_(std=0.5)  # trained-looking adapters, biases and adapter outputs that change the output
+        assert model.new_cache(1, 4).packed is None
     prompt = torch.randint(0, 97, (1, 5))
     cached = torch.stack(list(model.generate(prompt, 12)), 1)
     uncached = torch.stack(list(model.generate(prompt, 12, use_cache=False)), 1)

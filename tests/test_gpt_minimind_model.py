@@ -174,15 +174,39 @@ def test_cache_generation_equals_no_cache(impl):
                              generator=torch.Generator().manual_seed(3)))
     assert torch.equal(torch.stack(s1), torch.stack(s2))
     # and the logits themselves: a prompt, then one token at a time through the cache, with the weights
-    # packed for x @ W (new_cache's default) and with the model's own modules
+    # packed for x @ W (new_cache's default under no_grad) and with the model's own modules
     seq = torch.randint(0, 97, (2, 9))
     for pack in (True, False):
-        cache = model.new_cache(2, 9, pack_weights=pack)
-        assert (cache.packed is not None and cache.head is not None) == pack
-        model(seq[:, :5], cache=cache)
-        for pos in range(5, 9):
-            step = model(seq[:, pos:pos + 1], cache=cache)["logits"][:, -1]
-            torch.testing.assert_close(step, model(seq[:, :pos + 1])["logits"][:, -1], atol=1e-5, rtol=1e-5)
+        with torch.no_grad():
+            cache = model.new_cache(2, 9, pack_weights=pack)
+            assert (cache.packed is not None and cache.head is not None) == pack
+            model(seq[:, :5], cache=cache)
+            for pos in range(5, 9):
+                step = model(seq[:, pos:pos + 1], cache=cache)["logits"][:, -1]
+                torch.testing.assert_close(step, model(seq[:, :pos + 1])["logits"][:, -1], atol=1e-5, rtol=1e-5)
+    assert model.new_cache(2, 9).packed is None  # with autograd on, the modules (gradients reach the weights)
+
+
+def test_packed_weights_follow_weight_updates():
+    """The packed copy is kept on the model: an optimizer step or a load_state_dict must rebuild it."""
+    model = tiny()
+    prompt = torch.randint(0, 97, (2, 5))
+    before = torch.stack(list(model.generate(prompt, 12)), 1)
+    with torch.no_grad():
+        kept = model.packed_weights()
+    opt = torch.optim.SGD(model.parameters(), lr=5.0)
+    model.train()
+    model(prompt, labels=prompt)["loss"].backward()
+    opt.step()
+    with torch.no_grad():
+        assert model.packed_weights()[1] is not kept[1]  # rebuilt after the step
+    after = torch.stack(list(model.generate(prompt, 12)), 1)
+    assert not torch.equal(after, before)  # (lr 5: the step changes the greedy tokens)
+    assert torch.equal(after, torch.stack(list(model.generate(prompt, 12, use_cache=False)), 1))
+    other = tiny()  # another model's weights, copied in place
+    model.load_state_dict(other.state_dict())
+    assert torch.equal(torch.stack(list(model.generate(prompt, 12)), 1),
+                       torch.stack(list(other.generate(prompt, 12, pack_weights=False)), 1))
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "math"])
@@ -195,15 +219,17 @@ def test_static_decode_step_equals_dynamic_cache(impl, monkeypatch):
     dynamic = torch.stack(list(model.generate(prompt, 20)), 1)
     static = torch.stack(list(model.generate(prompt, 20, compile=True)), 1)
     assert torch.equal(dynamic, static)
+    assert torch.equal(dynamic, torch.stack(list(model.generate(prompt, 20, compile=True, pack_weights=False)), 1))
     # and the logits themselves: token `pos` fed at position `pos` sees exactly tokens 0..pos
     seq = torch.randint(0, 97, (2, 9))
-    cache = model.new_cache(2, 9)
-    model(seq[:, :5], cache=cache)
-    cache.static = True
-    for pos in range(5, 9):
-        cache.position.fill_(pos)
-        step = model.decode_step(seq[:, pos:pos + 1], cache)
-        torch.testing.assert_close(step, model(seq[:, :pos + 1])["logits"][:, -1], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        cache = model.new_cache(2, 9)
+        model(seq[:, :5], cache=cache)
+        cache.static = True
+        for pos in range(5, 9):
+            cache.position.fill_(pos)
+            step = model.decode_step(seq[:, pos:pos + 1], cache)
+            torch.testing.assert_close(step, model(seq[:, :pos + 1])["logits"][:, -1], atol=1e-5, rtol=1e-5)
 
 
 def test_greedy_generation_equals_transformers_generate():
