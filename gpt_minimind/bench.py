@@ -217,8 +217,9 @@ def token_products(model: MiniMindForCausalLM, repeats: int, tokens: int = 50) -
     """Why new_cache packs the weights as (in, out): one decoded token's matrix-vector products (per layer
     q/k/v stacked, o, gate/up stacked, down; then the head), the same numbers two ways: nn.Linear's
     x @ W^T on its (out, in) weights, and x @ W on an (in, out) copy. Same bytes read, other BLAS path."""
-    cache = model.new_cache(1, 1)
-    packed = [w for layer in cache.packed for w in layer] + [cache.head]  # (in, out)
+    with torch.no_grad():
+        layers, head = model.packed_weights()
+    packed = [w for layer in layers for w in layer] + [head]  # (in, out)
     linear = [w.t().contiguous() for w in packed]  # (out, in), as nn.Linear holds them
     xs = [torch.randn(1, w.shape[0]) for w in packed]
 

@@ -226,7 +226,10 @@ def test_bench_records_carry_the_paired_medians():
     speed = {"train_step": {"ours (sdpa)": {"step_s": 0.7, "vs_transformers_sdpa": {**ratio, "median": 0.95}},
                             "ours (sdpa), chunked loss": {"step_s": 0.65,
                                                           "vs_transformers_sdpa": {**ratio, "median": 1.1}},
-                            "ours (sdpa), bf16 autocast": {"step_s": 0.3, "vs_transformers_sdpa": ratio}},
+                            "ours (sdpa), bf16 autocast": {"step_s": 0.3, "vs_transformers_sdpa": ratio},
+                            "ours (math attention), chunked loss, bf16 autocast": {
+                                "step_s": 0.25, "vs_transformers_sdpa": ratio,
+                                "vs_transformers_sdpa_bf16": {**ratio, "median": 1.3}}},
              "generate": {"ours, KV cache": {"s": 0.2, "vs_transformers_generate": ratio}}}
     nano = {"nanogpt": {"tokens_per_s": 100.0, "val_loss": 1.9},
             "ours": {"tokens_per_s": 98.0, "val_loss": 1.6, "loop_s": 10.0},
@@ -235,7 +238,22 @@ def test_bench_records_carry_the_paired_medians():
     assert records[("train_step_fp32", "speed_vs_transformers")]["value"] == 0.95
     assert records[("train_step_fp32_chunked_loss", "speed_vs_transformers")]["value"] == 1.1
     assert records[("generate_kv_cache", "speed_vs_transformers")]["value"] == 1.4
+    both16 = records[("train_step_bf16_math_attention_chunked_loss_vs_bf16", "speed_vs_transformers")]
+    assert (both16["value"], both16["baseline"]) == (1.3, "transformers_llama_sdpa_bf16_autocast")
+    assert ("train_step_bf16_autocast_vs_bf16", "speed_vs_transformers") not in records  # no bf16 pairing: no record
     bf16 = records[("nanogpt_baby_bf16_autocast", "tokens_per_s")]
     assert (bf16["value"], bf16["baseline_value"]) == (121.0, 100.0)
     assert ("generate_kv_cache_compiled", "speed_vs_transformers") not in records  # not measured: no record
     assert bench_records({}) == []
+
+
+def test_token_products_times_both_layouts_of_every_decoding_product():
+    from gpt_minimind.bench import token_products
+
+    model = MiniMindForCausalLM(MiniMindConfig(vocab_size=500, hidden_size=64, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2))
+    out = token_products(model, repeats=2, tokens=1)
+    assert out["n_products"] == 4 * 2 + 1  # per layer q/k/v, o, gate/up, down; then the head
+    weights = sum(p.numel() for n, p in model.named_parameters() if "norm" not in n)  # (tied: the head once)
+    assert out["megabytes"] == weights * 4 / 1e6  # each matrix once (tied head: the embedding's matrix)
+    assert out["packed_vs_linear"]["low"] > 0 and len(out["rows"]) == 2
