@@ -602,7 +602,7 @@ class MiniMindForCausalLM(nn.Module):
         weights from memory, and at batch 1 per-call overhead counts too. So the copy (1) stacks q/k/v into
         one matrix and gate/up into another (2 products instead of 5 per layer, as vLLM and gpt-fast store
         them) and (2) stores every matrix as (in, out), for x @ W instead of nn.Linear's x @ W^T: the same
-        numbers, but this CPU's BLAS reads the (in, out) layout in less than half the time
+        numbers, but this CPU's BLAS reads the (in, out) layout 1.3-2.1x faster, depending on the load
         (``python -m gpt_minimind.bench``, table "one token's products"). We keep Llama's separate
         (out, in) modules for training, export, LoRA and reading.
 
