@@ -609,7 +609,8 @@ class MiniMindForCausalLM(nn.Module):
         The copy is kept on the model (not in its state_dict) and rebuilt when a weight has changed: every
         in-place update (an optimizer step, load_state_dict) raises the tensor's version counter, and a
         move or cast gives it new memory. So repeated generate calls and chat turns pack once. It costs
-        the model's matrices once more in memory."""
+        the model's matrices once more in memory. (A write through ``weight.data`` bypasses the counter and
+        would leave the copy stale: update weights in place under torch.no_grad, as optimizers do.)"""
         linears = [self.lm_head]
         for layer in self.model.layers:
             a, m = layer.self_attn, layer.mlp
