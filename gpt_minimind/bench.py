@@ -214,7 +214,7 @@ def speed_tables(cfg: BenchConfig) -> dict:
 
 
 def token_products(model: MiniMindForCausalLM, repeats: int, tokens: int = 50) -> dict:
-    """Why new_cache packs the weights as (in, out): one decoded token's matrix-vector products (per layer
+    """Why packed_weights stores the weights as (in, out): one decoded token's matrix-vector products (per layer
     q/k/v stacked, o, gate/up stacked, down; then the head), the same numbers two ways: nn.Linear's
     x @ W^T on its (out, in) weights, and x @ W on an (in, out) copy. Same bytes read, other BLAS path."""
     with torch.no_grad():

@@ -277,7 +277,7 @@ class MiniMindAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
                 key_padding: torch.Tensor | None = None, packed: tuple | None = None) -> torch.Tensor:
-        """``packed`` (decoding, see new_cache): q_proj's, k_proj's and v_proj's weights stacked, and o_proj's,
+        """``packed`` (decoding, see packed_weights): q_proj's, k_proj's and v_proj's weights stacked, and o_proj's,
         both (in, out): one product instead of three, and x @ W instead of x @ W^T."""
         cfg = self.cfg
         B, T, _ = x.shape
@@ -411,7 +411,7 @@ class MiniMindMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, packed: tuple | None = None) -> torch.Tensor:
-        """``packed`` (decoding, see new_cache): gate_proj's and up_proj's weights stacked, and down_proj's,
+        """``packed`` (decoding, see packed_weights): gate_proj's and up_proj's weights stacked, and down_proj's,
         both (in, out)."""
         if packed is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -484,7 +484,7 @@ class MiniMindDecoderLayer(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, cos, sin, cache=None, key_padding=None):
-        # while decoding, the cache may carry this layer's weights packed for x @ W (see new_cache)
+        # while decoding, the cache may carry this layer's weights packed for x @ W (see packed_weights)
         packed = cache.packed[self.self_attn.layer_idx] if cache is not None and cache.packed else None
         attn_w, mlp_w = (packed[:2], packed[2:]) if packed is not None else (None, None)
         h = self.self_attn(self.input_layernorm(x), cos, sin, cache, key_padding, attn_w)
@@ -667,7 +667,7 @@ class MiniMindForCausalLM(nn.Module):
         Without the cache each step re-runs the whole sequence: same tokens, O(T) times the work.
         ``compile``: the prompt runs through the ordinary forward, every later token through a
         torch.compile'd decode_step (the first call compiles it: seconds; worth it for long outputs).
-        ``pack_weights``: decode with a packed copy of the weights (see new_cache); False uses the modules."""
+        ``pack_weights``: decode with a packed copy of the weights (see packed_weights); False uses the modules."""
         self.eval()
         B, T = input_ids.shape
         limit = self.config.max_position_embeddings * max(self.config.rope_factor, 1.0)
