@@ -76,6 +76,25 @@ def tiny_llama(cfg: BenchConfig) -> MiniMindConfig:
 # 1) ours vs transformers: training step and generation
 # ---------------------------------------------------------------------------------------------------
 
+def training_step(model, x: torch.Tensor, dtype=torch.float32):
+    """One training step (forward, backward, AdamW) of ours or of transformers' model on tokens x (B, T + 1),
+    as a function for the timers, under CPU autocast to ``dtype`` (fp32: none)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ours_api = isinstance(model, MiniMindForCausalLM) or isinstance(getattr(model, "_orig_mod", None),
+                                                                     MiniMindForCausalLM)
+
+    def step():
+        with autocast(torch.device("cpu"), dtype):
+            if ours_api:  # inputs x[:-1], labels x[1:]
+                loss = model(x[:, :-1], labels=x[:, 1:])["loss"]
+            else:  # the same T input tokens; transformers shifts the labels inside (T - 1 predictions)
+                loss = model(input_ids=x[:, :-1], labels=x[:, :-1]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
 def speed_tables(cfg: BenchConfig) -> dict:
     from transformers import LlamaForCausalLM
 
@@ -101,22 +120,6 @@ def speed_tables(cfg: BenchConfig) -> dict:
     x = torch.randint(3, mcfg.vocab_size, (cfg.batch_size, cfg.seq_len + 1), generator=torch.Generator().manual_seed(0))
     tokens = cfg.batch_size * cfg.seq_len
 
-    def step_fn(model, dtype=torch.float32):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        ours_api = isinstance(model, MiniMindForCausalLM) or isinstance(getattr(model, "_orig_mod", None),
-                                                                         MiniMindForCausalLM)
-
-        def step():
-            with autocast(torch.device("cpu"), dtype):
-                if ours_api:  # inputs x[:-1], labels x[1:]
-                    loss = model(x[:, :-1], labels=x[:, 1:])["loss"]
-                else:  # the same T input tokens; transformers shifts the labels inside (T - 1 predictions)
-                    loss = model(input_ids=x[:, :-1], labels=x[:, :-1]).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return step
-
     rows = {}
     flops_per_token = 6 * ours.num_parameters() + 12 * mcfg.num_hidden_layers * mcfg.hidden_size * cfg.seq_len
     peak32 = matmul_peak_flops(dtype=torch.float32)
@@ -133,7 +136,7 @@ def speed_tables(cfg: BenchConfig) -> dict:
     for name, model, dtype in variants:
         model.train()
         t_first = time.perf_counter()
-        fns[name] = step_fn(model, dtype)
+        fns[name] = training_step(model, x, dtype)
         fns[name]()  # warm-up (and compilation)
         firsts[name] = time.perf_counter() - t_first
     times = time_rounds(fns, cfg.repeats, warmup=0)
@@ -245,32 +248,36 @@ def token_products(model: MiniMindForCausalLM, repeats: int, tokens: int = 50) -
             "packed_vs_linear": {"median": ratio, "low": low, "high": high}}
 
 
-def profile_step(cfg: BenchConfig) -> dict[str, float]:
-    """Share of one training step (forward, backward, AdamW) spent in each kind of operator."""
+def profile_step(cfg: BenchConfig) -> dict[str, dict[str, float]]:
+    """Share of one training step (forward, backward, AdamW) spent in each kind of operator, for our fp32
+    step and for the two bf16 rows of the speed table (sdpa; written-out attention with the chunked loss)."""
     mcfg = tiny_llama(cfg)
-    torch.manual_seed(0)
-    model = MiniMindForCausalLM(mcfg).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(3, mcfg.vocab_size, (cfg.batch_size, cfg.seq_len + 1))
-
-    def step():
-        model(x[:, :-1], labels=x[:, 1:])["loss"].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step()
-    with torch.profiler.profile() as prof:
+    variants = {"fp32, sdpa": ({}, torch.float32), "bf16, sdpa": ({}, torch.bfloat16),
+                "bf16, written-out attention, chunked loss": (
+                    {"attn_impl": "math", "loss_chunk_size": cfg.loss_chunk_size}, torch.bfloat16)}
+    groups = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm"),
+              "log_softmax (loss)": ("aten::_log_softmax", "aten::_log_softmax_backward_data"),
+              "fused attention kernel": ("flash_attention",),
+              "softmax (written-out attention)": ("aten::_softmax", "aten::_softmax_backward_data"),
+              "copies and casts": ("aten::copy_",)}
+    result = {}
+    for variant, (overrides, dtype) in variants.items():
+        torch.manual_seed(0)
+        model = MiniMindForCausalLM(MiniMindConfig(**{**mcfg.to_dict(), **overrides})).train()
+        step = training_step(model, x, dtype)
         step()
-    self_us = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
-    total = sum(self_us.values())
-    groups = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm"), "log_softmax (loss)": ("aten::_log_softmax",
-              "aten::_log_softmax_backward_data"), "attention kernel": ("flash_attention",)}
-    shares = {g: sum(v for k, v in self_us.items() if any(n in k for n in names)) / total
-              for g, names in groups.items()}
-    shares["everything else"] = 1 - sum(shares.values())
-    for g, share in shares.items():
-        print(f"profile    | {g:45s} | {share:.0%} of the step", flush=True)
-    return shares
+        with torch.profiler.profile() as prof:
+            step()
+        self_us = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+        total = sum(self_us.values())
+        shares = {g: sum(v for k, v in self_us.items() if any(n in k for n in names)) / total
+                  for g, names in groups.items()}
+        shares["everything else"] = 1 - sum(shares.values())
+        result[variant] = shares
+        print(f"profile    | {variant:45s} | " + ", ".join(f"{g} {v:.0%}" for g, v in shares.items() if v >= 0.005),
+              flush=True)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------
