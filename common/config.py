@@ -3,6 +3,8 @@
 Every field of a (possibly nested) dataclass becomes a flag: ``d_model`` -> ``--d-model``.
 Booleans get ``--flag/--no-flag``. ``--preset NAME`` applies a named dict of overrides first;
 flags given on the command line win over the preset. Unknown flags are an error (argparse's).
+A renamed field keeps its old flag for one release: list it in the class's ``RENAMED`` (a ClassVar,
+old name -> new name); the old flag still works, hidden from --help, and prints one deprecation line.
 
     @dataclass
     class TrainConfig:
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import inspect
 import re
 import typing
@@ -95,7 +98,50 @@ def build_parser(cls, presets: Mapping[str, Mapping[str, Any]] | None = None, de
                 choices = list(typing.get_args(typing.get_type_hints(_owner(cls, path))[name]))
             parser.add_argument(flag, dest=name, type=tp, default=defaults[name], choices=choices,
                                 help=helptext or " ")
+    _add_renamed(parser, cls)
     return parser
+
+
+def renamed_fields(cls) -> dict[str, str]:
+    """Old leaf name -> new leaf name, from ``RENAMED`` of ``cls`` and of its nested dataclasses."""
+    out = dict(getattr(cls, "RENAMED", {}))
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(renamed_fields(hints[f.name]))
+    known = {p[-1] for p, _, _ in _flat_fields(cls)}
+    for old, new in out.items():
+        if new not in known or old in known:
+            raise TypeError(f"{cls.__name__}.RENAMED: {old!r} -> {new!r} must map a retired name to a field")
+    return out
+
+
+class _Renamed(argparse.Action):
+    """An old flag: stores into the new field and says once, on stderr, what to write instead."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        new = ("--no-" if self.nargs == 0 and not self.const else "--") + self.dest.replace("_", "-")
+        warned = parser.__dict__.setdefault("_renamed_warned", set())  # (--preset parses twice: warn once)
+        if option_string not in warned:
+            warned.add(option_string)
+            print(f"warning: {option_string} is deprecated and will be removed in the next release; use {new}",
+                  file=sys.stderr)
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+
+
+def _add_renamed(parser: argparse.ArgumentParser, cls) -> None:
+    fields_by_name = {p[-1]: tp for p, _, tp in _flat_fields(cls)}
+    for old, new in renamed_fields(cls).items():
+        tp = _scalar_type(fields_by_name[new])
+        if tp is bool:  # --old and --no-old, both hidden
+            for flag, value in ((old, True), ("no_" + old, False)):
+                parser.add_argument("--" + flag.replace("_", "-"), dest=new, action=_Renamed, nargs=0,
+                                    const=value, help=argparse.SUPPRESS, default=argparse.SUPPRESS)
+            continue
+        kw = {"nargs": "*", "type": typing.get_args(fields_by_name[new])[0]} if typing.get_origin(
+            fields_by_name[new]) is list else {"type": tp}
+        parser.add_argument("--" + old.replace("_", "-"), dest=new, action=_Renamed, help=argparse.SUPPRESS,
+                            default=argparse.SUPPRESS, **kw)
 
 
 def _owner(cls, path):
