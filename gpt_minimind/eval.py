@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +24,10 @@ from common.results import command_line, make_record
 from common.runtime import pick_device, seed_everything, set_threads
 
 from .dataset import PackedBlocks, default_documents, encode_documents, split_documents
-from .infer import load_model
+from .finetune import answer
+from .loading import load_model
 from .model import MiniMindForCausalLM
-from .tasks import CHRF_TASKS, EXACT_TASKS, Example, build_examples
+from .tasks import CHRF_TASKS, EXACT_TASKS, Example, build_examples, exact_match
 
 DEFAULT_STAGES = ["pretrain=runs/gpt_minimind/pretrain/final", "sft=runs/gpt_minimind/sft/final",
                   "lora=runs/gpt_minimind/lora/final", "qlora=runs/gpt_minimind/qlora/final",
@@ -53,18 +53,6 @@ class EvalConfig:
 # Scores
 # ---------------------------------------------------------------------------------------------------
 
-_TRAILING = re.compile(r"[\s。．.!！?？,，;；:：\"'“”]+$")
-
-
-def normalize(s: str) -> str:
-    """Compare answers without case, surrounding spaces or a final full stop."""
-    return _TRAILING.sub("", s.strip()).strip().lower()
-
-
-def exact_match(pred: str, ref: str) -> bool:
-    return normalize(pred) == normalize(ref)
-
-
 def chrf(preds: list[str], refs: list[str]) -> float:
     """Character n-gram F-score (Popovic 2015) through sacrebleu: fair to Chinese without word segmentation."""
     import sacrebleu
@@ -85,21 +73,6 @@ def majority_baseline(train: list[Example], test: list[Example], task: str) -> f
 # ---------------------------------------------------------------------------------------------------
 # Model side
 # ---------------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def answer(model: MiniMindForCausalLM, tok, messages: list[dict], max_new_tokens: int) -> str:
-    """Greedy reply to a conversation, decoded up to the end-of-turn token."""
-    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    limit = model.config.max_position_embeddings - max_new_tokens
-    ids = ids[-limit:]
-    device = model.lm_head.weight.device
-    out = []
-    for t in model.generate(torch.tensor([ids], device=device), max_new_tokens, eos_token_id=tok.eos_token_id):
-        if int(t) == tok.eos_token_id:
-            break
-        out.append(int(t))
-    return tok.decode(out, skip_special_tokens=True)
-
 
 @torch.no_grad()
 def valid_perplexity(model: MiniMindForCausalLM, tok, docs: list[str], n_blocks: int, batch_size: int = 16) -> float:

@@ -143,7 +143,7 @@ def export(ckpt: str | Path, out: str | Path) -> MiniMindForCausalLM:
     """Our checkpoint directory (config.json + model.safetensors [+ tokenizer/]) -> a transformers directory.
     Returns our model as loaded from ``ckpt``."""
     ckpt, out = Path(ckpt), Path(out)
-    cfg = MiniMindConfig(**read_config(ckpt))
+    cfg = MiniMindConfig.from_dict(read_config(ckpt))
     model = load_pretrained(MiniMindForCausalLM(cfg), ckpt).eval()
     hf = hf_config(cfg)
     from transformers import AutoModelForCausalLM

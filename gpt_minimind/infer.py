@@ -13,15 +13,15 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from common.checkpoint import load_pretrained, read_config
 from common.config import parse_config
 from common.runtime import pick_device, set_threads
 
-from .model import MiniMindConfig, MiniMindForCausalLM
+from . import engine
+from .loading import load_model
+from .model import MiniMindForCausalLM
 
 
 @dataclass
@@ -43,23 +43,6 @@ class InferConfig:
     device: str = "auto"
 
 
-def load_model(ckpt: str | Path, device) -> tuple[MiniMindForCausalLM, object]:
-    """A model directory (config.json, model.safetensors, tokenizer/), or a LoRA adapter directory
-    (adapter_config.json: its base model is loaded and the adapter applied)."""
-    from transformers import AutoTokenizer
-
-    ckpt = Path(ckpt)
-    if (ckpt / "adapter_config.json").is_file():
-        from .lora import load_adapter
-
-        return load_adapter(ckpt, device)
-    model = load_pretrained(MiniMindForCausalLM(MiniMindConfig(**read_config(ckpt))), ckpt).to(device).eval()
-    tok_dir = ckpt / "tokenizer"
-    if not (tok_dir / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{tok_dir}: no tokenizer next to the weights (train_pretrain.py writes one there)")
-    return model, AutoTokenizer.from_pretrained(tok_dir)
-
-
 def stream(model: MiniMindForCausalLM, tok, ids: list[int], cfg: InferConfig, out=sys.stdout) -> tuple[str, int, float]:
     """Generate after ``ids``, printing text as it becomes complete. -> (text, new tokens, seconds)."""
     device = model.lm_head.weight.device
@@ -67,8 +50,14 @@ def stream(model: MiniMindForCausalLM, tok, ids: list[int], cfg: InferConfig, ou
     new: list[int] = []
     printed = ""
     t0 = time.perf_counter()
-    for t in model.generate(torch.tensor([ids], device=device), cfg.max_new_tokens, cfg.temperature, cfg.top_k,
-                            cfg.top_p, cfg.repetition_penalty, tok.eos_token_id, cfg.cache, gen, cfg.compile):
+    prompt = torch.tensor([ids], device=device)
+    if cfg.cache:  # the engine: the same tokens as model.generate, with packed weights (and a compiled step)
+        tokens = engine.generate(model, prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                                 cfg.repetition_penalty, tok.eos_token_id, gen, compile=cfg.compile)
+    else:  # the reference without a cache: every step re-runs the whole sequence
+        tokens = model.generate(prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                                cfg.repetition_penalty, tok.eos_token_id, use_cache=False, generator=gen)
+    for t in tokens:
         if int(t) == tok.eos_token_id:
             break
         new.append(int(t))

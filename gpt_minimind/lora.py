@@ -175,16 +175,19 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_dir: str | Pa
     return out
 
 
-def load_adapter(adapter_dir: str | Path, device) -> tuple[nn.Module, object]:
-    """The base model named in adapter_config.json, with this adapter injected (and its base quantized
-    as during training). Returns (model, tokenizer)."""
-    from .infer import load_model
-
-    adapter_dir = Path(adapter_dir)
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+def read_adapter_config(adapter_dir: str | Path) -> dict:
+    """adapter_config.json of a LoRA adapter directory (peft's format); other peft types are refused."""
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{adapter_dir}/adapter_config.json: peft_type {config.get('peft_type')!r}, expected 'LORA'")
-    model, tok = load_model(config["base_model_name_or_path"], device)
+    return config
+
+
+def apply_adapter(model: nn.Module, adapter_dir: str | Path, config: dict | None = None) -> nn.Module:
+    """Inject LoRA layers into ``model`` (its base quantized as during training) and load the adapter's A
+    and B; every key must match. loading.py's load_model finds and loads the base model first."""
+    adapter_dir = Path(adapter_dir)
+    config = config or read_adapter_config(adapter_dir)
     quant = adapter_dir / "base_quantization.json"
     bits = json.loads(quant.read_text())["bits"] if quant.is_file() else 0
     inject_lora(model, config["r"], config["lora_alpha"], 0.0, tuple(config["target_modules"]), bits)
@@ -198,4 +201,4 @@ def load_adapter(adapter_dir: str | Path, device) -> tuple[nn.Module, object]:
     with torch.no_grad():
         for n, p in ours.items():
             p.copy_(state[peft_key(n)])
-    return model.eval(), tok
+    return model

@@ -12,6 +12,10 @@
   experts per token, an optional always-on shared expert, and the Switch Transformer load-balancing loss.
 - A KV cache for generation.
 
+This file is the readable reference: one path through ``forward``, a plain KV cache, a naive
+``generate``. The speed work (weights packed for decoding, a compiled fixed-shape decode step, the
+output head and the loss in chunks) is in engine.py, which imports this file and is tested equal to it.
+
 Module and parameter names are Hugging Face Llama's (``model.layers.0.self_attn.q_proj.weight`` ...),
 so export to ``LlamaForCausalLM`` is an identity map of the state dict (export_hf.py).
 """
@@ -20,7 +24,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -54,10 +59,8 @@ class MiniMindConfig:
     norm_topk_prob: bool = True  # renormalise the k chosen router probabilities to sum to 1 (never with k = 1:
     # the one weight would always be 1 and the router would get no gradient from the LM loss)
     router_aux_loss_coef: float = 0.01  # weight of the load-balancing loss added to the LM loss
-    attn_impl: str = "sdpa"  # sdpa (PyTorch's fused kernel) or math (softmax written out: for reading, and
-    # the faster one for bf16 training on a CPU, see bench.py)
-    loss_chunk_size: int = 0  # > 0: with labels, the head and the loss run this many positions at a time
-    # (LinearCrossEntropy): the (B, T, V) logits are never stored, and forward returns no logits then
+    attn_impl: str = "sdpa"  # sdpa (PyTorch's fused kernel) or math (softmax written out: for reading; which is
+    # faster in bf16 on a CPU: python -m gpt_minimind.bench)
     gradient_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
     bos_token_id: int = 1
     eos_token_id: int = 2
@@ -82,8 +85,6 @@ class MiniMindConfig:
                              f"num_key_value_heads {self.num_key_value_heads}")
         if self.rope_scaling not in ("none", "linear", "ntk", "yarn"):
             raise ValueError(f"rope_scaling must be none, linear, ntk or yarn, not {self.rope_scaling!r}")
-        if self.loss_chunk_size < 0:
-            raise ValueError(f"loss_chunk_size must be >= 0 (0 = plain logits), not {self.loss_chunk_size}")
         if self.attn_impl not in ("sdpa", "math"):
             raise ValueError(f"attn_impl must be sdpa or math, not {self.attn_impl!r}")
 
@@ -93,6 +94,19 @@ class MiniMindConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> MiniMindConfig:
+        """From a saved config.json. Keys of earlier releases that no longer configure the model are
+        dropped (``RETIRED``); any other unknown key is an error that names it."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known - cls.RETIRED
+        if unknown:
+            raise ValueError(f"unknown MiniMindConfig fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    # loss_chunk_size: a training option since the chunked loss moved to engine.py (saved by older runs)
+    RETIRED: ClassVar[frozenset[str]] = frozenset({"loss_chunk_size"})
 
 
 # Named sizes. cpu: trains in minutes on 2 cores. gpu4gb: minimind-small (~26 M params with the 6400
@@ -200,21 +214,9 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.length = 0  # positions filled so far (advanced by the model after all layers ran)
-        # static mode (decode_step): one token at a time, its position held in a tensor, and every
-        # slot returned with a mask, so that each step has the same shapes and one compiled graph serves all
-        self.static = False
-        self.position = torch.zeros(1, dtype=torch.long, device=device)
-        # decoding weights, set by MiniMindForCausalLM.new_cache, all in (in, out) layout: per layer
-        # (q/k/v stacked, o, gate/up stacked, down), and the output head (C, V)
-        self.packed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
-        self.head: torch.Tensor | None = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new positions of ``layer`` and return all keys/values up to them."""
-        if self.static:  # all max_len slots; decode_step masks the ones after `position`
-            self.k[layer].index_copy_(2, self.position, k)
-            self.v[layer].index_copy_(2, self.position, v)
-            return self.k[layer], self.v[layer]
         end = self.length + k.shape[2]
         if end > self.k[layer].shape[2]:
             raise ValueError(f"KV cache holds {self.k[layer].shape[2]} positions; asked for {end}")
@@ -239,11 +241,9 @@ def attention_math(q, k, v, mask: torch.Tensor | None, dropout: float = 0.0) -> 
     """softmax(q k^T / sqrt(D) + mask) v, written out. q (B, H, Tq, D), k/v (B, H, Tk, D);
     mask is additive (0 or -inf), broadcastable to (B, H, Tq, Tk).
 
-    Two choices here are about speed, not maths: q is scaled before the product (Tq x D numbers instead
-    of the Tq x Tk scores), and the softmax takes the scores in their own dtype. For bf16/fp16 scores the
-    softmax kernel still sums in fp32 and rounds once at the end, the same numbers as an explicit
-    ``.float()`` and back, but without two copies of the largest tensor of the layer (and two more in
-    backward): at T = 256 on a CPU those copies cost as much as the softmax itself."""
+    q is scaled before the product (Tq x D numbers instead of the Tq x Tk scores). The softmax takes the
+    scores in their own dtype: for bf16/fp16 its kernel still sums in fp32 and rounds once, the same
+    numbers as ``.float()`` and back without two copies of the layer's largest tensor."""
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if mask is not None:
         scores = scores + mask
@@ -276,22 +276,27 @@ class MiniMindAttention(nn.Module):
         self.o_proj = nn.Linear(H * D, C, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
-                key_padding: torch.Tensor | None = None, packed: tuple | None = None) -> torch.Tensor:
-        """``packed`` (decoding, see packed_weights): q_proj's, k_proj's and v_proj's weights stacked, and o_proj's,
-        both (in, out): one product instead of three, and x @ W instead of x @ W^T."""
+                key_padding: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C): softmax(q k^T / sqrt(D) + causal mask) v per head, then o_proj.
+        ``key_padding`` (B, Tk) True where a key is padding (see causal_mask)."""
         cfg = self.cfg
         B, T, _ = x.shape
         H, H_kv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         # 1) project to queries (B, H, T, D) and keys/values (B, H_kv, T, D)
-        if packed is not None:
-            q, k, v = (x @ packed[0]).split([H * D, H_kv * D, H_kv * D], dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q, k, v = q.view(B, T, H, D), k.view(B, T, H_kv, D), v.view(B, T, H_kv, D).transpose(1, 2)
-        # 2) rotate q and k by their absolute positions (RoPE); v is not rotated.
-        #    (q and k side by side along the head axis: one rotation instead of two)
-        qk = apply_rotary(torch.cat([q, k], dim=2).transpose(1, 2), cos, sin)
-        q, k = qk[:, :H], qk[:, H:]
+        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, H_kv, D).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, H_kv, D).transpose(1, 2)
+        return self.o_proj(self.attend(q, k, v, cos, sin, cache, key_padding))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               cache: KVCache | None = None, key_padding: torch.Tensor | None = None) -> torch.Tensor:
+        """Steps 2-5 of forward, from projected q (B, H, T, D), k and v (B, H_kv, T, D) to heads merged (B, T, C)
+        before o_proj (engine.py projects with its own packed weights and calls this for the rest)."""
+        cfg = self.cfg
+        B, H, T, D = q.shape
+        H_kv = k.shape[1]
+        # 2) rotate q and k by their absolute positions (RoPE); v is not rotated
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         # 3) with a cache: append this step's k/v, attend over everything so far
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
@@ -301,100 +306,18 @@ class MiniMindAttention(nn.Module):
         dropout = cfg.dropout if self.training else 0.0
         mask = None
         if key_padding is not None or (T > 1 and Tk != T):
-            mask = causal_mask(T, Tk, x.device, key_padding, q.dtype)
+            mask = causal_mask(T, Tk, q.device, key_padding, q.dtype)
         if cfg.attn_impl == "math" or not _SDPA_GQA:
             k, v = repeat_kv(k, H // H_kv), repeat_kv(v, H // H_kv)  # (B, H, Tk, D): each k/v head serves H/H_kv
         if cfg.attn_impl == "math":
             if mask is None and T > 1:
-                mask = causal_mask(T, Tk, x.device, dtype=q.dtype)
+                mask = causal_mask(T, Tk, q.device, dtype=q.dtype)
             y = attention_math(q, k, v, mask, dropout)
         else:  # the fused kernel; it shares each k/v head across its query heads itself (enable_gqa)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                                is_causal=mask is None and T > 1, **_SDPA_GQA)
-        # 5) merge heads and project back: (B, H, T, D) -> (B, T, C)
-        y = y.transpose(1, 2).reshape(B, T, H * D)
-        return self.o_proj(y) if packed is None else y @ packed[1]
-
-
-# ---------------------------------------------------------------------------------------------------
-# The output head and the loss, chunk by chunk
-# ---------------------------------------------------------------------------------------------------
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """mean cross_entropy(h @ W^T, labels) over the labels that are not -100, without the (N, V) logits
-    (NaN when every label is -100, as F.cross_entropy gives).
-
-    With a small model and a 6,400-token vocabulary the logits are the largest activation of a training
-    step: at 2,048 positions, 52 MB in fp32, written by the head, read by log_softmax, written again as
-    log-probabilities, and their gradient the same again. Here the positions go through in chunks: each
-    chunk's logits (chunk x V, a few MB, in cache) become the loss and, in the same pass, their gradient
-    softmax - one_hot, which goes straight into the gradients of h and W. Backward only scales what
-    forward stored. The FLOPs are those of the plain head (forward and backward products); what goes is
-    the traffic to memory and the stored logits (the trick of Liger Kernel's fused linear cross-entropy
-    and of Apple's Cut Cross-Entropy, Wijmans et al. 2024, written here with plain torch ops)."""
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
-        # h (N, C), weight (V, C), labels (N,)
-        valid = labels != -100
-        n_valid = valid.sum().clamp(min=1)  # (the gradients of an all-ignored batch are zeros)
-        target = labels.clamp(min=0)  # any index for the ignored rows; their terms are zeroed below
-        acc = torch.promote_types(weight.dtype, torch.float32)  # softmax and sums: fp32 at least
-        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(weight, dtype=acc) if ctx.needs_input_grad[1] else None
-        # the products' dtype: under autocast, h and W are cast once here (not in each chunk's three products)
-        cast = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
-        h, w = h.to(cast), weight.to(cast)
-        total = torch.zeros((), dtype=acc, device=h.device)
-        for s in range(0, h.shape[0], chunk):
-            hc, tc, vc = h[s:s + chunk], target[s:s + chunk], valid[s:s + chunk]
-            logits = (hc @ w.t()).to(acc)  # (chunk, V)
-            picked = logits.gather(1, tc[:, None]).squeeze(1)  # the target's logit
-            m = logits.amax(-1, keepdim=True)
-            p = logits.sub_(m).exp_()  # in place: exp(logit - max), the logits are not needed again
-            z = p.sum(-1, keepdim=True)
-            lse = (m + z.log()).squeeze(1)  # log sum exp(logits)
-            total += ((lse - picked) * vc).sum()  # -log softmax(logits)[target]
-            if grad_h is None and grad_w is None:
-                continue
-            # d loss_i / d logits_i = softmax(logits_i) - one_hot(target_i); ignored rows get 0
-            p.div_(z).scatter_add_(1, tc[:, None], -torch.ones_like(picked)[:, None])
-            p.mul_(vc[:, None])
-            g = p.to(cast)
-            if grad_h is not None:
-                grad_h[s:s + chunk] = g @ w
-            if grad_w is not None:
-                if cast != grad_w.dtype:  # the product in bf16/fp16, summed over the chunks in fp32
-                    grad_w += g.t() @ hc
-                else:  # in place, no (V, C) temporary
-                    grad_w.addmm_(g.t(), hc)
-        # the loss is a mean over the valid labels: every gradient carries the same 1 / n_valid
-        if grad_h is not None:
-            grad_h.div_(n_valid)
-        if grad_w is not None:
-            grad_w = grad_w.div_(n_valid).to(weight.dtype)
-        ctx.save_for_backward(grad_h, grad_w)
-        return total / valid.sum()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable  # the stored gradients are constants: no second order
-    def backward(ctx, grad_loss: torch.Tensor):
-        grad_h, grad_w = ctx.saved_tensors
-        return (None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype),
-                None if grad_w is None else grad_w * grad_loss.to(grad_w.dtype), None, None)
-
-
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
-    """The loss of ``LinearCrossEntropy`` for h (..., C) and labels (...). Under torch.no_grad (evaluation)
-    only the loss is computed, chunk by chunk: no gradient is formed."""
-    h, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
-    bad = (labels < 0) & (labels != -100) | (labels >= weight.shape[0])
-    if bool(bad.any()):  # gather would score them silently as some other token
-        raise ValueError(f"labels must be token ids in [0, {weight.shape[0]}) or -100 (ignored); got "
-                         f"{labels[bad][:5].tolist()}")
-    if not torch.is_grad_enabled():  # (autograd.Function would still report needs_input_grad)
-        h, weight = h.detach(), weight.detach()
-    return LinearCrossEntropy.apply(h, weight, labels, chunk)
+        # 5) merge heads: (B, H, T, D) -> (B, T, H * D)
+        return y.transpose(1, 2).reshape(B, T, H * D)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -410,13 +333,8 @@ class MiniMindMLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, packed: tuple | None = None) -> torch.Tensor:
-        """``packed`` (decoding, see packed_weights): gate_proj's and up_proj's weights stacked, and down_proj's,
-        both (in, out)."""
-        if packed is None:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = (x @ packed[0]).chunk(2, dim=-1)
-        return (F.silu(gate) * up) @ packed[1]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 def load_balancing_loss(router_probs: torch.Tensor, top_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -484,14 +402,8 @@ class MiniMindDecoderLayer(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, cos, sin, cache=None, key_padding=None):
-        # while decoding, the cache may carry this layer's weights packed for x @ W (see packed_weights)
-        packed = cache.packed[self.self_attn.layer_idx] if cache is not None and cache.packed else None
-        attn_w, mlp_w = (packed[:2], packed[2:]) if packed is not None else (None, None)
-        h = self.self_attn(self.input_layernorm(x), cos, sin, cache, key_padding, attn_w)
-        x = x + (self.dropout(h) if self.training else h)  # (skipping the no-op call saves time per token)
-        h = self.post_attention_layernorm(x)
-        h = self.mlp(h) if mlp_w is None else self.mlp(h, mlp_w)  # (a mixture of experts never gets one)
-        return x + (self.dropout(h) if self.training else h)
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache, key_padding))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
 class MiniMindModel(nn.Module):
@@ -552,7 +464,7 @@ class MiniMindForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor | None, labels: torch.Tensor | None = None, cache: KVCache | None = None,
                 attention_mask: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 logits_to_keep: int = 0) -> dict:
-        """input_ids (B, T) -> {"logits": (B, T, V), "loss", "aux_loss"}.
+        """input_ids (B, T) -> {"logits": (B, T, V), and with labels "loss", "lm_loss" (and "aux_loss")}.
 
         ``labels`` are already aligned with the inputs: labels[:, t] is the token that follows
         input_ids[:, t] (the dataset builds inputs = ids[:-1], labels = ids[1:]); -100 is ignored.
@@ -560,135 +472,53 @@ class MiniMindForCausalLM(nn.Module):
         the last one only, and the head is the largest matrix of a small model (transformers' argument)."""
         if logits_to_keep and labels is not None:
             raise ValueError("logits_to_keep and labels exclude each other: the loss needs every position")
+        # 1) the decoder: (B, T) -> hidden states (B, T, C)
         h = self.model(input_ids, cache, attention_mask, inputs_embeds)
-        chunk = self.config.loss_chunk_size
-        head = self.lm_head  # a wrapped, biased or hooked head takes the plain path
-        if (labels is not None and chunk and type(head) is nn.Linear and head.bias is None
-                and not head._forward_hooks and not head._forward_pre_hooks):
-            out = {"logits": None}  # never formed whole: the head runs inside the loss, chunk by chunk
-            loss = linear_cross_entropy(h, head.weight, labels, chunk)
-        else:
-            h = h[:, -logits_to_keep:] if logits_to_keep else h
-            logits = h @ cache.head if cache is not None and cache.head is not None else self.lm_head(h)
-            out = {"logits": logits}
-            if labels is not None:
-                loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1),
-                                       ignore_index=-100)
+        # 2) the head: (B, T, C) -> logits (B, T, V)
+        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
+        out = {"logits": logits}
         if labels is not None:
-            out["lm_loss"] = loss
-            if self.config.use_moe and self.training:
-                aux = sum(layer.mlp.aux_loss for layer in self.model.layers) / len(self.model.layers)
-                out["aux_loss"] = aux
-                loss = loss + self.config.router_aux_loss_coef * aux
-            out["loss"] = loss
+            # 3) loss = mean over labelled positions of -log softmax(logits)[label], in fp32
+            lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+            out.update(self.add_aux_loss(lm_loss))
         return out
 
-    def new_cache(self, batch: int, max_len: int, pack_weights: bool = True) -> KVCache:
-        """An empty cache for ``max_len`` positions. Under torch.no_grad (generate) it also carries the
-        weights packed for decoding (``packed_weights``); with autograd on, the modules are used, so that
-        gradients reach the weights."""
+    def add_aux_loss(self, lm_loss: torch.Tensor) -> dict:
+        """{"lm_loss", "loss"} (+ "aux_loss"): while training a mixture of experts, the loss adds
+        router_aux_loss_coef times the layers' mean load-balancing loss."""
+        out = {"lm_loss": lm_loss, "loss": lm_loss}
+        if self.config.use_moe and self.training:
+            out["aux_loss"] = sum(layer.mlp.aux_loss for layer in self.model.layers) / len(self.model.layers)
+            out["loss"] = lm_loss + self.config.router_aux_loss_coef * out["aux_loss"]
+        return out
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty KV cache for ``max_len`` positions, on the model's device and in its dtype."""
         p = self.lm_head.weight
-        cache = KVCache(self.config, batch, max_len, p.device, p.dtype)
-        if pack_weights and not torch.is_grad_enabled():
-            cache.packed, cache.head = self.packed_weights() or (None, None)
-        return cache
-
-    def packed_weights(self) -> tuple[list[tuple[torch.Tensor, ...]], torch.Tensor] | None:
-        """A copy of the weights for decoding: per layer (q/k/v stacked, o, gate/up stacked, down), and the
-        head, each as (in, out). None when a projection is wrapped, biased or hooked (LoRA, an adapter,
-        BitFit, a quantized base) or the FFN is a mixture of experts: those keep their own calls.
-
-        Decoding one token at a time makes every product a matrix-vector product, bound by reading the
-        weights from memory, and at batch 1 per-call overhead counts too. So the copy (1) stacks q/k/v into
-        one matrix and gate/up into another (2 products instead of 5 per layer, as vLLM and gpt-fast store
-        them) and (2) stores every matrix as (in, out), for x @ W instead of nn.Linear's x @ W^T: the same
-        numbers, but this CPU's BLAS reads the (in, out) layout 1.3-2.1x faster, depending on the load
-        (``python -m gpt_minimind.bench``, table "one token's products"). We keep Llama's separate
-        (out, in) modules for training, export, LoRA and reading.
-
-        The copy is kept on the model (not in its state_dict) and rebuilt when a weight has changed: every
-        in-place update (an optimizer step, load_state_dict) raises the tensor's version counter, and a
-        move or cast gives it new memory. So repeated generate calls and chat turns pack once. It costs
-        the model's matrices once more in memory. (A write through ``weight.data`` bypasses the counter and
-        would leave the copy stale: update weights in place under torch.no_grad, as optimizers do.)"""
-        linears = [self.lm_head]
-        for layer in self.model.layers:
-            a, m = layer.self_attn, layer.mlp
-            if not isinstance(m, MiniMindMLP):
-                return None
-            linears += [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
-        if any(type(lin) is not nn.Linear or lin.bias is not None or lin._forward_hooks or lin._forward_pre_hooks
-               for lin in linears):
-            return None
-        key = [(lin.weight.data_ptr(), lin.weight._version, lin.weight.dtype, lin.weight.device) for lin in linears]
-        kept = self.__dict__.get("_packed")
-        if kept is not None and kept[0] == key:
-            return kept[1]
-
-        def packed(*lins: nn.Linear) -> torch.Tensor:  # (in, sum of outs), contiguous
-            return torch.cat([lin.weight.detach() for lin in lins]).t().contiguous()
-
-        layers = []
-        for layer in self.model.layers:
-            a, m = layer.self_attn, layer.mlp
-            layers.append((packed(a.q_proj, a.k_proj, a.v_proj), packed(a.o_proj),
-                           packed(m.gate_proj, m.up_proj), packed(m.down_proj)))
-        head = packed(self.lm_head)
-        self.__dict__["_packed"] = (key, (layers, head))  # (kept out of the module's attributes: no state_dict)
-        return layers, head
-
-    def decode_step(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits (B, V) of one new token (B, 1) at position ``cache.position``, with fixed shapes.
-
-        The ordinary cached forward slices the cache up to a Python-int length, so every step has new
-        shapes. Here the position is a tensor: keys/values are written with index_copy_ and attention runs
-        over all max_len slots, the unwritten ones masked. torch.compile then builds one graph for every
-        step and removes most of the per-operator overhead that dominates small-batch decoding
-        (the approach of pytorch-labs/gpt-fast)."""
-        m = self.model
-        cos, sin = m.rotary_emb.cos[cache.position], m.rotary_emb.sin[cache.position]  # (1, D)
-        unwritten = torch.arange(cache.k[0].shape[2], device=token.device) > cache.position  # (max_len,)
-        x = m.embed_tokens(token)
-        for layer in m.layers:
-            x = layer(x, cos, sin, cache, unwritten.expand(token.shape[0], -1))
-        h = m.norm(x)
-        return (self.lm_head(h) if cache.head is None else h @ cache.head)[:, -1]
+        return KVCache(self.config, batch, max_len, p.device, p.dtype)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, repetition_penalty: float = 1.0, eos_token_id: int | None = None,
-                 use_cache: bool = True, generator: torch.Generator | None = None, compile: bool = False,
-                 pack_weights: bool = True):
+                 use_cache: bool = True, generator: torch.Generator | None = None):
         """Yield one new token per step, (B,) each, from prompts ``input_ids`` (B, T) of equal length.
 
         temperature 0 is greedy. Sampling: logits / temperature, then keep the top_k tokens and the
         smallest set whose probability reaches top_p (nucleus). repetition_penalty > 1 makes tokens that
         already appear less likely (CTRL, Keskar et al. 2019). Stops when every row has produced EOS.
         Without the cache each step re-runs the whole sequence: same tokens, O(T) times the work.
-        ``compile``: the prompt runs through the ordinary forward, every later token through a
-        torch.compile'd decode_step (the first call compiles it: seconds; worth it for long outputs).
-        ``pack_weights``: decode with a packed copy of the weights (see packed_weights); False uses the modules."""
+        (engine.generate yields the same tokens faster: packed weights, an optional compiled step.)"""
         self.eval()
         B, T = input_ids.shape
-        limit = self.config.max_position_embeddings * max(self.config.rope_factor, 1.0)
-        max_new_tokens = min(max_new_tokens, int(limit) - T)
-        cache_len = T + max_new_tokens
-        if compile:  # round up, so that prompts of other lengths reuse the compiled graph
-            cache_len = min(-(-cache_len // 256) * 256, int(limit))
-        cache = self.new_cache(B, cache_len, pack_weights) if use_cache else None
-        if compile and use_cache and "_compiled_decode" not in self.__dict__:
-            self.__dict__["_compiled_decode"] = torch.compile(self.decode_step, dynamic=False)
-        seq, step_input = input_ids, input_ids
+        limit = int(self.config.max_position_embeddings * max(self.config.rope_factor, 1.0))
+        max_new_tokens = min(max_new_tokens, limit - T)
+        cache = self.new_cache(B, T + max_new_tokens) if use_cache else None
+        seq, step_input = input_ids, input_ids  # with the cache, each step feeds only the newest token
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        for i in range(max_new_tokens):
-            if compile and use_cache and i > 0:  # one token at position T + i - 1, fixed shapes
-                cache.static = True
-                cache.position.fill_(T + i - 1)
-                logits = self.__dict__["_compiled_decode"](step_input, cache).float()
-            else:
-                logits = self(step_input if use_cache else seq, cache=cache, logits_to_keep=1)["logits"][:, -1].float()
+        for _ in range(max_new_tokens):
+            logits = self(step_input if use_cache else seq, cache=cache, logits_to_keep=1)["logits"][:, -1].float()
             nxt = sample_next(logits, seq, temperature, top_k, top_p, repetition_penalty, generator)
-            if eos_token_id is not None:
+            if eos_token_id is not None:  # finished rows keep emitting EOS
                 nxt = nxt.masked_fill(done, eos_token_id)
                 done |= nxt == eos_token_id
             seq = torch.cat([seq, nxt[:, None]], dim=1)

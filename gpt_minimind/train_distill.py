@@ -2,7 +2,7 @@
 student learns the pretraining text from the teacher's whole next-token distribution, not only from the
 one token that came next.
 
-    python -m gpt_minimind.train_pretrain --use-moe --n-experts 4 --experts-per-tok 2 \
+    python -m gpt_minimind.train_pretrain --use-moe --num-experts 4 --num-experts-per-tok 2 \
         --out-dir runs/gpt_minimind/pretrain_moe --run-name pretrain_moe_cpu      # the teacher: 4 experts
     python -m gpt_minimind.train_distill        # that teacher -> a student a quarter of its width
     python -m gpt_minimind.train_distill --teacher runs/gpt_minimind/pretrain/final   # a dense teacher
@@ -22,23 +22,24 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from common.checkpoint import save_pretrained
-from common.config import apply_overrides, parse_config
+from common.config import parse_config
 from common.log import RunLogger
 from common.results import command_line, make_record
-from common.runtime import pick_device, seed_everything, set_threads
+from common.runtime import autocast, pick_device, seed_everything, set_threads
 from common.schedule import clip_grad, make_scheduler
 
 from .dataset import PackedBlocks
-from .infer import load_model
+from .loading import load_model
 from .model import MiniMindConfig, MiniMindForCausalLM
-from .train_pretrain import PretrainConfig, evaluate, load_streams
+from .tokenizer import load_streams
 
 
 @dataclass
@@ -47,15 +48,15 @@ class DistillConfig:
 
     teacher: str = "runs/gpt_minimind/pretrain_moe/final"  # model + tokenizer/ (train_pretrain.py's output)
     out_dir: str = "runs/gpt_minimind/distill"  # student_kd/, student_alone/, distill.json
-    dim: int = 128  # student width (the teacher's cpu preset: 256)
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: int = 2
+    # the student: a 4x narrower model with the teacher's vocabulary (vocab_size is taken from the teacher);
+    # blocks of 128, shorter than the teacher's 256: the soft targets cost a V-wide softmax per position
+    student: MiniMindConfig = field(default_factory=lambda: MiniMindConfig(
+        hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=128))
     alpha: float = 0.5  # weight of the soft (teacher) term
     temperature: float = 2.0  # softening of both distributions
-    block_size: int = 128  # shorter than the teacher's 256: the soft targets cost a V-wide softmax per position
     batch_size: int = 16
-    max_iters: int = 200  # optimizer steps for each of the two students (~3.5 minutes each on 2 cores)
+    max_iters: int = 200  # optimizer steps for each of the two students
     lr: float = 3e-3
     warmup_iters: int = 30
     eval_every: int = 100
@@ -66,6 +67,10 @@ class DistillConfig:
     threads: int = 0
     device: str = "auto"
     run_name: str = "distill_cpu"
+
+    RENAMED: ClassVar[dict[str, str]] = {  # the flags of the previous release, kept for one release
+        "dim": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
+        "n_kv_head": "num_key_value_heads", "block_size": "max_position_embeddings"}
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, alpha: float,
@@ -79,6 +84,24 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
                     F.log_softmax(teacher_logits.float().reshape(-1, V) / T, -1),
                     log_target=True, reduction="batchmean") * T * T
     return alpha * soft + (1 - alpha) * hard, hard.detach()
+
+
+# Copied from gpt_minimind/train_pretrain.py::evaluate
+@torch.no_grad()
+def evaluate(model: MiniMindForCausalLM, data: PackedBlocks, batch_size: int, device, dtype,
+             max_blocks: int = 0) -> tuple[float, int]:
+    """Mean next-token NLL (nats/token) over the first ``max_blocks`` blocks (0 = all), and the token count."""
+    model.eval()
+    n = len(data) if max_blocks <= 0 else min(max_blocks, len(data))
+    total, count = 0.0, 0
+    for i in range(0, n, batch_size):
+        x, y = data.get(torch.arange(i, min(i + batch_size, n)))
+        with autocast(device, dtype):
+            out = model(x.to(device), labels=y.to(device))
+        total += out["lm_loss"].item() * y.numel()
+        count += y.numel()
+    model.train()
+    return total / count, count
 
 
 def train_student(cfg: DistillConfig, teacher, mcfg: MiniMindConfig, train: PackedBlocks, valid: PackedBlocks,
@@ -124,15 +147,13 @@ def main(cfg: DistillConfig) -> dict:
     teacher, tok = load_model(cfg.teacher, device)
     out = Path(cfg.out_dir)
     t0 = time.perf_counter()
-    pcfg = apply_overrides(PretrainConfig(), {"tokenizer_dir": str(Path(cfg.teacher) / "tokenizer")})
-    streams, _, _ = load_streams(pcfg)
-    train, valid = PackedBlocks(streams["train"], cfg.block_size), PackedBlocks(streams["valid"], cfg.block_size)
-    print(f"data: {len(train)} train / {len(valid)} valid blocks of {cfg.block_size} | "
+    streams, _, _ = load_streams("bpe", Path(cfg.teacher) / "tokenizer", cfg.out_dir)  # the teacher's tokenizer
+    block_size = cfg.student.max_position_embeddings
+    train, valid = PackedBlocks(streams["train"], block_size), PackedBlocks(streams["valid"], block_size)
+    print(f"data: {len(train)} train / {len(valid)} valid blocks of {block_size} | "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
     teacher_loss, _ = evaluate(teacher, valid, cfg.batch_size, device, torch.float32, cfg.eval_blocks)
-    mcfg = MiniMindConfig(vocab_size=teacher.config.vocab_size, hidden_size=cfg.dim, num_hidden_layers=cfg.n_layer,
-                          num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
-                          max_position_embeddings=cfg.block_size, rope_theta=teacher.config.rope_theta)
+    mcfg = replace(cfg.student, vocab_size=teacher.config.vocab_size)
     runs = {"student_kd": train_student(cfg, teacher, mcfg, train, valid, cfg.alpha, out / "student_kd", device)}
     if cfg.baseline:
         runs["student_alone"] = train_student(cfg, teacher, mcfg, train, valid, 0.0, out / "student_alone", device)

@@ -38,11 +38,12 @@ from common.results import command_line, make_record
 from common.runtime import pick_device, seed_everything, set_threads
 from common.schedule import clip_grad
 
-from .eval import exact_match
-from .infer import load_model
+from . import engine
+from .dataset import epoch_order
+from .finetune import encode_chat
+from .loading import copy_tokenizer, policy_and_reference
 from .model import MiniMindForCausalLM
-from .tasks import EXACT_TASKS, NEWS_LABELS, Example, build_examples
-from .train_sft import copy_tokenizer, encode_chat
+from .tasks import EXACT_TASKS, NEWS_LABELS, Example, build_examples, exact_match
 
 Pair = tuple[list[dict], str, str]  # (prompt turns, chosen answer, rejected answer)
 
@@ -119,8 +120,8 @@ def sample_answer(model: MiniMindForCausalLM, tok, messages: list[dict], generat
                   max_new_tokens: int = 24) -> str:
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     out, prompt = [], torch.tensor([ids], device=model.lm_head.weight.device)
-    for t in model.generate(prompt, max_new_tokens, temperature=1.0, top_k=20, eos_token_id=tok.eos_token_id,
-                            generator=generator):
+    for t in engine.generate(model, prompt, max_new_tokens, temperature=1.0, top_k=20, eos_token_id=tok.eos_token_id,
+                             generator=generator):
         if int(t) == tok.eos_token_id:
             break
         out.append(int(t))
@@ -207,14 +208,6 @@ def reward_stats(policy, ref_logps, data: PairData, beta: float) -> dict:
             "chosen_logp": pc.mean().item(), "rejected_logp": pr.mean().item()}
 
 
-def policy_and_reference(init_from: str | Path, device) -> tuple[MiniMindForCausalLM, MiniMindForCausalLM, object]:
-    """The model to train and a frozen copy of its starting point (the reference of DPO and GRPO)."""
-    policy, tok = load_model(init_from, device)
-    reference, _ = load_model(init_from, device)
-    reference.requires_grad_(False)  # never trained, only read
-    return policy, reference, tok
-
-
 def main(cfg: DPOConfig) -> dict:
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
@@ -261,7 +254,7 @@ def main(cfg: DPOConfig) -> dict:
     step, t_start, losses = start, time.perf_counter(), []
     while step < cfg.max_iters:
         epoch, b0 = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).tolist()
+        order = epoch_order(len(train), cfg.seed, epoch)
         for b in range(b0, steps_per_epoch):
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
             x, y = train.collate(idx)

@@ -36,11 +36,11 @@ from common.results import command_line, make_record
 from common.runtime import pick_device, seed_everything, set_threads
 from common.schedule import clip_grad
 
-from .eval import answer, exact_match
+from . import engine
+from .finetune import answer
+from .loading import copy_tokenizer, policy_and_reference
 from .model import MiniMindForCausalLM
-from .tasks import Example, arithmetic_tasks
-from .train_dpo import policy_and_reference
-from .train_sft import copy_tokenizer
+from .tasks import Example, arithmetic_tasks, exact_match
 
 
 @dataclass
@@ -113,8 +113,8 @@ def sample_group(model: MiniMindForCausalLM, tok, ex: Example, G: int, cfg: GRPO
     ids = tok.apply_chat_template(ex.prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
     device = model.lm_head.weight.device
     prompt = torch.tensor([ids] * G, device=device)
-    steps = list(model.generate(prompt, cfg.max_new_tokens, temperature=cfg.temperature,
-                                eos_token_id=tok.eos_token_id, generator=generator))
+    steps = list(engine.generate(model, prompt, cfg.max_new_tokens, temperature=cfg.temperature,
+                                 eos_token_id=tok.eos_token_id, generator=generator))
     tokens = torch.stack(steps, 1).tolist() if steps else [[] for _ in range(G)]
     answers = []
     for row in tokens:  # keep up to and including the first end-of-turn token

@@ -26,9 +26,9 @@ from common.config import parse_config
 from common.results import command_line, make_record
 from common.runtime import pick_device, seed_everything, set_threads
 
-from .infer import load_model
+from .finetune import SFTConfig, finetune
+from .loading import copy_tokenizer, load_model
 from .lora import LLAMA_LINEARS, inject_lora, merge_lora, save_adapter
-from .train_sft import SFTConfig, copy_tokenizer, finetune
 
 
 @dataclass

