@@ -232,19 +232,23 @@ def average_weights(dirs: list[Path]) -> dict[str, torch.Tensor]:
 
 
 def resume_or_start(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Any, out: Path,
-                    resume_from: Path | None, device, min_lr_ratio: float = 0.1):
-    """The warmup + cosine schedule, the step to start from (model, optimizer and schedule restored when
-    resuming) and the run's logger (metrics.jsonl trimmed to that step): the block every fine-tuning
-    script begins its loop with. ``cfg`` needs ``warmup_iters``, ``max_iters`` and ``log_every``.
-    Returns (scheduler, start step, logger)."""
+                    resume_from: Path | None, device, min_lr_ratio: float = 0.1, *, schedule: str = "cosine",
+                    d_model: int = 512, is_main: bool = True):
+    """The learning-rate schedule (warmup + cosine unless ``schedule`` says otherwise; ``d_model`` is for
+    noam), the step to start from (model, optimizer and schedule restored when resuming) and the run's
+    logger (metrics.jsonl trimmed to that step): the block every training script begins its loop with.
+    ``cfg`` needs ``warmup_iters``, ``max_iters`` and ``log_every``. Under torchrun only ``is_main``
+    prints and logs. Returns (scheduler, start step, logger)."""
     from .log import RunLogger
     from .schedule import make_scheduler
 
-    scheduler = make_scheduler(optimizer, "cosine", cfg.warmup_iters, cfg.max_iters, min_ratio=min_lr_ratio)
+    scheduler = make_scheduler(optimizer, schedule, cfg.warmup_iters, cfg.max_iters, d_model=d_model,
+                               min_ratio=min_lr_ratio)
     start = 0
     if resume_from is not None:
         start = load_checkpoint(resume_from, model, optimizer, scheduler)["step"]
-        print(f"resumed from {resume_from} at step {start}")
-    logger = RunLogger(out, cfg.max_iters, start, resume=resume_from is not None, log_every=cfg.log_every,
-                       device=device)
+        if is_main:
+            print(f"resumed from {resume_from} at step {start}")
+    logger = RunLogger(out, cfg.max_iters, start, resume=resume_from is not None, enabled=is_main,
+                       log_every=cfg.log_every, device=device)
     return scheduler, start, logger

@@ -13,7 +13,7 @@ from transformer_basics.train_translate import TrainConfig, main
 out_dir, data_file, strategy = sys.argv[1], sys.argv[2], sys.argv[3]
 cfg = apply_overrides(TrainConfig(), dict(
     d_model=32, n_heads=4, n_encoder_layers=1, n_decoder_layers=1, src_vocab_size=60, batch_size=16,
-    schedule="cosine", lr=3e-3, warmup_steps=2, max_steps=6, eval_every=6, save_every=6, log_every=2,
+    schedule="cosine", lr=3e-3, warmup_iters=2, max_iters=6, eval_every=6, save_every=6, log_every=2,
     threads=1, dropout=0.0, out_dir=out_dir, data_file=data_file, distributed=strategy, device="cpu"))
 result = main(cfg)
 digest = hashlib.sha256()

@@ -21,7 +21,7 @@ from transformer_basics.model import Transformer, TransformerConfig
 from transformer_basics.train_translate import TrainConfig, label_smoothed_cross_entropy, main
 
 TINY = dict(d_model=32, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, src_vocab_size=60, batch_size=16,
-            schedule="cosine", lr=3e-3, warmup_steps=5, eval_every=10, save_every=10, log_every=5, threads=1,
+            schedule="cosine", lr=3e-3, warmup_iters=5, eval_every=10, save_every=10, log_every=5, threads=1,
             dropout=0.0)
 
 
@@ -40,7 +40,7 @@ def test_label_smoothing_matches_torch():
 
 
 def test_training_loss_falls_and_translates(tmp_path, digits_file):
-    out = main(tiny_cfg(tmp_path, digits_file, max_steps=200, eval_every=100, lr=5e-3))
+    out = main(tiny_cfg(tmp_path, digits_file, max_iters=200, eval_every=100, lr=5e-3))
     first, last = sum(out["losses"][:5]) / 5, sum(out["losses"][-5:]) / 5
     assert last < 0.5 * first, (first, last)
     run = tmp_path / "run"
@@ -66,10 +66,10 @@ def test_training_loss_falls_and_translates(tmp_path, digits_file):
 
 def test_resume_reproduces_uninterrupted_run_bit_for_bit(tmp_path, digits_file):
     # dropout on, so the resumed run only matches if the dropout RNG state is restored too
-    full = main(tiny_cfg(tmp_path / "a", digits_file, max_steps=20, dropout=0.1))
+    full = main(tiny_cfg(tmp_path / "a", digits_file, max_iters=20, dropout=0.1))
     # crash after step 10: the step-20 checkpoint never got written
-    cfg = tiny_cfg(tmp_path / "b", digits_file, max_steps=20, dropout=0.1)
-    main(apply_overrides(cfg, {"max_steps": 20, "save_every": 10}))
+    cfg = tiny_cfg(tmp_path / "b", digits_file, max_iters=20, dropout=0.1)
+    main(apply_overrides(cfg, {"max_iters": 20, "save_every": 10}))
     ckpts = tmp_path / "b" / "run" / "checkpoints"
     import shutil
     shutil.rmtree(ckpts / "step_000020")
@@ -168,3 +168,24 @@ def test_bench_reports_ratios(tmp_path):
     res = bench.main(bench.BenchConfig(batch_size=2, seq_len=4, repeats=1, out=str(tmp_path / "b.json")))
     assert res["tokens_per_s"] > 0 and 0 < res["mfu"] < 1 and res["attention_ours_over_fused"] > 0
     assert json.loads((tmp_path / "b.json").read_text())["device"] == "cpu"
+
+
+def test_bench_times_the_model_and_batch_of_each_training_preset():
+    from common.config import parse_config
+    from transformer_basics import bench
+    from transformer_basics.train_translate import PRESETS
+
+    for preset in PRESETS:
+        cfg = parse_config(TrainConfig, ["--preset", preset], PRESETS)
+        assert TransformerConfig(**bench.MODEL_PRESETS[preset]) == cfg.model, preset
+        assert bench.PRESET_BATCH_SIZE[preset] == cfg.batch_size, preset
+
+
+def test_old_step_flags_still_parse_into_the_new_fields(capsys):
+    from common.config import parse_config, renamed_fields
+    from transformer_basics.train_translate import PRESETS
+
+    assert renamed_fields(TrainConfig) == {"max_steps": "max_iters", "warmup_steps": "warmup_iters"}
+    cfg = parse_config(TrainConfig, ["--max-steps", "7", "--warmup-steps", "2"], PRESETS)
+    assert (cfg.max_iters, cfg.warmup_iters) == (7, 2)
+    assert "--max-steps is deprecated" in capsys.readouterr().err

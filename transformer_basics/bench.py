@@ -17,17 +17,20 @@ import torch
 import torch.nn.functional as F
 
 from common.bench import matmul_peak_flops, mfu, peak_memory_bytes, time_fn, time_interleaved
-from common.config import apply_overrides, parse_config
+from common.config import parse_config
 from common.runtime import autocast, pick_device, pick_dtype, set_threads
 
-from .model import Transformer, TransformerConfig, scaled_dot_product_attention
+from .model import MODEL_PRESETS, Transformer, TransformerConfig, scaled_dot_product_attention
+
+# sentence pairs per step of each train_translate.py preset (a test keeps them equal)
+PRESET_BATCH_SIZE = {"cpu": 32, "gpu4gb": 64}
 
 
 @dataclass
 class BenchConfig:
     """Time a training step and the attention kernel."""
 
-    model_preset: str = "cpu"  # model size and batch of train_translate's preset: cpu or gpu4gb
+    model_preset: str = "cpu"  # model and batch of train_translate's preset: cpu or gpu4gb (model.py, MODEL_PRESETS)
     batch_size: int = 0  # sentence pairs per step (0 = the preset's)
     seq_len: int = 16  # tokens per side (about the corpus mean plus specials)
     threads: int = 1  # CPU threads; 1 makes runs on a shared machine comparable
@@ -42,14 +45,11 @@ def main(cfg: BenchConfig) -> dict:
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     torch.manual_seed(0)
-    from .train_translate import PRESETS, TrainConfig
-
-    if cfg.model_preset not in PRESETS:
-        raise ValueError(f"--model-preset must be one of {sorted(PRESETS)}; got {cfg.model_preset!r}")
-    tcfg = apply_overrides(TrainConfig(), PRESETS[cfg.model_preset])
-    batch_size = cfg.batch_size or tcfg.batch_size
+    if cfg.model_preset not in MODEL_PRESETS:
+        raise ValueError(f"--model-preset must be one of {sorted(MODEL_PRESETS)}; got {cfg.model_preset!r}")
+    batch_size = cfg.batch_size or PRESET_BATCH_SIZE[cfg.model_preset]
     # vocabulary sizes of the default run: English BPE 4000, Chinese characters ~2.8k
-    mcfg = TransformerConfig(**{**tcfg.model.to_dict(), "tgt_vocab_size": 2813})
+    mcfg = TransformerConfig(**MODEL_PRESETS[cfg.model_preset], tgt_vocab_size=2813)
     mem_before = peak_memory_bytes(device)
     model = Transformer(mcfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)

@@ -22,9 +22,20 @@ from common.config import parse_config
 from common.results import command_line, make_record
 from common.runtime import pick_device, set_threads
 
-from .dataset import BOS_ID, EOS_ID, PAD_ID, TranslationData, decode, encode, load_tokenizer
+from .dataset import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    TranslationData,
+    decode,
+    encode,
+    load_tokenizer,
+    read_hf_pairs,
+    read_jsonl_pairs,
+    split_pairs,
+    zhlib_pairs,
+)
 from .model import Transformer, TransformerConfig
-from .train_translate import TrainConfig, load_pairs
 
 
 @dataclass
@@ -64,6 +75,18 @@ def load_model(model_dir: str | Path, device: torch.device, average_last: int = 
     else:
         load_pretrained(model, model_dir)
     return model.to(device).eval()
+
+
+def load_splits(cfg: InferConfig) -> dict[str, list[tuple[str, str]]]:
+    """The train/valid/test splits of the data source the model was trained on (the split is by a hash of
+    the English side, so it is the training run's)."""
+    if cfg.data_file:
+        pairs = read_jsonl_pairs(cfg.data_file)
+    elif cfg.hf_dataset:
+        pairs = read_hf_pairs(cfg.hf_dataset, cfg.hf_config or None)
+    else:
+        pairs = zhlib_pairs()
+    return split_pairs(pairs)
 
 
 @torch.no_grad()
@@ -220,7 +243,7 @@ def main(cfg: InferConfig) -> dict:
             print(f"attention picture: {result['attention_png']}")
         return result
 
-    splits = load_pairs(TrainConfig(data_file=cfg.data_file, hf_dataset=cfg.hf_dataset, hf_config=cfg.hf_config))
+    splits = load_splits(cfg)
     pairs = splits[cfg.split]
     data = TranslationData(pairs, src_tok, tgt_tok, model.config.max_len)
     refs = [zh for _, zh in pairs]
