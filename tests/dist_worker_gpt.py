@@ -13,7 +13,8 @@ from gpt_minimind.train_pretrain import PretrainConfig, main
 out_dir, text_file, strategy = sys.argv[1], sys.argv[2], sys.argv[3]
 strategy, _, chunk = strategy.partition(":")  # "fsdp:8": FSDP with the head and loss in chunks of 8
 cfg = apply_overrides(PretrainConfig(), dict(loss_chunk_size=int(chunk or 0),
-    dim=32, n_layer=2, n_head=4, n_kv_head=2, block_size=16, batch_size=8, lr=3e-3, warmup_iters=2, max_iters=6,
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+    batch_size=8, lr=3e-3, warmup_iters=2, max_iters=6,
     eval_every=6, save_every=6, log_every=2, eval_blocks=8, threads=1, out_dir=out_dir, text_file=text_file,
     tokenizer="char", distributed=strategy, device="cpu", samples=[]))
 result = main(cfg)

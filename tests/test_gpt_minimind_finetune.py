@@ -13,16 +13,15 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from common.checkpoint import load_pretrained, save_pretrained
 from common.config import apply_overrides
-from gpt_minimind import eval as gpt_eval
-from gpt_minimind import train_tokenizer
+from gpt_minimind import engine, train_tokenizer
 from gpt_minimind.export_hf import hf_config, to_hf_state_dict
-from gpt_minimind.infer import load_model
-from gpt_minimind.lora import LoRALinear, inject_lora, load_adapter, merge_lora, quantize_linear, save_adapter
+from gpt_minimind.finetune import SFTConfig, SFTData, assistant_loss, encode_chat
+from gpt_minimind.loading import load_model
+from gpt_minimind.lora import LoRALinear, inject_lora, merge_lora, quantize_linear, save_adapter
 from gpt_minimind.model import MiniMindConfig, MiniMindForCausalLM
-from gpt_minimind.tasks import arithmetic_tasks, parse_mix, read_conversations
+from gpt_minimind.tasks import arithmetic_tasks, exact_match, parse_mix, read_conversations
 from gpt_minimind.train_lora import LoRAConfig
 from gpt_minimind.train_lora import main as lora_main
-from gpt_minimind.train_sft import SFTConfig, SFTData, assistant_loss, encode_chat
 from gpt_minimind.train_sft import main as sft_main
 
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -91,15 +90,15 @@ def test_bad_inputs_are_named(tmp_path):
     with pytest.raises(ValueError, match="expected TASK=N"):
         parse_mix(["arithmetc=5"])
     assert parse_mix(["arithmetic=0"])["arithmetic"] == 0
-    from gpt_minimind.train_sft import load_conversations
+    from gpt_minimind.finetune import load_conversations
     with pytest.raises(ValueError, match="--only-tasks .*arithmetc"):
         load_conversations(apply_overrides(SFTConfig(), {"only_tasks": ["arithmetc"]}))
 
 
 def test_answers_are_compared_without_case_or_final_stop():
-    assert gpt_eval.exact_match(" Apple. ", "apple")
-    assert gpt_eval.exact_match("正面。", "正面")
-    assert not gpt_eval.exact_match("正面的", "正面")
+    assert exact_match(" Apple. ", "apple")
+    assert exact_match("正面。", "正面")
+    assert not exact_match("正面的", "正面")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -228,7 +227,7 @@ def test_adapter_file_loads_in_peft_on_the_export(base_dir, tmp_path):
     inject_lora(model, r=4, alpha=8)
     randomize_lora(model)
     save_adapter(model, tmp_path / "adapter", base_dir["base"])
-    again, _ = load_adapter(tmp_path / "adapter", "cpu")
+    again, _ = load_model(tmp_path / "adapter", "cpu")  # an adapter directory: its base, then the adapter
     x = torch.randint(0, len(tok), (2, 10))
     torch.testing.assert_close(again(x)["logits"], model(x)["logits"])
     base = load_adapter_free(base_dir["base"])[0]
@@ -244,23 +243,23 @@ def load_adapter_free(path):
 
 @pytest.mark.parametrize("method", ["lora", "bitfit", "adapter"])
 def test_generation_with_adapters_uses_them_with_and_without_the_cache(method):
-    # new_cache packs plain weights for decoding (x @ W); LoRA, BitFit's biases and adapters must keep
+    # engine.py packs plain weights for decoding (x @ W); LoRA, BitFit's biases and adapters must keep
     # their own calls
     from gpt_minimind.peft_zoo import apply_method
 
     model = tiny_model(hidden_size=64, intermediate_size=128)
-    with torch.no_grad():
-        assert model.new_cache(1, 4).packed is not None
+    assert engine.packed_weights(model) is not None
     apply_method(model, method, zoo_cfg())
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name or name.endswith("bias") or ".up." in name:
                 p.normal_(std=0.5)  # trained-looking adapters, biases and adapter outputs that change the output
-        assert model.new_cache(1, 4).packed is None
+    assert engine.packed_weights(model) is None
     prompt = torch.randint(0, 97, (1, 5))
+    fast = torch.stack(list(engine.generate(model, prompt, 12)), 1)
     cached = torch.stack(list(model.generate(prompt, 12)), 1)
     uncached = torch.stack(list(model.generate(prompt, 12, use_cache=False)), 1)
-    assert torch.equal(cached, uncached)
+    assert torch.equal(cached, uncached) and torch.equal(fast, cached)
 
 
 @pytest.mark.parametrize("bits", [4, 8])

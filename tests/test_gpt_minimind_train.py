@@ -20,6 +20,7 @@ from gpt_minimind.dataset import (
     split_documents,
     untag_peoples_daily,
 )
+from gpt_minimind.engine import ChunkedLossCausalLM
 from gpt_minimind.model import MiniMindConfig, MiniMindForCausalLM
 from gpt_minimind.train_pretrain import PretrainConfig, main
 
@@ -46,7 +47,8 @@ def corpus(tmp_path_factory):
     return {"dir": d, "jsonl": path, "tokenizer": tok_dir, "stats": stats}
 
 
-TINY = dict(dim=32, n_layer=2, n_head=4, n_kv_head=2, block_size=32, batch_size=8, lr=3e-3, warmup_iters=5,
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=32, batch_size=8, lr=3e-3, warmup_iters=5,
             eval_every=20, save_every=10, log_every=5, eval_blocks=16, threads=1, samples=["小明"])
 
 
@@ -116,9 +118,9 @@ def test_padding_adds_nothing_to_the_loss():
 
 
 def test_pretraining_loss_falls_then_export_loads_in_transformers(tmp_path, corpus):
-    # the head and the loss in chunks (LinearCrossEntropy) in training and evaluation; the export follows
+    # the head and the loss in chunks (engine.py) in training and evaluation; the export is the plain model
     out = main(tiny_cfg(tmp_path, corpus, max_iters=120, lr=6e-3, loss_chunk_size=16))
-    assert out["model"].config.loss_chunk_size == 16
+    assert isinstance(out["model"], ChunkedLossCausalLM) and out["model"].loss_chunk_size == 16
     first, last = sum(out["losses"][:5]) / 5, sum(out["losses"][-5:]) / 5
     assert last < 0.5 * first, (first, last)
     s = out["summary"]
@@ -202,8 +204,7 @@ def test_memory_estimate_terms_scale_as_they_should():
     assert b["activations"] == 2 * a["activations"] and b["head"] == 2 * a["head"]
     assert estimate_training_memory(cfg, 8, 32, checkpointing=True)["activations"] < b["activations"]
     # chunked head and loss: one chunk's logits instead of all positions', plus the stored gradients of h and W
-    heads = [estimate_training_memory(MiniMindConfig(**{**cfg.to_dict(), "loss_chunk_size": k}), 8, 32)["head"]
-             for k in (16, 32)]
+    heads = [estimate_training_memory(cfg, 8, 32, loss_chunk_size=k)["head"] for k in (16, 32)]
     assert heads[0] < heads[1] < b["head"]  # grows with the chunk, stays below the whole logits'
     assert heads[1] - heads[0] == 2 * 16 * 500 * 4  # 16 more rows of logits and of their exp, fp32
     calls = []
