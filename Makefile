@@ -1,4 +1,6 @@
 # Two commands do all the set-up:  make demo  (the GPT chapter end to end on the CPU)  and  make test.
+# the chapters, in reading order: registering a new one means adding it here (doc/new_chapter.md)
+CHAPTERS := transformer_basics gpt_minimind bert_address_cls t5_summarization appendix
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
@@ -13,13 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -e ".[dev]"
 	touch $@
 
-# fetch and hash-check the default data of each chapter into $$TUTORIALS_CACHE
+# fetch and hash-check the default data of each chapter into $$TUTORIALS_CACHE (each chapter's dataset.py)
 data: setup
-	$(PY) -m transformer_basics.dataset
-	$(PY) -m gpt_minimind.dataset
-	$(PY) -m bert_address_cls.dataset
-	$(PY) -m t5_summarization.dataset
-	$(PY) -m appendix.text
+	for chapter in $(CHAPTERS); do $(PY) -m $$chapter.dataset || exit 1; done
 
 # the project's main job end to end on the CPU: the GPT chapter's tokenizer, pretraining, and samples
 demo: data

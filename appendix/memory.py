@@ -39,8 +39,8 @@ from common.config import parse_config
 from common.results import command_line, make_record
 from common.runtime import set_threads
 
+from .dataset import shakespeare_text
 from .positions import Block, PositionsConfig, TinyLM
-from .text import shakespeare_text
 
 
 class BlockStack(nn.Module):

@@ -38,7 +38,7 @@ from common.log import RunLogger
 from common.results import command_line, make_record
 from common.runtime import seed_everything, set_threads
 
-from .text import shakespeare_text
+from .dataset import shakespeare_text
 
 # ---------------------------------------------------------------------------------------------------
 # 1) the three encodings

@@ -40,7 +40,7 @@ from common.results import command_line, make_record
 from common.runtime import pick_device, seed_everything, set_threads
 from common.schedule import clip_grad
 
-from .text import shakespeare_text
+from .dataset import shakespeare_text
 
 GATES = {"rnn": 1, "gru": 3, "lstm": 4}  # rows of W_ih / W_hh per hidden unit
 

