@@ -14,8 +14,7 @@ from common.config import parse_config
 from common.runtime import pick_device, set_threads
 
 from .dataset import build_split, read_addresses
-from .infer import load_parser
-from .train_cls import cpca_scores, format_report, predict, province_by_written, score
+from .parsing import cpca_scores, format_report, load_parser, predict, province_by_written, score
 
 
 @dataclass

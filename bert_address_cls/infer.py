@@ -16,65 +16,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
-from transformers import AutoTokenizer
-
-from common.checkpoint import load_weights, read_config
 from common.config import parse_config
 from common.runtime import pick_device
 
-from .dataset import TAGS, fields_of, normalize, tags_to_spans
-from .model import BertConfig, BertForAddressParsing
-
-
-def load_parser(ckpt: str | Path, device="cpu") -> tuple[BertForAddressParsing, object, list[str]]:
-    """(model, tokenizer, province names) from a train_cls.py output directory."""
-    ckpt = Path(ckpt)
-    if not (ckpt / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{ckpt}: no model.safetensors; train with python -m bert_address_cls.train_cls")
-    cfg = read_config(ckpt)
-    for key in ("num_tags", "provinces"):
-        if key not in cfg:
-            raise ValueError(f"{ckpt / 'config.json'}: field {key!r} missing; is this a train_cls.py directory?")
-    model = BertForAddressParsing(BertConfig.from_dict(cfg), cfg["num_tags"], len(cfg["provinces"]))
-    load_weights(model, load_file(str(ckpt / "model.safetensors")), str(ckpt / "model.safetensors"))
-    tok = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
-    return model.to(device).eval(), tok, cfg["provinces"]
-
-
-def encode(tok, texts: list[str], max_len: int):
-    """ids (B, T) padded with 0, attention mask, and each token's character index (-1 for [CLS]/[SEP]/pad).
-    Texts longer than max_len - 2 characters are cut (their tail gets no tags)."""
-    enc = tok([normalize(t) for t in texts], return_offsets_mapping=True, truncation=True, max_length=max_len)
-    T = max(len(x) for x in enc["input_ids"])
-    ids = torch.zeros(len(texts), T, dtype=torch.long)
-    char = torch.full((len(texts), T), -1, dtype=torch.long)
-    for i, (x, offs) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
-        ids[i, : len(x)] = torch.tensor(x)
-        for j, (s, e) in enumerate(offs):
-            if e > s and 0 < j < len(x) - 1:
-                char[i, j] = s
-    return ids, (ids != 0).long(), char
-
-
-@torch.no_grad()
-def parse_batch(model: BertForAddressParsing, tok, texts: list[str], provinces: list[str],
-                max_len: int = 128) -> list[dict]:
-    """Spans (character offsets) and the [CLS] province for each text."""
-    device = model.classifier.weight.device
-    ids, mask, char = encode(tok, texts, max_len)
-    out = model(ids.to(device), mask.to(device))
-    tag_ids = out["tag_logits"].argmax(-1).cpu()
-    prov = out["province_logits"].argmax(-1).cpu()
-    results = []
-    for i, text in enumerate(texts):
-        tags = ["O"] * len(text)
-        for j in range(ids.shape[1]):
-            if char[i, j] >= 0:
-                tags[char[i, j]] = TAGS[tag_ids[i, j]]
-        results.append({"spans": tags_to_spans(tags), "province": provinces[prov[i]]})
-    return results
+from .dataset import fields_of
+from .parsing import load_parser, parse_batch
 
 
 def parse(model, tok, texts: list[str], provinces: list[str], batch_size: int = 256) -> list[dict]:

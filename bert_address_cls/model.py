@@ -50,10 +50,15 @@ class BertConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
+    def to_hf_dict(self, architecture: str) -> dict:
+        """config.json that both our loader and transformers' ``from_pretrained`` read."""
+        return {**self.to_dict(), "model_type": "bert", "architectures": [architecture]}
 
-# Named sizes. cpu: trains in minutes on 2 cores. gpu4gb: BERT-base widths at 6 layers (fits a 4 GB card
-# in fp16/bf16 with batch 64 x 64 characters). full: BERT-base (110 M with a 21 k vocabulary).
-PRESETS = {
+
+# The model of each named preset (train_mlm.py's --preset starts from it). cpu: trains in minutes on 2 cores.
+# gpu4gb: BERT-base widths at 6 layers (fits a 4 GB card in fp16/bf16 with batch 64 x 64 characters).
+# full: BERT-base (110 M with a 21 k vocabulary).
+MODEL_PRESETS = {
     "cpu": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
     "gpu4gb": dict(hidden_size=768, num_hidden_layers=6, num_attention_heads=12, intermediate_size=3072),
     "full": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),

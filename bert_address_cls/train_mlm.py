@@ -18,11 +18,11 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch
-from transformers import AutoTokenizer
 
 from common.checkpoint import resume_or_start, resume_point, save_checkpoint, save_pretrained
 from common.config import parse_config
@@ -30,23 +30,20 @@ from common.results import command_line, make_record
 from common.runtime import autocast, pick_device, pick_dtype, seed_everything, set_threads
 from common.schedule import clip_grad
 
-from .dataset import SPECIALS, build_split, corpus_documents, tokenizer_texts, train_tokenizer
-from .model import BertConfig, BertForPreTraining
+from .dataset import SPECIALS, build_split, corpus_documents
+from .model import MODEL_PRESETS, BertConfig, BertForPreTraining
+from .training import decay_groups, epoch_order, load_or_train_tokenizer
 
 
 @dataclass
 class MLMConfig:
     """Pretrain a small BERT with masked-LM (and optionally next-sentence prediction)."""
 
-    # model
-    dim: int = 256  # hidden size C
-    n_layer: int = 4  # encoder layers
-    n_head: int = 4  # attention heads
-    ffn_dim: int = 1024  # FFN width (4 C)
-    dropout: float = 0.1  # BERT's dropout on hidden states and attention weights
+    # the cpu preset's model. vocab_size: the WordPiece vocabulary (characters) trained if tokenizer_dir has
+    # none, then the tokenizer's real size; max_position_embeddings grows to max_len if it is shorter
+    model: BertConfig = field(default_factory=lambda: BertConfig(**MODEL_PRESETS["cpu"], vocab_size=8000))
     max_len: int = 64  # tokens per example, [CLS] and [SEP] included
     # data
-    vocab_size: int = 8000  # WordPiece vocabulary (characters) trained if tokenizer_dir has none
     tokenizer_dir: str = "runs/bert_address_cls/tokenizer"
     text_file: str = ""  # real-data path: JSONL with a "text" field per line (one document each); replaces the corpus
     n_addresses: int = 40000  # generated training addresses mixed into the text
@@ -73,46 +70,19 @@ class MLMConfig:
     resume: bool = False
     run_name: str = "mlm_cpu"
 
+    # old flag -> field, kept for one release
+    RENAMED: ClassVar[dict[str, str]] = {"dim": "hidden_size", "n_layer": "num_hidden_layers",
+                                         "n_head": "num_attention_heads", "ffn_dim": "intermediate_size",
+                                         "dropout": "hidden_dropout_prob"}
+
 
 PRESETS = {
     "cpu": {},
-    "gpu4gb": {"dim": 768, "n_layer": 6, "n_head": 12, "ffn_dim": 3072, "max_len": 128, "batch_size": 64,
-               "max_iters": 20000, "lr": 3e-4, "warmup_iters": 1000, "n_addresses": 200000, "eval_every": 1000,
-               "save_every": 1000},
-    "full": {"dim": 768, "n_layer": 12, "n_head": 12, "ffn_dim": 3072, "max_len": 128, "batch_size": 128,
-             "max_iters": 100000, "lr": 1e-4, "warmup_iters": 10000, "n_addresses": 500000, "eval_every": 5000,
-             "save_every": 5000},
+    "gpu4gb": {**MODEL_PRESETS["gpu4gb"], "max_len": 128, "batch_size": 64, "max_iters": 20000, "lr": 3e-4,
+               "warmup_iters": 1000, "n_addresses": 200000, "eval_every": 1000, "save_every": 1000},
+    "full": {**MODEL_PRESETS["full"], "max_len": 128, "batch_size": 128, "max_iters": 100000, "lr": 1e-4,
+             "warmup_iters": 10000, "n_addresses": 500000, "eval_every": 5000, "save_every": 5000},
 }
-
-
-def model_config(cfg: MLMConfig, vocab_size: int) -> BertConfig:
-    return BertConfig(vocab_size=vocab_size, hidden_size=cfg.dim, num_hidden_layers=cfg.n_layer,
-                      num_attention_heads=cfg.n_head, intermediate_size=cfg.ffn_dim,
-                      hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
-                      max_position_embeddings=max(cfg.max_len, 128))
-
-
-def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on the trainable matrices, none on biases, LayerNorms and embeddings."""
-    groups = {True: [], False: []}
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            groups[p.ndim >= 2 and "embeddings" not in n].append(p)
-    return [{"params": groups[True], "weight_decay": weight_decay}, {"params": groups[False], "weight_decay": 0.0}]
-
-
-def hf_config(cfg: BertConfig, architecture: str) -> dict:
-    """config.json that both our loader and transformers' ``from_pretrained`` read."""
-    return {**cfg.to_dict(), "model_type": "bert", "architectures": [architecture]}
-
-
-def load_or_train_tokenizer(cfg: MLMConfig):
-    if (Path(cfg.tokenizer_dir) / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(cfg.tokenizer_dir)
-    t0 = time.perf_counter()
-    tok = train_tokenizer(tokenizer_texts(), cfg.vocab_size, cfg.tokenizer_dir)
-    print(f"tokenizer: {len(tok)} tokens (characters) -> {cfg.tokenizer_dir} | {time.perf_counter() - t0:.0f} s")
-    return tok
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -182,13 +152,6 @@ class MLMData:
         return ids, types, torch.tensor([r[2] for r in rows])
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The shuffled order of one epoch: a function of (seed, epoch) only, so --resume sees the same batches."""
-    order = list(range(n))
-    random.Random(seed * 1000 + epoch).shuffle(order)
-    return order
-
-
 def load_documents(cfg: MLMConfig) -> tuple[list[list[str]], list[list[str]]]:
     """(train, valid) documents: corpus documents split 98/2 by md5, plus the generated addresses (each
     its own one-sentence document) of the train and valid splits."""
@@ -243,13 +206,13 @@ def main(cfg: MLMConfig) -> dict:
     ckpt_root = out / "checkpoints"
     resume_from = resume_point(ckpt_root, cfg.resume)
     t0 = time.perf_counter()
-    tok = load_or_train_tokenizer(cfg)
+    tok = load_or_train_tokenizer(cfg.tokenizer_dir, cfg.model.vocab_size)
     train_docs, valid_docs = load_documents(cfg)
     train, valid = MLMData(tok, train_docs, cfg.max_len), MLMData(tok, valid_docs, cfg.max_len)
     print(f"data: {len(train):,} train / {len(valid):,} valid sentences and addresses | "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
     V, mask_id = len(tok), tok.mask_token_id
-    mcfg = model_config(cfg, V)
+    mcfg = replace(cfg.model, vocab_size=V, max_position_embeddings=max(cfg.model.max_position_embeddings, cfg.max_len))
     model = BertForPreTraining(mcfg).to(device)
     optimizer = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
     scheduler, start, logger = resume_or_start(model, optimizer, cfg, out, resume_from, device)
@@ -284,12 +247,12 @@ def main(cfg: MLMConfig) -> dict:
             logger.write(f"step {done}/{cfg.max_iters} | valid MLM loss {ev['mlm_loss']:.3f} | MLM accuracy "
                          f"{ev['mlm_accuracy']:.1%}" + (f" | NSP accuracy {ev['nsp_accuracy']:.1%}" if cfg.nsp else ""))
         if done % cfg.save_every == 0 or done == cfg.max_iters:
-            save_checkpoint(ckpt_root, done, model, hf_config(mcfg, "BertForPreTraining"), optimizer, scheduler,
+            save_checkpoint(ckpt_root, done, model, mcfg.to_hf_dict("BertForPreTraining"), optimizer, scheduler,
                             keep=cfg.keep_checkpoints)
     wall = time.perf_counter() - t_train
     final = evaluate(model, valid, cfg, device, dtype, V, mask_id)
     final_dir = out / "final"
-    save_pretrained(model, hf_config(mcfg, "BertForPreTraining"), final_dir)
+    save_pretrained(model, mcfg.to_hf_dict("BertForPreTraining"), final_dir)
     tok.save_pretrained(final_dir / "tokenizer")
     logger.close()
     summary = {"steps": cfg.max_iters, "train_wall_s": wall, "initial": first, "final": final,

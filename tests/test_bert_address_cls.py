@@ -246,7 +246,8 @@ def test_bad_jsonl_lines_are_named(tmp_path):
 # the training scripts, tiny
 # ---------------------------------------------------------------------------------------------------
 
-TINY_RUN = dict(dim=32, n_layer=2, n_head=2, ffn_dim=64, threads=1, log_every=5)
+TINY_RUN = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, threads=1,
+                log_every=5)
 
 
 @pytest.fixture(scope="module")
@@ -255,15 +256,16 @@ def mlm_run(tmp_path_factory, splits):
     from bert_address_cls.dataset import train_tokenizer
     from bert_address_cls.train_mlm import MLMConfig
     from bert_address_cls.train_mlm import main as mlm_main
+    from common.config import apply_overrides
 
     d = tmp_path_factory.mktemp("bert")
     texts = [a.text for s in splits.values() for a in s]
     (d / "text.jsonl").write_text("".join(json.dumps({"text": t + "。" + t}, ensure_ascii=False) + "\n"
                                           for t in texts[:800]), encoding="utf-8")
     train_tokenizer(texts, 3000, d / "tok")
-    cfg = MLMConfig(**TINY_RUN, tokenizer_dir=str(d / "tok"), text_file=str(d / "text.jsonl"), n_addresses=500,
-                    max_iters=40, batch_size=32, lr=3e-3, warmup_iters=5, eval_every=40, save_every=20,
-                    eval_batches=4, out_dir=str(d / "mlm"))
+    cfg = apply_overrides(MLMConfig(), dict(**TINY_RUN, tokenizer_dir=str(d / "tok"), text_file=str(d / "text.jsonl"),
+                                            n_addresses=500, max_iters=40, batch_size=32, lr=3e-3, warmup_iters=5,
+                                            eval_every=40, save_every=20, eval_batches=4, out_dir=str(d / "mlm")))
     return {"dir": d, "cfg": cfg, "result": mlm_main(cfg)}
 
 
@@ -355,3 +357,19 @@ def test_infer_splits_flags_from_addresses():
 
     assert split_argv(["杭州市", "--ckpt", "d", "北京市", "--file=x.txt"]) == (["--ckpt", "d", "--file=x.txt"],
                                                                             ["杭州市", "北京市"])
+
+
+def test_old_model_flags_still_parse_into_the_model_config():
+    """The training configs nest BertConfig: --dim, --n-layer ... are transformers' names now; the old flags
+    keep working for one release."""
+    from bert_address_cls import train_cls, train_mlm
+    from common.config import parse_config, renamed_fields
+
+    for script in (train_mlm, train_cls):
+        cls = script.MLMConfig if script is train_mlm else script.ClsConfig
+        assert set(renamed_fields(cls)) == {"dim", "n_layer", "n_head", "ffn_dim", "dropout"}  # they name fields
+        cfg = parse_config(cls, ["--dim", "64", "--n-layer", "2", "--n-head", "2", "--ffn-dim", "128"])
+        assert (cfg.model.hidden_size, cfg.model.num_hidden_layers, cfg.model.num_attention_heads,
+                cfg.model.intermediate_size) == (64, 2, 2, 128)
+    gpu = parse_config(train_mlm.MLMConfig, ["--preset", "gpu4gb"], train_mlm.PRESETS).model
+    assert (gpu.hidden_size, gpu.num_hidden_layers, gpu.max_position_embeddings) == (768, 6, 128)
