@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import inspect
 import re
+import sys
 import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
@@ -151,10 +151,13 @@ def _owner(cls, path):
 
 
 def to_flat_dict(cfg) -> dict[str, Any]:
-    """Leaf field name -> value, nested dataclasses flattened."""
+    """Leaf field name -> value, nested dataclasses flattened. A field that the config's __post_init__
+    derived from others (listed in its ``_derived`` set) is given as its declared default (the sentinel,
+    e.g. 0), so that rebuilding the config with other values derives it again."""
     out = {}
+    derived = getattr(cfg, "_derived", ())
     for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
+        v = f.default if f.name in derived else getattr(cfg, f.name)
         if dataclasses.is_dataclass(v):
             out.update(to_flat_dict(v))
         else:

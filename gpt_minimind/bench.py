@@ -393,10 +393,10 @@ def memory_table() -> list[dict]:
         print(f"memory | peak training memory, cpu preset, batch 8 x 256 | {name:28s} | {got / 2**20:6.0f} MiB",
               flush=True)
     # the GPU presets, predicted: bf16 activations, gradient checkpointing, their micro-batches
-    from .model import PRESETS
+    from .model import MODEL_PRESETS
     for preset, batch, seq in (("gpu4gb", 32, 512), ("full", 16, 1024)):
         for chunk in (0, 2048):  # train_pretrain's GPU presets use chunks of 2,048 positions
-            g = MiniMindConfig(vocab_size=6400, max_position_embeddings=seq, **PRESETS[preset])
+            g = MiniMindConfig(vocab_size=6400, max_position_embeddings=seq, **MODEL_PRESETS[preset])
             pred = estimate_training_memory(g, batch, seq, act_bytes=2, checkpointing=True, loss_chunk_size=chunk)
             how = f"head and loss in chunks of {chunk}" if chunk else "whole logits"
             print(f"memory | {preset} preset prediction ({pred['params'] / 1e6:.1f} M params, bf16 activations, "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from common.config import parse_config
 
-from .model import PRESETS, MiniMindConfig
+from .model import MODEL_PRESETS, MiniMindConfig
 
 
 def draw_architecture(cfg: MiniMindConfig, path: str | Path, title: str = "") -> Path:
@@ -72,5 +72,5 @@ class FigureConfig:
 
 if __name__ == "__main__":
     fc = parse_config(FigureConfig)
-    mc = MiniMindConfig(**PRESETS[fc.preset])
+    mc = MiniMindConfig(**MODEL_PRESETS[fc.preset])
     print(draw_architecture(mc, fc.out, f"MiniMind, {fc.preset} preset"))

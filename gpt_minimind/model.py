@@ -61,12 +61,16 @@ class MiniMindConfig:
     router_aux_loss_coef: float = 0.01  # weight of the load-balancing loss added to the LM loss
     attn_impl: str = "sdpa"  # sdpa (PyTorch's fused kernel) or math (softmax written out: for reading; which is
     # faster in bf16 on a CPU: python -m gpt_minimind.bench)
-    gradient_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
+    gradient_checkpointing: bool = False  # recompute each block in backward: less memory, more compute
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: int = 0
 
     def __post_init__(self):
+        # fields left at 0 are derived from others; _derived remembers which (common.config then shows and
+        # rebuilds them as 0, so that --hidden-size 512 also changes the derived intermediate_size)
+        self._derived = {f for f in ("intermediate_size", "moe_intermediate_size", "original_max_position_embeddings")
+                         if getattr(self, f) == 0}
         if self.intermediate_size == 0:
             self.intermediate_size = 64 * math.ceil(self.hidden_size * 8 / 3 / 64)
         if self.moe_intermediate_size == 0:
@@ -97,8 +101,7 @@ class MiniMindConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> MiniMindConfig:
-        """From a saved config.json. Keys of earlier releases that no longer configure the model are
-        dropped (``RETIRED``); any other unknown key is an error that names it."""
+        """From a saved config.json: keys in ``RETIRED`` (earlier releases) are dropped, others must be fields."""
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known - cls.RETIRED
         if unknown:
@@ -109,9 +112,10 @@ class MiniMindConfig:
     RETIRED: ClassVar[frozenset[str]] = frozenset({"loss_chunk_size"})
 
 
-# Named sizes. cpu: trains in minutes on 2 cores. gpu4gb: minimind-small (~26 M params with the 6400
-# vocabulary), fits a 4 GB card with bf16 + gradient checkpointing. full: ~100 M, minimind's larger size.
-PRESETS = {
+# Named sizes (train_pretrain.py's presets build on them). cpu: minutes on 2 cores. gpu4gb: minimind-small
+# (~26 M params with the 6400 vocabulary), meant for a 4 GB card with bf16 + gradient checkpointing
+# (predicted by python -m gpt_minimind.bench --memory; not yet run on one). full: ~100 M, minimind's larger size.
+MODEL_PRESETS = {
     "cpu": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2),
     "gpu4gb": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
                    intermediate_size=1408, gradient_checkpointing=True),
@@ -129,10 +133,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32:  # half precision: square and average in float32, cast back
-            x32 = x.float()
-            return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        x32 = x.float()  # half precision: square and average in float32, then cast back (fp32: no copies)
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from common.schedule import accumulation_slices, clip_grad, make_scheduler
 
 from . import engine
 from .dataset import PackedBlocks, ngram_baselines
-from .model import MiniMindConfig, MiniMindDecoderLayer, MiniMindForCausalLM
+from .model import MODEL_PRESETS, MiniMindConfig, MiniMindDecoderLayer, MiniMindForCausalLM
 from .tokenizer import load_streams
 
 
@@ -95,17 +95,14 @@ class PretrainConfig:
         "shared_expert_dim": "shared_expert_intermediate_size"}
 
 
-PRESETS = {
+PRESETS = {  # the model sizes are model.py's MODEL_PRESETS; the rest is how to train them
     "cpu": {},
-    # minimind-small: 512 wide, 8 layers, ~26 M parameters; bf16 + gradient checkpointing fit a 4 GB card
-    "gpu4gb": {"hidden_size": 512, "num_hidden_layers": 8, "max_position_embeddings": 512, "batch_size": 32,
-               "grad_accum": 2, "max_iters": 6000, "lr": 1e-3, "warmup_iters": 300, "gradient_checkpointing": True,
-               "eval_every": 500, "save_every": 500, "eval_blocks": 256,
-               "loss_chunk_size": 2048},  # whole logits would take much of the 4 GB (bench.py --memory)
-    # ~100 M parameters (minimind's larger size): a real GPU run
-    "full": {"hidden_size": 768, "num_hidden_layers": 16, "max_position_embeddings": 1024, "batch_size": 16,
-             "grad_accum": 8, "max_iters": 20000, "lr": 6e-4, "warmup_iters": 1000, "gradient_checkpointing": True,
-             "eval_every": 1000, "save_every": 1000, "eval_blocks": 512, "loss_chunk_size": 2048},
+    "gpu4gb": {**MODEL_PRESETS["gpu4gb"], "max_position_embeddings": 512, "batch_size": 32, "grad_accum": 2,
+               "max_iters": 6000, "lr": 1e-3, "warmup_iters": 300, "eval_every": 500, "save_every": 500,
+               "eval_blocks": 256, "loss_chunk_size": 2048},  # whole logits: much of the 4 GB (bench.py --memory)
+    "full": {**MODEL_PRESETS["full"], "max_position_embeddings": 1024, "batch_size": 16, "grad_accum": 8,
+             "max_iters": 20000, "lr": 6e-4, "warmup_iters": 1000, "eval_every": 1000, "save_every": 1000,
+             "eval_blocks": 512, "loss_chunk_size": 2048},
 }
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.repo  # compares files across the repository: not in a copied-out chapter
+
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = re.compile(r"# Copied from (?P<path>[\w./-]+\.py)::(?P<name>[\w.]+)"
                     r"(?: with (?P<with>\w+->\w*(?:, \w+->\w*)*))?")

@@ -250,3 +250,18 @@ def test_token_products_times_both_layouts_of_every_decoding_product():
     weights = sum(p.numel() for n, p in model.named_parameters() if "norm" not in n)  # (tied: the head once)
     assert out["megabytes"] == weights * 4 / 1e6  # each matrix once (tied head: the embedding's matrix)
     assert out["packed_vs_linear"]["low"] > 0 and len(out["rows"]) == 2
+
+
+def test_pretrain_flags_are_the_model_config_and_old_flags_still_work(capsys):
+    from common.config import parse_config
+    from gpt_minimind.train_pretrain import PRESETS
+
+    cfg = parse_config(PretrainConfig, ["--hidden-size", "512", "--max-position-embeddings", "64"])
+    # fields derived from others follow them (0 = derived): 8/3 * 512 rounded up to 64, the RoPE length
+    assert (cfg.model.intermediate_size, cfg.model.original_max_position_embeddings) == (1408, 64)
+    assert parse_config(PretrainConfig, ["--preset", "gpu4gb"], PRESETS).model.intermediate_size == 1408
+    old = parse_config(PretrainConfig, ["--dim", "512", "--block-size", "64", "--n-experts", "3", "--no-tie-embeddings"])
+    assert old == parse_config(PretrainConfig, ["--hidden-size", "512", "--max-position-embeddings", "64",
+                                                "--num-experts", "3", "--no-tie-word-embeddings"])
+    err = capsys.readouterr().err
+    assert "--dim is deprecated" in err and "use --hidden-size" in err and "use --no-tie-word-embeddings" in err
