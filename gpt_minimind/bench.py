@@ -343,7 +343,7 @@ def train_two_steps(cfg, batch, seq, impl="ours", chunk=0):  # the 2nd step has 
 
 cfg, batch, seq = MiniMindConfig(**json.loads(sys.argv[1])), int(sys.argv[2]), int(sys.argv[3])
 impl, chunk = sys.argv[4], int(sys.argv[5])
-# page in torch's code and one-time buffers with a tiny model first: RSS counts those too (~250 MB)
+# page in torch's code and one-time buffers with a tiny model first: RSS counts those too
 train_two_steps(MiniMindConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                num_key_value_heads=2, max_position_embeddings=8), 2, 8, impl)
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM); a parent's peak is inherited
@@ -463,7 +463,7 @@ def nanogpt_step_table(nano_dir: Path, vocab_size: int, cfg: BenchConfig) -> dic
     ids = torch.randint(0, vocab_size, (12, 65), generator=torch.Generator().manual_seed(0))
     x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()  # nanoGPT views its targets
 
-    n_steps = 10  # per timed call: one step is ~50 ms, too short to time alone on a shared machine
+    n_steps = 10  # per timed call: one step alone is too short to time on a shared machine
 
     def step_fn(model, dtype):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)

@@ -41,7 +41,7 @@ class SFTConfig:
     only_tasks: list[str] = field(default_factory=list)  # train and validate on these tasks only (empty: all)
     out_dir: str = "runs/gpt_minimind/sft"  # checkpoints, metrics.jsonl, loss.png, final/
     batch_size: int = 16  # conversations per step
-    max_iters: int = 800  # optimizer steps (~1.1 epochs of the default mix; ~6 minutes on 2 cores)
+    max_iters: int = 800  # optimizer steps (~1.1 epochs of the default mix; run time: README)
     lr: float = 5e-4  # peak learning rate: below pretraining's, the model already knows the language
     min_lr_ratio: float = 0.1  # the cosine ends at lr * this
     warmup_iters: int = 50  # linear warmup steps

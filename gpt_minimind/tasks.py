@@ -96,7 +96,7 @@ def review_tasks(split: str) -> Iterator[Example]:
 
 def arithmetic_tasks(split: str, seed: int = 0) -> Iterator[Example]:
     """a + b and a - b with a < 100 and b < 10: all 2,000 problems, shuffled, 10 % held out. Small enough
-    for a 4 M-parameter model to learn part of in minutes (two-digit operands on both sides were not)."""
+    for a 4 M-parameter model to learn part of in minutes."""
     problems = [(a, op, b) for a in range(100) for b in range(10) for op in "+-"]
     random.Random(seed).shuffle(problems)
     for a, op, b in problems:

@@ -1,6 +1,6 @@
 """Train the chapter's byte-level BPE tokenizer (tokenizer.py) on the pretraining corpus.
 
-    python -m gpt_minimind.train_tokenizer            # about a minute on 2 CPU cores
+    python -m gpt_minimind.train_tokenizer            # run time: README, Run it
 
 Byte-level BPE starts from the 256 byte values and merges the most frequent adjacent pair until the
 vocabulary is full; tokenizer.py explains it and holds the code. The result is a transformers
