@@ -55,6 +55,14 @@ class T5Config:
         return self.feed_forward_proj.startswith("gated-")
 
 
+# The model size of each named preset: train_pretrain.py's --preset starts from it, and train_summarize.py's
+# random-init control (--init-from "") has the size of the pretraining run of the same preset name.
+MODEL_PRESETS = {
+    "cpu": dict(d_model=128, d_kv=32, num_heads=4, d_ff=512, num_layers=2, num_decoder_layers=2),
+    "gpu4gb": dict(d_model=512, d_kv=64, num_heads=8, d_ff=1024, num_layers=6, num_decoder_layers=6),
+}
+
+
 class T5LayerNorm(nn.Module):
     """RMS norm (no centring, no bias): y = w * x / sqrt(mean(x^2) + eps), the variance in float32."""
 

@@ -18,7 +18,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,22 +31,17 @@ from common.runtime import autocast, pick_device, pick_dtype, seed_everything, s
 from common.schedule import clip_grad
 
 from .dataset import EOS, PAD, Tokenizer, md5_bucket, pretraining_texts, span_corrupt, train_tokenizer
-from .model import T5Config, T5ForConditionalGeneration
+from .model import MODEL_PRESETS, T5Config, T5ForConditionalGeneration
+from .training import make_optimizer
 
 
 @dataclass
 class PretrainConfig:
     """Model size, span corruption and the optimisation of the pretraining run."""
 
-    # model (T5 v1.1 shape: gated-GELU FFN; the head is tied, see model.py)
-    d_model: int = 128  # width
-    d_kv: int = 32  # head size
-    num_heads: int = 4  # heads
-    d_ff: int = 512  # FFN hidden size
-    num_layers: int = 2  # encoder blocks
-    num_decoder_layers: int = 2  # decoder blocks
-    vocab_size: int = 8000  # sentencepiece pieces (the 100 sentinels included)
-    dropout_rate: float = 0.0  # T5 v1.1 pretrains without dropout
+    # the cpu preset's model (T5 v1.1 shape: gated-GELU FFN; the head is tied, see model.py), without dropout
+    # as T5 v1.1 pretrains; vocab_size: the sentencepiece pieces trained (the 100 sentinels included)
+    model: T5Config = field(default_factory=lambda: T5Config(**MODEL_PRESETS["cpu"], dropout_rate=0.0))
     # span corruption
     seq_len: int = 128  # tokens per chunk before corruption (T5: 512)
     noise_density: float = 0.15  # share of tokens dropped
@@ -79,32 +74,10 @@ class PretrainConfig:
 
 PRESETS = {
     "cpu": {},
-    "gpu4gb": {"d_model": 512, "d_kv": 64, "num_heads": 8, "d_ff": 1024, "num_layers": 6, "num_decoder_layers": 6,
-               "seq_len": 256, "batch_size": 64, "max_iters": 20000, "warmup_iters": 1000,
-               "lr": 1e-2, "eval_every": 1000, "save_every": 1000,
+    "gpu4gb": {**MODEL_PRESETS["gpu4gb"], "seq_len": 256, "batch_size": 64, "max_iters": 20000,
+               "warmup_iters": 1000, "lr": 1e-2, "eval_every": 1000, "save_every": 1000,
                "run_name": "span_corruption_gpu4gb"},  # T5's own 1e-2 for the 10x larger model (not measured yet)
 }
-
-
-def model_config(cfg, vocab_size: int) -> T5Config:
-    return T5Config(vocab_size=vocab_size, d_model=cfg.d_model, d_kv=cfg.d_kv, num_heads=cfg.num_heads,
-                    d_ff=cfg.d_ff, num_layers=cfg.num_layers, num_decoder_layers=cfg.num_decoder_layers,
-                    dropout_rate=cfg.dropout_rate)
-
-
-def make_optimizer(params: list[torch.nn.Parameter], cfg) -> torch.optim.Optimizer:
-    """Adafactor (Shazeer & Stern 2018), T5's optimizer: factored second moments, and each update scaled by
-    the RMS of the weight it changes. That matters for T5: its init gives the embedding entries of size 1
-    and W_q entries of size 1/sqrt(C D) ~ 0.01, so one AdamW learning rate is tiny for the first and huge
-    for the second (see the README). torch's Adafactor also caps the relative step at 1/sqrt(step), so
-    after ~1,100 steps at 3e-2 it decays on its own."""
-    if cfg.optimizer == "adafactor":
-        return torch.optim.Adafactor(params, lr=cfg.lr)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-                                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                                 lr=cfg.lr, betas=(0.9, 0.98))
-    raise ValueError(f"optimizer must be adafactor or adamw; got {cfg.optimizer!r}")
 
 
 def ensure_tokenizer(cfg: PretrainConfig) -> Tokenizer:
@@ -112,8 +85,9 @@ def ensure_tokenizer(cfg: PretrainConfig) -> Tokenizer:
     path = Path(cfg.tokenizer_dir) / "spiece.model"
     if not path.exists():
         t0 = time.perf_counter()
-        train_tokenizer(corpus(cfg.max_documents), cfg.tokenizer_dir, vocab_size=cfg.vocab_size, seed=cfg.seed)
-        print(f"tokenizer: unigram, {cfg.vocab_size} pieces, trained in {time.perf_counter() - t0:.0f} s -> {path}")
+        train_tokenizer(corpus(cfg.max_documents), cfg.tokenizer_dir, vocab_size=cfg.model.vocab_size, seed=cfg.seed)
+        print(f"tokenizer: unigram, {cfg.model.vocab_size} pieces, trained in {time.perf_counter() - t0:.0f} s "
+              f"-> {path}")
     return Tokenizer(path)
 
 
@@ -185,7 +159,7 @@ def main(cfg: PretrainConfig) -> dict:
     t0 = time.perf_counter()
     tok = ensure_tokenizer(cfg)
     streams = token_streams(tok, cfg)
-    mcfg = model_config(cfg, tok.vocab_size)
+    mcfg = replace(cfg.model, vocab_size=tok.vocab_size)
     model = T5ForConditionalGeneration(mcfg).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"data: {len(streams['train']) / 1e6:.2f} M train / {len(streams['valid']) / 1e6:.2f} M valid tokens "

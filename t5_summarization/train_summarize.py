@@ -14,8 +14,8 @@ Three fine-tuning strategies (T5 paper sec. 3.5.2 compares them):
               shared embedding last;
     adapters  the pretrained weights stay frozen; a small bottleneck MLP after every FFN (and the norms)
               trains: a few percent of the parameters.
-At the end: character-level ROUGE on the test split for greedy and beam search (infer.py), next to the
-lead baselines, into train_summary.json and results.json.
+At the end: character-level ROUGE on the test split for greedy and beam search (evaluation.py), next to
+the lead baselines, into train_summary.json and results.json.
 """
 
 from __future__ import annotations
@@ -24,22 +24,29 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from common.checkpoint import load_weights, model_state, resume_or_start, resume_point, save_checkpoint, save_pretrained
+from common.checkpoint import (
+    load_weights,
+    model_state,
+    read_config,
+    resume_or_start,
+    resume_point,
+    save_checkpoint,
+    save_pretrained,
+)
 from common.config import parse_config
 from common.results import command_line, make_record
 from common.runtime import autocast, pick_device, pick_dtype, seed_everything, set_threads
 from common.schedule import clip_grad
 
 from .dataset import PAD, Tokenizer, summarization_pairs
-from .infer import evaluate_split, lead_baselines
-from .model import T5Config, T5ForConditionalGeneration
-from .train_pretrain import PRESETS as PRETRAIN_PRESETS
-from .train_pretrain import PretrainConfig, make_optimizer, model_config
+from .evaluation import evaluate_split, lead_baselines
+from .model import MODEL_PRESETS, T5Config, T5ForConditionalGeneration
+from .training import make_optimizer
 
 
 @dataclass
@@ -47,7 +54,11 @@ class SummarizeConfig:
     """Fine-tuning data, strategy, budget, and the decoding used for the final scores."""
 
     init_from: str = "runs/t5_summarization/pretrain/final"  # pretrained weights ("" = random init, same size)
-    model_preset: str = "cpu"  # random init only: the model size of train_pretrain's preset of this name
+    # the model. With --init-from, its config.json gives the architecture and only dropout_rate and adapter_dim
+    # apply from here; a random init (the control for the pretraining run of the same --preset) is all of it,
+    # vocab_size from the tokenizer. T5 fine-tunes with dropout 0.1; adapter_dim: the adapters' bottleneck width
+    # (--strategy adapters only)
+    model: T5Config = field(default_factory=lambda: T5Config(**MODEL_PRESETS["cpu"], dropout_rate=0.1, adapter_dim=64))
     tokenizer: str = "runs/t5_summarization/tokenizer/spiece.model"  # the chapter's sentencepiece model
     data_file: str = ""  # your own JSONL instead of inews (split 90/5/5 by md5)
     text_field: str = "text"  # body field of --data-file
@@ -57,8 +68,6 @@ class SummarizeConfig:
     max_target_len: int = 32  # headline tokens (95 % of inews titles fit in 29)
     strategy: str = "full"  # full, gradual or adapters
     unfreeze_every: int = 100  # gradual: steps between unfreezing one more block per stack
-    adapter_dim: int = 64  # adapters: bottleneck width
-    dropout_rate: float = 0.1  # fine-tuning dropout (T5 fine-tunes with 0.1)
     batch_size: int = 32  # pairs per step
     max_iters: int = 3000  # steps (~14 minutes on 2 CPU cores; ~19 epochs of the 5,034 pairs)
     optimizer: str = "adafactor"  # adafactor (as T5 fine-tunes) or adamw
@@ -86,23 +95,20 @@ class SummarizeConfig:
     run_name: str = "pretrained_cpu"  # names this run's records in doc/results.json
 
 
-PRESETS = {"cpu": {}, "gpu4gb": {"max_source_len": 512, "batch_size": 32, "max_iters": 6000, "lr": 1e-3,
-                                 "model_preset": "gpu4gb", "eval_every": 500, "save_every": 500,
-                                 "run_name": "pretrained_gpu4gb"}}
+PRESETS = {"cpu": {}, "gpu4gb": {**MODEL_PRESETS["gpu4gb"], "max_source_len": 512, "batch_size": 32, "max_iters": 6000,
+                                 "lr": 1e-3, "eval_every": 500, "save_every": 500, "run_name": "pretrained_gpu4gb"}}
 
 
 def build_model(cfg: SummarizeConfig, tok: Tokenizer) -> T5ForConditionalGeneration:
-    """The pretrained model (its config.json gives the size), or a random one of the size of the pretraining
-    preset ``model_preset`` (the control for that pretraining run)."""
+    """The pretrained model (its config.json gives the size), or a random one of the size in ``cfg.model``
+    (the control for the pretraining run of the same preset)."""
     if cfg.init_from:
-        src = json.loads((Path(cfg.init_from) / "config.json").read_text())
+        src = read_config(cfg.init_from)
         mcfg = T5Config(**{k: v for k, v in src.items() if k in T5Config.__dataclass_fields__})
     else:
-        if cfg.model_preset not in PRETRAIN_PRESETS:
-            raise ValueError(f"--model-preset: expected one of {sorted(PRETRAIN_PRESETS)}; got {cfg.model_preset!r}")
-        mcfg = model_config(PretrainConfig(**PRETRAIN_PRESETS[cfg.model_preset]), tok.vocab_size)
-    mcfg.dropout_rate = cfg.dropout_rate
-    mcfg.adapter_dim = cfg.adapter_dim if cfg.strategy == "adapters" else 0
+        mcfg = replace(cfg.model, vocab_size=tok.vocab_size)
+    mcfg = replace(mcfg, dropout_rate=cfg.model.dropout_rate,
+                   adapter_dim=cfg.model.adapter_dim if cfg.strategy == "adapters" else 0)
     model = T5ForConditionalGeneration(mcfg)
     if cfg.init_from:
         from safetensors.torch import load_file
