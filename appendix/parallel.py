@@ -25,6 +25,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -43,12 +44,14 @@ class ParallelConfig:
 
     dim: int = 64  # model width
     n_layer: int = 2  # blocks
-    steps: int = 5  # optimizer steps
+    max_iters: int = 5  # optimizer steps
     global_batch: int = 8  # sequences per step, split evenly across the ranks
     seq_len: int = 16  # tokens per sequence
     lr: float = 0.1  # SGD with momentum 0.9 (see train() for why not Adam here)
     out_dir: str = ""  # where the ranks write their results (default: a temporary folder)
     worker: bool = False  # internal: set by the torchrun launch
+
+    RENAMED: ClassVar[dict[str, str]] = {"steps": "max_iters"}  # old flag -> field, kept for one release
 
 
 def make_model(cfg: ParallelConfig) -> nn.Module:
@@ -83,7 +86,7 @@ def train(model: nn.Module, cfg: ParallelConfig, rank: int = 0, world: int = 1) 
     # a rounding-level difference can flip the update's sign and move the weight by a whole learning rate.
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
     losses = []
-    for step in range(cfg.steps):
+    for step in range(cfg.max_iters):
         x, y = global_batch(cfg, step)
         x, y = x[rank::world], y[rank::world]
         loss = F.mse_loss(model(x), y)
@@ -203,7 +206,7 @@ def compare(cfg: ParallelConfig) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            "-m", "appendix.parallel", "--worker", "--out-dir", str(out)]
-    for f in ("dim", "n_layer", "steps", "global_batch", "seq_len", "lr"):
+    for f in ("dim", "n_layer", "max_iters", "global_batch", "seq_len", "lr"):
         cmd += [f"--{f.replace('_', '-')}", str(getattr(cfg, f))]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
@@ -235,7 +238,7 @@ def main(cfg: ParallelConfig) -> dict:
         cfg.out_dir = cfg.out_dir or tmp
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         report = compare(cfg)
-    print(f"2 processes (gloo) vs 1 process on the same global batch of {cfg.global_batch}, {cfg.steps} SGD steps:")
+    print(f"2 processes (gloo) vs 1 process on the same global batch of {cfg.global_batch}, {cfg.max_iters} SGD steps:")
     print("| strategy | final weights, max abs diff | per-step loss, max abs diff |\n|---|---|---|")
     for s in ("ddp", "fsdp"):
         print(f"| {s.upper()} | {report[s]['weights_max_diff']:.1e} | {report[s]['loss_max_diff']:.1e} |")

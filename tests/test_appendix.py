@@ -345,3 +345,10 @@ def test_ddp_fsdp_and_tensor_parallel_equal_one_process(tmp_path):
     assert report["single_losses"][-1] < report["single_losses"][0]
     assert max(report["tp"].values()) < 1e-5, report["tp"]
     assert parallel.gpipe_bubble(4, 4) == pytest.approx(3 / 7)
+
+
+def test_parallel_old_steps_flag_names_max_iters():
+    from common.config import parse_config, renamed_fields
+
+    assert renamed_fields(parallel.ParallelConfig) == {"steps": "max_iters"}
+    assert parse_config(parallel.ParallelConfig, ["--steps", "3"]).max_iters == 3
