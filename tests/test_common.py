@@ -6,7 +6,7 @@ import pickle
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import pytest
 import torch
@@ -52,6 +52,33 @@ def test_config_overrides_reject_unknown_fields():
     assert config.apply_overrides(Outer(), {"width": 3}).inner.width == 3
     with pytest.raises(ValueError, match="unknown fields"):
         config.apply_overrides(Outer(), {"depth": 3})
+
+
+@dataclass
+class Renamed(Outer):
+    RENAMED: ClassVar[dict[str, str]] = {"hidden": "width", "shared": "tie"}  # old flag -> field
+
+
+@dataclass
+class BadRenamed(Outer):
+    RENAMED: ClassVar[dict[str, str]] = {"hidden": "depth"}  # no field named depth
+
+
+def test_renamed_field_keeps_its_old_flag_for_one_release(capsys):
+    cfg = config.parse_config(Renamed, ["--hidden", "16", "--shared"])
+    assert (cfg.inner.width, cfg.inner.tie) == (16, True)
+    err = capsys.readouterr().err
+    assert "warning: --hidden is deprecated and will be removed in the next release; use --width" in err
+    assert err.count("deprecated") == 2
+    assert config.parse_config(Renamed, ["--no-shared"]).inner.tie is False
+    capsys.readouterr()
+    # --preset parses the flags twice: still one line; the old flag, given explicitly, wins over the preset
+    assert config.parse_config(Renamed, ["--preset", "big", "--hidden", "3"], PRESETS).inner.width == 3
+    assert capsys.readouterr().err.count("deprecated") == 1
+    help_text = config.build_parser(Renamed, PRESETS).format_help()
+    assert "--width" in help_text and "--hidden" not in help_text and "--shared" not in help_text
+    with pytest.raises(TypeError, match="'hidden' -> 'depth'"):
+        config.renamed_fields(BadRenamed)
 
 
 def _tiny_model():
