@@ -260,7 +260,8 @@ def test_pretrain_flags_are_the_model_config_and_old_flags_still_work(capsys):
     # fields derived from others follow them (0 = derived): 8/3 * 512 rounded up to 64, the RoPE length
     assert (cfg.model.intermediate_size, cfg.model.original_max_position_embeddings) == (1408, 64)
     assert parse_config(PretrainConfig, ["--preset", "gpu4gb"], PRESETS).model.intermediate_size == 1408
-    old = parse_config(PretrainConfig, ["--dim", "512", "--block-size", "64", "--n-experts", "3", "--no-tie-embeddings"])
+    old = parse_config(PretrainConfig, ["--dim", "512", "--block-size", "64", "--n-experts", "3",
+                                        "--no-tie-embeddings"])
     assert old == parse_config(PretrainConfig, ["--hidden-size", "512", "--max-position-embeddings", "64",
                                                 "--num-experts", "3", "--no-tie-word-embeddings"])
     err = capsys.readouterr().err

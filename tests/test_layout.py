@@ -120,3 +120,55 @@ def _excluded() -> list[str]:
     block = re.search(r"\[tool\.setuptools\.packages\.find\](.*?)(\n\[|\Z)", text, re.S).group(1)
     assert "include" not in block, "pyproject.toml lists packages by hand; discover them (exclude = [...])"
     return re.findall(r'"([^"]+)"', re.search(r"exclude\s*=\s*\[(.*?)\]", block, re.S).group(1))
+
+
+def defined_names(path: Path) -> set[str]:
+    """Names a file defines: top-level functions, classes and assignments, and (as 'Class.name' and 'name')
+    the methods and fields of its classes. Imported names do not count: a pointer must name the home."""
+    names = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            names |= {t.id for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                      if isinstance(t, ast.Name)}
+        if isinstance(node, ast.ClassDef):
+            for item in node.body:
+                member = getattr(item, "name", None) or getattr(getattr(item, "target", None), "id", None)
+                if member:
+                    names |= {member, f"{node.name}.{member}"}
+    return names
+
+
+def code_pointers(markdown: Path, base: Path):
+    """(file, symbol) for every `file.py:Symbol` in a table row, and for the bare `Symbol`s after it in the
+    same cell (they name more symbols of that file)."""
+    for line in markdown.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("|"):
+            continue
+        for cell in line.split("|"):
+            current = None
+            for token in re.findall(r"`([^`]+)`", cell):
+                m = re.match(r"^([\w/]+\.py)(?::([A-Za-z_][\w.]*))?", token)
+                if m:
+                    current = base / m.group(1) if "/" in m.group(1) or base != ROOT else None
+                    if current is None:  # a bare file name in doc/syllabus.md: the row's chapter folder
+                        continue
+                    if m.group(2):
+                        yield markdown, current, m.group(2)
+                elif current is not None and re.fullmatch(r"[A-Za-z_]\w*(\.\w+)*", token):
+                    yield markdown, current, token
+
+
+@pytest.mark.parametrize("markdown", ["doc/syllabus.md"] + [f"{c}/README.md" for c in chapters()])
+def test_code_pointers_in_the_docs_resolve(markdown):
+    """Every `file.py:Symbol` the syllabus and the chapter READMEs cite names a definition in that file."""
+    path = ROOT / markdown
+    base = ROOT if markdown.startswith("doc/") else path.parent
+    missing = []
+    for _, file, symbol in code_pointers(path, base):
+        if not file.is_file():
+            missing.append(f"{file.relative_to(ROOT)} (no such file) for {symbol}")
+        elif symbol not in defined_names(file) and symbol.split(".")[0] not in defined_names(file):
+            missing.append(f"{file.relative_to(ROOT)}:{symbol}")
+    assert not missing, f"{markdown} points at code that is not there:\n" + "\n".join(sorted(set(missing)))
