@@ -20,8 +20,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -34,18 +35,16 @@ from common.runtime import autocast, set_threads
 
 from . import engine
 from .export_hf import hf_config, to_hf_state_dict
-from .model import MiniMindConfig, MiniMindForCausalLM
+from .model import MODEL_PRESETS, MiniMindConfig, MiniMindForCausalLM
 
 
 @dataclass
 class BenchConfig:
     """Speed, MFU and memory figures of the pretraining model."""
 
-    dim: int = 256  # model of the cpu preset by default
-    n_layer: int = 4
-    n_head: int = 8
-    n_kv_head: int = 2
-    vocab_size: int = 6400
+    # the model of the cpu preset by default (its RoPE table is stretched to cover the generation if needed)
+    model: MiniMindConfig = field(default_factory=lambda: MiniMindConfig(**MODEL_PRESETS["cpu"],
+                                                                         max_position_embeddings=256))
     batch_size: int = 8  # sequences per training step
     seq_len: int = 256  # tokens per sequence
     prompt_len: int = 16  # generation: prompt tokens
@@ -63,6 +62,9 @@ class BenchConfig:
     nanogpt_ffn_dim: int = 344  # our SwiGLU width there: 3 x 128 x 344 = nanoGPT's MLP (2 x 128 x 512), ~0.80 M each
     out: str = "runs/gpt_minimind/bench/bench.json"
 
+    RENAMED: ClassVar[dict[str, str]] = {"dim": "hidden_size", "n_layer": "num_hidden_layers",  # kept one release
+                                         "n_head": "num_attention_heads", "n_kv_head": "num_key_value_heads"}
+
 
 def build(mcfg: MiniMindConfig, loss_chunk_size: int = 0) -> MiniMindForCausalLM:
     """The reference model, or (chunk > 0) the same model with engine.py's chunked head and loss."""
@@ -70,9 +72,7 @@ def build(mcfg: MiniMindConfig, loss_chunk_size: int = 0) -> MiniMindForCausalLM
 
 
 def tiny_llama(cfg: BenchConfig) -> MiniMindConfig:
-    return MiniMindConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, num_hidden_layers=cfg.n_layer,
-                          num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
-                          max_position_embeddings=max(cfg.seq_len, cfg.prompt_len + cfg.new_tokens))
+    return replace(cfg.model, max_position_embeddings=max(cfg.seq_len, cfg.prompt_len + cfg.new_tokens))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -213,8 +213,9 @@ def speed_tables(cfg: BenchConfig) -> dict:
     print(f"ours and transformers generate the same {cfg.new_tokens} greedy tokens: {same}")
     products = token_products(ours, cfg.repeats)
     return {"token_products": products,
-            "config": {k: getattr(cfg, k) for k in ("dim", "n_layer", "n_head", "n_kv_head", "vocab_size",
-                                                    "batch_size", "seq_len", "prompt_len", "new_tokens")},
+            "config": {**{k: getattr(mcfg, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                           "num_key_value_heads", "vocab_size")},
+                       **{k: getattr(cfg, k) for k in ("batch_size", "seq_len", "prompt_len", "new_tokens")}},
             "n_params": ours.num_parameters(), "flops_per_token": flops_per_token,
             "matmul_peak_fp32": peak32, "matmul_peak_bf16": peak16, "train_step": rows, "generate": gen_rows,
             "same_greedy_tokens": same}
@@ -393,7 +394,6 @@ def memory_table() -> list[dict]:
         print(f"memory | peak training memory, cpu preset, batch 8 x 256 | {name:28s} | {got / 2**20:6.0f} MiB",
               flush=True)
     # the GPU presets, predicted: bf16 activations, gradient checkpointing, their micro-batches
-    from .model import MODEL_PRESETS
     for preset, batch, seq in (("gpu4gb", 32, 512), ("full", 16, 1024)):
         for chunk in (0, 2048):  # train_pretrain's GPU presets use chunks of 2,048 positions
             g = MiniMindConfig(vocab_size=6400, max_position_embeddings=seq, **MODEL_PRESETS[preset])
