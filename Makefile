@@ -84,6 +84,11 @@ lint: setup
 results: setup
 	$(PY) -m common.results
 
+# copy one chapter out as a project of its own: make starter CHAPTER=gpt_minimind DEST=../my_gpt (see README)
+.PHONY: starter
+starter: setup
+	$(PY) -m common.starter "$(CHAPTER)" "$(DEST)"
+
 bench: setup
 	$(PY) -m transformer_basics.bench
 	$(PY) -m gpt_minimind.bench

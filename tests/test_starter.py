@@ -1,0 +1,280 @@
+"""common.starter: every chapter, copied out into a temporary folder, works there as a project of its own.
+
+For each chapter the starter is written into a temporary folder; then, in subprocesses whose working directory is
+that folder, with it first on PYTHONPATH and the repository made unimportable (a sitecustomize drops the editable
+install's finder; the subprocess checks that every other chapter fails to import and that `common` is the copy):
+  1. every script of the copied chapter (a module with `if __name__ == "__main__"`) that has a command line
+     renders --help; one interpreter runs them all through runpy, so torch is imported once. A script without
+     options (the data fetchers) is imported instead: given --help it would fetch.
+  2. the chapter's main training script runs a few steps from the command line, with the tiny settings its
+     tests use (SMOKE below), and writes its metrics;
+  3. the copied tests run: all of them for transformer_basics (the fastest, ~10 s), and for the other chapters
+     the ones that write no files (no tmp_path in their fixtures: the model, parity and data tests), because
+     the copied tests are the repository's own tests, which the suite runs anyway: what copying can break is
+     imports and paths, which collecting every copied file catches, and the training tests would double the
+     suite's time. The smoke run of step 2 trains in the copy instead.
+It also checks that the derived pyproject.toml lists a distribution for every third-party import of the copied
+files (walked here with ast, module and function level), and the starter's errors (DEST not empty, not a chapter).
+"""
+
+import ast
+import functools
+import importlib.metadata
+import importlib.util
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from common import starter
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_ALL_TESTS = {"transformer_basics"}
+
+# each chapter's main training script with the tiny settings of its tests; a tuple is the first of its spellings
+# that the script's --help lists (flags get renamed; the old name stays a hidden alias for a while)
+SMOKE = {
+    "transformer_basics": ("transformer_basics.train_translate", [
+        "--data-file", "{digits}", ("--d-model",), "32", ("--n-heads",), "4", ("--n-encoder-layers",), "2",
+        ("--n-decoder-layers",), "2", "--src-vocab-size", "60", "--batch-size", "16", "--schedule", "cosine",
+        "--lr", "3e-3", ("--warmup-iters", "--warmup-steps"), "2", ("--max-iters", "--max-steps"), "4",
+        "--eval-every", "2", "--save-every", "2", "--log-every", "2", "--threads", "1"]),
+    "gpt_minimind": ("gpt_minimind.train_pretrain", [
+        "--text-file", "{text}", "--tokenizer", "char", ("--hidden-size", "--dim"), "32",
+        ("--num-hidden-layers", "--n-layer"), "2", ("--num-attention-heads", "--n-head"), "4",
+        ("--num-key-value-heads", "--n-kv-head"), "2", ("--max-position-embeddings", "--block-size"), "32",
+        "--batch-size", "8", "--lr", "3e-3", "--warmup-iters", "2", "--max-iters", "4", "--eval-every", "2",
+        "--save-every", "2", "--log-every", "2", "--eval-blocks", "16", "--threads", "1"]),
+    "bert_address_cls": ("bert_address_cls.train_mlm", [
+        ("--hidden-size", "--dim"), "32", ("--num-hidden-layers", "--n-layer"), "2",
+        ("--num-attention-heads", "--n-head"), "2", ("--intermediate-size", "--ffn-dim"), "64",
+        "--vocab-size", "3000", "--text-file", "{addresses}", "--n-addresses", "300", "--batch-size", "16",
+        "--max-iters", "4", "--warmup-iters", "1", "--eval-every", "2", "--save-every", "2",
+        "--eval-batches", "2", "--log-every", "2", "--threads", "1"]),
+    "t5_summarization": ("t5_summarization.train_pretrain", [
+        "--d-model", "32", "--d-kv", "8", "--num-heads", "4", "--d-ff", "64", "--num-layers", "2",
+        "--num-decoder-layers", "2", "--vocab-size", "2600", "--max-documents", "300", "--seq-len", "48",
+        "--batch-size", "8", "--max-iters", "4", "--warmup-iters", "1", "--eval-every", "2", "--eval-batches",
+        "2", "--save-every", "2", "--log-every", "2", "--threads", "1"]),
+    "appendix": ("appendix.rnn", [
+        "--n-chars", "60000", "--hidden-size", "32", "--embed-dim", "16", "--seq-len", "32", "--batch-size", "8",
+        "--max-iters", "4", "--warmup-iters", "1", "--eval-every", "2", "--eval-batches", "2", "--log-every", "2",
+        "--save-every", "2", "--sample-chars", "20", "--no-parity", "--threads", "1"]),
+}
+
+# sitecustomize runs after site-packages' .pth files: it takes the editable install of the repository back out
+SITECUSTOMIZE = """
+import os, sys
+_repo = {repo!r}
+def _into_repo(finder):
+    mapping = getattr(sys.modules.get(getattr(finder, "__module__", ""), None), "MAPPING", None) or {{}}
+    return any(os.path.abspath(str(p)) == _repo or os.path.abspath(str(p)).startswith(_repo + os.sep)
+               for p in mapping.values())
+sys.meta_path[:] = [f for f in sys.meta_path if not _into_repo(f)]
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _repo]
+"""
+
+# run in the starter: the isolation checks, then every script's --help (or an import), results as JSON to argv[1]
+HELP_DRIVER = """
+import contextlib, importlib, importlib.util, io, json, runpy, sys, warnings
+warnings.simplefilter("ignore")
+out_file, dest, others, with_cli, without_cli = sys.argv[1], sys.argv[2], *(json.loads(a) for a in sys.argv[3:])
+import common
+res = {"common": common.__file__, "importable_others": [m for m in others if importlib.util.find_spec(m)],
+       "help": {}, "imported": []}
+for module in with_cli:
+    sys.argv = [module, "--help"]
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        code = "returned without exiting"
+    except SystemExit as e:
+        code = e.code
+    except Exception as e:
+        code = repr(e)
+    res["help"][module] = {"code": code, "text": out.getvalue()}
+for module in without_cli:
+    importlib.import_module(module)
+    res["imported"].append(module)
+with open(out_file, "w") as f:
+    json.dump(res, f)
+"""
+
+# a pytest plugin for the copied tests: deselect those that write files (tmp_path anywhere in their fixtures)
+NO_FILES_PLUGIN = """
+def pytest_collection_modifyitems(config, items):
+    writes = [i for i in items if {"tmp_path", "tmp_path_factory"} & set(getattr(i, "fixturenames", ()))]
+    if writes:
+        config.hook.pytest_deselected(items=writes)
+        items[:] = [i for i in items if i not in writes]
+"""
+
+
+def third_party_imports(path: Path, local: set[str]) -> set[str]:
+    """Top-level names of the absolute imports of a file, anywhere in it, less the stdlib and ``local``."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {a.name.partition(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.partition(".")[0])
+    return {n for n in names if n not in sys.stdlib_module_names and n not in local and n != "__future__"}
+
+
+@functools.cache
+def distributions() -> dict[str, list[str]]:
+    return importlib.metadata.packages_distributions()
+
+
+def requirement_names(pyproject: Path) -> tuple[set[str], set[str]]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: read it the way the starter writes it
+        text = pyproject.read_text(encoding="utf-8")
+        runtime = [s for s, _ in starter._toml_array(text, "dependencies")]
+        dev = [s for s, _ in starter._toml_array(text, "dev")]
+    else:
+        project = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
+        runtime, dev = project["dependencies"], project["optional-dependencies"]["dev"]
+    return {starter.canonical(s) for s in runtime}, {starter.canonical(s) for s in dev}
+
+
+def pick_flags(argv: list, help_text: str) -> list[str]:
+    out = []
+    for a in argv:
+        if isinstance(a, tuple):
+            found = [f for f in a if re.search(rf"(^|\s){re.escape(f)}[\s,]", help_text)]
+            assert found, f"none of {a} in --help"
+            a = found[0]
+        out.append(a)
+    return out
+
+
+def run(cmd: list[str], cwd: Path, env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    print(f"{time.perf_counter() - t:5.1f} s  {' '.join(cmd[1:4])}")  # shown with -s, and on a failure
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def smoke_data(tmp: Path) -> dict[str, str]:
+    """The small data files the smoke runs read (as the chapters' tests make them)."""
+    rng = random.Random(0)
+    digits_zh = "零一二三四五六七八九"
+    words_en = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    digits = tmp / "digits.jsonl"
+    with digits.open("w", encoding="utf-8") as f:
+        for _ in range(300):
+            ds = [rng.randrange(10) for _ in range(rng.randint(2, 6))]
+            pair = {"en": " ".join(words_en[d] for d in ds) + " .", "zh": "".join(digits_zh[d] for d in ds) + "。"}
+            f.write(json.dumps(pair, ensure_ascii=False) + "\n")
+    subjects, verbs, objects = ["小明", "老师", "记者", "我们"], ["今天去了", "昨天看见", "喜欢"], ["北京。", "大桥。"]
+    text = tmp / "input.txt"
+    text.write_text("\n".join("".join(rng.choice(subjects) + rng.choice(verbs) + rng.choice(objects)
+                                      for _ in range(rng.randint(3, 8))) for _ in range(300)), encoding="utf-8")
+    addresses = tmp / "addresses.jsonl"
+    places = ["浙江省杭州市西湖区文三路90号", "北京市海淀区中关村大街1号", "广东省深圳市南山区科技园", "上海市浦东新区"]
+    addresses.write_text("".join(json.dumps({"text": rng.choice(places) + "。" + rng.choice(places)},
+                                            ensure_ascii=False) + "\n" for _ in range(200)), encoding="utf-8")
+    return {"digits": str(digits), "text": str(text), "addresses": str(addresses)}
+
+
+@pytest.fixture(scope="module")
+def isolated(tmp_path_factory) -> Path:
+    """A folder holding the sitecustomize that hides the repository, and the helper scripts."""
+    d = tmp_path_factory.mktemp("isolated")
+    (d / "sitecustomize.py").write_text(SITECUSTOMIZE.format(repo=str(ROOT)))
+    (d / "starter_help_driver.py").write_text(HELP_DRIVER)
+    (d / "starter_no_files.py").write_text(NO_FILES_PLUGIN)
+    return d
+
+
+@pytest.mark.parametrize("chapter", starter.chapters())
+def test_a_chapter_copied_out_runs_on_its_own(chapter, tmp_path, isolated):
+    assert chapter in SMOKE, f"add {chapter}'s main training script and its tests' tiny flags to SMOKE"
+    dest = tmp_path / "starter"
+    made = starter.write_starter(chapter, dest)
+    others = [c for c in starter.chapters() if c != chapter]
+    assert (dest / chapter / "__init__.py").exists() and (dest / "common" / "config.py").exists()
+    assert not list(dest.rglob("__pycache__"))
+    assert {"pyproject.toml", "README.md", ".gitignore", "tests/conftest.py", "tests/test_common.py"} <= set(made.files)
+    assert any(re.fullmatch(rf"tests/test_{chapter}(_\w+)?\.py", f) for f in made.files)
+    assert {starter.chapter_of_test(f[6:], starter.chapters()) for f in made.files
+            if re.fullmatch(r"tests/test_\w+\.py", f)} <= {chapter, None}  # no other chapter's tests
+    assert {"runs/", ".venv/", "__pycache__/", "*.safetensors"} <= set((dest / ".gitignore").read_text().split())
+    readme = (dest / "README.md").read_text()
+    assert f"{chapter}/README.md" in readme and "pip install -e" in readme
+
+    # every third-party import of the copied files has its distribution in pyproject.toml (tests: dev counts too)
+    runtime, dev = requirement_names(dest / "pyproject.toml")
+    local = {p.name for p in dest.iterdir() if (p / "__init__.py").exists()} | {p.stem for p in (dest / "tests").glob(
+        "*.py")}
+    missing = []
+    for path in dest.rglob("*.py"):
+        allowed = runtime | dev if path.relative_to(dest).parts[0] == "tests" else runtime
+        for name in third_party_imports(path, local):
+            dists = {starter.canonical(d) for d in distributions().get(name, [name])}
+            if not dists & allowed:
+                missing.append(f"{path.relative_to(dest)}: {name}")
+    assert not missing, missing
+
+    if importlib.util.find_spec("setuptools"):  # pip reads the pyproject.toml as `pip install -e .` would
+        report = tmp_path / "pip.json"
+        run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-build-isolation", "--no-index",
+             "-q", "--report", str(report), "-e", str(dest)], tmp_path, dict(os.environ))
+        meta = json.loads(report.read_text())["install"][0]["metadata"]
+        assert meta["name"] == chapter.replace("_", "-")
+        assert {starter.canonical(r) for r in meta.get("requires_dist", []) if "extra ==" not in r} == runtime
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(dest), str(isolated)]), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+
+    # 1. isolation, and --help of every script (an import for those without a command line)
+    mods = starter.scripts(dest / chapter)
+    assert mods, chapter
+    cli = [m for m in mods if re.search(r"argparse|parse_config|parse_args|sys\.argv",
+                                        (dest / Path(*m.split("."))).with_suffix(".py").read_text(encoding="utf-8"))]
+    report = tmp_path / "help.json"
+    run([sys.executable, str(isolated / "starter_help_driver.py"), str(report), str(dest), json.dumps(others),
+         json.dumps(cli), json.dumps([m for m in mods if m not in cli])], dest, env)
+    res = json.loads(report.read_text())
+    assert res["importable_others"] == [], "the repository is importable from the starter"
+    assert Path(res["common"]).resolve().is_relative_to(dest.resolve())
+    bad = {m: r["code"] for m, r in res["help"].items() if r["code"] != 0 or "usage:" not in r["text"]}
+    assert not bad, bad
+
+    # 2. a few training steps of the main script, from the command line
+    module, argv = SMOKE[chapter]
+    data = smoke_data(tmp_path)
+    out_dir = dest / "runs" / "smoke"
+    argv = [a.format(**data) if isinstance(a, str) else a for a in argv]
+    argv = pick_flags(argv, res["help"][module]["text"]) + ["--out-dir", str(out_dir)]
+    if "--tokenizer-dir" in res["help"][module]["text"]:
+        argv += ["--tokenizer-dir", str(dest / "runs" / "tokenizer")]
+    run([sys.executable, "-m", module, *argv], dest, env)
+    assert (out_dir / "metrics.jsonl").exists(), sorted(p.name for p in out_dir.iterdir())
+
+    # 3. the copied tests, in the copy (all of them for RUN_ALL_TESTS, else those that write no files)
+    selection = [] if chapter in RUN_ALL_TESTS else ["-p", "starter_no_files"]
+    proc = run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *selection], dest, env)
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert re.search(r"\d+ passed", summary) and "error" not in summary, proc.stdout[-2000:]
+
+
+def test_starter_refuses_a_non_empty_dest_and_an_unknown_chapter(tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("keep me")
+    for args, message in (([starter.chapters()[0], str(tmp_path / "full")], "exists and is not an empty folder"),
+                          (["no_such_chapter", str(tmp_path / "new")], "is not a chapter; the chapters are: "
+                                                                        + ", ".join(starter.chapters()))):
+        proc = subprocess.run([sys.executable, "-m", "common.starter", *args], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc
+    assert (tmp_path / "full" / "mine.txt").read_text() == "keep me" and not (tmp_path / "new").exists()
