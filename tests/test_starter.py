@@ -240,8 +240,7 @@ def test_a_chapter_copied_out_runs_on_its_own(chapter, tmp_path, isolated):
     # 1. isolation, and --help of every script (an import for those without a command line)
     mods = starter.scripts(dest / chapter)
     assert mods, chapter
-    cli = [m for m in mods if re.search(r"argparse|parse_config|parse_args|sys\.argv",
-                                        (dest / Path(*m.split("."))).with_suffix(".py").read_text(encoding="utf-8"))]
+    cli = [m for m in mods if starter.has_command_line((dest / Path(*m.split("."))).with_suffix(".py"))]
     report = tmp_path / "help.json"
     run([sys.executable, str(isolated / "starter_help_driver.py"), str(report), str(dest), json.dumps(others),
          json.dumps(cli), json.dumps([m for m in mods if m not in cli])], dest, env)
