@@ -14,7 +14,8 @@ install's finder; the subprocess checks that every other chapter fails to import
      imports and paths, which collecting every copied file catches, and the training tests would double the
      suite's time. The smoke run of step 2 trains in the copy instead.
 It also checks that the derived pyproject.toml lists a distribution for every third-party import of the copied
-files (walked here with ast, module and function level), and the starter's errors (DEST not empty, not a chapter).
+files (walked here with ast, module and function level), that pip reads it, the starter's errors (DEST not empty,
+not a chapter), and the rules that deselect a copied test needing the rest of the repository.
 """
 
 import ast
@@ -277,3 +278,36 @@ def test_starter_refuses_a_non_empty_dest_and_an_unknown_chapter(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "common.starter", *args], cwd=ROOT, capture_output=True, text=True)
         assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc
     assert (tmp_path / "full" / "mine.txt").read_text() == "keep me" and not (tmp_path / "new").exists()
+
+
+def test_tests_that_need_the_repository_are_deselected_with_their_reason(tmp_path):
+    path = tmp_path / "test_demo.py"
+    path.write_text('''import pytest
+
+
+@pytest.mark.repo
+def test_whole_repo():
+    pass
+
+
+@pytest.mark.parametrize("x", [1, 2])
+def test_copy_matches_other_chapter(x):
+    from other_chapter import dataset  # noqa: F401
+
+
+def test_own():
+    import json  # noqa: F401
+
+
+class TestGroup:
+    def test_nested(self):
+        import other_chapter.model  # noqa: F401
+''')
+    out = starter.left_out_tests(path, "tests/test_demo.py", {"other_chapter"})
+    stayed = "imports other_chapter, which stayed in the repository"
+    assert out == {"tests/test_demo.py::test_whole_repo": "marked repo: it checks the whole repository",
+                   "tests/test_demo.py::test_copy_matches_other_chapter[": stayed,  # a prefix: every parameter
+                   "tests/test_demo.py::TestGroup::test_nested": stayed}
+    assert starter.chapter_of_test("test_clip_vit_model.py", ["clip", "clip_vit"]) == "clip_vit"
+    assert starter.chapter_of_test("test_clip.py", ["clip", "clip_vit"]) == "clip"
+    assert starter.chapter_of_test("test_common.py", ["clip"]) is None
