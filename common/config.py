@@ -208,3 +208,10 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None,
         values = vars(parser.parse_args(argv))
         values.pop("preset")
     return from_flat_dict(cls, values)
+
+
+def parse_no_flags(doc: str | None, argv: Sequence[str] | None = None) -> None:
+    """For a command without options (a chapter's data fetcher): ``--help`` prints what it does (the first
+    paragraph of ``doc``) and exits before any work; any other argument is an error."""
+    argparse.ArgumentParser(description=(doc or "").strip().split("\n\n")[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)

@@ -393,7 +393,8 @@ def scripts(package_dir: Path) -> list[str]:
 
 def has_command_line(path: Path) -> bool:
     """Whether a script reads options (argparse, common.config, sys.argv); one that does not just runs."""
-    return re.search(r"argparse|parse_config|parse_args|sys\.argv", path.read_text(encoding="utf-8")) is not None
+    pattern = r"argparse|parse_config|parse_no_flags|parse_args|sys\.argv"
+    return re.search(pattern, path.read_text(encoding="utf-8")) is not None
 
 
 def usage_line(path: Path, module: str) -> str:

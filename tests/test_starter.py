@@ -4,8 +4,8 @@ For each chapter the starter is written into a temporary folder; then, in subpro
 that folder, with it first on PYTHONPATH and the repository made unimportable (a sitecustomize drops the editable
 install's finder; the subprocess checks that every other chapter fails to import and that `common` is the copy):
   1. every script of the copied chapter (a module with `if __name__ == "__main__"`) that has a command line
-     renders --help; one interpreter runs them all through runpy, so torch is imported once. A script without
-     options (the data fetchers) is imported instead: given --help it would fetch.
+     renders --help (the data fetchers too: common.config.parse_no_flags answers --help before any work); one
+     interpreter runs them all through runpy, so torch is imported once. A script without options is imported.
   2. the chapter's main training script runs a few steps from the command line, with the tiny settings its
      tests use (SMOKE below), and writes its metrics;
   3. the copied tests run: all of them for transformer_basics (the fastest, ~10 s), and for the other chapters

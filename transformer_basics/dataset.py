@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from common.config import parse_no_flags
 from common.data import ZHLIB, fetch_package, iter_jsonl
 
 SPECIALS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
@@ -206,6 +207,7 @@ def pad(seqs: list[list[int]]) -> torch.Tensor:
 
 
 if __name__ == "__main__":
+    parse_no_flags(__doc__)  # --help describes the command without fetching anything
     # `make data`: fetch the default pairs and show the split sizes
     splits = split_pairs(zhlib_pairs())
     print(f"zhlib=={ZHLIB.version} ({ZHLIB.license}): " + ", ".join(f"{k} {len(v)}" for k, v in splits.items())
