@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import KVCache, MiniMindConfig, MiniMindForCausalLM, MiniMindMLP, sample_next
+from .model import KVCache, MiniMindConfig, MiniMindForCausalLM, MiniMindMLP, apply_rotary, sample_next
 
 # ---------------------------------------------------------------------------------------------------
 # 1) The output head and the loss, chunk by chunk
@@ -200,17 +200,22 @@ class StaticKVCache(KVCache):
 
 
 def _layer(layer, x, cos, sin, cache, key_padding, w):
-    """One decoder layer as MiniMindDecoderLayer.forward computes it (eval mode), with the packed weights
-    ``w`` = (qkv, o, gate_up, down) when given, else with the layer's own modules."""
-    if w is None:
-        return layer(x, cos, sin, cache, key_padding)
+    """One decoder layer as MiniMindDecoderLayer.forward computes it in eval mode, with the packed weights
+    ``w`` = (qkv, o, gate_up, down) when given, else through the layer's own modules (so that a LoRA
+    wrapper, BitFit's bias or an adapter keeps its call). Either way q and k are rotated in one call."""
     attn, cfg = layer.self_attn, layer.self_attn.cfg
     B, T, _ = x.shape
     H, H_kv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    q, k, v = (layer.input_layernorm(x) @ w[0]).split([H * D, H_kv * D, H_kv * D], dim=-1)  # one product
-    q, k, v = (t.view(B, T, -1, D).transpose(1, 2) for t in (q, k, v))
-    x = x + attn.attend(q, k, v, cos, sin, cache, key_padding) @ w[1]
-    gate, up = (layer.post_attention_layernorm(x) @ w[2]).chunk(2, dim=-1)  # one product
+    h = layer.input_layernorm(x)
+    qkv = h @ w[0] if w is not None else torch.cat([attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)], dim=-1)
+    qkv = qkv.view(B, T, H + 2 * H_kv, D).transpose(1, 2)  # (B, H + 2 H_kv, T, D)
+    qk = apply_rotary(qkv[:, :H + H_kv], cos, sin)  # q and k side by side: one rotation instead of two
+    y = attn.attend(qk[:, :H], qk[:, H:], qkv[:, H + H_kv:], cache, key_padding)
+    x = x + (y @ w[1] if w is not None else attn.o_proj(y))
+    h = layer.post_attention_layernorm(x)
+    if w is None:  # the module: SwiGLU, a mixture of experts, or a wrapped down_proj
+        return x + layer.mlp(h)
+    gate, up = (h @ w[2]).chunk(2, dim=-1)  # one product for gate and up
     return x + (F.silu(gate) * up) @ w[3]
 
 
@@ -273,22 +278,21 @@ def generate(model: MiniMindForCausalLM, input_ids: torch.Tensor, max_new_tokens
     packed = packed_weights(model) if pack_weights else None
     if compile and model not in _COMPILED:
         _COMPILED[model] = torch.compile(decode_step, dynamic=False)
-    seq = input_ids
+    seq, step_input = input_ids, input_ids
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for i in range(max_new_tokens):
-        if i == 0:
-            logits = forward_cached(model, input_ids, cache, packed)
-        elif compile:  # one token at position T + i - 1, fixed shapes
+        if compile and i > 0:  # one token at position T + i - 1, fixed shapes (and strides: a fresh tensor)
             cache.static = True
             cache.position.fill_(T + i - 1)
-            logits = _COMPILED[model](model, seq[:, -1:], cache, packed)
+            logits = _COMPILED[model](model, step_input, cache, packed)
         else:
-            logits = forward_cached(model, seq[:, -1:], cache, packed)
+            logits = forward_cached(model, step_input, cache, packed)
         nxt = sample_next(logits.float(), seq, temperature, top_k, top_p, repetition_penalty, generator)
         if eos_token_id is not None:
             nxt = nxt.masked_fill(done, eos_token_id)
             done |= nxt == eos_token_id
         seq = torch.cat([seq, nxt[:, None]], dim=1)
+        step_input = nxt[:, None]
         yield nxt
         if eos_token_id is not None and bool(done.all()):
             return

@@ -288,17 +288,17 @@ class MiniMindAttention(nn.Module):
         q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)
         k = self.k_proj(x).view(B, T, H_kv, D).transpose(1, 2)
         v = self.v_proj(x).view(B, T, H_kv, D).transpose(1, 2)
-        return self.o_proj(self.attend(q, k, v, cos, sin, cache, key_padding))
+        # 2) rotate q and k by their absolute positions (RoPE); v is not rotated
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return self.o_proj(self.attend(q, k, v, cache, key_padding))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               cache: KVCache | None = None, key_padding: torch.Tensor | None = None) -> torch.Tensor:
-        """Steps 2-5 of forward, from projected q (B, H, T, D), k and v (B, H_kv, T, D) to heads merged (B, T, C)
-        before o_proj (engine.py projects with its own packed weights and calls this for the rest)."""
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None = None,
+               key_padding: torch.Tensor | None = None) -> torch.Tensor:
+        """Steps 3-5 of forward: rotated q (B, H, T, D), k and v (B, H_kv, T, D) -> heads merged (B, T, H * D),
+        before o_proj (engine.py projects and rotates its own way, then calls this)."""
         cfg = self.cfg
         B, H, T, D = q.shape
         H_kv = k.shape[1]
-        # 2) rotate q and k by their absolute positions (RoPE); v is not rotated
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         # 3) with a cache: append this step's k/v, attend over everything so far
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
