@@ -22,7 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import KVCache, MiniMindConfig, MiniMindForCausalLM, MiniMindMLP, apply_rotary, sample_next
+from .model import (
+    KVCache,
+    MiniMindConfig,
+    MiniMindForCausalLM,
+    MiniMindMLP,
+    apply_rotary,
+    room_to_generate,
+    sample_next,
+)
 
 # ---------------------------------------------------------------------------------------------------
 # 1) The output head and the loss, chunk by chunk
@@ -166,10 +174,15 @@ def packed_weights(model: MiniMindForCausalLM) -> tuple[list[tuple[torch.Tensor,
         linears += [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
     if not all(is_plain_linear(lin) for lin in linears):
         return None
-    key = [(lin.weight.data_ptr(), lin.weight._version, lin.weight.dtype, lin.weight.device) for lin in linears]
     kept = _PACKED.get(model)
-    if kept is not None and kept[0] == key:
+    if kept is not None and len(kept[0]) == len(linears) and all(
+            w is lin.weight or (w.data_ptr() == lin.weight.data_ptr() and w.dtype == lin.weight.dtype
+                                and w.device == lin.weight.device)
+            and version == lin.weight._version for (w, version), lin in zip(kept[0], linears)):
         return kept[1]
+    # the key holds the weights themselves (detached: the same storage), so that their memory cannot be
+    # freed and reused by another tensor at the same address while this copy is kept
+    key = [(lin.weight.detach(), lin.weight._version) for lin in linears]
 
     def packed(*lins: nn.Linear) -> torch.Tensor:  # (in, sum of outs), contiguous
         return torch.cat([lin.weight.detach() for lin in lins]).t().contiguous()
@@ -254,21 +267,25 @@ def decode_step(model: MiniMindForCausalLM, token: torch.Tensor, cache: StaticKV
     return _logits(model, x, packed)
 
 
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its compiled decode_step
+# model -> torch.compile(decode_step). (dynamo keeps its graphs per code object and guards on the inputs: a
+# new model, batch size or cache length compiles again, and past torch._dynamo.config.recompile_limit it
+# falls back to eager; the cache length is rounded up to 256 below so that prompts share a graph)
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @torch.no_grad()
-def generate(model: MiniMindForCausalLM, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+def generate(model: MiniMindForCausalLM, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, eos_token_id: int | None = None,
              generator: torch.Generator | None = None, compile: bool = False, pack_weights: bool = True):
-    """``MiniMindForCausalLM.generate`` (same arguments, same tokens), faster.
+    """``MiniMindForCausalLM.generate`` with the cache (the same keyword arguments, the same tokens up to
+    float rounding: x @ W sums in another order than nn.Linear), faster.
 
     ``pack_weights``: decode with ``packed_weights`` (falls back to the modules where they cannot be
     packed). ``compile``: the prompt runs through the cached forward, every later token through a
     torch.compile'd ``decode_step`` (the first call compiles it: seconds; worth it for long outputs)."""
     model.eval()
     B, T = input_ids.shape
-    limit = int(model.config.max_position_embeddings * max(model.config.rope_factor, 1.0))
+    limit = T + room_to_generate(model.config, T)
     max_new_tokens = min(max_new_tokens, limit - T)
     cache_len = T + max_new_tokens
     if compile:  # round up, so that prompts of other lengths reuse the compiled graph

@@ -226,6 +226,8 @@ def finetune(model: MiniMindForCausalLM, tok, cfg, params: list[torch.nn.Paramet
             if step >= cfg.max_iters:
                 break
     wall = time.perf_counter() - t_start
+    if start >= cfg.max_iters:  # resumed a finished run: nothing trained, score what is there
+        vl = evaluate(model, valid, cfg.batch_size, device, dtype)
     final_dir = out / "final"
     save_final(final_dir)
     summary = {"steps": step, "train_wall_s": wall, "valid_loss": vl, "initial_valid_loss": first_valid,
@@ -241,8 +243,7 @@ def finetune(model: MiniMindForCausalLM, tok, cfg, params: list[torch.nn.Paramet
 def answer(model: MiniMindForCausalLM, tok, messages: list[dict], max_new_tokens: int) -> str:
     """Greedy reply to a conversation, decoded up to the end-of-turn token."""
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    limit = model.config.max_position_embeddings - max_new_tokens
-    ids = ids[-limit:]
+    ids = ids[-max(1, model.config.max_position_embeddings - max_new_tokens):]  # the end, leaving room
     device = model.lm_head.weight.device
     out = []
     for t in engine.generate(model, torch.tensor([ids], device=device), max_new_tokens, eos_token_id=tok.eos_token_id):

@@ -51,12 +51,12 @@ def stream(model: MiniMindForCausalLM, tok, ids: list[int], cfg: InferConfig, ou
     printed = ""
     t0 = time.perf_counter()
     prompt = torch.tensor([ids], device=device)
+    kw = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+              repetition_penalty=cfg.repetition_penalty, eos_token_id=tok.eos_token_id, generator=gen)
     if cfg.cache:  # the engine: the same tokens as model.generate, with packed weights (and a compiled step)
-        tokens = engine.generate(model, prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                                 cfg.repetition_penalty, tok.eos_token_id, gen, compile=cfg.compile)
+        tokens = engine.generate(model, prompt, cfg.max_new_tokens, compile=cfg.compile, **kw)
     else:  # the reference without a cache: every step re-runs the whole sequence
-        tokens = model.generate(prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                                cfg.repetition_penalty, tok.eos_token_id, use_cache=False, generator=gen)
+        tokens = model.generate(prompt, cfg.max_new_tokens, use_cache=False, **kw)
     for t in tokens:
         if int(t) == tok.eos_token_id:
             break
@@ -85,13 +85,16 @@ def chat(model, tok, cfg: InferConfig) -> None:
             return
         messages.append({"role": "user", "content": user})
         text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = tok.encode(text, add_special_tokens=False)[-(limit - cfg.max_new_tokens):]  # keep the newest turns
+        keep = max(1, limit - cfg.max_new_tokens)  # the newest turns, leaving room for the reply
+        ids = tok.encode(text, add_special_tokens=False)[-keep:]
         sys.stdout.write("bot> ")
         reply, _, _ = stream(model, tok, ids, cfg)
         messages.append({"role": "assistant", "content": reply})
 
 
 def main(cfg: InferConfig) -> dict:
+    if cfg.compile and not cfg.cache:
+        raise SystemExit("--compile compiles the cached decode step: it cannot be combined with --no-cache")
     set_threads(cfg.threads)
     device = pick_device(cfg.device)
     model, tok = load_model(cfg.ckpt, device)

@@ -295,7 +295,7 @@ class MiniMindAttention(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None = None,
                key_padding: torch.Tensor | None = None) -> torch.Tensor:
         """Steps 3-5 of forward: rotated q (B, H, T, D), k and v (B, H_kv, T, D) -> heads merged (B, T, H * D),
-        before o_proj (engine.py projects and rotates its own way, then calls this)."""
+        before o_proj (engine.py reuses it)."""
         cfg = self.cfg
         B, H, T, D = q.shape
         H_kv = k.shape[1]
@@ -429,7 +429,7 @@ class MiniMindModel(nn.Module):
         if attention_mask is not None and not bool(attention_mask.all()):
             key_padding = attention_mask == 0  # (B, T) True at padding
         for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
+            if self.gradient_checkpointing and self.training and cache is None:  # (a cache is written in forward)
                 x = checkpoint(layer, x, cos, sin, None, key_padding, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, cache, key_padding)
@@ -500,7 +500,7 @@ class MiniMindForCausalLM(nn.Module):
         return KVCache(self.config, batch, max_len, p.device, p.dtype)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, repetition_penalty: float = 1.0, eos_token_id: int | None = None,
                  use_cache: bool = True, generator: torch.Generator | None = None):
         """Yield one new token per step, (B,) each, from prompts ``input_ids`` (B, T) of equal length.
@@ -512,8 +512,7 @@ class MiniMindForCausalLM(nn.Module):
         (engine.generate yields the same tokens faster: packed weights, an optional compiled step.)"""
         self.eval()
         B, T = input_ids.shape
-        limit = int(self.config.max_position_embeddings * max(self.config.rope_factor, 1.0))
-        max_new_tokens = min(max_new_tokens, limit - T)
+        max_new_tokens = min(max_new_tokens, room_to_generate(self.config, T))
         cache = self.new_cache(B, T + max_new_tokens) if use_cache else None
         seq, step_input = input_ids, input_ids  # with the cache, each step feeds only the newest token
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
@@ -528,6 +527,15 @@ class MiniMindForCausalLM(nn.Module):
             yield nxt
             if eos_token_id is not None and bool(done.all()):
                 return
+
+
+def room_to_generate(cfg: MiniMindConfig, prompt_len: int) -> int:
+    """How many tokens fit after a prompt of ``prompt_len`` in the context the RoPE table covers."""
+    limit = int(cfg.max_position_embeddings * max(cfg.rope_factor, 1.0))
+    if prompt_len >= limit:
+        raise ValueError(f"the prompt has {prompt_len} tokens and the model's context holds {limit}: "
+                         "shorten the prompt (or raise max_position_embeddings / use rope_scaling)")
+    return limit - prompt_len
 
 
 def sample_next(logits: torch.Tensor, seq: torch.Tensor, temperature: float, top_k: int, top_p: float,

@@ -25,19 +25,18 @@ from typing import ClassVar
 import torch
 
 from common.checkpoint import (
-    load_checkpoint,
     load_weights,
     model_state,
+    resume_or_start,
     resume_point,
     save_checkpoint,
     save_pretrained,
 )
 from common.config import parse_config
 from common.distributed import all_reduce_mean, cleanup, init_distributed, wrap
-from common.log import RunLogger
 from common.results import command_line, make_record
 from common.runtime import autocast, pick_device, pick_dtype, seed_everything, set_threads
-from common.schedule import accumulation_slices, clip_grad, make_scheduler
+from common.schedule import accumulation_slices, clip_grad
 
 from . import engine
 from .dataset import PackedBlocks, ngram_baselines
@@ -171,13 +170,9 @@ def main(cfg: PretrainConfig) -> dict:
     ddp_model = wrap(model, dist_info, cfg.distributed, (MiniMindDecoderLayer,))  # before the optimizer
     run_model = torch.compile(ddp_model) if cfg.compile else ddp_model
     optimizer = make_optimizer(model, cfg, device)
-    scheduler = make_scheduler(optimizer, "cosine", cfg.warmup_iters, cfg.max_iters, min_ratio=cfg.min_lr_ratio)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
-    start_step = 0
-    if resume_from is not None:
-        start_step = load_checkpoint(resume_from, model, optimizer, scheduler)["step"]
-        if dist_info.is_main:
-            print(f"resumed from {resume_from} at step {start_step}")
+    scheduler, start_step, logger = resume_or_start(model, optimizer, cfg, out, resume_from, device,
+                                                    cfg.min_lr_ratio, is_main=dist_info.is_main)
 
     global_batch = cfg.batch_size * cfg.grad_accum * dist_info.world_size  # blocks per optimizer step
     steps_per_epoch = len(train) // global_batch
@@ -187,8 +182,6 @@ def main(cfg: PretrainConfig) -> dict:
         print(f"model: {model.num_parameters() / 1e6:.2f} M parameters | train {len(streams['train']) / 1e6:.2f} M "
               f"tokens ({len(train)} blocks of {block_size}), valid {len(streams['valid']) / 1e3:.0f} k tokens | "
               f"vocab {mcfg.vocab_size} | {steps_per_epoch} steps per epoch | {device} {dtype} | data {data_s:.0f} s")
-    logger = RunLogger(out, cfg.max_iters, start_step, resume=resume_from is not None,
-                       enabled=dist_info.is_main, log_every=cfg.log_every, device=device)
     if start_step == 0:
         vl, _ = evaluate(model, valid, cfg.batch_size, device, dtype, cfg.eval_blocks)
         logger.log({"step": 0, "valid_loss": vl, "valid_ppl": math.exp(vl)})

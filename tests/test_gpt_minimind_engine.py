@@ -12,12 +12,14 @@ TINY = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_he
             max_position_embeddings=64, rope_theta=10000.0)
 
 
-def tiny(cls=MiniMindForCausalLM, *args, **kw) -> MiniMindForCausalLM:
-    torch.manual_seed(0)
+def tiny(cls=MiniMindForCausalLM, *args, seed: int = 0, **kw) -> MiniMindForCausalLM:
+    """Weights large enough that greedy decoding wanders over the vocabulary (at the init's std 0.02 it
+    repeats the prompt's last token, and a broken cache or position would go unseen)."""
+    torch.manual_seed(seed)
     model = cls(MiniMindConfig(**{**TINY, **kw}), *args).eval()
-    for p in model.parameters():  # norms start at 1; randomise them too so a swapped norm would show
-        if p.dim() == 1:
-            torch.nn.init.uniform_(p, 0.5, 1.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.uniform_(0.5, 1.5) if p.dim() == 1 else p.normal_(std=0.3)  # norms' gains too: a swapped one shows
     return model
 
 
@@ -32,19 +34,37 @@ def tokens(gen) -> torch.Tensor:
 @pytest.mark.parametrize("impl", ["sdpa", "math"])
 def test_engine_generate_equals_the_reference(impl):
     model = tiny(attn_impl=impl)
-    prompt = torch.randint(0, 97, (2, 5))
+    prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(1))
     ref = tokens(model.generate(prompt, 20))
+    assert all(len(set(row.tolist())) > 5 for row in ref)  # the test has teeth: the tokens vary
     assert torch.equal(ref, tokens(model.generate(prompt, 20, use_cache=False)))
     for pack in (True, False):
         assert torch.equal(ref, tokens(engine.generate(model, prompt, 20, pack_weights=pack)))
-    # sampling with the same generator seed, and stopping at EOS
+    # sampling with the same generator seed
     kw = dict(temperature=1.0, top_k=20, top_p=0.9, repetition_penalty=1.3)
     s_ref = tokens(model.generate(prompt, 10, generator=torch.Generator().manual_seed(3), **kw))
     s_eng = tokens(engine.generate(model, prompt, 10, generator=torch.Generator().manual_seed(3), **kw))
     assert torch.equal(s_ref, s_eng)
-    eos = int(ref[0, 3])
-    assert torch.equal(tokens(model.generate(prompt, 20, eos_token_id=eos)),
-                       tokens(engine.generate(model, prompt, 20, eos_token_id=eos)))
+
+
+def test_eos_and_the_context_limit_in_both_generates():
+    model = tiny()
+    prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(1))
+    ref = tokens(model.generate(prompt, 20))
+    eos = int(ref[0, 2])  # row 0 ends by step 2; row 1 ends where (if) it produces that token
+    first = [row.tolist().index(eos) if eos in row.tolist() else None for row in ref]
+    for gen in (model.generate(prompt, 20, eos_token_id=eos), engine.generate(model, prompt, 20, eos_token_id=eos)):
+        out = tokens(gen)
+        for b, f in enumerate(first):  # the same tokens up to EOS, then EOS only (a finished row waits)
+            end = f + 1 if f is not None else 20
+            assert torch.equal(out[b, :end], ref[b, :end]) and (out[b, end:] == eos).all()
+        # and the loop stops once every row has ended
+        assert out.shape[1] == (max(first) + 1 if None not in first else 20)
+    # the context holds 64 positions: a 60-token prompt gets 4 new tokens, a 64-token prompt an error
+    long = torch.randint(0, 97, (1, 60))
+    assert tokens(model.generate(long, 20)).shape[1] == tokens(engine.generate(model, long, 20)).shape[1] == 4
+    with pytest.raises(ValueError, match="the prompt has 64 tokens and the model's context holds 64"):
+        next(engine.generate(model, torch.zeros(1, 64, dtype=torch.long), 5))
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "math"])
@@ -78,9 +98,12 @@ def test_packed_weights_follow_weight_updates():
     after = tokens(engine.generate(model, prompt, 12))
     assert not torch.equal(after, before)  # (lr 5: the step changes the greedy tokens)
     assert torch.equal(after, tokens(model.generate(prompt, 12)))
-    other = tiny()  # another model's weights, copied in place
+    other = tiny(seed=1)  # another model's weights, copied in place
     model.load_state_dict(other.state_dict())
     assert torch.equal(tokens(engine.generate(model, prompt, 12)), tokens(other.generate(prompt, 12)))
+    model.double()  # a cast gives the weights new memory and dtype: packed again, in float64
+    assert engine.packed_weights(model)[1].dtype == torch.float64
+    assert torch.equal(tokens(engine.generate(model, prompt, 12)), tokens(model.generate(prompt, 12)))
 
 
 def test_only_plain_linear_layers_are_packed():
@@ -103,7 +126,7 @@ def test_static_decode_step_equals_dynamic_cache(impl, monkeypatch):
     for pack in (True, False):
         assert torch.equal(ref, tokens(engine.generate(model, prompt, 20, compile=True, pack_weights=pack)))
     # and the logits themselves: token `pos` fed at position `pos` sees exactly tokens 0..pos
-    seq = torch.randint(0, 97, (2, 9))
+    seq = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         cache = engine.StaticKVCache(model.config, 2, 16, torch.device("cpu"), torch.float32)
         engine.forward_cached(model, seq[:, :5], cache)
@@ -178,3 +201,17 @@ def test_chunked_loss_under_bf16_autocast_matches_the_plain_path():
     torch.testing.assert_close(head_grads[1], head_grads[0], atol=2e-3, rtol=2e-2)
     with pytest.raises(ValueError, match="loss_chunk_size must be > 0"):
         engine.ChunkedLossCausalLM(MiniMindConfig(**TINY), 0)
+
+
+@pytest.mark.slow
+def test_the_compiled_decode_step_compiles_once():
+    """torch.compile for real (the other tests replace it): one graph serves every decode step. A new
+    shape or stride per step would recompile each time and, past dynamo's limit, fall back to eager."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = tiny()
+    prompt = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(1))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = tokens(engine.generate(model, prompt, 12, compile=True))
+    assert torch.equal(compiled, tokens(model.generate(prompt, 12)))
