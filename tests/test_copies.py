@@ -42,7 +42,7 @@ def markers() -> list[tuple[Path, int, str]]:
     """(file, 1-based line number, the marker line stripped) of every '# Copied from' line."""
     return [(p, i, line.strip()) for p in project_files()
             for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1)
-            if line.strip().startswith("# Copied from")]
+            if line.strip().lower().startswith("# copied from")]  # (a mis-cased one is reported, not skipped)
 
 
 def first_line(node: ast.AST) -> int:
@@ -133,3 +133,20 @@ def test_each_data_package_is_pinned_once():
     assert places, "no Package pin found: the check would check nothing"
     twice = {f: p for f, p in places.items() if len(p) > 1}
     assert not twice, f"pinned more than once (move the pin to common/data.py and import it): {twice}"
+
+
+def test_the_copy_check_sees_a_drift_and_a_bad_marker(tmp_path, monkeypatch):
+    """The checks above can fail: a drifted copy, a marker that names nothing, a mis-cased marker."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "__init__.py").write_text("")
+    (tmp_path / "a" / "src.py").write_text("def f(x):\n    return x + 1\n")
+    (tmp_path / "a" / "copy.py").write_text("# Copied from a/src.py::f with x->y\ndef f(y):\n    return y + 2\n"
+                                            "\n\n# Copied from a/src.py::g\ndef g():\n    pass\n"
+                                            "\n\n# copied from a/src.py::f\ndef h(x):\n    return x + 1\n")
+    monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path)
+    found = markers()
+    assert [line for _, line, _ in found] == [1, 6, 11]
+    with pytest.raises(pytest.fail.Exception, match=r"a/copy.py:2 is marked as a copy of a/src.py::f but has drifted"):
+        test_marked_copy_equals_its_source(*found[0])
+    problems = [resolve(*m) for m in found[1:]]
+    assert "a/src.py has no def or class g" in problems[0] and "malformed marker" in problems[1]

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.repo  # the whole repository's shape: a chapter copied 
 ROOT = Path(__file__).resolve().parents[1]
 NOT_CHAPTERS = {"common", "tests", "doc", "runs", "site", "build", "dist"}
 # command-line stages: other modules may not import them (shared pieces live in library modules)
-SCRIPT = re.compile(r"^(train_\w+|infer|bench|eval|evaluate)$")
+SCRIPT = re.compile(r"^(train_\w+|infer|bench|eval|evaluate|peft_zoo|figures)$")
 
 
 def chapters() -> list[str]:
@@ -84,16 +84,24 @@ def test_imports_run_one_way():
     assert not bad, "\n".join(bad)
 
 
-def test_the_layout_test_sees_a_script_import(tmp_path, monkeypatch):
-    """The checks above can fail: a module importing a training script is reported."""
-    (tmp_path / "chap").mkdir()
-    (tmp_path / "chap" / "__init__.py").write_text("")
-    (tmp_path / "chap" / "train_x.py").write_text("")
-    (tmp_path / "chap" / "helper.py").write_text("def f():\n    from .train_x import main\n")
+def test_the_layout_checks_can_fail(tmp_path, monkeypatch):
+    """The checks above fail on a script import, a cycle, a cross-chapter import and model -> engine."""
+    files = {"chap/train_x.py": "", "chap/helper.py": "def f():\n    from .train_x import main\n",
+             "chap/a.py": "from . import b\n", "chap/b.py": "from .a import thing\n",
+             "chap/model.py": "from .engine import fast\n", "chap/engine.py": "from .model import Model\n",
+             "other/__init__.py": "", "other/util.py": "from chap.a import thing\n", "chap/__init__.py": ""}
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
     monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path)
     assert project_imports(tmp_path / "chap" / "helper.py") == {"chap.train_x"}
-    with pytest.raises(AssertionError, match="imports the script chap.train_x"):
+    with pytest.raises(AssertionError) as one_way:
         test_imports_run_one_way()
+    for problem in ("chap.helper imports the script chap.train_x", "chap.model imports chap.engine",
+                    "other.util: chapters import only common, not chap.a"):
+        assert problem in str(one_way.value)
+    with pytest.raises(AssertionError, match="import cycle: .*chap.a -> chap.b -> chap.a|chap.b -> chap.a -> chap.b"):
+        test_no_import_cycles()
 
 
 @pytest.mark.parametrize("chapter", chapters())
@@ -137,13 +145,20 @@ def defined_names(path: Path) -> set[str]:
                 member = getattr(item, "name", None) or getattr(getattr(item, "target", None), "id", None)
                 if member:
                     names |= {member, f"{node.name}.{member}"}
+                if isinstance(item, ast.FunctionDef) and item.name == "__init__":  # self.x = ... attributes
+                    names |= {f"{node.name}.{t.attr}" for n in ast.walk(item) for t in getattr(n, "targets", [])
+                              if isinstance(t, ast.Attribute) and getattr(t.value, "id", "") == "self"}
     return names
 
 
 def code_pointers(markdown: Path, base: Path):
     """(file, symbol) for every `file.py:Symbol` in a table row, and for the bare `Symbol`s after it in the
     same cell (they name more symbols of that file)."""
+    section = base  # in doc/syllabus.md a bare file name belongs to the chapter of its "## X: chapter" section
     for line in markdown.read_text(encoding="utf-8").splitlines():
+        heading = re.match(r"^## \w+: (\w+)", line)
+        if heading and (ROOT / heading.group(1)).is_dir():
+            section = ROOT / heading.group(1)
         if not line.startswith("|"):
             continue
         for cell in line.split("|"):
@@ -151,9 +166,7 @@ def code_pointers(markdown: Path, base: Path):
             for token in re.findall(r"`([^`]+)`", cell):
                 m = re.match(r"^([\w/]+\.py)(?::([A-Za-z_][\w.]*))?", token)
                 if m:
-                    current = base / m.group(1) if "/" in m.group(1) or base != ROOT else None
-                    if current is None:  # a bare file name in doc/syllabus.md: the row's chapter folder
-                        continue
+                    current = base / m.group(1) if "/" in m.group(1) else section / m.group(1)
                     if m.group(2):
                         yield markdown, current, m.group(2)
                 elif current is not None and re.fullmatch(r"[A-Za-z_]\w*(\.\w+)*", token):
@@ -169,6 +182,6 @@ def test_code_pointers_in_the_docs_resolve(markdown):
     for _, file, symbol in code_pointers(path, base):
         if not file.is_file():
             missing.append(f"{file.relative_to(ROOT)} (no such file) for {symbol}")
-        elif symbol not in defined_names(file) and symbol.split(".")[0] not in defined_names(file):
+        elif symbol not in defined_names(file):
             missing.append(f"{file.relative_to(ROOT)}:{symbol}")
     assert not missing, f"{markdown} points at code that is not there:\n" + "\n".join(sorted(set(missing)))
