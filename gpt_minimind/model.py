@@ -37,7 +37,7 @@ from torch.utils.checkpoint import checkpoint
 class MiniMindConfig:
     """Architecture. Field names are transformers' LlamaConfig / Qwen2MoeConfig names."""
 
-    vocab_size: int = 6400  # minimind's tokenizer size: small vocab -> small embedding for a small model
+    vocab_size: int = 6400  # minimind's tokenizer size (small vocab, small embedding); 0 in train_*: the tokenizer's
     hidden_size: int = 256  # C, the residual stream width
     intermediate_size: int = 0  # SwiGLU hidden width; 0 = 8/3 * C rounded up to 64 (same params as a 4C GELU FFN)
     num_hidden_layers: int = 4  # decoder blocks
@@ -341,8 +341,9 @@ class MiniMindMLP(nn.Module):
 
 def load_balancing_loss(router_probs: torch.Tensor, top_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
     """Switch Transformer's auxiliary loss (Fedus et al. 2021, eq. 4-6): E * sum_e f_e * P_e, where f_e is
-    the fraction of routing slots (token x k) sent to expert e and P_e the mean router probability of e.
-    It is smallest (= k) when both are uniform; it pushes the router to spread tokens over experts."""
+    the number of tokens sent to expert e over the number of tokens (the f_e sum to k: each token goes to
+    k experts) and P_e the mean router probability of e. It is smallest (= k) when both are uniform; it
+    pushes the router to spread tokens over experts."""
     f = torch.zeros(n_experts, device=router_probs.device).index_add_(
         0, top_idx.reshape(-1), torch.ones(top_idx.numel(), device=router_probs.device)) / router_probs.shape[0]
     return n_experts * (f * router_probs.float().mean(0)).sum()

@@ -51,7 +51,7 @@ class DistillConfig:
     # the student: a 4x narrower model with the teacher's vocabulary (vocab_size is taken from the teacher);
     # blocks of 128, shorter than the teacher's 256: the soft targets cost a V-wide softmax per position
     student: MiniMindConfig = field(default_factory=lambda: MiniMindConfig(
-        hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=0, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=128))
     alpha: float = 0.5  # weight of the soft (teacher) term
     temperature: float = 2.0  # softening of both distributions
@@ -153,6 +153,9 @@ def main(cfg: DistillConfig) -> dict:
     print(f"data: {len(train)} train / {len(valid)} valid blocks of {block_size} | "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
     teacher_loss, _ = evaluate(teacher, valid, cfg.batch_size, device, torch.float32, cfg.eval_blocks)
+    if cfg.student.vocab_size not in (0, teacher.config.vocab_size):
+        raise SystemExit(f"--vocab-size {cfg.student.vocab_size}: the student must share the teacher's "
+                         f"{teacher.config.vocab_size} tokens (leave it at 0)")
     mcfg = replace(cfg.student, vocab_size=teacher.config.vocab_size)
     runs = {"student_kd": train_student(cfg, teacher, mcfg, train, valid, cfg.alpha, out / "student_kd", device)}
     if cfg.baseline:

@@ -48,8 +48,9 @@ from .tokenizer import load_streams
 class PretrainConfig:
     """Pretrain a small Llama-style model. The model's flags are MiniMindConfig's fields (transformers' names)."""
 
-    # the model; vocab_size comes from the tokenizer, max_position_embeddings is the training block length
-    model: MiniMindConfig = field(default_factory=lambda: MiniMindConfig(max_position_embeddings=256))
+    # the model. vocab_size 0: the tokenizer's (another value must equal it); max_position_embeddings is also
+    # the training block length (nanoGPT's block_size): the model trains at the context it will be used with
+    model: MiniMindConfig = field(default_factory=lambda: MiniMindConfig(vocab_size=0, max_position_embeddings=256))
     loss_chunk_size: int = 0  # > 0: output head + loss in chunks of this many positions (engine.py:ChunkedLossCausalLM;
     # no stored logits; its speed and memory: python -m gpt_minimind.bench)
     # data
@@ -163,6 +164,9 @@ def main(cfg: PretrainConfig) -> dict:
     data_s = time.perf_counter() - t0
 
     # 2) model, optimizer, schedule
+    if cfg.model.vocab_size not in (0, tok["vocab_size"]):
+        raise SystemExit(f"--vocab-size {cfg.model.vocab_size}, but the {cfg.tokenizer} tokenizer has "
+                         f"{tok['vocab_size']} tokens: leave --vocab-size at 0 (the tokenizer's)")
     mcfg = replace(cfg.model, vocab_size=tok["vocab_size"])
     # the reference model, or the same model whose loss runs the head in chunks (engine.py): same weights
     model = (engine.ChunkedLossCausalLM(mcfg, cfg.loss_chunk_size) if cfg.loss_chunk_size

@@ -266,3 +266,8 @@ def test_pretrain_flags_are_the_model_config_and_old_flags_still_work(capsys):
                                                 "--num-experts", "3", "--no-tie-word-embeddings"])
     err = capsys.readouterr().err
     assert "--dim is deprecated" in err and "use --hidden-size" in err and "use --no-tie-word-embeddings" in err
+
+
+def test_a_vocab_size_that_disagrees_with_the_tokenizer_is_refused(tmp_path, corpus):
+    with pytest.raises(SystemExit, match="--vocab-size 999, but the bpe tokenizer has 600 tokens"):
+        main(tiny_cfg(tmp_path, corpus, vocab_size=999, max_iters=1))
