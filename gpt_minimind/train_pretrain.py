@@ -35,7 +35,7 @@ from common.checkpoint import (
 from common.config import parse_config
 from common.distributed import all_reduce_mean, cleanup, init_distributed, wrap
 from common.results import command_line, make_record
-from common.runtime import autocast, pick_device, pick_dtype, seed_everything, set_threads
+from common.runtime import autocast, cpu_bf16_support, pick_device, pick_dtype, seed_everything, set_threads
 from common.schedule import accumulation_slices, clip_grad
 
 from . import engine
@@ -51,8 +51,9 @@ class PretrainConfig:
     # the model. vocab_size 0: the tokenizer's (another value must equal it); max_position_embeddings is also
     # the training block length (nanoGPT's block_size): the model trains at the context it will be used with
     model: MiniMindConfig = field(default_factory=lambda: MiniMindConfig(vocab_size=0, max_position_embeddings=256))
-    loss_chunk_size: int = 0  # > 0: output head + loss in chunks of this many positions (engine.py:ChunkedLossCausalLM;
-    # no stored logits; its speed and memory: python -m gpt_minimind.bench)
+    loss_chunk_size: int = 256  # > 0: the head + loss in chunks of this many positions (engine.py:ChunkedLossCausalLM:
+    # no stored logits, faster in fp32 and bf16: python -m gpt_minimind.bench); 0 = model.py's plain loss
+    cpu_bf16_recipe: bool = True  # bf16 on a CPU: the written-out attention, faster there than sdpa's kernel (bench.py)
     # data
     tokenizer: str = "bpe"  # bpe (the trained tokenizer directory) or char (one token per character)
     tokenizer_dir: str = "runs/gpt_minimind/tokenizer"  # from train_tokenizer.py (trained here if missing)
@@ -71,7 +72,7 @@ class PretrainConfig:
     beta2: float = 0.95  # Adam's second-moment decay; 0.95 is steadier than 0.999 for LLMs
     grad_clip: float = 1.0  # clip the global gradient norm
     # runtime
-    dtype: str = "auto"  # auto (bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU), fp32, bf16, fp16
+    dtype: str = "auto"  # auto: bf16 on GPUs and CPUs that have it natively, fp16 on other GPUs, else fp32
     compile: bool = False  # torch.compile the model (slow first step; faster after, mostly on GPU)
     device: str = "auto"  # auto, cpu, cuda, mps
     threads: int = 0  # CPU threads (0 = torch's default)
@@ -145,10 +146,24 @@ def generate_text(model: MiniMindForCausalLM, tok: dict, prompt: str, max_new_to
     return prompt + tok["decode"](new)
 
 
+def describe_dtype(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The log's first line: which precision and why (a CPU's bf16 is used only where it is native)."""
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[dtype]
+    if requested != "auto":
+        return f"{name} (--dtype {requested})"
+    if device.type != "cpu":
+        return f"{name} ({device.type}: bf16 where supported, else fp16)"
+    native, why = cpu_bf16_support()
+    return f"{name} ({why}: " + ("native bf16 matrix units; --dtype fp32 to turn it off)" if native
+                                 else "bf16 would be emulated, slower than fp32)")
+
+
 def main(cfg: PretrainConfig) -> dict:
     dist_info = init_distributed(pick_device(cfg.device).type)
     device = pick_device(cfg.device)
-    dtype = pick_dtype(cfg.dtype, device)
+    dtype = pick_dtype(cfg.dtype, device, cpu_bf16=True)
+    if dist_info.is_main:
+        print(f"dtype: {describe_dtype(cfg.dtype, device, dtype)}")
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
     out = Path(cfg.out_dir)
@@ -168,6 +183,8 @@ def main(cfg: PretrainConfig) -> dict:
         raise SystemExit(f"--vocab-size {cfg.model.vocab_size}, but the {cfg.tokenizer} tokenizer has "
                          f"{tok['vocab_size']} tokens: leave --vocab-size at 0 (the tokenizer's)")
     mcfg = replace(cfg.model, vocab_size=tok["vocab_size"])
+    if device.type == "cpu" and dtype == torch.bfloat16 and cfg.cpu_bf16_recipe:
+        mcfg = replace(mcfg, attn_impl="math")  # the same numbers as sdpa; faster under bf16 on a CPU
     # the reference model, or the same model whose loss runs the head in chunks (engine.py): same weights
     model = (engine.ChunkedLossCausalLM(mcfg, cfg.loss_chunk_size) if cfg.loss_chunk_size
              else MiniMindForCausalLM(mcfg)).to(device)
@@ -246,13 +263,16 @@ def main(cfg: PretrainConfig) -> dict:
         baselines = ngram_baselines(streams["train"], streams["valid"], mcfg.vocab_size)
         summary = {"steps": step, "train_wall_s": wall, "valid_loss": vl, "valid_ppl": math.exp(vl),
                    "unigram_valid_loss": baselines["unigram"], "bigram_valid_loss": baselines["bigram"],
+                   "trigram_valid_loss": baselines["trigram"], "dtype": str(dtype).removeprefix("torch."),
                    "valid_nats_per_char": vl * n_tok / valid_chars, "valid_tokens": n_tok,
                    "initial_valid_loss": math.log(mcfg.vocab_size), "n_params": model.num_parameters(),
                    "train_tokens_seen": step * global_batch * block_size,
-                   "train_tokens_per_epoch": len(streams["train"]), "tokenizer": cfg.tokenizer}
-        logger.write(f"valid (all {n_tok} tokens): loss {vl:.3f} | ppl {math.exp(vl):.1f} | "
-                     f"{summary['valid_nats_per_char']:.3f} nats/char | counting baselines: unigram "
-                     f"{baselines['unigram']:.3f}, bigram {baselines['bigram']:.3f}")
+                   "train_tokens_per_epoch": len(streams["train"]), "tokenizer": cfg.tokenizer,
+                   **{f"{k}_nats_per_char": v * len(streams["valid"]) / chars["valid"] for k, v in baselines.items()}}
+        logger.write(f"valid (all {n_tok} tokens), nats/token: model {vl:.3f} | counting trigram "
+                     f"{baselines['trigram']:.3f}, bigram {baselines['bigram']:.3f}, unigram {baselines['unigram']:.3f}"
+                     f" | the model is {baselines['bigram'] - vl:+.3f} under the bigram table "
+                     f"({summary['valid_nats_per_char']:.3f} nats/char)")
         samples = {p: generate_text(final_model, tok, p) for p in cfg.samples} if cfg.tokenizer == "bpe" else {}
         for text in samples.values():
             logger.write(f"SAMPLE {text!r}")

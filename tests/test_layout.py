@@ -13,7 +13,7 @@ pytestmark = pytest.mark.repo  # the whole repository's shape: a chapter copied 
 ROOT = Path(__file__).resolve().parents[1]
 NOT_CHAPTERS = {"common", "tests", "doc", "runs", "site", "build", "dist"}
 # command-line stages: other modules may not import them (shared pieces live in library modules)
-SCRIPT = re.compile(r"^(train_\w+|infer|bench|eval|evaluate|peft_zoo|figures)$")
+SCRIPT = re.compile(r"^(train_\w+|infer|bench|sweep|eval|evaluate|peft_zoo|figures)$")
 
 
 def chapters() -> list[str]:

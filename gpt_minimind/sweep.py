@@ -1,0 +1,185 @@
+"""Which model should a fixed budget of CPU time train? Chinchilla's question asked on a laptop.
+
+    python -m gpt_minimind.sweep                         # the grid below, 4 minutes of training each
+    python -m gpt_minimind.sweep --budget-s 480 --points w256_l4 w192_l4
+
+Hoffmann et al. (2022) fixed the compute and asked which size and how many tokens give the lowest loss:
+too small a model stops learning, too large a one sees too few tokens. Here the budget is wall-clock
+seconds of the training loop on this machine, with this machine's precision (train_pretrain's
+``--dtype auto``). Each point of the grid (a width, a depth, a micro-batch) is first timed for a few
+steps on random tokens; its step count is the budget over that time (so the warmup + cosine schedule
+ends when the budget does), then it trains with train_pretrain.main on the real data and is scored on
+the whole validation split. The picture: validation loss against parameters and against tokens seen,
+the bigram and trigram counting tables as horizontal lines. The chapter's default (PRESETS["cpu"]) is
+one of its points.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from common.config import parse_config
+from common.results import command_line, make_record
+from common.runtime import autocast, pick_device, pick_dtype, set_threads
+
+from . import engine
+from .model import MiniMindConfig, MiniMindForCausalLM
+
+# name -> (hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, batch_size); heads of 32
+GRID = {
+    "w128_l4": (128, 4, 4, 2, 16),
+    "w192_l4": (192, 4, 6, 2, 16),
+    "w256_l2": (256, 2, 8, 2, 16),
+    "w256_l4": (256, 4, 8, 2, 16),
+    "w256_l4_b8": (256, 4, 8, 2, 8),
+    "w384_l4": (384, 4, 12, 4, 16),
+    "w256_l6": (256, 6, 8, 2, 16),
+}
+
+
+@dataclass
+class SweepConfig:
+    """Train several model sizes for the same wall-clock budget; plot loss against size."""
+
+    points: list[str] = field(default_factory=lambda: list(GRID))  # names of GRID to run
+    budget_s: float = 240.0  # seconds of training loop per point (the time the schedule is fitted to)
+    seq_len: int = 256  # tokens per sequence (train_pretrain's --max-position-embeddings)
+    loss_chunk_size: int = 256  # as train_pretrain's default
+    tokenizer_dir: str = "runs/gpt_minimind/tokenizer"  # as train_pretrain's default (trained here if missing)
+    timing_steps: int = 6  # steps timed on random tokens to fit the step count to the budget
+    out_dir: str = "runs/gpt_minimind/sweep"  # one run directory per point, sweep.json, sweep.png
+    png: str = ""  # also draw the picture here (the README's: doc/gpt_minimind_sweep.png)
+    dtype: str = "auto"  # as train_pretrain
+    threads: int = 0  # CPU threads (0 = torch's default), as the demo runs
+    seed: int = 1234
+
+
+def step_seconds(mcfg: MiniMindConfig, batch: int, seq: int, dtype: torch.dtype, chunk: int, steps: int) -> float:
+    """The median time of one training step (forward, backward, AdamW) on random tokens of this shape."""
+    device = torch.device("cpu")
+    model = engine.ChunkedLossCausalLM(mcfg, chunk) if chunk else MiniMindForCausalLM(mcfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(3, mcfg.vocab_size, (batch, seq + 1))
+    times = []
+    for _ in range(steps + 1):  # the first step allocates Adam's state: not timed
+        t0 = time.perf_counter()
+        with autocast(device, dtype):
+            loss = model(x[:, :-1], labels=x[:, 1:])["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def run_point(name: str, cfg: SweepConfig, vocab_size: int) -> dict:
+    """Time the point, fit its step count to the budget, then train it with train_pretrain (a subprocess,
+    as a user would run it) and read its summary."""
+    C, L, H, H_kv, batch = GRID[name]
+    dtype = pick_dtype(cfg.dtype, pick_device("cpu"), cpu_bf16=True)
+    mcfg = MiniMindConfig(vocab_size=vocab_size, hidden_size=C, num_hidden_layers=L, num_attention_heads=H,
+                          num_key_value_heads=H_kv, max_position_embeddings=cfg.seq_len,
+                          attn_impl="math" if dtype == torch.bfloat16 else "sdpa")  # as train_pretrain picks
+    step_s = step_seconds(mcfg, batch, cfg.seq_len, dtype, cfg.loss_chunk_size, cfg.timing_steps)
+    iters = max(20, int(0.92 * cfg.budget_s / step_s))  # (0.92: the evaluations inside the loop)
+    print(f"sweep | {name}: {step_s * 1000:.0f} ms per step -> {iters} steps for {cfg.budget_s:.0f} s", flush=True)
+    out = Path(cfg.out_dir) / name
+    # evaluation during the run costs loop time too: four evaluations of 64 blocks; the warmup a tenth
+    argv = ["--hidden-size", C, "--num-hidden-layers", L, "--num-attention-heads", H, "--num-key-value-heads", H_kv,
+            "--max-position-embeddings", cfg.seq_len, "--batch-size", batch, "--max-iters", iters,
+            "--warmup-iters", max(10, iters // 10), "--eval-every", max(iters // 4, 1), "--save-every", iters,
+            "--eval-blocks", 64, "--log-every", max(iters // 10, 1), "--loss-chunk-size", cfg.loss_chunk_size,
+            "--dtype", cfg.dtype, "--threads", cfg.threads, "--seed", cfg.seed, "--tokenizer-dir", cfg.tokenizer_dir,
+            "--out-dir", out, "--run-name", f"sweep_{name}", "--samples"]
+    proc = subprocess.run([sys.executable, "-m", "gpt_minimind.train_pretrain", *map(str, argv)],
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    (out / "sweep_log.txt").write_text(proc.stdout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name}: train_pretrain failed:\n{proc.stdout[-2000:]}")
+    s = json.loads((out / "train_summary.json").read_text())
+    return {"name": name, "hidden_size": C, "num_hidden_layers": L, "batch_size": batch, "n_params": s["n_params"],
+            "step_s_timed": step_s, "steps": s["steps"], "train_wall_s": s["train_wall_s"],
+            "tokens_seen": s["train_tokens_seen"], "valid_loss": s["valid_loss"],
+            "bigram_valid_loss": s["bigram_valid_loss"], "trigram_valid_loss": s["trigram_valid_loss"],
+            "unigram_valid_loss": s["unigram_valid_loss"], "dtype": s["dtype"]}
+
+
+def draw(rows: list[dict], path: Path, budget_s: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, key, label in ((axes[0], "n_params", "parameters (M)"), (axes[1], "tokens_seen", "tokens seen (M)")):
+        for r in rows:
+            ax.scatter(r[key] / 1e6, r["valid_loss"], color="C0" if r["batch_size"] == 16 else "C2")
+            ax.annotate(r["name"], (r[key] / 1e6, r["valid_loss"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+        for base, color in (("bigram", "C3"), ("trigram", "C1")):
+            ax.axhline(rows[0][f"{base}_valid_loss"], color=color, linestyle="--", linewidth=1,
+                       label=f"{base} counts {rows[0][f'{base}_valid_loss']:.2f}")
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+    axes[0].set_ylabel("held-out loss (nats/token)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"the same {budget_s / 60:.0f} minutes of CPU training for every point ({rows[0]['dtype']}); "
+                 "green: micro-batch 8", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(cfg: SweepConfig) -> dict:
+    set_threads(cfg.threads)
+    unknown = sorted(set(cfg.points) - set(GRID))
+    if unknown:
+        raise SystemExit(f"--points {unknown}: not in the grid ({', '.join(GRID)})")
+    from transformers import AutoTokenizer
+
+    from .tokenizer import build_tokenizer
+
+    tok_dir = Path(cfg.tokenizer_dir)
+    if not (tok_dir / "tokenizer.json").is_file():
+        build_tokenizer(tok_dir)
+    vocab = len(AutoTokenizer.from_pretrained(tok_dir))
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    done_file = out / "sweep.json"
+    rows = json.loads(done_file.read_text())["rows"] if done_file.exists() else []
+    rows = [r for r in rows if r["name"] in cfg.points]  # a re-run keeps the points already measured
+    for name in cfg.points:
+        if any(r["name"] == name for r in rows):
+            continue
+        rows.append(run_point(name, cfg, vocab))
+        done_file.write_text(json.dumps({"budget_s": cfg.budget_s, "rows": rows}, indent=2) + "\n")
+    rows.sort(key=lambda r: r["n_params"])
+    print(f"\n{'point':12s} {'params':>8s} {'steps':>6s} {'tokens':>8s} {'valid':>7s} {'vs bigram':>9s}")
+    for r in rows:
+        print(f"{r['name']:12s} {r['n_params'] / 1e6:7.2f}M {r['steps']:6d} {r['tokens_seen'] / 1e6:7.2f}M "
+              f"{r['valid_loss']:7.3f} {r['valid_loss'] - r['bigram_valid_loss']:+9.3f}")
+    best = min(rows, key=lambda r: r["valid_loss"])
+    print(f"best for {cfg.budget_s:.0f} s: {best['name']} (valid {best['valid_loss']:.3f}; bigram "
+          f"{best['bigram_valid_loss']:.3f}, trigram {best['trigram_valid_loss']:.3f})")
+    draw(rows, out / "sweep.png", cfg.budget_s)
+    if cfg.png:
+        draw(rows, Path(cfg.png), cfg.budget_s)
+    cmd = command_line("gpt_minimind.sweep")
+    records = [make_record("gpt_minimind", f"sweep_{r['name']}_{cfg.budget_s:.0f}s", "valid_loss", r["valid_loss"],
+                           "bigram_counts", r["bigram_valid_loss"], r["train_wall_s"], cmd) for r in rows]
+    (out / "results.json").write_text(json.dumps(records, indent=2) + "\n")
+    return {"rows": rows, "best": best["name"]}
+
+
+if __name__ == "__main__":
+    main(parse_config(SweepConfig))
