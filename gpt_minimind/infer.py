@@ -1,6 +1,6 @@
 """Generate text with a trained model: streaming, KV cache, greedy or sampled, and a chat mode.
 
-    python -m gpt_minimind.infer --prompt 中国的首都是 --prompt 今天天气很好，
+    python -m gpt_minimind.infer --prompt 据新华社报道， --prompt 记者获悉，
     python -m gpt_minimind.infer --temperature 0 --no-cache          # greedy, re-running the prefix each step
     python -m gpt_minimind.infer --chat --ckpt runs/gpt_minimind/sft/final   # after SFT (part 2)
 
@@ -29,7 +29,7 @@ class InferConfig:
     """Generate from a trained checkpoint."""
 
     ckpt: str = "runs/gpt_minimind/pretrain/final"  # a model directory (+ tokenizer/) or a LoRA adapter directory
-    prompt: list[str] = field(default_factory=lambda: ["中国的首都是", "今天天气很好，"])  # one generation each
+    prompt: list[str] = field(default_factory=lambda: ["据新华社报道，", "记者获悉，"])  # news openings, one each
     max_new_tokens: int = 80  # tokens to add after the prompt
     temperature: float = 0.8  # 0 = greedy; higher = more random
     top_k: int = 40  # sample only from the k most likely tokens (0 = all)

@@ -86,7 +86,8 @@ class PretrainConfig:
     out_dir: str = "runs/gpt_minimind/pretrain"  # checkpoints, metrics.jsonl, loss.png, final/
     resume: bool = False  # continue from the newest checkpoint in out_dir/checkpoints
     run_name: str = "pretrain_cpu"  # names this run's records in doc/results.json
-    samples: list[str] = field(default_factory=lambda: ["中国的首都是", "今天天气很好，", "记者获悉，"])  # prompts
+    # prompts for the samples printed at the end, in the corpus' own register (news openings)
+    samples: list[str] = field(default_factory=lambda: ["据新华社报道，", "记者获悉，", "近日，北京市"])
 
     # the flags of the previous release (nanoGPT's short names), kept for one release
     RENAMED: ClassVar[dict[str, str]] = {
@@ -273,9 +274,14 @@ def main(cfg: PretrainConfig) -> dict:
                      f"{baselines['trigram']:.3f}, bigram {baselines['bigram']:.3f}, unigram {baselines['unigram']:.3f}"
                      f" | the model is {baselines['bigram'] - vl:+.3f} under the bigram table "
                      f"({summary['valid_nats_per_char']:.3f} nats/char)")
-        samples = {p: generate_text(final_model, tok, p) for p in cfg.samples} if cfg.tokenizer == "bpe" else {}
-        for text in samples.values():
-            logger.write(f"SAMPLE {text!r}")
+        # greedy (the most likely continuation) beside sampled (temperature 0.8, top-k 40), per prompt
+        samples = {}
+        if cfg.tokenizer == "bpe":
+            samples = {p: {"greedy": generate_text(final_model, tok, p, temperature=0.0),
+                           "sampled": generate_text(final_model, tok, p)} for p in cfg.samples}
+        for texts in samples.values():
+            logger.write(f"SAMPLE greedy  {texts['greedy']!r}")
+            logger.write(f"SAMPLE sampled {texts['sampled']!r}")
         summary["samples"] = samples
         final_dir = out / "final"
         save_pretrained(model, mcfg.to_dict(), final_dir, state=weights)

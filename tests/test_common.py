@@ -335,3 +335,20 @@ def test_every_script_help_renders():
         assert "--" in help_text, path
         found += 1
     assert found >= 20  # every chapter's train/infer/bench scripts
+
+
+def test_cpu_bf16_is_chosen_only_where_it_is_native(monkeypatch):
+    from common import runtime
+
+    assert runtime.cpu_bf16_support({"avx512f", "avx512_bf16"}, "x86_64") == (True, "x86 CPU with avx512_bf16")
+    assert runtime.cpu_bf16_support({"amx_bf16", "amx_tile"}, "x86_64")[0]
+    assert not runtime.cpu_bf16_support({"avx2", "avx512f"}, "x86_64")[0]  # AVX-512 alone emulates bf16
+    assert runtime.cpu_bf16_support({"asimd", "bf16"}, "aarch64")[0]
+    assert not runtime.cpu_bf16_support({"asimd"}, "aarch64")[0]
+    assert not runtime.cpu_bf16_support({"bf16"}, "riscv64")[0]
+    cpu = torch.device("cpu")
+    for native in (True, False):
+        monkeypatch.setattr(runtime, "cpu_bf16_support", lambda native=native: (native, "faked"))
+        assert runtime.pick_dtype("auto", cpu, cpu_bf16=True) == (torch.bfloat16 if native else torch.float32)
+        assert runtime.pick_dtype("auto", cpu) == torch.float32  # a script that did not ask keeps fp32
+        assert runtime.pick_dtype("fp32", cpu, cpu_bf16=True) == torch.float32  # an explicit choice wins
