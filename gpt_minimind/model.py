@@ -112,11 +112,12 @@ class MiniMindConfig:
     RETIRED: ClassVar[frozenset[str]] = frozenset({"loss_chunk_size"})
 
 
-# Named sizes (train_pretrain.py's presets build on them). cpu: minutes on 2 cores. gpu4gb: minimind-small
-# (~26 M params with the 6400 vocabulary), meant for a 4 GB card with bf16 + gradient checkpointing
-# (predicted by python -m gpt_minimind.bench --memory; not yet run on one). full: ~100 M, minimind's larger size.
+# Named sizes (train_pretrain.py's presets build on them). cpu: the best of the equal-budget sweep on a 2-core
+# CPU (python -m gpt_minimind.sweep; README, "Which model for ten minutes"). gpu4gb: minimind-small (~26 M
+# params with the 6400 vocabulary), meant for a 4 GB card with bf16 + gradient checkpointing (predicted by
+# python -m gpt_minimind.bench --memory; not yet run on one). full: ~100 M, minimind's larger size.
 MODEL_PRESETS = {
-    "cpu": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2),
+    "cpu": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
     "gpu4gb": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
                    intermediate_size=1408, gradient_checkpointing=True),
     "full": dict(hidden_size=768, num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=2,

@@ -35,7 +35,11 @@ from .model import MiniMindConfig, MiniMindForCausalLM
 
 # name -> (hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, batch_size); heads of 32
 GRID = {
+    "w96_l4": (96, 4, 3, 1, 16),
+    "w128_l2": (128, 2, 4, 2, 16),
     "w128_l4": (128, 4, 4, 2, 16),
+    "w128_l6": (128, 6, 4, 2, 16),
+    "w128_l4_b32": (128, 4, 4, 2, 32),
     "w192_l4": (192, 4, 6, 2, 16),
     "w256_l2": (256, 2, 8, 2, 16),
     "w256_l4": (256, 4, 8, 2, 16),
@@ -54,7 +58,7 @@ class SweepConfig:
     seq_len: int = 256  # tokens per sequence (train_pretrain's --max-position-embeddings)
     loss_chunk_size: int = 256  # as train_pretrain's default
     tokenizer_dir: str = "runs/gpt_minimind/tokenizer"  # as train_pretrain's default (trained here if missing)
-    timing_steps: int = 6  # steps timed on random tokens to fit the step count to the budget
+    timing_steps: int = 10  # steps timed on random tokens to fit the step count to the budget
     out_dir: str = "runs/gpt_minimind/sweep"  # one run directory per point, sweep.json, sweep.png
     png: str = ""  # also draw the picture here (the README's: doc/gpt_minimind_sweep.png)
     dtype: str = "auto"  # as train_pretrain
@@ -122,7 +126,7 @@ def draw(rows: list[dict], path: Path, budget_s: float) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, key, label in ((axes[0], "n_params", "parameters (M)"), (axes[1], "tokens_seen", "tokens seen (M)")):
         for r in rows:
-            ax.scatter(r[key] / 1e6, r["valid_loss"], color="C0" if r["batch_size"] == 16 else "C2")
+            ax.scatter(r[key] / 1e6, r["valid_loss"], color={16: "C0", 8: "C2", 32: "C4"}[r["batch_size"]])
             ax.annotate(r["name"], (r[key] / 1e6, r["valid_loss"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
         for base, color in (("bigram", "C3"), ("trigram", "C1")):
@@ -133,7 +137,7 @@ def draw(rows: list[dict], path: Path, budget_s: float) -> None:
     axes[0].set_ylabel("held-out loss (nats/token)")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"the same {budget_s / 60:.0f} minutes of CPU training for every point ({rows[0]['dtype']}); "
-                 "green: micro-batch 8", fontsize=10)
+                 "batch 16 blue, 8 green, 32 purple", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)

@@ -50,7 +50,8 @@ class PretrainConfig:
 
     # the model. vocab_size 0: the tokenizer's (another value must equal it); max_position_embeddings is also
     # the training block length (nanoGPT's block_size): the model trains at the context it will be used with
-    model: MiniMindConfig = field(default_factory=lambda: MiniMindConfig(vocab_size=0, max_position_embeddings=256))
+    model: MiniMindConfig = field(default_factory=lambda: MiniMindConfig(**MODEL_PRESETS["cpu"], vocab_size=0,
+                                                                         max_position_embeddings=256))
     loss_chunk_size: int = 256  # > 0: the head + loss in chunks of this many positions (engine.py:ChunkedLossCausalLM:
     # no stored logits, faster in fp32 and bf16: python -m gpt_minimind.bench); 0 = model.py's plain loss
     cpu_bf16_recipe: bool = True  # bf16 on a CPU: the written-out attention, faster there than sdpa's kernel (bench.py)
@@ -64,10 +65,10 @@ class PretrainConfig:
     # optimisation
     batch_size: int = 16  # sequences per micro-batch (per process)
     grad_accum: int = 1  # micro-batches per optimizer step
-    max_iters: int = 480  # optimizer steps (~2 M tokens at the cpu preset)
+    max_iters: int = 2800  # optimizer steps (11.5 M tokens, 2 epochs at the cpu preset; time: README)
     lr: float = 2e-3  # peak learning rate; small models take large rates
     min_lr_ratio: float = 0.1  # the cosine ends at lr * this
-    warmup_iters: int = 50  # linear warmup steps
+    warmup_iters: int = 280  # linear warmup steps (a tenth, as the sweep)
     weight_decay: float = 0.1  # on matrices only (embeddings too, not the norms' gains), as nanoGPT
     beta2: float = 0.95  # Adam's second-moment decay; 0.95 is steadier than 0.999 for LLMs
     grad_clip: float = 1.0  # clip the global gradient norm
@@ -78,11 +79,11 @@ class PretrainConfig:
     threads: int = 0  # CPU threads (0 = torch's default)
     distributed: str = "ddp"  # ddp or fsdp, used under torchrun
     seed: int = 1234
-    eval_every: int = 80  # steps between validation losses
+    eval_every: int = 400  # steps between validation losses
     eval_blocks: int = 128  # validation blocks used during training (the end evaluates the whole split)
-    save_every: int = 80  # steps between checkpoints
+    save_every: int = 400  # steps between checkpoints
     keep_checkpoints: int = 2  # newest checkpoints kept
-    log_every: int = 20  # steps between log lines
+    log_every: int = 100  # steps between log lines
     out_dir: str = "runs/gpt_minimind/pretrain"  # checkpoints, metrics.jsonl, loss.png, final/
     resume: bool = False  # continue from the newest checkpoint in out_dir/checkpoints
     run_name: str = "pretrain_cpu"  # names this run's records in doc/results.json
