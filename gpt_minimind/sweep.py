@@ -61,6 +61,7 @@ class SweepConfig:
     timing_steps: int = 10  # steps timed on random tokens to fit the step count to the budget
     out_dir: str = "runs/gpt_minimind/sweep"  # one run directory per point, sweep.json, sweep.png
     png: str = ""  # also draw the picture here (the README's: doc/gpt_minimind_sweep.png)
+    mark_run: str = ""  # a train_summary.json to mark on the picture too (the default run, with its own budget)
     dtype: str = "auto"  # as train_pretrain
     threads: int = 0  # CPU threads (0 = torch's default), as the demo runs
     seed: int = 1234
@@ -110,6 +111,7 @@ def run_point(name: str, cfg: SweepConfig, vocab_size: int) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{name}: train_pretrain failed:\n{proc.stdout[-2000:]}")
     s = json.loads((out / "train_summary.json").read_text())
+    (out / "results.json").unlink(missing_ok=True)  # the sweep's own results.json names the points with their budget
     return {"name": name, "hidden_size": C, "num_hidden_layers": L, "batch_size": batch, "n_params": s["n_params"],
             "step_s_timed": step_s, "steps": s["steps"], "train_wall_s": s["train_wall_s"],
             "tokens_seen": s["train_tokens_seen"], "valid_loss": s["valid_loss"],
@@ -117,11 +119,12 @@ def run_point(name: str, cfg: SweepConfig, vocab_size: int) -> dict:
             "unigram_valid_loss": s["unigram_valid_loss"], "dtype": s["dtype"]}
 
 
-def draw(rows: list[dict], path: Path, budget_s: float) -> None:
+def draw(rows: list[dict], path: Path, budget_s: float, mark: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, key, label in ((axes[0], "n_params", "parameters (M)"), (axes[1], "tokens_seen", "tokens seen (M)")):
@@ -132,7 +135,14 @@ def draw(rows: list[dict], path: Path, budget_s: float) -> None:
         for base, color in (("bigram", "C3"), ("trigram", "C1")):
             ax.axhline(rows[0][f"{base}_valid_loss"], color=color, linestyle="--", linewidth=1,
                        label=f"{base} counts {rows[0][f'{base}_valid_loss']:.2f}")
+        if mark is not None:
+            ax.scatter(mark[key] / 1e6, mark["valid_loss"], marker="*", s=120, color="k")
+            ax.annotate(mark["name"], (mark[key] / 1e6, mark["valid_loss"]), fontsize=7, xytext=(4, -9),
+                        textcoords="offset points")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(ScalarFormatter())
+        ax.tick_params(axis="x", which="minor", labelsize=7)
         ax.set_xlabel(label)
     axes[0].set_ylabel("held-out loss (nats/token)")
     axes[0].legend(fontsize=8)
@@ -175,9 +185,14 @@ def main(cfg: SweepConfig) -> dict:
     best = min(rows, key=lambda r: r["valid_loss"])
     print(f"best for {cfg.budget_s:.0f} s: {best['name']} (valid {best['valid_loss']:.3f}; bigram "
           f"{best['bigram_valid_loss']:.3f}, trigram {best['trigram_valid_loss']:.3f})")
-    draw(rows, out / "sweep.png", cfg.budget_s)
+    mark = None
+    if cfg.mark_run:
+        m = json.loads(Path(cfg.mark_run).read_text())
+        mark = {"name": f"default: {m['steps']} steps, {m['train_wall_s'] / 60:.1f} min", "n_params": m["n_params"],
+                "tokens_seen": m["train_tokens_seen"], "valid_loss": m["valid_loss"]}
+    draw(rows, out / "sweep.png", cfg.budget_s, mark)
     if cfg.png:
-        draw(rows, Path(cfg.png), cfg.budget_s)
+        draw(rows, Path(cfg.png), cfg.budget_s, mark)
     cmd = command_line("gpt_minimind.sweep")
     records = [make_record("gpt_minimind", f"sweep_{r['name']}_{cfg.budget_s:.0f}s", "valid_loss", r["valid_loss"],
                            "bigram_counts", r["bigram_valid_loss"], r["train_wall_s"], cmd) for r in rows]

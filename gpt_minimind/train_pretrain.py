@@ -65,10 +65,10 @@ class PretrainConfig:
     # optimisation
     batch_size: int = 16  # sequences per micro-batch (per process)
     grad_accum: int = 1  # micro-batches per optimizer step
-    max_iters: int = 2800  # optimizer steps (11.5 M tokens, 2 epochs at the cpu preset; time: README)
+    max_iters: int = 3300  # optimizer steps (13.5 M tokens, 2.3 epochs at the cpu preset; time: README)
     lr: float = 2e-3  # peak learning rate; small models take large rates
     min_lr_ratio: float = 0.1  # the cosine ends at lr * this
-    warmup_iters: int = 280  # linear warmup steps (a tenth, as the sweep)
+    warmup_iters: int = 330  # linear warmup steps (a tenth, as the sweep)
     weight_decay: float = 0.1  # on matrices only (embeddings too, not the norms' gains), as nanoGPT
     beta2: float = 0.95  # Adam's second-moment decay; 0.95 is steadier than 0.999 for LLMs
     grad_clip: float = 1.0  # clip the global gradient norm
