@@ -295,3 +295,15 @@ def test_the_precision_line_says_why(monkeypatch):
     monkeypatch.setattr(train_pretrain, "cpu_bf16_support", lambda: (False, "x86 CPU without AVX512-BF16/AMX"))
     assert train_pretrain.describe_dtype("auto", cpu, torch.float32) == (
         "fp32 (x86 CPU without AVX512-BF16/AMX: bf16 would be emulated, slower than fp32)")
+
+
+def test_the_default_step_count_follows_the_precision():
+    from gpt_minimind.train_pretrain import resolve_steps
+
+    def steps(cfg, dtype):
+        cfg = resolve_steps(cfg, dtype)
+        return cfg.max_iters, cfg.warmup_iters
+
+    assert steps(PretrainConfig(), torch.bfloat16) == (3300, 330)
+    assert steps(PretrainConfig(), torch.float32) == (2100, 210)
+    assert steps(apply_overrides(PretrainConfig(), {"max_iters": 50, "warmup_iters": 7}), torch.float32) == (50, 7)
