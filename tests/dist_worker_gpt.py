@@ -16,7 +16,7 @@ cfg = apply_overrides(PretrainConfig(), dict(loss_chunk_size=int(chunk or 0),
     hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
     batch_size=8, lr=3e-3, warmup_iters=2, max_iters=6,
     eval_every=6, save_every=6, log_every=2, eval_blocks=8, threads=1, out_dir=out_dir, text_file=text_file,
-    tokenizer="char", distributed=strategy, device="cpu", samples=[]))
+    tokenizer="char", distributed=strategy, device="cpu", dtype="fp32", samples=[]))
 result = main(cfg)
 digest = hashlib.sha256()
 for name, p in sorted(result["model"].named_parameters()):
