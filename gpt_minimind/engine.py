@@ -28,6 +28,7 @@ from .model import (
     MiniMindForCausalLM,
     MiniMindMLP,
     apply_rotary,
+    end_rows,
     room_to_generate,
     sample_next,
 )
@@ -304,10 +305,8 @@ def generate(model: MiniMindForCausalLM, input_ids: torch.Tensor, max_new_tokens
             logits = _COMPILED[model](model, step_input, cache, packed)
         else:
             logits = forward_cached(model, step_input, cache, packed)
-        nxt = sample_next(logits.float(), seq, temperature, top_k, top_p, repetition_penalty, generator)
-        if eos_token_id is not None:
-            nxt = nxt.masked_fill(done, eos_token_id)
-            done |= nxt == eos_token_id
+        nxt = end_rows(sample_next(logits.float(), seq, temperature, top_k, top_p, repetition_penalty, generator),
+                       done, eos_token_id)
         seq = torch.cat([seq, nxt[:, None]], dim=1)
         step_input = nxt[:, None]
         yield nxt

@@ -520,15 +520,22 @@ class MiniMindForCausalLM(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
             logits = self(step_input if use_cache else seq, cache=cache, logits_to_keep=1)["logits"][:, -1].float()
-            nxt = sample_next(logits, seq, temperature, top_k, top_p, repetition_penalty, generator)
-            if eos_token_id is not None:  # finished rows keep emitting EOS
-                nxt = nxt.masked_fill(done, eos_token_id)
-                done |= nxt == eos_token_id
+            nxt = end_rows(sample_next(logits, seq, temperature, top_k, top_p, repetition_penalty, generator),
+                           done, eos_token_id)
             seq = torch.cat([seq, nxt[:, None]], dim=1)
             step_input = nxt[:, None]
             yield nxt
             if eos_token_id is not None and bool(done.all()):
                 return
+
+
+def end_rows(nxt: torch.Tensor, done: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
+    """Rows that have produced EOS keep emitting it (B,); ``done`` (B,) is updated in place."""
+    if eos_token_id is None:
+        return nxt
+    nxt = nxt.masked_fill(done, eos_token_id)
+    done |= nxt == eos_token_id
+    return nxt
 
 
 def room_to_generate(cfg: MiniMindConfig, prompt_len: int) -> int:

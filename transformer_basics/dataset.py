@@ -93,6 +93,15 @@ def split_of(english: str) -> str:
     return "train" if bucket < 90 else "valid" if bucket < 95 else "test"
 
 
+def read_pairs(data_file: str = "", hf_dataset: str = "", hf_config: str = "") -> list[Pair]:
+    """The (English, Chinese) pairs of the chosen source: a JSONL file, a Hugging Face dataset, or zhlib."""
+    if data_file:
+        return read_jsonl_pairs(data_file)
+    if hf_dataset:
+        return read_hf_pairs(hf_dataset, hf_config or None)
+    return zhlib_pairs()
+
+
 def split_pairs(pairs: list[Pair]) -> dict[str, list[Pair]]:
     out = {"train": [], "valid": [], "test": []}
     for p in pairs:

@@ -30,10 +30,8 @@ from .dataset import (
     decode,
     encode,
     load_tokenizer,
-    read_hf_pairs,
-    read_jsonl_pairs,
+    read_pairs,
     split_pairs,
-    zhlib_pairs,
 )
 from .model import Transformer, TransformerConfig
 
@@ -80,13 +78,7 @@ def load_model(model_dir: str | Path, device: torch.device, average_last: int = 
 def load_splits(cfg: InferConfig) -> dict[str, list[tuple[str, str]]]:
     """The train/valid/test splits of the data source the model was trained on (the split is by a hash of
     the English side, so it is the training run's)."""
-    if cfg.data_file:
-        pairs = read_jsonl_pairs(cfg.data_file)
-    elif cfg.hf_dataset:
-        pairs = read_hf_pairs(cfg.hf_dataset, cfg.hf_config or None)
-    else:
-        pairs = zhlib_pairs()
-    return split_pairs(pairs)
+    return split_pairs(read_pairs(cfg.data_file, cfg.hf_dataset, cfg.hf_config))
 
 
 @torch.no_grad()

@@ -33,12 +33,10 @@ from .dataset import (
     PAD_ID,
     TranslationData,
     load_tokenizer,
-    read_hf_pairs,
-    read_jsonl_pairs,
+    read_pairs,
     split_pairs,
     train_chinese_chars,
     train_english_bpe,
-    zhlib_pairs,
 )
 from .model import MODEL_PRESETS, Transformer, TransformerConfig, TransformerDecoderLayer, TransformerEncoderLayer
 
@@ -102,12 +100,7 @@ def label_smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, eps
 
 def load_pairs(cfg: TrainConfig) -> dict[str, list[tuple[str, str]]]:
     """The train/valid/test splits of the chosen data source."""
-    if cfg.data_file:
-        pairs = read_jsonl_pairs(cfg.data_file)
-    elif cfg.hf_dataset:
-        pairs = read_hf_pairs(cfg.hf_dataset, cfg.hf_config or None)
-    else:
-        pairs = zhlib_pairs()
+    pairs = read_pairs(cfg.data_file, cfg.hf_dataset, cfg.hf_config)
     splits = split_pairs(pairs)
     for name, part in splits.items():
         if not part:
