@@ -8,17 +8,17 @@ from pathlib import Path
 
 import pytest
 
+from common.starter import chapters as starter_chapters
+
 pytestmark = pytest.mark.repo  # the whole repository's shape: a chapter copied out by common.starter skips it
 
 ROOT = Path(__file__).resolve().parents[1]
-NOT_CHAPTERS = {"common", "tests", "doc", "runs", "site", "build", "dist"}
 # command-line stages: other modules may not import them (shared pieces live in library modules)
 SCRIPT = re.compile(r"^(train_\w+|infer|bench|sweep|eval|evaluate|peft_zoo|figures)$")
 
 
 def chapters() -> list[str]:
-    return sorted(p.parent.name for p in ROOT.glob("*/__init__.py")
-                  if p.parent.name not in NOT_CHAPTERS and not p.parent.name.startswith("."))
+    return starter_chapters(ROOT)  # the chapter folders, as common.starter finds them
 
 
 def project_imports(path: Path) -> set[str]:
