@@ -42,7 +42,7 @@ class EvalConfig:
     stage: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))  # NAME=DIR; missing DIRs are skipped
     per_task: int = 100  # held-out questions per task (the first N of a fixed shuffle)
     max_new_tokens: int = 48  # longest answer generated
-    ppl_blocks: int = 64  # 256-token blocks of the pretraining valid split for the perplexity
+    ppl_blocks: int = 0  # blocks of the pretraining valid split for the perplexity (0 = the whole split)
     out_dir: str = "runs/gpt_minimind/eval"  # eval.json, answers_<stage>.jsonl, results.json
     threads: int = 0
     device: str = "auto"
@@ -76,16 +76,18 @@ def majority_baseline(train: list[Example], test: list[Example], task: str) -> f
 
 @torch.no_grad()
 def valid_perplexity(model: MiniMindForCausalLM, tok, docs: list[str], n_blocks: int, batch_size: int = 16) -> float:
-    """exp(mean next-token NLL) over the first ``n_blocks`` packed blocks of the pretraining valid split."""
+    """exp(mean next-token NLL) over the pretraining valid split: every packed block (n_blocks 0), else
+    ``n_blocks`` of them evenly spaced."""
     T = model.config.max_position_embeddings
     stream = encode_documents(docs, lambda s: tok.encode(s, add_special_tokens=False), tok.bos_token_id,
                               tok.eos_token_id)
     data = PackedBlocks(stream, T)
-    n = min(n_blocks, len(data))
+    ids = torch.arange(len(data)) if n_blocks <= 0 or n_blocks >= len(data) else \
+        torch.linspace(0, len(data) - 1, n_blocks).round().long()
     device = model.lm_head.weight.device
     total = count = 0
-    for i in range(0, n, batch_size):
-        x, y = data.get(torch.arange(i, min(i + batch_size, n)))
+    for i in range(0, len(ids), batch_size):
+        x, y = data.get(ids[i:i + batch_size])
         total += model(x.to(device), labels=y.to(device))["lm_loss"].item() * y.numel()
         count += y.numel()
     return math.exp(total / count)

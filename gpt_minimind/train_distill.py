@@ -48,10 +48,11 @@ class DistillConfig:
 
     teacher: str = "runs/gpt_minimind/pretrain_moe/final"  # model + tokenizer/ (train_pretrain.py's output)
     out_dir: str = "runs/gpt_minimind/distill"  # student_kd/, student_alone/, distill.json
-    # the student: a 4x narrower model with the teacher's vocabulary (vocab_size is taken from the teacher);
-    # blocks of 128, shorter than the teacher's 256: the soft targets cost a V-wide softmax per position
+    # the student: half the width of the cpu-preset teacher, with the teacher's vocabulary (vocab_size is taken
+    # from the teacher); blocks of 128, shorter than the teacher's 256: the soft targets cost a V-wide softmax
+    # per position
     student: MiniMindConfig = field(default_factory=lambda: MiniMindConfig(
-        vocab_size=0, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=0, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
         max_position_embeddings=128))
     alpha: float = 0.5  # weight of the soft (teacher) term
     temperature: float = 2.0  # softening of both distributions
@@ -60,7 +61,7 @@ class DistillConfig:
     lr: float = 3e-3
     warmup_iters: int = 30
     eval_every: int = 100
-    eval_blocks: int = 128  # valid blocks for the figures
+    eval_blocks: int = 128  # valid blocks (evenly spaced) for the estimates while training; the figures use all
     baseline: bool = True  # also train the student without the teacher (alpha = 0)
     log_every: int = 25
     seed: int = 1234
@@ -86,16 +87,26 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
     return alpha * soft + (1 - alpha) * hard, hard.detach()
 
 
+# Copied from gpt_minimind/train_pretrain.py::subset_blocks
+def subset_blocks(n_blocks: int, max_blocks: int) -> torch.Tensor:
+    """Indices of ``max_blocks`` blocks evenly spaced over ``n_blocks`` (all of them when max_blocks <= 0 or
+    >= n_blocks): a training-time estimate that sees the whole split's variety, not only its first pages."""
+    if max_blocks <= 0 or max_blocks >= n_blocks:
+        return torch.arange(n_blocks)
+    return torch.linspace(0, n_blocks - 1, max_blocks).round().long()
+
+
 # Copied from gpt_minimind/train_pretrain.py::evaluate
 @torch.no_grad()
 def evaluate(model: MiniMindForCausalLM, data: PackedBlocks, batch_size: int, device, dtype,
              max_blocks: int = 0) -> tuple[float, int]:
-    """Mean next-token NLL (nats/token) over the first ``max_blocks`` blocks (0 = all), and the token count."""
+    """Mean next-token NLL (nats/token) and the token count: over every block (max_blocks 0), else over
+    ``max_blocks`` blocks spread evenly over the split (the same ones at every evaluation of a run)."""
     model.eval()
-    n = len(data) if max_blocks <= 0 else min(max_blocks, len(data))
+    ids = subset_blocks(len(data), max_blocks)
     total, count = 0.0, 0
-    for i in range(0, n, batch_size):
-        x, y = data.get(torch.arange(i, min(i + batch_size, n)))
+    for i in range(0, len(ids), batch_size):
+        x, y = data.get(ids[i:i + batch_size])
         with autocast(device, dtype):
             out = model(x.to(device), labels=y.to(device))
         total += out["lm_loss"].item() * y.numel()
@@ -135,7 +146,7 @@ def train_student(cfg: DistillConfig, teacher, mcfg: MiniMindConfig, train: Pack
             if step >= cfg.max_iters:
                 break
     wall = time.perf_counter() - t0
-    vl, _ = evaluate(student, valid, cfg.batch_size, device, dtype, cfg.eval_blocks)
+    vl, _ = evaluate(student, valid, cfg.batch_size, device, dtype)  # the whole valid split
     save_pretrained(student, mcfg.to_dict(), out / "final")
     logger.close()
     return {"alpha": alpha, "valid_loss": vl, "wall_s": wall, "n_params": student.num_parameters()}
@@ -152,7 +163,7 @@ def main(cfg: DistillConfig) -> dict:
     train, valid = PackedBlocks(streams["train"], block_size), PackedBlocks(streams["valid"], block_size)
     print(f"data: {len(train)} train / {len(valid)} valid blocks of {block_size} | "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
-    teacher_loss, _ = evaluate(teacher, valid, cfg.batch_size, device, torch.float32, cfg.eval_blocks)
+    teacher_loss, _ = evaluate(teacher, valid, cfg.batch_size, device, torch.float32)  # the whole valid split
     if cfg.student.vocab_size not in (0, teacher.config.vocab_size):
         raise SystemExit(f"--vocab-size {cfg.student.vocab_size}: the student must share the teacher's "
                          f"{teacher.config.vocab_size} tokens (leave it at 0)")

@@ -110,15 +110,24 @@ PRESETS = {  # the model sizes are model.py's MODEL_PRESETS; the rest is how to 
 }
 
 
+def subset_blocks(n_blocks: int, max_blocks: int) -> torch.Tensor:
+    """Indices of ``max_blocks`` blocks evenly spaced over ``n_blocks`` (all of them when max_blocks <= 0 or
+    >= n_blocks): a training-time estimate that sees the whole split's variety, not only its first pages."""
+    if max_blocks <= 0 or max_blocks >= n_blocks:
+        return torch.arange(n_blocks)
+    return torch.linspace(0, n_blocks - 1, max_blocks).round().long()
+
+
 @torch.no_grad()
 def evaluate(model: MiniMindForCausalLM, data: PackedBlocks, batch_size: int, device, dtype,
              max_blocks: int = 0) -> tuple[float, int]:
-    """Mean next-token NLL (nats/token) over the first ``max_blocks`` blocks (0 = all), and the token count."""
+    """Mean next-token NLL (nats/token) and the token count: over every block (max_blocks 0), else over
+    ``max_blocks`` blocks spread evenly over the split (the same ones at every evaluation of a run)."""
     model.eval()
-    n = len(data) if max_blocks <= 0 else min(max_blocks, len(data))
+    ids = subset_blocks(len(data), max_blocks)
     total, count = 0.0, 0
-    for i in range(0, n, batch_size):
-        x, y = data.get(torch.arange(i, min(i + batch_size, n)))
+    for i in range(0, len(ids), batch_size):
+        x, y = data.get(ids[i:i + batch_size])
         with autocast(device, dtype):
             out = model(x.to(device), labels=y.to(device))
         total += out["lm_loss"].item() * y.numel()
@@ -217,10 +226,12 @@ def main(cfg: PretrainConfig) -> dict:
     logger.write(f"model: {n_params:.2f} M parameters | train {n_train:.2f} M tokens ({len(train)} blocks of "
                  f"{block_size}), valid {n_valid:.0f} k tokens | vocab {mcfg.vocab_size} | {steps_per_epoch} steps "
                  f"per epoch | {device} {dtype} | data {data_s:.0f} s")
+    n_eval = len(subset_blocks(len(valid), cfg.eval_blocks))
+    subset_note = "" if n_eval == len(valid) else f" ({n_eval} of {len(valid)} valid blocks, evenly spaced)"
     if start_step == 0:
         vl, _ = evaluate(model, valid, cfg.batch_size, device, dtype, cfg.eval_blocks)
-        logger.log({"step": 0, "valid_loss": vl, "valid_ppl": math.exp(vl)})
-        logger.write(f"step 0/{cfg.max_iters} | valid loss {vl:.3f} | ppl {math.exp(vl):.1f}")
+        logger.log({"step": 0, "valid_loss": vl, "valid_ppl": math.exp(vl), "valid_blocks": n_eval})
+        logger.write(f"step 0/{cfg.max_iters} | valid loss {vl:.3f} | ppl {math.exp(vl):.1f}{subset_note}")
 
     # 3) the loop; the data position is a function of the step, so resuming needs only the step
     losses, valid_losses, t_start = [], [], time.perf_counter()
@@ -256,8 +267,9 @@ def main(cfg: PretrainConfig) -> dict:
             if step % cfg.eval_every == 0 or step == cfg.max_iters:
                 vl, _ = evaluate(model, valid, cfg.batch_size, device, dtype, cfg.eval_blocks)
                 valid_losses.append((step, vl))
-                logger.log({"step": step, "valid_loss": vl, "valid_ppl": math.exp(vl)})
-                logger.write(f"step {step}/{cfg.max_iters} | valid loss {vl:.3f} | ppl {math.exp(vl):.1f}")
+                logger.log({"step": step, "valid_loss": vl, "valid_ppl": math.exp(vl), "valid_blocks": n_eval})
+                logger.write(f"step {step}/{cfg.max_iters} | valid loss {vl:.3f} | ppl {math.exp(vl):.1f}"
+                             + subset_note)
             if step % cfg.save_every == 0 or step == cfg.max_iters:
                 save_checkpoint(ckpt_root, step, model, mcfg.to_dict(), optimizer, scheduler,
                                 extra={"epoch": epoch}, keep=cfg.keep_checkpoints, is_main=dist_info.is_main)
