@@ -26,6 +26,7 @@ import torch
 
 from common.checkpoint import resume_or_start, resume_point, save_checkpoint, save_pretrained
 from common.config import parse_config
+from common.data import evenly_spaced, subset_note
 from common.results import command_line, make_record
 from common.runtime import autocast, pick_device, pick_dtype, seed_everything, set_threads
 from common.schedule import clip_grad
@@ -62,7 +63,7 @@ class MLMConfig:
     threads: int = 0  # CPU threads (0 = torch's default)
     seed: int = 1234
     eval_every: int = 200
-    eval_batches: int = 16  # valid batches per evaluation
+    eval_batches: int = 16  # valid batches per evaluation during training, evenly spaced (0: all); the final: all
     save_every: int = 200
     keep_checkpoints: int = 2
     log_every: int = 25
@@ -170,15 +171,28 @@ def load_documents(cfg: MLMConfig) -> tuple[list[list[str]], list[list[str]]]:
     return train, valid
 
 
+def valid_batches(n_items: int, batch_size: int, max_batches: int = 0) -> tuple[list[int], int]:
+    """(the valid batches to score, how many there are): the items in their order cut into batches of
+    ``batch_size`` (the last one shorter); all of them (max_batches 0), else ``max_batches`` evenly spaced."""
+    n_batches = math.ceil(n_items / batch_size)
+    return evenly_spaced(n_batches, max_batches), n_batches
+
+
 @torch.no_grad()
-def evaluate(model, data: MLMData, cfg: MLMConfig, device, dtype, vocab_size: int, mask_id: int) -> dict:
-    """MLM loss and accuracy (top-1 at the chosen positions), NSP accuracy: on fixed valid batches."""
+def evaluate(model, data: MLMData, cfg: MLMConfig, device, dtype, vocab_size: int, mask_id: int,
+             max_batches: int = 0) -> dict:
+    """MLM loss and accuracy (top-1 at the chosen positions), NSP accuracy, on the valid items in their order:
+    every item (max_batches 0: the figure the results quote), else ``max_batches`` batches spread evenly over
+    the split (a training-time estimate: the same batches at every evaluation of a run). Batch b's masks and
+    NSP partners come from generators seeded by b alone, so the figure is deterministic, a batch scores the
+    same in the subset as in the whole, and neither the global RNG nor the training's generators are touched."""
     model.eval()
-    gen, rng = torch.Generator().manual_seed(0), random.Random(0)
-    order = epoch_order(len(data), 0, 0)
-    loss_sum = correct = total = nsp_right = nsp_total = 0
-    for b in range(min(cfg.eval_batches, len(data) // cfg.batch_size)):
-        ids, types, nsp_labels = data.batch(order[b * cfg.batch_size:(b + 1) * cfg.batch_size], cfg.nsp, rng)
+    picked, n_batches = valid_batches(len(data), cfg.batch_size, max_batches)
+    loss_sum = correct = total = nsp_right = nsp_total = items = 0
+    for b in picked:
+        gen, rng = torch.Generator().manual_seed(b), random.Random(b)
+        indices = list(range(b * cfg.batch_size, min((b + 1) * cfg.batch_size, len(data))))
+        ids, types, nsp_labels = data.batch(indices, cfg.nsp, rng)
         inputs, labels = mask_tokens(ids, ids < len(SPECIALS), vocab_size, mask_id, gen, cfg.mask_prob)
         with autocast(device, dtype):
             out = model(inputs.to(device), token_type_ids=types.to(device), labels=labels.to(device),
@@ -187,6 +201,7 @@ def evaluate(model, data: MLMData, cfg: MLMConfig, device, dtype, vocab_size: in
         loss_sum += out["mlm_loss"].item() * n
         correct += int((out["mlm_logits"].argmax(-1).cpu() == labels[labels != -100]).sum())
         total += n
+        items += len(indices)
         if cfg.nsp:
             nsp_right += int((out["nsp_logits"].argmax(-1).cpu() == nsp_labels).sum())
             nsp_total += len(nsp_labels)
@@ -194,7 +209,7 @@ def evaluate(model, data: MLMData, cfg: MLMConfig, device, dtype, vocab_size: in
     res = {"mlm_loss": loss_sum / max(total, 1), "mlm_accuracy": correct / max(total, 1)}
     if cfg.nsp:
         res["nsp_accuracy"] = nsp_right / max(nsp_total, 1)
-    return res
+    return {**res, "items": items, "predicted": total, "batches": len(picked), "of_batches": n_batches}
 
 
 def main(cfg: MLMConfig) -> dict:
@@ -216,6 +231,7 @@ def main(cfg: MLMConfig) -> dict:
     model = BertForPreTraining(mcfg).to(device)
     optimizer = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
     scheduler, start, logger = resume_or_start(model, optimizer, cfg, out, resume_from, device)
+    # before and after training: every valid item (the figures results.json records); in between, a subset
     first = evaluate(model, valid, cfg, device, dtype, V, mask_id) if start == 0 else None
     steps_per_epoch = len(train) // cfg.batch_size
     model.train()
@@ -242,10 +258,11 @@ def main(cfg: MLMConfig) -> dict:
         logger.step(done, out_["mlm_loss"].item(), scheduler.get_last_lr()[0], int((ids != 0).sum()),
                     **({"nsp_loss": out_["nsp_loss"].item()} if cfg.nsp else {}))
         if done % cfg.eval_every == 0 or done == cfg.max_iters:
-            ev = evaluate(model, valid, cfg, device, dtype, V, mask_id)
+            ev = evaluate(model, valid, cfg, device, dtype, V, mask_id, cfg.eval_batches)
             logger.log({"step": done, **{f"valid_{k}": v for k, v in ev.items()}})
             logger.write(f"step {done}/{cfg.max_iters} | valid MLM loss {ev['mlm_loss']:.3f} | MLM accuracy "
-                         f"{ev['mlm_accuracy']:.1%}" + (f" | NSP accuracy {ev['nsp_accuracy']:.1%}" if cfg.nsp else ""))
+                         f"{ev['mlm_accuracy']:.1%}" + (f" | NSP accuracy {ev['nsp_accuracy']:.1%}" if cfg.nsp else "")
+                         + subset_note(ev["batches"], ev["of_batches"], "batches"))
         if done % cfg.save_every == 0 or done == cfg.max_iters:
             save_checkpoint(ckpt_root, done, model, mcfg.to_hf_dict("BertForPreTraining"), optimizer, scheduler,
                             keep=cfg.keep_checkpoints)
@@ -260,14 +277,16 @@ def main(cfg: MLMConfig) -> dict:
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     cmd = command_line("bert_address_cls.train_mlm",
                        "python -m bert_address_cls.train_mlm" + (" --nsp" if cfg.nsp else ""))
-    records = [make_record("bert_address_cls", cfg.run_name, "mlm_accuracy", final["mlm_accuracy"], "before_training",
-                           first["mlm_accuracy"] if first else None, wall, cmd)]
+    records = [make_record("bert_address_cls", cfg.run_name, metric, final[metric], "before_training",
+                           first[metric] if first else None, wall, cmd) for metric in ("mlm_accuracy", "mlm_loss")]
     if cfg.nsp:
         records.append(make_record("bert_address_cls", cfg.run_name, "nsp_accuracy", final["nsp_accuracy"],
                                    "chance", 0.5, wall, cmd))
     (out / "results.json").write_text(json.dumps(records, indent=2) + "\n")
     print(f"done: {cfg.max_iters} steps in {wall:.0f} s | valid MLM accuracy "
-          f"{first['mlm_accuracy'] if first else float('nan'):.1%} -> {final['mlm_accuracy']:.1%} | {final_dir}")
+          f"{first['mlm_accuracy'] if first else float('nan'):.1%} -> {final['mlm_accuracy']:.1%}, MLM loss "
+          f"{first['mlm_loss'] if first else float('nan'):.3f} -> {final['mlm_loss']:.3f} (all {final['items']:,} "
+          f"valid items, {final['predicted']:,} masked positions) | {final_dir}")
     return {"summary": summary, "final_dir": final_dir}
 
 

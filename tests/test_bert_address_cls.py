@@ -316,6 +316,60 @@ def test_nsp_run_resumes_to_the_same_weights(mlm_run, capsys):
         torch.testing.assert_close(p, q, msg=name)
 
 
+def test_mlm_figures_score_every_valid_item_and_evaluation_leaves_training_alone(mlm_run, capsys):
+    """The figures results.json records (before and after training) score every valid item; in training,
+    ``eval_batches`` evenly spaced batches, the same at each evaluation, and the log line says so. Two runs
+    that evaluate differently (1 batch every 4 steps, or all of them once) train to the same weights:
+    evaluation draws from no generator the training uses (dropout draws from the global one here)."""
+    import math
+    import random
+
+    from bert_address_cls import train_mlm
+    from bert_address_cls.training import load_or_train_tokenizer
+    from common.checkpoint import load_pretrained
+    from common.config import apply_overrides
+    from common.data import evenly_spaced
+    from common.log import read_metrics
+
+    d, cfg = mlm_run["dir"], mlm_run["cfg"]
+    tok = load_or_train_tokenizer(cfg.tokenizer_dir, cfg.model.vocab_size)
+    valid = train_mlm.MLMData(tok, train_mlm.load_documents(cfg)[1], cfg.max_len)
+    n_batches = math.ceil(len(valid) / cfg.batch_size)
+    summary = mlm_run["result"]["summary"]
+    for when in ("initial", "final"):
+        assert summary[when]["items"] == len(valid) and summary[when]["batches"] == n_batches, summary[when]
+    records = json.loads((d / "mlm" / "results.json").read_text())
+    assert {r["metric"]: r["value"] for r in records} == {"mlm_accuracy": round(summary["final"]["mlm_accuracy"], 4),
+                                                          "mlm_loss": round(summary["final"]["mlm_loss"], 4)}
+    assert n_batches >= 3  # so that one batch is a real subset
+    assert train_mlm.valid_batches(len(valid), cfg.batch_size, 1) == (evenly_spaced(n_batches, 1), n_batches)
+
+    runs = {}
+    for every, batches in ((4, 1), (8, 0)):
+        capsys.readouterr()
+        run = apply_overrides(cfg, {"max_iters": 8, "save_every": 8, "eval_every": every, "eval_batches": batches,
+                                    "out_dir": str(d / f"mlm_eval{batches}")})
+        res = train_mlm.main(run)
+        out = capsys.readouterr().out
+        mcfg = BertConfig.from_dict(json.loads((res["final_dir"] / "config.json").read_text()))
+        runs[batches] = (load_pretrained(BertForPreTraining(mcfg), res["final_dir"]).state_dict(),
+                         [r["loss"] for r in read_metrics(d / f"mlm_eval{batches}" / "metrics.jsonl") if "loss" in r],
+                         res["summary"]["final"], out)
+    (w1, losses1, final1, out1), (w0, losses0, final0, out0) = runs[1], runs[0]
+    assert out1.count(f"(1 of {n_batches} batches, evenly spaced)") == 2 and "evenly spaced" not in out0
+    assert f"(all {len(valid):,} valid items" in out1
+    assert losses1 == losses0
+    for (name, p), q in zip(w1.items(), w0.values()):
+        assert torch.equal(p, q), name
+    assert final1 == final0  # the final figure is the whole split's in both, masked the same way
+    # an evaluation is deterministic and leaves the global generators where they were
+    model = load_pretrained(BertForPreTraining(mcfg), res["final_dir"])
+    torch_state, py_state = torch.get_rng_state(), random.getstate()
+    again = train_mlm.evaluate(model, valid, cfg, torch.device("cpu"), torch.float32, len(tok), tok.mask_token_id)
+    assert torch.equal(torch.get_rng_state(), torch_state) and random.getstate() == py_state
+    assert again == final0
+
+
 def test_address_parser_trains_from_the_mlm_checkpoint_and_infer_prints_fields(mlm_run, tmp_path, capsys):
     from bert_address_cls import infer
     from bert_address_cls.dataset import build_split
