@@ -26,6 +26,7 @@ import torch
 
 from common.checkpoint import resume_or_start, resume_point, save_checkpoint, save_pretrained
 from common.config import parse_config
+from common.data import evenly_spaced, subset_note
 from common.results import command_line, make_record
 from common.runtime import autocast, pick_device, pick_dtype, seed_everything, set_threads
 from common.schedule import clip_grad
@@ -56,7 +57,7 @@ class PretrainConfig:
     weight_decay: float = 0.01  # AdamW only, on matrices
     grad_clip: float = 1.0  # global norm
     eval_every: int = 500  # steps between validation losses
-    eval_batches: int = 10  # held-out batches per validation
+    eval_batches: int = 10  # held-out batches per validation during training, evenly spaced (0: all); the final: all
     save_every: int = 500  # steps between checkpoints
     keep_checkpoints: int = 2  # newest kept
     log_every: int = 25  # steps between log lines
@@ -136,18 +137,42 @@ def corrupted_batch(stream: np.ndarray, tok: Tokenizer, cfg, seed: int):
     return ids, (ids != PAD).long(), pad_batch(targets, -100)
 
 
+def corrupted_chunks(stream: np.ndarray, tok: Tokenizer, cfg, chunks: list[int], seed: int):
+    """The given ``seq_len``-token chunks of the stream, span-corrupted, chunk c by a generator seeded by
+    (seed, c) alone: (input ids, attention mask, labels with -100 on padding)."""
+    inputs, targets = [], []
+    for c in chunks:
+        rng = random.Random(seed * 1_000_003 + c)
+        chunk = [int(t) for t in stream[c * cfg.seq_len: (c + 1) * cfg.seq_len] if t != EOS]
+        x, y = span_corrupt(chunk, tok.sentinel_ids, rng, cfg.noise_density, cfg.mean_span)
+        inputs.append(x)
+        targets.append(y)
+    ids = pad_batch(inputs, PAD)
+    return ids, (ids != PAD).long(), pad_batch(targets, -100)
+
+
 @torch.no_grad()
-def evaluate(model, stream: np.ndarray, tok: Tokenizer, cfg, device, dtype) -> float:
-    """Mean span-corruption loss on fixed corrupted batches of the held-out stream."""
+def evaluate(model, stream: np.ndarray, tok: Tokenizer, cfg, device, dtype, max_batches: int = 0) -> dict:
+    """Span-corruption loss on the held-out stream, per target token (the mean over every target token
+    scored, not a mean of batch means): over every non-overlapping ``seq_len`` chunk (max_batches 0: the
+    figure the results quote; a last partial chunk is left out), else over ``max_batches * batch_size``
+    chunks spread evenly over the stream (a training-time estimate, the same chunks at every evaluation).
+    Chunk c is always corrupted the same way (its own generator, seeded by c), so the subset is part of the
+    whole, the figure is deterministic, and neither the global RNG nor the training's generators are used.
+    Returns {"loss", "chunks" scored, "of_chunks", "targets" (target tokens scored)}."""
     model.eval()
-    losses = []
-    for b in range(cfg.eval_batches):
-        ids, mask, labels = corrupted_batch(stream, tok, cfg, seed=9_000_000 + b)
+    n_chunks = len(stream) // cfg.seq_len
+    picked = evenly_spaced(n_chunks, max_batches * cfg.batch_size)
+    total, count = 0.0, 0
+    for i in range(0, len(picked), cfg.batch_size):
+        ids, mask, labels = corrupted_chunks(stream, tok, cfg, picked[i: i + cfg.batch_size], seed=9_000_000)
         with autocast(device, dtype):
             loss, _ = model(ids.to(device), mask.to(device), labels.to(device))
-        losses.append(loss.item())
+        n = int((labels != -100).sum())
+        total, count = total + loss.item() * n, count + n
     model.train()
-    return sum(losses) / len(losses)
+    return {"loss": total / count if count else float("nan"), "chunks": len(picked), "of_chunks": n_chunks,
+            "targets": count}
 
 
 def main(cfg: PretrainConfig) -> dict:
@@ -169,11 +194,13 @@ def main(cfg: PretrainConfig) -> dict:
     optimizer = make_optimizer(params, cfg)
     resume_from = resume_point(out / "checkpoints", cfg.resume)
     scheduler, start, logger = resume_or_start(model, optimizer, cfg, out, resume_from, device, cfg.min_lr_ratio)
-    vl = evaluate(model, streams["valid"], tok, cfg, device, dtype)
-    first_valid = vl
+    first_valid = None  # before and after training: every valid chunk (the figures results.json records)
     if start == 0:
-        logger.log({"step": 0, "valid_loss": vl})
-        logger.write(f"step 0/{cfg.max_iters} | valid loss {vl:.3f} (uniform: {math.log(tok.vocab_size):.3f})")
+        first = evaluate(model, streams["valid"], tok, cfg, device, dtype)
+        first_valid = first["loss"]
+        logger.log({"step": 0, "valid_loss": first_valid, "valid_chunks": first["chunks"]})
+        logger.write(f"step 0/{cfg.max_iters} | valid loss {first_valid:.3f} (all {first['chunks']:,} chunks; "
+                     f"uniform: {math.log(tok.vocab_size):.3f})")
     losses, t_start = [], time.perf_counter()
     model.train()
     for step in range(start + 1, cfg.max_iters + 1):
@@ -190,25 +217,30 @@ def main(cfg: PretrainConfig) -> dict:
         losses.append(loss.item())
         logger.step(step, loss.item(), scheduler.get_last_lr()[0], ids.numel() + int((labels != -100).sum()))
         if step % cfg.eval_every == 0 or step == cfg.max_iters:
-            vl = evaluate(model, streams["valid"], tok, cfg, device, dtype)
-            logger.log({"step": step, "valid_loss": vl})
-            logger.write(f"step {step}/{cfg.max_iters} | valid loss {vl:.3f}")
+            ev = evaluate(model, streams["valid"], tok, cfg, device, dtype, cfg.eval_batches)
+            logger.log({"step": step, "valid_loss": ev["loss"], "valid_chunks": ev["chunks"]})
+            logger.write(f"step {step}/{cfg.max_iters} | valid loss {ev['loss']:.3f}"
+                         + subset_note(ev["chunks"], ev["of_chunks"], "chunks"))
         if step % cfg.save_every == 0 or step == cfg.max_iters:
             save_checkpoint(out / "checkpoints", step, model, mcfg.to_dict(), optimizer, scheduler,
                             keep=cfg.keep_checkpoints)
     wall = time.perf_counter() - t_start
+    final_ev = evaluate(model, streams["valid"], tok, cfg, device, dtype)
+    vl = final_ev["loss"]
     logger.close()
     final = out / "final"
     save_pretrained(model, mcfg.to_dict(), final)
     (final / "spiece.model").write_bytes((Path(cfg.tokenizer_dir) / "spiece.model").read_bytes())
     summary = {"steps": cfg.max_iters, "resumed_at": start, "train_wall_s": wall, "valid_loss": vl,
-               "initial_valid_loss": first_valid, "params": n_params}
+               "initial_valid_loss": first_valid, "valid_chunks": final_ev["chunks"],
+               "valid_targets": final_ev["targets"], "params": n_params}
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if start == 0:
         rec = make_record("t5_summarization", cfg.run_name, "valid_loss", vl, "before_pretraining", first_valid, wall,
                           command_line("t5_summarization.train_pretrain"))
         (out / "results.json").write_text(json.dumps([rec], indent=2) + "\n")
-    logger.write(f"done: {cfg.max_iters} steps in {wall:.0f} s | valid span-corruption loss {vl:.3f} | {final}")
+    logger.write(f"done: {cfg.max_iters} steps in {wall:.0f} s | valid span-corruption loss {vl:.3f} (all "
+                 f"{final_ev['chunks']:,} chunks, {final_ev['targets']:,} target tokens) | {final}")
     return {"losses": losses, "valid_loss": vl, "summary": summary, "final_dir": final, "model": model}
 
 

@@ -195,6 +195,53 @@ def test_pretraining_loss_falls_and_resume_is_exact(pretrained):
         assert torch.equal(a, b), k
 
 
+def test_pretraining_figures_score_every_valid_chunk_and_evaluation_leaves_training_alone(pretrained, monkeypatch,
+                                                                                          capsys):
+    """Before and after training every non-overlapping chunk of the valid stream is scored (the figures
+    results.json records); in training, the same evenly spaced chunks each time, and the log says so. Two runs
+    that evaluate differently train to the same weights, and an evaluation moves no global generator."""
+    import numpy as np
+
+    from common.config import parse_config
+    from common.data import evenly_spaced
+    from t5_summarization import train_pretrain
+
+    root, argv, first = pretrained
+    valid = np.load(root / "tok" / "pretrain_stream_300.npz")["valid"]
+    assert first["summary"]["valid_chunks"] == len(valid) // 48 and first["summary"]["valid_targets"] > 0
+    # 16-token chunks, so that one batch of 8 is a real subset of the valid stream
+    short = list(argv)  # (a later flag wins)
+    short[short.index("--seq-len") + 1] = "16"
+    n = len(valid) // 16
+    assert n > 8
+    calls, real = [], train_pretrain.corrupted_chunks
+    monkeypatch.setattr(train_pretrain, "corrupted_chunks",
+                        lambda stream, tok, cfg, chunks, seed: calls.append(list(chunks)) or real(stream, tok, cfg,
+                                                                                                chunks, seed))
+    runs = {}
+    for every, batches in (("3", "1"), ("12", "0")):
+        calls.clear()
+        capsys.readouterr()
+        runs[batches] = train_pretrain.main(parse_config(train_pretrain.PretrainConfig, short + [
+            "--eval-every", every, "--eval-batches", batches, "--out-dir", str(root / f"pre16_eval{batches}")]))
+        runs[batches]["out"], runs[batches]["calls"] = capsys.readouterr().out, sum(calls, [])
+    subset, whole = runs["1"], runs["0"]
+    # step 0 and the end: every chunk; steps 3, 6, 9, 12: the same 8 evenly spaced ones
+    assert subset["calls"] == list(range(n)) + 4 * evenly_spaced(n, 8) + list(range(n))
+    assert subset["out"].count(f"(8 of {n} chunks, evenly spaced)") == 4 and f"(all {n} chunks" in subset["out"]
+    assert whole["calls"] == 3 * list(range(n)) and "evenly spaced" not in whole["out"]
+    assert subset["summary"]["valid_chunks"] == n and subset["valid_loss"] == whole["valid_loss"]
+    assert subset["losses"] == whole["losses"]
+    for (k, a), b in zip(subset["model"].state_dict().items(), whole["model"].state_dict().values()):
+        assert torch.equal(a, b), k
+    cfg = parse_config(train_pretrain.PretrainConfig, short)
+    tok = dataset.Tokenizer(root / "tok" / "spiece.model")
+    torch_state, py_state = torch.get_rng_state(), random.getstate()
+    again = train_pretrain.evaluate(whole["model"], valid, tok, cfg, torch.device("cpu"), torch.float32)
+    assert torch.equal(torch.get_rng_state(), torch_state) and random.getstate() == py_state
+    assert again["loss"] == whole["valid_loss"] and again["chunks"] == n
+
+
 @pytest.mark.parametrize("strategy", ["full", "gradual", "adapters"])
 def test_summarization_strategies_train_and_score(pretrained, tmp_path, strategy):
     from common.config import parse_config
