@@ -40,7 +40,7 @@ from common.results import command_line, make_record
 from common.runtime import set_threads
 
 from .dataset import shakespeare_text
-from .positions import Block, PositionsConfig, TinyLM
+from .positions import Block, PositionsConfig, TinyLM, per_position_loss
 
 
 class BlockStack(nn.Module):
@@ -228,8 +228,9 @@ def bf16_step_ratio(cfg: MemoryConfig) -> dict:
 
 def optimizer_rows(cfg: MemoryConfig) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """The tiny char LM trained with torch's Adam and with bitsandbytes' 8-bit Adam, same seed and batches:
-    state bytes per parameter and the final validation loss. Also returns the fp32 run's gradients at its
-    first and last step (for the underflow table)."""
+    state bytes per parameter and the final validation loss (on every non-overlapping 64-character window
+    of the valid split). Also returns the fp32 run's gradients at its first and last step (for the
+    underflow table)."""
     import bitsandbytes as bnb
 
     pcfg = PositionsConfig()
@@ -259,9 +260,9 @@ def optimizer_rows(cfg: MemoryConfig) -> tuple[list[dict], dict[str, torch.Tenso
                 grads[f"step {step + 1}"] = torch.cat([p.grad.flatten() for p in model.parameters()])
             opt.step()
         wall = time.perf_counter() - t0
-        with torch.no_grad():
-            vl = sum(F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
-                     for x, y in (batch(ids[split:], 10**6 + b) for b in range(8))) / 8
+        # every non-overlapping 64-character window of the valid split (1,718 at the default), no generator
+        per_pos, n_windows, _ = per_position_loss(model.eval(), ids[split:], 64, 32)
+        vl = per_pos.mean().item()
         n = sum(p.numel() for p in model.parameters())
         state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
                     if torch.is_tensor(t) and t.numel() > 1)
@@ -270,7 +271,7 @@ def optimizer_rows(cfg: MemoryConfig) -> tuple[list[dict], dict[str, torch.Tenso
                         if torch.is_tensor(t) and t.numel() > 1)
         rows.append({"optimizer": name, "params": n, "state_bytes_per_param": state / n,
                      "state_bytes_per_param_8bit_tensors": big_state / sum(p.numel() for p in big),
-                     "valid_loss": vl, "train_s": wall})
+                     "valid_loss": vl, "valid_windows": n_windows, "train_s": wall})
     return rows, grads
 
 

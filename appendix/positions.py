@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.config import parse_config
+from common.data import evenly_spaced, subset_note
 from common.log import RunLogger
 from common.results import command_line, make_record
 from common.runtime import seed_everything, set_threads
@@ -137,7 +138,7 @@ class PositionsConfig:
     max_iters: int = 1000  # steps per model
     lr: float = 3e-3  # AdamW, cosine to 10 %
     n_chars: int = 1_100_000  # Shakespeare characters; 90 % train, 10 % valid
-    eval_batches: int = 8  # validation batches per length
+    eval_batches: int = 0  # batches of valid windows per length, evenly spaced (0: every window tiling the split)
     seed: int = 1337  # same data order and init for every encoding
     threads: int = 0  # CPU threads (0: torch's default)
     decay_png: str = "runs/appendix/rope_decay.png"  # the decay plot (the README's: doc/appendix_rope_decay.png)
@@ -191,10 +192,34 @@ class TinyLM(nn.Module):
         return self.head(self.ln_f(x))
 
 
+def tiling_windows(src: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every non-overlapping window of T tokens of ``src``, in order: inputs (N, T) = src[i*T : (i+1)*T] and
+    next-token targets (N, T), N = (len(src) - 1) // T; together they predict src[1 : N*T + 1], each once."""
+    n = (len(src) - 1) // T
+    return src[: n * T].view(n, T), src[1: n * T + 1].view(n, T)
+
+
+@torch.no_grad()
+def per_position_loss(model: nn.Module, src: torch.Tensor, T: int, batch_size: int,
+                      max_windows: int = 0) -> tuple[torch.Tensor, int, int]:
+    """The mean next-token cross-entropy at each position 0 .. T-1 of the windows ``tiling_windows`` cuts from
+    ``src``: over all of them (max_windows 0), else over ``max_windows`` evenly spaced ones. No random
+    generator is used. Returns (loss per position (T,), windows scored, windows in src)."""
+    x, y = tiling_windows(src, T)
+    picked = torch.tensor(evenly_spaced(len(x), max_windows), dtype=torch.long)
+    total = torch.zeros(T, dtype=torch.float64)
+    for i in range(0, len(picked), batch_size):
+        rows = picked[i: i + batch_size]
+        total += F.cross_entropy(model(x[rows]).transpose(1, 2), y[rows], reduction="none").sum(0).double()
+    return (total / len(picked)).float(), len(picked), len(x)
+
+
 def run_extrapolation(cfg: PositionsConfig) -> list[dict]:
     """Train one TinyLM per encoding at ``train_len``; evaluate the loss per block of positions at each
-    of ``eval_lens``. The learned table has max(eval_lens) rows, so rows past train_len exist but were
-    never trained: that is what a learned table offers beyond its training length."""
+    of ``eval_lens``, on the non-overlapping windows of that length that tile the whole valid split (110 k
+    characters at the default: 1,718 windows of 64; or ``eval_batches * batch_size`` of them, evenly
+    spaced). The learned table has max(eval_lens) rows, so rows past train_len exist but were never
+    trained: that is what a learned table offers beyond its training length."""
     text = shakespeare_text(cfg.n_chars)
     chars = sorted(set(text))
     stoi = {c: i for i, c in enumerate(chars)}
@@ -230,18 +255,16 @@ def run_extrapolation(cfg: PositionsConfig) -> list[dict]:
         logger.close()  # <out_dir>/<encoding>/metrics.jsonl and loss.png
         model.eval()
         row = {"encoding": enc, "train_loss": loss.item(), "train_s": wall}
-        with torch.no_grad():
-            for T in eval_lens:
-                per_pos = torch.zeros(T)
-                for b in range(cfg.eval_batches):
-                    x, y = windows(valid, cfg.batch_size, T, 7_000_000 + b)
-                    per_pos += F.cross_entropy(model(x).transpose(1, 2), y, reduction="none").mean(0)
-                per_pos /= cfg.eval_batches
-                for lo in range(0, T, cfg.train_len):  # positions [lo, lo + train_len)
-                    row[f"len{T}_pos{lo}"] = per_pos[lo: lo + cfg.train_len].mean().item()
-                row[f"len{T}"] = per_pos.mean().item()
+        notes = []
+        for T in eval_lens:
+            per_pos, k, n = per_position_loss(model, valid, T, cfg.batch_size, cfg.eval_batches * cfg.batch_size)
+            for lo in range(0, T, cfg.train_len):  # positions [lo, lo + train_len)
+                row[f"len{T}_pos{lo}"] = per_pos[lo: lo + cfg.train_len].mean().item()
+            row[f"len{T}"] = per_pos.mean().item()
+            row[f"len{T}_windows"] = k
+            notes.append(subset_note(k, n, "windows"))
         print(f"  {enc:<10} trained {cfg.max_iters} steps in {wall:.0f} s | " +
-              " | ".join(f"len {T}: {row[f'len{T}']:.3f}" for T in eval_lens), flush=True)
+              " | ".join(f"len {T}: {row[f'len{T}']:.3f}{note}" for T, note in zip(eval_lens, notes)), flush=True)
         rows.append(row)
     return rows
 
@@ -288,7 +311,8 @@ def main(cfg: PositionsConfig) -> dict:
     draw_decay(cfg.decay_png)
     print(f"decay plot: {cfg.decay_png}")
     # c) extrapolation
-    print(f"extrapolation: trained at {cfg.train_len} characters, evaluated at {cfg.eval_lens} (valid loss, nats/char)")
+    print(f"extrapolation: trained at {cfg.train_len} characters, evaluated at {cfg.eval_lens} (valid loss, nats/char"
+          + (", every non-overlapping window of the valid split)" if cfg.eval_batches <= 0 else ")"))
     rows = run_extrapolation(cfg)
     lens = [int(n) for n in cfg.eval_lens.split(",")]
     longest = max(lens)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from common.bench import time_interleaved
 from common.checkpoint import resume_or_start, resume_point, save_checkpoint, save_pretrained
 from common.config import parse_config
+from common.data import evenly_spaced, subset_note
 from common.results import command_line, make_record
 from common.runtime import pick_device, seed_everything, set_threads
 from common.schedule import clip_grad
@@ -204,7 +205,7 @@ class CharLMConfig:
     warmup_iters: int = 50  # linear warmup steps
     grad_clip: float = 1.0  # global gradient norm clip: RNNs need it (exploding gradients)
     eval_every: int = 250  # steps between validation-loss measurements
-    eval_batches: int = 20  # windows of the validation text per measurement (x batch_size)
+    eval_batches: int = 20  # valid batches of windows per evaluation in training, evenly spaced (0: all); final: all
     save_every: int = 500  # steps between checkpoints
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     log_every: int = 50  # steps between log lines
@@ -263,16 +264,34 @@ class CharData:
 
 
 @torch.no_grad()
-def evaluate(model: CharLM, data: CharData, cfg: CharLMConfig) -> float:
-    """Mean next-character cross-entropy (nats) on fixed windows of the held-out 10 %."""
+def evaluate(model: CharLM, data: CharData, cfg: CharLMConfig, max_windows: int = 0) -> dict:
+    """Mean next-character cross-entropy (nats) on the held-out 10 %, cut into consecutive non-overlapping
+    ``seq_len`` windows (window i reads valid[i*T : (i+1)*T] and predicts valid[i*T+1 : (i+1)*T+1]):
+    every window (max_windows 0: the figure the results quote, each of the split's characters after the
+    first predicted once, a last partial window left out), else ``max_windows`` of them spread evenly over
+    the split (a training-time estimate: the same windows at every evaluation of a run).
+
+    Each window starts from a zero state, as every training window does. Carrying the state from window
+    to window (the classic LM evaluation) would score contexts longer than any the model was trained on,
+    and a subset could not be scored without reading everything before it; from a zero state, the
+    training-time subset is part of the final figure, and both implementations (ours, torch) score alike.
+    No random generator is used. Returns {"loss", "windows" scored, "of_windows", "chars" predicted}."""
     model.eval()
-    losses = []
-    for b in range(cfg.eval_batches):
-        x, y = data.batch(data.valid, cfg.batch_size, cfg.seq_len, seed=10_000_000 + b)
-        logits, _ = model(x)
-        losses.append(F.cross_entropy(logits.flatten(0, 1), y.flatten()).item())
+    T = cfg.seq_len
+    n_windows = (len(data.valid) - 1) // T
+    x_all = data.valid[: n_windows * T].view(n_windows, T)
+    y_all = data.valid[1: n_windows * T + 1].view(n_windows, T)
+    picked = torch.tensor(evenly_spaced(n_windows, max_windows), dtype=torch.long)
+    device = next(model.parameters()).device
+    total = 0.0
+    for i in range(0, len(picked), cfg.batch_size):
+        rows = picked[i: i + cfg.batch_size]
+        logits, _ = model(x_all[rows].to(device))
+        total += F.cross_entropy(logits.flatten(0, 1), y_all[rows].to(device).flatten(), reduction="sum").item()
     model.train()
-    return sum(losses) / len(losses)
+    chars = len(picked) * T
+    return {"loss": total / chars if chars else float("nan"), "windows": len(picked), "of_windows": n_windows,
+            "chars": chars}
 
 
 @torch.no_grad()
@@ -369,10 +388,12 @@ def main(cfg: CharLMConfig) -> dict:
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     resume_from = resume_point(out / "checkpoints", cfg.resume)
     scheduler, start, logger = resume_or_start(model, optimizer, cfg, out, resume_from, device)
-    vl = evaluate(model, data, cfg)
+    max_windows = cfg.eval_batches * cfg.batch_size  # the training-time estimate's windows
     if start == 0:
-        logger.log({"step": 0, "valid_loss": vl})
-        logger.write(f"step 0/{cfg.max_iters} | valid loss {vl:.3f} (uniform guess: {math.log(len(data.chars)):.3f})")
+        ev = evaluate(model, data, cfg, max_windows)
+        logger.log({"step": 0, "valid_loss": ev["loss"], "valid_windows": ev["windows"]})
+        logger.write(f"step 0/{cfg.max_iters} | valid loss {ev['loss']:.3f} (uniform guess: "
+                     f"{math.log(len(data.chars)):.3f})" + subset_note(ev["windows"], ev["of_windows"], "windows"))
     losses, t0 = [], time.perf_counter()
     for step in range(start + 1, cfg.max_iters + 1):
         x, y = data.batch(data.train, cfg.batch_size, cfg.seq_len, seed=cfg.seed * 1_000_003 + step)
@@ -388,26 +409,31 @@ def main(cfg: CharLMConfig) -> dict:
         losses.append(loss.item())
         logger.step(step, loss.item(), scheduler.get_last_lr()[0], x.numel())
         if step % cfg.eval_every == 0 or step == cfg.max_iters:
-            vl = evaluate(model, data, cfg)
-            logger.log({"step": step, "valid_loss": vl})
-            logger.write(f"step {step}/{cfg.max_iters} | valid loss {vl:.3f} ({vl / math.log(2):.2f} bits/char)")
+            ev = evaluate(model, data, cfg, max_windows)
+            logger.log({"step": step, "valid_loss": ev["loss"], "valid_windows": ev["windows"]})
+            logger.write(f"step {step}/{cfg.max_iters} | valid loss {ev['loss']:.3f} ({ev['loss'] / math.log(2):.2f} "
+                         f"bits/char)" + subset_note(ev["windows"], ev["of_windows"], "windows"))
         if step % cfg.save_every == 0 or step == cfg.max_iters:
             save_checkpoint(out / "checkpoints", step, model, {"vocab": data.chars, **vars(cfg)}, optimizer, scheduler,
                             keep=cfg.keep_checkpoints)
     wall = time.perf_counter() - t0
+    final = evaluate(model, data, cfg)  # every window of the validation text: the figure the results quote
+    vl = final["loss"]
     logger.close()
     save_pretrained(model, {"vocab": data.chars, **vars(cfg)}, out / "final")
     text = sample(model, data, "ROMEO:\n", cfg.sample_chars, cfg.temperature, cfg.seed)
     print(f"--- sample (temperature {cfg.temperature}) ---\n{text}\n---")
     summary = {"steps": cfg.max_iters, "resumed_at": start, "train_wall_s": wall, "valid_loss": vl,
-               "bits_per_char": vl / math.log(2), "params": n_params, "sample": text}
+               "bits_per_char": vl / math.log(2), "valid_windows": final["windows"], "valid_chars": final["chars"],
+               "params": n_params, "sample": text}
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if start == 0:  # a figure for the docs only from an uninterrupted run (its wall time is whole)
         cmd = command_line("appendix.rnn", f"python -m appendix.rnn --mode {cfg.mode} --impl {cfg.impl}")
         records = [make_record("appendix", cfg.run_name, "valid_loss", vl, "uniform", math.log(len(data.chars)),
                                wall, cmd)]
         (out / "results.json").write_text(json.dumps(records, indent=2) + "\n")
-    print(f"done: {cfg.max_iters} steps in {wall:.0f} s | valid loss {vl:.3f} ({vl / math.log(2):.2f} bits/char)")
+    print(f"done: {cfg.max_iters} steps in {wall:.0f} s | valid loss {vl:.3f} ({vl / math.log(2):.2f} bits/char; "
+          f"all {final['windows']:,} windows of {cfg.seq_len}, {final['chars']:,} characters)")
     return {"losses": losses, "valid_loss": vl, "summary": summary, "model": model, "data": data}
 
 

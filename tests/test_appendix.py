@@ -73,6 +73,48 @@ def test_char_lm_loss_falls_and_resume_is_exact(tmp_path):
     assert (tmp_path / "a" / "loss.png").exists() and (tmp_path / "a" / "metrics.jsonl").exists()
 
 
+def test_char_lm_final_loss_scores_every_window_and_evaluation_leaves_training_alone(tmp_path, capsys):
+    """The recorded figure scores every non-overlapping window of the valid text; in training, the same
+    evenly spaced windows each time, and the log says so. Two runs that evaluate differently (8 windows every
+    5 steps, or all of them once) train to the same weights: with dropout on, training draws from the global
+    generator, and evaluation draws from none."""
+    import random
+
+    from common.config import parse_config
+    from common.data import evenly_spaced
+
+    common = ["--n-chars", "60000", "--hidden-size", "32", "--embed-dim", "16", "--seq-len", "32", "--batch-size", "8",
+              "--max-iters", "30", "--warmup-iters", "2", "--log-every", "10", "--sample-chars", "20", "--no-parity",
+              "--dropout", "0.2"]
+    runs = {}
+    for every, batches in (("5", "1"), ("30", "0")):
+        capsys.readouterr()
+        runs[batches] = rnn.main(parse_config(rnn.CharLMConfig, common + [
+            "--eval-every", every, "--eval-batches", batches, "--out-dir", str(tmp_path / batches)]))
+        runs[batches]["out"] = capsys.readouterr().out
+    subset, whole = runs["1"], runs["0"]
+    data, cfg = whole["data"], parse_config(rnn.CharLMConfig, common)
+    n = (len(data.valid) - 1) // 32
+    assert n == 187 and subset["summary"]["valid_windows"] == n and subset["summary"]["valid_chars"] == n * 32
+    assert subset["out"].count(f"(8 of {n} windows, evenly spaced)") == 7  # steps 0, 5, ..., 30
+    assert "evenly spaced" not in whole["out"] and f"all {n} windows of 32" in whole["out"]
+    assert subset["losses"] == whole["losses"]
+    for (k, a), b in zip(subset["model"].state_dict().items(), whole["model"].state_dict().values()):
+        assert torch.equal(a, b), k
+    assert subset["valid_loss"] == whole["valid_loss"]
+    # the whole split, read as consecutive windows from a zero state; a subset is those windows' mean
+    model = whole["model"].eval()
+    x, y = data.valid[: n * 32].view(n, 32), data.valid[1: n * 32 + 1].view(n, 32)
+    with torch.no_grad():
+        per_window = F.cross_entropy(model(x)[0].transpose(1, 2), y, reduction="none").mean(1)
+    torch_state, py_state = torch.get_rng_state(), random.getstate()
+    assert rnn.evaluate(model, data, cfg)["loss"] == pytest.approx(per_window.mean().item(), rel=1e-5)
+    part = rnn.evaluate(model, data, cfg, max_windows=8)
+    assert part["windows"] == 8 and part["of_windows"] == n
+    assert part["loss"] == pytest.approx(per_window[evenly_spaced(n, 8)].mean().item(), rel=1e-5)
+    assert torch.equal(torch.get_rng_state(), torch_state) and random.getstate() == py_state
+
+
 # ------------------------------------------------------------------------------------------ norms
 
 
@@ -163,15 +205,38 @@ def test_sinusoidal_table_and_rope_decay_bound():
     assert bound[200:].max() < bound[0] / 2  # decays with distance
 
 
-def test_extrapolation_experiment_runs_and_learned_table_refuses_longer_inputs(tmp_path):
+def test_extrapolation_experiment_runs_and_learned_table_refuses_longer_inputs(tmp_path, capsys):
     cfg = positions.PositionsConfig(max_iters=20, n_chars=40_000, eval_lens="32,64", train_len=32,
-                                    eval_batches=1, batch_size=4, encodings="learned,rope", out_dir=str(tmp_path))
+                                    batch_size=4, encodings="learned,rope", out_dir=str(tmp_path))
     rows = positions.run_extrapolation(cfg)
     assert [r["encoding"] for r in rows] == ["learned", "rope"]
+    # every length scores all the windows that tile the 4,000-character valid split, and says nothing of a subset
+    assert all(r["len32_windows"] == 3999 // 32 and r["len64_windows"] == 3999 // 64 for r in rows)
+    assert "evenly spaced" not in capsys.readouterr().out
     assert all(math.isfinite(r["len64_pos32"]) for r in rows)
     assert (tmp_path / "rope" / "metrics.jsonl").exists() and (tmp_path / "rope" / "loss.png").exists()
     with pytest.raises(ValueError, match="longer than the learned table"):
         positions.LearnedPositions(8, 4)(9)
+
+
+def test_per_position_loss_tiles_the_split_or_takes_evenly_spaced_windows():
+    from common.data import evenly_spaced
+
+    src = torch.randint(0, 11, (1000,))
+    x, y = positions.tiling_windows(src, 64)
+    assert x.shape == (15, 64) and torch.equal(x.flatten(), src[:960]) and torch.equal(y.flatten(), src[1:961])
+    torch.manual_seed(0)
+    model = positions.TinyLM(11, positions.PositionsConfig(dim=16, n_head=2, n_layer=1), "rope", 64).eval()
+    with torch.no_grad():
+        each = F.cross_entropy(model(x).transpose(1, 2), y, reduction="none")  # (15, 64)
+    state = torch.get_rng_state()
+    whole, k, n = positions.per_position_loss(model, src, 64, batch_size=4)
+    assert (k, n) == (15, 15)
+    torch.testing.assert_close(whole, each.mean(0))
+    part, k, n = positions.per_position_loss(model, src, 64, batch_size=4, max_windows=4)
+    assert (k, n) == (4, 15)
+    torch.testing.assert_close(part, each[evenly_spaced(15, 4)].mean(0))
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 # ------------------------------------------------------------------------------------------ attention
@@ -297,6 +362,14 @@ def test_loss_scaler_follows_torch_grad_scaler():
         for p, q in zip(a.parameters(), b.parameters()):
             torch.testing.assert_close(p, q)
     assert ours.scale_value == 2.0**10  # 2 halvings, 2 doublings (3 clean steps twice)
+
+
+def test_optimizer_comparison_scores_every_valid_window():
+    """The 32-bit vs 8-bit Adam table's valid loss covers the whole valid split (1,718 windows of 64)."""
+    pytest.importorskip("bitsandbytes")
+    rows, grads = memory.optimizer_rows(memory.MemoryConfig(optim_steps=2))
+    assert [r["valid_windows"] for r in rows] == [(110_000 - 1) // 64] * 2
+    assert all(math.isfinite(r["valid_loss"]) for r in rows) and list(grads) == ["step 1", "step 2"]
 
 
 def test_checkpointing_gives_the_same_gradients():
