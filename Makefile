@@ -38,7 +38,7 @@ demo-finetune: data
 	$(PY) -m gpt_minimind.train_grpo
 	$(PY) -m gpt_minimind.eval
 
-# distillation: a mixture-of-experts teacher pretrained, then distilled into a 4x narrower dense student
+# distillation: a mixture-of-experts teacher pretrained, then distilled into a dense student half as wide
 demo-distill: data
 	$(PY) -m gpt_minimind.train_pretrain --use-moe --num-experts 4 --num-experts-per-tok 2 \
 		--out-dir runs/gpt_minimind/pretrain_moe --run-name pretrain_moe_cpu

@@ -4,7 +4,7 @@ one token that came next.
 
     python -m gpt_minimind.train_pretrain --use-moe --num-experts 4 --num-experts-per-tok 2 \
         --out-dir runs/gpt_minimind/pretrain_moe --run-name pretrain_moe_cpu      # the teacher: 4 experts
-    python -m gpt_minimind.train_distill        # that teacher -> a student a quarter of its width
+    python -m gpt_minimind.train_distill        # that teacher -> a student half its width
     python -m gpt_minimind.train_distill --teacher runs/gpt_minimind/pretrain/final   # a dense teacher
 
     loss = alpha * T^2 * KL( softmax(teacher / T) || softmax(student / T) ) + (1 - alpha) * CE(student, next token)
