@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from common.config import parse_config
+from common.data import evenly_spaced
 from common.results import command_line, make_record
 from common.runtime import pick_device, seed_everything, set_threads
 
@@ -82,8 +83,7 @@ def valid_perplexity(model: MiniMindForCausalLM, tok, docs: list[str], n_blocks:
     stream = encode_documents(docs, lambda s: tok.encode(s, add_special_tokens=False), tok.bos_token_id,
                               tok.eos_token_id)
     data = PackedBlocks(stream, T)
-    ids = torch.arange(len(data)) if n_blocks <= 0 or n_blocks >= len(data) else \
-        torch.linspace(0, len(data) - 1, n_blocks).round().long()
+    ids = torch.tensor(evenly_spaced(len(data), n_blocks), dtype=torch.long)
     device = model.lm_head.weight.device
     total = count = 0
     for i in range(0, len(ids), batch_size):

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from common.checkpoint import save_pretrained
 from common.config import parse_config
+from common.data import evenly_spaced, subset_note
 from common.log import RunLogger
 from common.results import command_line, make_record
 from common.runtime import autocast, pick_device, seed_everything, set_threads
@@ -87,13 +88,10 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
     return alpha * soft + (1 - alpha) * hard, hard.detach()
 
 
-# Copied from gpt_minimind/train_pretrain.py::subset_blocks
 def subset_blocks(n_blocks: int, max_blocks: int) -> torch.Tensor:
     """Indices of ``max_blocks`` blocks evenly spaced over ``n_blocks`` (all of them when max_blocks <= 0 or
     >= n_blocks): a training-time estimate that sees the whole split's variety, not only its first pages."""
-    if max_blocks <= 0 or max_blocks >= n_blocks:
-        return torch.arange(n_blocks)
-    return torch.linspace(0, n_blocks - 1, max_blocks).round().long()
+    return torch.tensor(evenly_spaced(n_blocks, max_blocks), dtype=torch.long)
 
 
 # Copied from gpt_minimind/train_pretrain.py::evaluate
@@ -142,7 +140,9 @@ def train_student(cfg: DistillConfig, teacher, mcfg: MiniMindConfig, train: Pack
             if step % cfg.eval_every == 0 or step == cfg.max_iters:
                 vl, _ = evaluate(student, valid, cfg.batch_size, device, dtype, cfg.eval_blocks)
                 logger.log({"step": step, "valid_loss": vl})
-                logger.write(f"step {step}/{cfg.max_iters} | valid loss {vl:.3f} (alpha {alpha})")
+                logger.write(f"step {step}/{cfg.max_iters} | valid loss {vl:.3f} (alpha {alpha})"
+                             + subset_note(min(cfg.eval_blocks, len(valid)) if cfg.eval_blocks > 0 else len(valid),
+                                           len(valid), "valid blocks"))
             if step >= cfg.max_iters:
                 break
     wall = time.perf_counter() - t0

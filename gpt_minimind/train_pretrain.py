@@ -33,6 +33,7 @@ from common.checkpoint import (
     save_pretrained,
 )
 from common.config import parse_config
+from common.data import evenly_spaced, subset_note
 from common.distributed import all_reduce_mean, cleanup, init_distributed, wrap
 from common.results import command_line, make_record
 from common.runtime import autocast, cpu_bf16_support, pick_device, pick_dtype, seed_everything, set_threads
@@ -113,9 +114,7 @@ PRESETS = {  # the model sizes are model.py's MODEL_PRESETS; the rest is how to 
 def subset_blocks(n_blocks: int, max_blocks: int) -> torch.Tensor:
     """Indices of ``max_blocks`` blocks evenly spaced over ``n_blocks`` (all of them when max_blocks <= 0 or
     >= n_blocks): a training-time estimate that sees the whole split's variety, not only its first pages."""
-    if max_blocks <= 0 or max_blocks >= n_blocks:
-        return torch.arange(n_blocks)
-    return torch.linspace(0, n_blocks - 1, max_blocks).round().long()
+    return torch.tensor(evenly_spaced(n_blocks, max_blocks), dtype=torch.long)
 
 
 @torch.no_grad()
@@ -227,11 +226,11 @@ def main(cfg: PretrainConfig) -> dict:
                  f"{block_size}), valid {n_valid:.0f} k tokens | vocab {mcfg.vocab_size} | {steps_per_epoch} steps "
                  f"per epoch | {device} {dtype} | data {data_s:.0f} s")
     n_eval = len(subset_blocks(len(valid), cfg.eval_blocks))
-    subset_note = "" if n_eval == len(valid) else f" ({n_eval} of {len(valid)} valid blocks, evenly spaced)"
+    note = subset_note(n_eval, len(valid), "valid blocks")
     if start_step == 0:
         vl, _ = evaluate(model, valid, cfg.batch_size, device, dtype, cfg.eval_blocks)
         logger.log({"step": 0, "valid_loss": vl, "valid_ppl": math.exp(vl), "valid_blocks": n_eval})
-        logger.write(f"step 0/{cfg.max_iters} | valid loss {vl:.3f} | ppl {math.exp(vl):.1f}{subset_note}")
+        logger.write(f"step 0/{cfg.max_iters} | valid loss {vl:.3f} | ppl {math.exp(vl):.1f}{note}")
 
     # 3) the loop; the data position is a function of the step, so resuming needs only the step
     losses, valid_losses, t_start = [], [], time.perf_counter()
@@ -269,7 +268,7 @@ def main(cfg: PretrainConfig) -> dict:
                 valid_losses.append((step, vl))
                 logger.log({"step": step, "valid_loss": vl, "valid_ppl": math.exp(vl), "valid_blocks": n_eval})
                 logger.write(f"step {step}/{cfg.max_iters} | valid loss {vl:.3f} | ppl {math.exp(vl):.1f}"
-                             + subset_note)
+                             + note)
             if step % cfg.save_every == 0 or step == cfg.max_iters:
                 save_checkpoint(ckpt_root, step, model, mcfg.to_dict(), optimizer, scheduler,
                                 extra={"epoch": epoch}, keep=cfg.keep_checkpoints, is_main=dist_info.is_main)

@@ -386,3 +386,21 @@ def test_nanogpt_comparison_scores_both_sides_with_one_function(tmp_path, monkey
     with torch.no_grad():
         assert scores["ours"] == pytest.approx(real(lambda x: ours(x)["logits"], ids, 16)[0], rel=1e-6)
     assert scores["ours"] != pytest.approx(scores["nanogpt"], rel=1e-3)
+
+
+def test_training_estimates_use_spread_blocks_and_say_so_while_the_summary_scores_all(tmp_path, corpus, capsys):
+    import re
+
+    from gpt_minimind.train_pretrain import subset_blocks
+
+    assert subset_blocks(10, 0).tolist() == list(range(10)) and subset_blocks(10, 20).tolist() == list(range(10))
+    assert subset_blocks(100, 4).tolist() == [12, 37, 62, 87]  # one block from the middle of each quarter
+    out = main(tiny_cfg(tmp_path, corpus, max_iters=20, eval_every=10, save_every=20, eval_blocks=2))
+    lines = re.findall(r"step \d+/20 \| valid loss [\d.]+ \| ppl [\d.]+ \(2 of (\d+) valid blocks, evenly spaced\)",
+                       capsys.readouterr().out)
+    assert len(lines) == 3  # steps 0, 10, 20
+    n_valid = int(lines[0])
+    assert n_valid > 2
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["valid_blocks"] for r in records if "valid_loss" in r] == [2, 2, 2]
+    assert out["summary"]["valid_tokens"] == n_valid * TINY["max_position_embeddings"]  # the figure: every block
