@@ -12,7 +12,7 @@ one token that came next.
 A temperature T > 1 softens both distributions so the student also learns which wrong tokens the teacher
 finds plausible ("dark knowledge"); T^2 keeps the soft term's gradients on the scale of the hard one's.
 The default teacher is a mixture-of-experts model (model.py's MiniMindMoE: 4 SwiGLU experts per block,
-each token sent to 2 of them, Mixtral's layout): 2.5x the dense model's parameters.
+each token sent to 2 of them, Mixtral's layout): 1.7x the dense cpu model's parameters.
 The script trains the same student twice, from the same initialisation and batches: with the teacher
 (alpha) and without it (alpha = 0, plain pretraining), and reports both validation losses beside the
 teacher's, so the table shows what the teacher was worth at equal compute for the student.
