@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.config import parse_config
+from common.cli import run_main
 
 from .norms import RMSNorm
 from .positions import apply_rope, rope_cos_sin
@@ -223,4 +223,4 @@ def main(cfg: AttentionConfig) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main(parse_config(AttentionConfig))
+    run_main(main, AttentionConfig)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from common.bench import peak_memory_bytes, time_interleaved
-from common.config import parse_config
+from common.cli import run_main
 from common.results import command_line, make_record
 from common.runtime import set_threads
 
@@ -232,4 +232,4 @@ def main(cfg: LinearAttentionConfig) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main(parse_config(LinearAttentionConfig))
+    run_main(main, LinearAttentionConfig)

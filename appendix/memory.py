@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from common.bench import peak_memory_bytes, time_fn
-from common.config import parse_config
+from common.cli import run_main
 from common.results import command_line, make_record
 from common.runtime import set_threads
 
@@ -336,4 +336,4 @@ def main(cfg: MemoryConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(MemoryConfig))
+    run_main(main, MemoryConfig)

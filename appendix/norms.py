@@ -203,6 +203,6 @@ def main(cfg: NormsConfig) -> dict:
 
 
 if __name__ == "__main__":
-    from common.config import parse_config
+    from common.cli import run_main
 
-    main(parse_config(NormsConfig))
+    run_main(main, NormsConfig)

@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.config import parse_config
+from common.cli import run_main
 from common.distributed import cleanup, init_distributed, wrap
 
 from .positions import Block
@@ -250,4 +250,4 @@ def main(cfg: ParallelConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(ParallelConfig))
+    run_main(main, ParallelConfig)

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.config import parse_config
+from common.cli import run_main
 from common.data import evenly_spaced, subset_note
 from common.log import RunLogger
 from common.results import command_line, make_record
@@ -336,4 +336,4 @@ def main(cfg: PositionsConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(PositionsConfig))
+    run_main(main, PositionsConfig)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from common.bench import time_interleaved
 from common.checkpoint import resume_or_start, resume_point, save_checkpoint, save_pretrained
-from common.config import parse_config
+from common.cli import run_main
 from common.data import evenly_spaced, subset_note
 from common.results import command_line, make_record
 from common.runtime import pick_device, seed_everything, set_threads
@@ -438,4 +438,4 @@ def main(cfg: CharLMConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(CharLMConfig))
+    run_main(main, CharLMConfig)

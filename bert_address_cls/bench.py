@@ -19,7 +19,7 @@ from transformers import BertConfig as HFBertConfig
 from transformers import BertModel as HFBertModel
 
 from common.bench import time_interleaved
-from common.config import parse_config
+from common.cli import run_main
 from common.runtime import set_threads
 
 from .model import BertConfig, BertModel, from_hf_state_dict
@@ -102,4 +102,4 @@ def main(cfg: BenchConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(BenchConfig))
+    run_main(main, BenchConfig)

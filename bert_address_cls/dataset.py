@@ -378,7 +378,7 @@ def entity_scores(gold: list[list[tuple]], pred: list[list[tuple]]) -> dict:
 def read_addresses(path: str | Path) -> Iterator[Address]:
     """Addresses from a JSONL file in the format of the module docstring; bad lines are named."""
     province_set = set(provinces())
-    for i, row in enumerate(iter_jsonl(path, required=("text", "spans")), 1):
+    for i, row in iter_jsonl(path, required={"text": str, "spans": list}, with_lineno=True):
         text, spans = row["text"], row["spans"]
         where = f"{path}:{i}"
         if not isinstance(text, str) or not text:

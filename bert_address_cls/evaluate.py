@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.config import parse_config
+from common.cli import run_main
 from common.runtime import pick_device, set_threads
 
 from .dataset import build_split, read_addresses
@@ -48,4 +48,4 @@ def main(cfg: EvalConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(EvalConfig))
+    run_main(main, EvalConfig)

@@ -16,7 +16,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.cli import DEBUG_FLAG, UserError, debug_requested, user_errors
 from common.config import parse_config
+from common.data import read_text_file
 from common.runtime import pick_device
 
 from .dataset import fields_of
@@ -48,9 +50,12 @@ def main(cfg: InferConfig, addresses: list[str]) -> list[dict]:
     if cfg.file:
         path = Path(cfg.file)
         if not path.is_file():
-            raise FileNotFoundError(f"--file {path}: no such file")
-        texts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not texts:
+            raise UserError(f"--file {path}: no such file")
+        lines = [line.strip() for line in read_text_file(path).splitlines() if line.strip()]
+        if not lines:
+            raise UserError(f"--file {path}: no address in it (one address per line expected)")
+        texts += lines
+    if not texts:  # no address given at all: the demo's three
         texts = ["浙江省杭州市西湖区文三路90号东部软件园3号楼", "北京海淀区中关村大街1号", "杭州西湖区北山街道宝石社区"]
     rows = parse(model, tok, texts, provinces)
     for row in rows:
@@ -74,4 +79,5 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
 
 if __name__ == "__main__":
     flags, addresses = split_argv(sys.argv[1:])
-    main(parse_config(InferConfig, flags), addresses)
+    with user_errors(debug_requested(flags)):
+        main(parse_config(InferConfig, [f for f in flags if f != DEBUG_FLAG]), addresses)

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from common.checkpoint import read_config, resume_or_start, resume_point, save_checkpoint, save_pretrained
-from common.config import parse_config
+from common.cli import run_main
 from common.results import command_line, make_record
 from common.runtime import autocast, pick_device, pick_dtype, seed_everything, set_threads
 from common.schedule import clip_grad
@@ -267,4 +267,4 @@ def main(cfg: ClsConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(ClsConfig, presets=PRESETS))
+    run_main(main, ClsConfig, presets=PRESETS)

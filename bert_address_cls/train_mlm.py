@@ -25,7 +25,7 @@ from typing import ClassVar
 import torch
 
 from common.checkpoint import resume_or_start, resume_point, save_checkpoint, save_pretrained
-from common.config import parse_config
+from common.cli import run_main
 from common.data import evenly_spaced, subset_note
 from common.results import command_line, make_record
 from common.runtime import autocast, pick_device, pick_dtype, seed_everything, set_threads
@@ -160,7 +160,7 @@ def load_documents(cfg: MLMConfig) -> tuple[list[list[str]], list[list[str]]]:
         from common.data import iter_jsonl
 
         docs = [[row["text"][i: i + cfg.max_len - 2] for i in range(0, len(row["text"]), cfg.max_len - 2)]
-                for row in iter_jsonl(cfg.text_file, required=("text",)) if row["text"]]
+                for row in iter_jsonl(cfg.text_file, required={"text": str}) if row["text"]]
     else:
         docs = corpus_documents(cfg.max_len - 2)
     bucket = [int(hashlib.md5(d[0].encode()).hexdigest(), 16) % 50 for d in docs]
@@ -291,4 +291,4 @@ def main(cfg: MLMConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(MLMConfig, presets=PRESETS))
+    run_main(main, MLMConfig, presets=PRESETS)

@@ -15,15 +15,19 @@ trainer_state.pt holds only tensors and plain python values and is read with
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import pickle
 import random
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -32,6 +36,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+
+from .errors import UserError
 
 # full (unsharded) state on CPU: under FSDP this gathers the shards, so every rank must call it
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -87,12 +93,21 @@ def save_pretrained(model: torch.nn.Module, config: dict[str, Any], out_dir: str
     return out
 
 
+class DamagedCheckpoint(UserError):
+    """A checkpoint file that exists but cannot be read (cut short, overwritten, not safetensors)."""
+
+
 def load_pretrained(model: torch.nn.Module, in_dir: str | os.PathLike) -> torch.nn.Module:
     """Load ``model.safetensors`` from ``in_dir`` into ``model``."""
     path = Path(in_dir) / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no weights there; train first or point to a checkpoint directory")
-    return load_weights(model, load_file(str(path)), str(path))
+    try:
+        state = load_file(str(path))
+    except SafetensorError as e:
+        raise DamagedCheckpoint(f"{path}: not a readable safetensors file ({e}); the file is damaged or was cut short "
+                        "(train again, or use an older checkpoint)") from None
+    return load_weights(model, state, str(path))
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "weights") -> torch.nn.Module:
@@ -103,11 +118,16 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
     for name, first in _tied_names(model).items():
         if first in state:
             state[name] = state[first]
-    expected = set(model.state_dict())
-    missing, unexpected = expected - set(state), set(state) - expected
+    own = model.state_dict()
+    missing, unexpected = set(own) - set(state), set(state) - set(own)
     if missing or unexpected:
-        raise ValueError(f"{source}: weights do not fit the model: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
+        raise UserError(f"{source}: weights do not fit the model: missing {sorted(missing)[:5]}, "
+                        f"unexpected {sorted(unexpected)[:5]}")
+    wrong = [f"{k} {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model" for k in sorted(own)
+             if hasattr(own[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]
+    if wrong:
+        raise UserError(f"{source}: weights do not fit the model ({'; '.join(wrong[:3])}): were they saved with "
+                        "other model settings?")
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
     return model
 
@@ -175,12 +195,15 @@ def save_checkpoint(ckpt_root: str | os.PathLike, step: int, model: torch.nn.Mod
 
 
 def latest_checkpoint(ckpt_root: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint directory, or None when there is none."""
+    """The newest complete checkpoint directory (the one ``latest`` names, else the newest with all its
+    files), or None when there is none."""
     pointer = Path(ckpt_root) / "latest"
-    if not pointer.is_file():
-        return None
-    path = Path(ckpt_root) / pointer.read_text().strip()
-    return path if (path / "trainer_state.pt").is_file() else None
+    if pointer.is_file():
+        path = Path(ckpt_root) / pointer.read_text().strip()
+        if (path / "trainer_state.pt").is_file():
+            return path
+    complete = list_checkpoints(ckpt_root)
+    return complete[-1] if complete else None
 
 
 def resume_point(ckpt_root: str | os.PathLike, resume: bool, is_main: bool = True) -> Path | None:
@@ -197,7 +220,11 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
     """Restore weights, optimizer, scheduler and RNG states; return ``{"step", "extra"}``."""
     path = Path(path)
     load_pretrained(model, path)
-    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
+        raise DamagedCheckpoint(f"{path / 'trainer_state.pt'}: cannot be read ({(str(e).splitlines() or [''])[0]}); "
+                                "the file is damaged or was cut short") from None
     if optimizer is not None:
         set_optimizer_state_dict(unwrap(model), optimizer, state["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
@@ -231,6 +258,24 @@ def average_weights(dirs: list[Path]) -> dict[str, torch.Tensor]:
     return {k: (v / len(dirs)).to(torch.float32) for k, v in total.items()}
 
 
+# what reading a damaged checkpoint raises (a file cut short, overwritten or missing)
+UNREADABLE = (DamagedCheckpoint, FileNotFoundError)
+
+
+def config_mismatch(saved: dict[str, Any], cfg: Any) -> list[str]:
+    """The flags whose value differs from the checkpoint's config.json (fields both have; a flag left at an
+    "automatic" 0 / None / "" is not compared), as "--flag value (the checkpoint: value)"."""
+    from .config import to_flat_dict
+
+    flat = to_flat_dict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+    out = []
+    for k, v in saved.items():
+        mine = flat.get(k)
+        if k in flat and mine not in (0, None, "") and json.loads(json.dumps(mine)) != v:
+            out.append(f"--{k.replace('_', '-')} {mine} (the checkpoint: {v})")
+    return out
+
+
 def resume_or_start(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Any, out: Path,
                     resume_from: Path | None, device, min_lr_ratio: float = 0.1, *, schedule: str = "cosine",
                     d_model: int = 512, is_main: bool = True):
@@ -246,7 +291,28 @@ def resume_or_start(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cf
                                min_ratio=min_lr_ratio)
     start = 0
     if resume_from is not None:
-        start = load_checkpoint(resume_from, model, optimizer, scheduler)["step"]
+        diffs = config_mismatch(read_config(resume_from), cfg)
+        if diffs:
+            raise UserError(f"--resume: {resume_from} was saved with other model settings: {'; '.join(diffs)}. "
+                            "Resume with the checkpoint's values, or train into another --out-dir")
+        # a checkpoint that cannot be read (cut short by a crash while it was written, a damaged disk) is
+        # reported and the next older one is used: at most one more save interval is lost
+        candidates = [resume_from, *(p for p in reversed(list_checkpoints(resume_from.parent))
+                                     if p.name < resume_from.name)]
+        for i, path in enumerate(candidates):
+            try:
+                start = load_checkpoint(path, model, optimizer, scheduler)["step"]
+                break
+            except UNREADABLE as e:
+                if is_main:
+                    why = (str(e).splitlines() or [""])[0][:300]
+                    why = why if isinstance(e, DamagedCheckpoint) else f"{type(e).__name__}: {why}"
+                    then = "trying the next older one" if i + 1 < len(candidates) else "no older one is left"
+                    print(f"warning: --resume: {path} cannot be read ({why}); {then}", file=sys.stderr)
+        else:
+            raise UserError(f"--resume: no checkpoint in {resume_from.parent} can be read; delete them or train "
+                            "without --resume")
+        resume_from = path
         if is_main:
             print(f"resumed from {resume_from} at step {start}")
     logger = RunLogger(out, cfg.max_iters, start, resume=resume_from is not None, enabled=is_main,

@@ -71,7 +71,9 @@ def _scalar_type(tp):
 def build_parser(cls, presets: Mapping[str, Mapping[str, Any]] | None = None, description: str = ""):
     parser = argparse.ArgumentParser(description=description or (cls.__doc__ or "").strip().split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                     allow_abbrev=False)
+                                     allow_abbrev=False,
+                                     epilog="--debug: on an error, show the Python traceback instead of one "
+                                            "'error:' line (or set TUTORIALS_DEBUG=1)")
     if presets:
         if "preset" in to_flat_dict(cls()):
             raise TypeError(f"{cls.__name__}: a field named 'preset' clashes with --preset")
@@ -192,6 +194,48 @@ def apply_overrides(cfg: T, overrides: Mapping[str, Any]) -> T:
     return from_flat_dict(type(cfg), flat)
 
 
+# The range of a field: written at the end of its comment, e.g. ``batch_size: int = 16  # per step (>= 1)``,
+# or one of these defaults by field name (a comment's own range wins). Checked on every parsed config, presets
+# included, so a bad value is one line naming the flag instead of a ZeroDivisionError deep in the loop.
+RANGE_IN_COMMENT = re.compile(r"\((>=|>|<=|<) *(-?[0-9.]+(?:e-?[0-9]+)?)\)\s*$")
+DEFAULT_RANGES = {
+    "batch_size": (">=", 1), "grad_accum": (">=", 1), "eval_every": (">=", 1), "save_every": (">=", 1),
+    "log_every": (">=", 1), "beam_size": (">=", 1), "num_beams": (">=", 1), "max_new_tokens": (">=", 1),
+    "num_hidden_layers": (">=", 1), "num_attention_heads": (">=", 1), "hidden_size": (">=", 1),
+    "lr": (">", 0), "max_iters": (">=", 0), "warmup_iters": (">=", 0), "threads": (">=", 0),
+    "weight_decay": (">=", 0), "temperature": (">=", 0), "grad_clip": (">=", 0), "keep_checkpoints": (">=", 0),
+}
+_OPS = {">=": lambda v, b: v >= b, ">": lambda v, b: v > b, "<=": lambda v, b: v <= b, "<": lambda v, b: v < b}
+
+
+def field_ranges(cls) -> dict[str, tuple[str, float]]:
+    """Leaf field name -> (operator, bound) for every numeric field that has a range."""
+    out = {}
+    for path, f, tp in _flat_fields(cls):
+        name, tp = path[-1], _scalar_type(tp)
+        if tp not in (int, float) or tp is bool:
+            continue
+        m = RANGE_IN_COMMENT.search(f.metadata.get("help") or _field_comments(_owner(cls, path)).get(name, ""))
+        if m:
+            out[name] = (m.group(1), float(m.group(2)))
+        elif name in DEFAULT_RANGES:
+            out[name] = DEFAULT_RANGES[name]
+    return out
+
+
+def check_ranges(cfg, from_preset: Mapping[str, str] | None = None) -> None:
+    """Raise UserError naming the flag of the first value outside its range (``field_ranges``);
+    ``from_preset``: field -> preset name, for values the user did not type."""
+    from .errors import UserError
+
+    values = to_flat_dict(cfg)
+    for name, (op, bound) in field_ranges(type(cfg)).items():
+        v = values[name]
+        if isinstance(v, (int, float)) and not _OPS[op](v, bound):
+            where = f" (the value of --preset {from_preset[name]})" if from_preset and name in from_preset else ""
+            raise UserError(f"--{name.replace('_', '-')} {v}{where}: expected {op} {bound:g}")
+
+
 def parse_config(cls: type[T], argv: Sequence[str] | None = None,
                  presets: Mapping[str, Mapping[str, Any]] | None = None) -> T:
     """Parse ``argv`` into ``cls``: defaults < preset < explicit flags."""
@@ -207,7 +251,10 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None,
         parser.set_defaults(**presets[preset])
         values = vars(parser.parse_args(argv))
         values.pop("preset")
-    return from_flat_dict(cls, values)
+    cfg = from_flat_dict(cls, values)
+    typed = {a.split("=")[0][2:].replace("-", "_") for a in (argv or []) if a.startswith("--")}
+    check_ranges(cfg, {k: preset for k in presets[preset] if k not in typed} if preset else None)
+    return cfg
 
 
 def parse_no_flags(doc: str | None, argv: Sequence[str] | None = None) -> None:

@@ -28,10 +28,12 @@ import subprocess
 import sys
 import tarfile
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .errors import UserError
 
 CACHE_ENV = "TUTORIALS_CACHE"
 
@@ -135,23 +137,62 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def iter_jsonl(path: str | os.PathLike, required: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
+def _type_names(tp) -> str:
+    tps = tp if isinstance(tp, tuple) else (tp,)
+    names = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object",
+             bool: "true/false"}
+    return " or ".join(names.get(t, t.__name__) for t in tps)
+
+
+def _json_type(value) -> str:
+    return {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object",
+            bool: "true/false", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def iter_jsonl(path: str | os.PathLike, required: Sequence[str] | Mapping[str, type | tuple[type, ...]] = (),
+               with_lineno: bool = False) -> Iterator[Any]:
     """Stream records from a JSONL file one line at a time (memory does not grow with the file).
-    A malformed line raises ValueError naming the file, the line number and what was expected."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    ``required``: field names, or field name -> the type(s) its value must have. A bad line raises
+    UserError naming the file and its real line number (blank lines count): bytes that are not UTF-8,
+    invalid JSON, a value that is not an object, a missing field, a field of the wrong type.
+    ``with_lineno``: yield (line number, record) instead of the record."""
+    types = dict(required) if isinstance(required, Mapping) else {k: None for k in required}
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line is "
+                                f"{raw[e.start:e.start + 1]!r}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            missing = [k for k in required if k not in record]
+                raise UserError(f"{path}:{lineno}: expected a JSON object with fields {list(types)}, "
+                                f"got {_json_type(record)}")
+            missing = [k for k in types if k not in record]
             if missing:
-                raise ValueError(f"{path}:{lineno}: missing field(s) {missing}; expected fields {list(required)}")
-            yield record
+                raise UserError(f"{path}:{lineno}: missing field(s) {missing}; expected fields {list(types)}")
+            for k, tp in types.items():
+                if tp is not None and not isinstance(record[k], tp):
+                    raise UserError(f"{path}:{lineno}: field {k!r} is {_json_type(record[k])}, expected "
+                                    f"{_type_names(tp)}")
+            yield (lineno, record) if with_lineno else record
+
+
+def read_text_file(path: str | os.PathLike) -> str:
+    """The whole of a UTF-8 text file; bytes that are not UTF-8 raise UserError naming the file and the
+    first bad line (not a byte offset)."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line, start = data.count(b"\n", 0, e.start) + 1, data.rfind(b"\n", 0, e.start) + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte {e.start - start + 1} of the line); save the file "
+                        "as UTF-8") from None
 
 
 def evenly_spaced(n: int, k: int) -> list[int]:

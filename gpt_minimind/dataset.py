@@ -119,7 +119,7 @@ def split_documents(docs: list[str], valid_percent: int = 2) -> dict[str, list[s
 
 def iter_text_jsonl(path: str | Path, field: str = "text") -> Iterator[str]:
     """minimind's pretraining format: one ``{"text": "..."}`` per line (streamed; bad lines name file:line)."""
-    for rec in iter_jsonl(path, required=[field]):
+    for rec in iter_jsonl(path, required={field: str}):
         yield rec[field]
 
 

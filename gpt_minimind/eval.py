@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from common.config import parse_config
+from common.cli import run_main
 from common.data import evenly_spaced
 from common.results import command_line, make_record
 from common.runtime import pick_device, seed_everything, set_threads
@@ -163,4 +163,4 @@ def main(cfg: EvalConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(EvalConfig))
+    run_main(main, EvalConfig)

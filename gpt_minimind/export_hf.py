@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from common.checkpoint import load_pretrained, read_config, save_pretrained
-from common.config import parse_config
+from common.cli import run_main
 from common.data import Package, fetch_package
 
 from .model import MiniMindConfig, MiniMindForCausalLM
@@ -219,4 +219,4 @@ def main(cfg: ExportConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(ExportConfig))
+    run_main(main, ExportConfig)

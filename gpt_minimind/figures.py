@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import parse_config
+from common.cli import run_main
 
 from .model import MODEL_PRESETS, MiniMindConfig
 
@@ -71,6 +71,8 @@ class FigureConfig:
 
 
 if __name__ == "__main__":
-    fc = parse_config(FigureConfig)
-    mc = MiniMindConfig(**MODEL_PRESETS[fc.preset])
-    print(draw_architecture(mc, fc.out, f"MiniMind, {fc.preset} preset"))
+    def _main(fc: FigureConfig) -> None:
+        mc = MiniMindConfig(**MODEL_PRESETS[fc.preset])
+        print(draw_architecture(mc, fc.out, f"MiniMind, {fc.preset} preset"))
+
+    run_main(_main, FigureConfig)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.config import parse_config
+from common.cli import run_main
 from common.runtime import pick_device, set_threads
 
 from . import engine
@@ -112,4 +112,4 @@ def main(cfg: InferConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(InferConfig))
+    run_main(main, InferConfig)

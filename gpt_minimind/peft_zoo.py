@@ -32,7 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from common.config import apply_overrides, parse_config
+from common.cli import run_main
+from common.config import apply_overrides
 from common.results import make_record
 from common.runtime import pick_device, seed_everything, set_threads
 
@@ -325,4 +326,4 @@ def records(rows: list[dict]) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main(parse_config(ZooConfig))
+    run_main(main, ZooConfig)

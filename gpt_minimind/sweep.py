@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from common.config import parse_config
+from common.cli import run_main
 from common.results import command_line, make_record
 from common.runtime import autocast, pick_device, pick_dtype, set_threads
 
@@ -258,4 +258,4 @@ def main(cfg: SweepConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(SweepConfig))
+    run_main(main, SweepConfig)

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.cli import UserError
 from common.config import parse_no_flags
 from common.data import ZHLIB, Package, download, fetch_package, iter_jsonl
 
@@ -210,13 +211,13 @@ def read_conversations(path: str | Path) -> list[Example]:
     """minimind's SFT JSONL: ``{"conversations": [{"role", "content"}, ...]}``; the last turn must be the
     assistant's. A malformed record is reported by file and line."""
     out = []
-    for lineno, rec in enumerate(iter_jsonl(path, required=("conversations",)), start=1):
+    for lineno, rec in iter_jsonl(path, required={"conversations": list}, with_lineno=True):
         conv = rec["conversations"]
-        ok = (isinstance(conv, list) and conv and all(isinstance(t, dict) and isinstance(t.get("content"), str)
+        ok = (conv and all(isinstance(t, dict) and isinstance(t.get("content"), str)
                                                       and t.get("role") in ("system", "user", "assistant")
                                                       for t in conv))
         if not ok or conv[-1]["role"] != "assistant":
-            raise ValueError(f"{path}: line {lineno}: 'conversations' must be a list of {{'role': system|user|"
+            raise UserError(f"{path}:{lineno}: 'conversations' must be a list of {{'role': system|user|"
                              f"assistant, 'content': str}} ending with an assistant turn")
         out.append(Example("custom", [{"role": t["role"], "content": t["content"]} for t in conv],
                            conv[-1]["content"]))

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from common.checkpoint import save_pretrained
-from common.config import parse_config
+from common.cli import run_main
 from common.data import evenly_spaced, subset_note
 from common.log import RunLogger
 from common.results import command_line, make_record
@@ -187,4 +187,4 @@ def main(cfg: DistillConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(DistillConfig))
+    run_main(main, DistillConfig)

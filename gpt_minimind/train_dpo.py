@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from common.checkpoint import resume_or_start, resume_point, save_checkpoint, save_pretrained
-from common.config import parse_config
+from common.cli import UserError, run_main
 from common.data import iter_jsonl
 from common.results import command_line, make_record
 from common.runtime import pick_device, seed_everything, set_threads
@@ -153,12 +153,13 @@ def build_pairs(split: str, n: int, n_own: int, model, tok, seed: int) -> tuple[
 def read_dpo_jsonl(path: str | Path) -> list[Pair]:
     """minimind's DPO format: {"chosen": [turns], "rejected": [turns]}, the same prompt, different last turns."""
     pairs = []
-    for lineno, rec in enumerate(iter_jsonl(path, required=("chosen", "rejected")), start=1):
+    for lineno, rec in iter_jsonl(path, required={"chosen": list, "rejected": list}, with_lineno=True):
         c, r = rec["chosen"], rec["rejected"]
-        ok = (isinstance(c, list) and isinstance(r, list) and c and r and c[:-1] == r[:-1]
+        ok = (c and r and c[:-1] == r[:-1] and all(isinstance(t, dict) and isinstance(t.get("content"), str)
+                                                   for t in c + r)
               and c[-1].get("role") == r[-1].get("role") == "assistant")
         if not ok:
-            raise ValueError(f"{path}: line {lineno}: 'chosen' and 'rejected' must be turn lists with the same "
+            raise UserError(f"{path}:{lineno}: 'chosen' and 'rejected' must be turn lists with the same "
                              "prompt turns and a final assistant turn each")
         pairs.append((c[:-1], c[-1]["content"], r[-1]["content"]))
     return pairs
@@ -309,4 +310,4 @@ def main(cfg: DPOConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(DPOConfig))
+    run_main(main, DPOConfig)

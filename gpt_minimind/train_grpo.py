@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from common.checkpoint import resume_or_start, resume_point, save_checkpoint, save_pretrained
-from common.config import parse_config
+from common.cli import run_main
 from common.results import command_line, make_record
 from common.runtime import pick_device, seed_everything, set_threads
 from common.schedule import clip_grad
@@ -247,4 +247,4 @@ def main(cfg: GRPOConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(GRPOConfig))
+    run_main(main, GRPOConfig)

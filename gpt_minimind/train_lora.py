@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from common.checkpoint import save_pretrained
-from common.config import parse_config
+from common.cli import run_main
 from common.results import command_line, make_record
 from common.runtime import pick_device, seed_everything, set_threads
 
@@ -103,4 +103,4 @@ def main(cfg: LoRAConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(LoRAConfig))
+    run_main(main, LoRAConfig)

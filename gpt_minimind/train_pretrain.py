@@ -32,7 +32,7 @@ from common.checkpoint import (
     save_checkpoint,
     save_pretrained,
 )
-from common.config import parse_config
+from common.cli import run_main
 from common.data import evenly_spaced, subset_note
 from common.distributed import all_reduce_mean, cleanup, init_distributed, wrap
 from common.results import command_line, make_record
@@ -327,5 +327,5 @@ def main(cfg: PretrainConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(PretrainConfig, presets=PRESETS))
+    run_main(main, PretrainConfig, presets=PRESETS)
     cleanup()  # leave the process group (a no-op without torchrun)

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from common.checkpoint import save_pretrained
-from common.config import parse_config
+from common.cli import run_main
 from common.results import command_line, make_record
 from common.runtime import pick_device, seed_everything, set_threads
 
@@ -46,4 +46,4 @@ def main(cfg: SFTConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(SFTConfig))
+    run_main(main, SFTConfig)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.config import parse_config
+from common.cli import run_main
 
 from .tokenizer import build_tokenizer
 
@@ -40,4 +40,4 @@ def main(cfg: TokenizerConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(TokenizerConfig))
+    run_main(main, TokenizerConfig)

@@ -117,7 +117,7 @@ def summarization_pairs(split: str, data_file: str = "", text_field: str = "text
     90 / 5 / 5 % of it by the md5 of the text)."""
     if data_file:
         rows = [{"text": clean_body(r[text_field]), "summary": clean_title(r[summary_field])}
-                for r in iter_jsonl(data_file, required=(text_field, summary_field))]
+                for r in iter_jsonl(data_file, required={text_field: str, summary_field: str})]
         want = {"train": range(0, 90), "dev": range(90, 95), "test": range(95, 100)}[split]
         return [r for r in rows if md5_bucket(r["text"]) in want]
     name = {"train": "train", "dev": "dev", "valid": "dev", "test": "test"}[split]

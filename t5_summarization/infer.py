@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.checkpoint import load_pretrained, read_config
-from common.config import parse_config
+from common.cli import run_main
 from common.runtime import pick_device, set_threads
 
 from .dataset import Tokenizer, summarization_pairs
@@ -73,4 +73,4 @@ def main(cfg: InferConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(InferConfig))
+    run_main(main, InferConfig)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from common.checkpoint import resume_or_start, resume_point, save_checkpoint, save_pretrained
-from common.config import parse_config
+from common.cli import run_main
 from common.data import evenly_spaced, subset_note
 from common.results import command_line, make_record
 from common.runtime import autocast, pick_device, pick_dtype, seed_everything, set_threads
@@ -245,4 +245,4 @@ def main(cfg: PretrainConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(PretrainConfig, presets=PRESETS))
+    run_main(main, PretrainConfig, presets=PRESETS)

@@ -38,7 +38,7 @@ from common.checkpoint import (
     save_checkpoint,
     save_pretrained,
 )
-from common.config import parse_config
+from common.cli import run_main
 from common.results import command_line, make_record
 from common.runtime import autocast, pick_device, pick_dtype, seed_everything, set_threads
 from common.schedule import clip_grad
@@ -286,4 +286,4 @@ def main(cfg: SummarizeConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(SummarizeConfig, presets=PRESETS))
+    run_main(main, SummarizeConfig, presets=PRESETS)

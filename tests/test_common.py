@@ -342,13 +342,13 @@ def test_every_script_help_renders():
     found = 0
     for path in sorted(root.glob("*/*.py")):
         source = path.read_text(encoding="utf-8")
-        m = re.search(r"main\(parse_config\((\w+)", source)
+        m = re.search(r"run_main\((?:main|_main), (\w+)|main\(parse_config\((\w+)", source)
         if m is None or path.parent.name in ("tests", "common"):
             continue
         module = importlib.import_module(f"{path.parent.name}.{path.stem}")
         presets = module.PRESETS if "presets=PRESETS" in source else None  # as the script parses its flags
-        help_text = config.build_parser(getattr(module, m.group(1)), presets).format_help()
-        assert "--" in help_text, path
+        help_text = config.build_parser(getattr(module, m.group(1) or m.group(2)), presets).format_help()
+        assert "--" in help_text and "--debug" in help_text, path
         found += 1
     assert found >= 20  # every chapter's train/infer/bench scripts
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from common.bench import matmul_peak_flops, mfu, peak_memory_bytes, time_fn, time_interleaved
-from common.config import parse_config
+from common.cli import run_main
 from common.runtime import autocast, pick_device, pick_dtype, set_threads
 
 from .model import MODEL_PRESETS, Transformer, TransformerConfig, scaled_dot_product_attention
@@ -104,4 +104,4 @@ def main(cfg: BenchConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(BenchConfig))
+    run_main(main, BenchConfig)

@@ -57,9 +57,7 @@ def read_sqlite_pairs(db_path: str | Path) -> list[Pair]:
 def read_jsonl_pairs(path: str | Path, src_key: str = "en", tgt_key: str = "zh") -> list[Pair]:
     """Your own data: one JSON object per line with ``src_key`` and ``tgt_key`` strings."""
     pairs = []
-    for lineno, rec in enumerate(iter_jsonl(path, required=(src_key, tgt_key)), start=1):
-        if not isinstance(rec[src_key], str) or not isinstance(rec[tgt_key], str):
-            raise ValueError(f"{path}: record {lineno}: {src_key!r} and {tgt_key!r} must be strings")
+    for rec in iter_jsonl(path, required={src_key: str, tgt_key: str}):  # names file:line of a bad record
         pairs.append((rec[src_key], rec[tgt_key]))
     return clean_pairs(pairs)
 

@@ -18,7 +18,7 @@ import sacrebleu
 import torch
 
 from common.checkpoint import average_weights, list_checkpoints, load_pretrained, load_weights, read_config
-from common.config import parse_config
+from common.cli import run_main
 from common.results import command_line, make_record
 from common.runtime import pick_device, set_threads
 
@@ -302,4 +302,4 @@ def write_results(run_dir: Path, result: dict, cfg: InferConfig) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_config(InferConfig))
+    run_main(main, InferConfig)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from common.checkpoint import model_state, resume_or_start, resume_point, save_checkpoint, save_pretrained
-from common.config import parse_config
+from common.cli import run_main
 from common.distributed import all_reduce_mean, cleanup, init_distributed, wrap
 from common.results import command_line
 from common.runtime import autocast, pick_device, pick_dtype, seed_everything, set_threads
@@ -224,5 +224,5 @@ def main(cfg: TrainConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(TrainConfig, presets=PRESETS))
+    run_main(main, TrainConfig, presets=PRESETS)
     cleanup()  # leave the process group (a no-op without torchrun)
