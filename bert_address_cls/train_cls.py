@@ -184,6 +184,9 @@ def build_model(cfg: ClsConfig, names: list[str]):
 
 
 def main(cfg: ClsConfig) -> dict:
+    for path in (cfg.train_file, cfg.valid_file, cfg.test_file):  # your files first: a bad row is reported
+        for _ in D.read_addresses(path) if path else ():        # before a model is built
+            pass
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)

@@ -466,7 +466,7 @@ def split_loss(logits_fn, ids: torch.Tensor, block: int, batch_size: int = 32) -
     total, count = 0.0, 0
     for group in groups:
         w = torch.stack([ids[s:s + block + 1] for s in group]).long()
-        logits = logits_fn(w[:, :-1])
+        logits = logits_fn(w[:, :-1].contiguous())  # nanoGPT's forward views its inputs
         total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), w[:, 1:].flatten(),
                                                    reduction="sum").item()
         count += w[:, 1:].numel()

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.cli import run_main
+from common.cli import UserError, run_main
 from common.runtime import pick_device, set_threads
 
 from . import engine
@@ -102,9 +102,19 @@ def main(cfg: InferConfig) -> dict:
         chat(model, tok, cfg)
         return {}
     results = []
-    for prompt in cfg.prompt:
+    limit = model.config.max_position_embeddings
+    for i, prompt in enumerate(cfg.prompt, 1):
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that were not UTF-8 on the command line arrive as lone surrogates
+            raise UserError(f"--prompt number {i} is not valid UTF-8 text (a character cut in the middle?)") from None
         sys.stdout.write(prompt)
         ids = [tok.bos_token_id] + tok.encode(prompt, add_special_tokens=False)
+        keep = max(1, limit - cfg.max_new_tokens)  # the newest tokens, leaving room for the continuation
+        if len(ids) > keep:
+            print(f"\nwarning: prompt {i} has {len(ids)} tokens and the context holds {limit}: keeping its last "
+                  f"{keep} so that {limit - keep} can be generated", file=sys.stderr)
+            ids = ids[-keep:]
         text, n, s = stream(model, tok, ids, cfg)
         print(f"  [{n} tokens in {s:.2f} s, {n / max(s, 1e-9):.0f} tokens/s, {'with' if cfg.cache else 'no'} KV cache]")
         results.append({"prompt": prompt, "text": text, "new_tokens": n, "seconds": s})

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from common.data import read_text_file
+
 from .dataset import CharTokenizer, encode_documents, load_documents
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -112,7 +114,7 @@ def load_streams(kind: str, tokenizer_dir: str | Path, out_dir: str | Path, data
     """Token streams for train and valid, the tokenizer (a dict of encode, decode, vocab_size, bos, eos),
     and the character count of each split. ``text_file``: plain text, first 90% train (nanoGPT's split)."""
     if text_file:
-        text = Path(text_file).read_text(encoding="utf-8")
+        text = read_text_file(text_file)
         cut = int(len(text) * 0.9)
         splits = {"train": [text[:cut]], "valid": [text[cut:]]}
     else:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.checkpoint import load_pretrained, read_config
-from common.cli import run_main
+from common.cli import UserError, run_main
 from common.runtime import pick_device, set_threads
 
 from .dataset import Tokenizer, summarization_pairs
@@ -27,7 +27,7 @@ class InferConfig:
     """Summarize the test split (or --text) with a fine-tuned checkpoint."""
 
     ckpt: str = "runs/t5_summarization/summarize/final"  # a train_summarize.py output (model + spiece.model)
-    text: str = ""  # summarize this article instead of the test split
+    text: str | None = None  # summarize this article instead of the test split
     split: str = "test"  # test or dev
     limit: int = 0  # only the first N articles (0: all)
     prefix: str = "摘要："  # the task prefix the model was fine-tuned with
@@ -50,10 +50,13 @@ def load_model(ckpt: str | Path, device) -> tuple[T5ForConditionalGeneration, To
 
 
 def main(cfg: InferConfig) -> dict:
+    if cfg.text is not None and not cfg.text.strip():
+        raise UserError("--text is empty: give the article to summarize, or leave --text out to score the test "
+                        "split")
     set_threads(cfg.threads)
     device = pick_device(cfg.device)
     model, tok = load_model(cfg.ckpt, device)
-    if cfg.text:
+    if cfg.text is not None:
         for name, beams in (("greedy", 1), (f"beam {cfg.num_beams}", cfg.num_beams)):
             print(f"{name}: {summarize(model, tok, [cfg.text], cfg, beams)[0]}")
         return {}

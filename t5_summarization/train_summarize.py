@@ -200,11 +200,11 @@ def main(cfg: SummarizeConfig) -> dict:
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     out = Path(cfg.out_dir)
+    kw = dict(data_file=cfg.data_file, text_field=cfg.text_field, summary_field=cfg.summary_field)
+    train_pairs = summarization_pairs("train", **kw)  # first: a bad data file is reported before any other work
     if not Path(cfg.tokenizer).exists():
         raise FileNotFoundError(f"{cfg.tokenizer}: no tokenizer; run python -m t5_summarization.train_pretrain first")
     tok = Tokenizer(cfg.tokenizer)
-    kw = dict(data_file=cfg.data_file, text_field=cfg.text_field, summary_field=cfg.summary_field)
-    train_pairs = summarization_pairs("train", **kw)
     train = PairData(tok, train_pairs[: cfg.max_train_pairs] if cfg.max_train_pairs else train_pairs, cfg)
     dev = PairData(tok, summarization_pairs("dev", **kw), cfg)
     model = build_model(cfg, tok).to(device)

@@ -356,7 +356,7 @@ class GPT(torch.nn.Module):
         logits = self.table(idx)
         if targets is None:
             return logits[:, [-1]], None
-        return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))  # views, as nanoGPT
 '''
 
 

@@ -18,7 +18,7 @@ import sacrebleu
 import torch
 
 from common.checkpoint import average_weights, list_checkpoints, load_pretrained, load_weights, read_config
-from common.cli import run_main
+from common.cli import UserError, run_main
 from common.results import command_line, make_record
 from common.runtime import pick_device, set_threads
 
@@ -41,7 +41,7 @@ class InferConfig:
     """Decode with a trained translation model and score it with BLEU."""
 
     model_dir: str = "runs/transformer_basics/translate/final"  # model.safetensors, config.json, tokenizers
-    sentence: str = ""  # translate this one English sentence and exit (with --attention-png: draw it too)
+    sentence: str | None = None  # translate this one English sentence and exit (with --attention-png: draw it too)
     split: str = "test"  # which split to score: test or valid
     data_file: str = ""  # the same data source as training (empty = zhlib)
     hf_dataset: str = ""  # a Hugging Face dataset in opus format
@@ -62,7 +62,12 @@ class InferConfig:
 def load_model(model_dir: str | Path, device: torch.device, average_last: int = 0) -> Transformer:
     """The trained model from ``model_dir``; with ``average_last`` N, the mean of the weights of the
     last N checkpoints in ``model_dir/../checkpoints`` instead of the final weights."""
-    cfg = TransformerConfig(**read_config(model_dir))
+    raw = read_config(model_dir)
+    unknown = sorted(set(raw) - set(TransformerConfig.__dataclass_fields__))
+    if unknown:
+        raise UserError(f"{Path(model_dir) / 'config.json'}: not a transformer_basics model (fields {unknown[:4]} "
+                        "are not TransformerConfig's); point --model-dir at a train_translate.py output")
+    cfg = TransformerConfig(**raw)
     model = Transformer(cfg)
     if average_last:
         ckpts = list_checkpoints(Path(model_dir).parent / "checkpoints")[-average_last:]
@@ -217,6 +222,9 @@ def draw_attention(model: Transformer, src_tok, tgt_tok, sentence: str, path: st
 
 
 def main(cfg: InferConfig) -> dict:
+    if cfg.sentence is not None and not cfg.sentence.strip():
+        raise UserError("--sentence is empty: give the English sentence to translate, or leave --sentence out to "
+                        "score the test split")
     set_threads(cfg.threads)
     device = pick_device(cfg.device)
     model_dir = Path(cfg.model_dir)
@@ -224,7 +232,7 @@ def main(cfg: InferConfig) -> dict:
     src_tok = load_tokenizer(model_dir / "src_tokenizer.json")
     tgt_tok = load_tokenizer(model_dir / "tgt_tokenizer.json")
 
-    if cfg.sentence:
+    if cfg.sentence is not None:
         src = torch.tensor([encode(src_tok, cfg.sentence, model.config.max_len, add_bos=False)], device=device)
         g = decode(tgt_tok, greedy_decode(model, src, cfg.max_new_tokens)[0])
         b = decode(tgt_tok, beam_search(model, src, cfg.beam_size, cfg.max_new_tokens, cfg.length_penalty))

@@ -1,0 +1,207 @@
+"""The catalogue of bad inputs: each case runs the real command as a user would (a subprocess, tiny sizes) and
+must end with exit status 1 and one `error:` line that names the file and line or the flag, with no traceback.
+
+The cases run in parallel once per session (each is a fresh Python that imports torch: ~2.5 s of CPU), and each
+case is its own test for the report. A new chapter adds its families here: a missing file, a file that is not
+what it should be, a bad row of a data file, a flag out of range, an empty input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _files(d: Path) -> dict[str, str]:
+    """The bad (and the few good) input files the cases point at."""
+    w = {}
+
+    def put(name: str, data: bytes) -> None:
+        (d / name).write_bytes(data)
+        w[name] = str(d / name)
+
+    put("text_int.jsonl", b'{"text": "fine"}\n\n\n{"text": 12345}\n')  # the bad record is on line 4
+    put("text_null.jsonl", b'{"text": null}\n')
+    put("text_latin1.jsonl", b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    put("not_json.jsonl", b'{"text": "fine"}\n{"text": \n')
+    put("array.jsonl", b'["text", "fine"]\n')
+    put("latin1.txt", b"First Citizen:\nBefore we proceed any further, hear me spe\xe9k.\n")
+    put("empty.txt", b"\n\n")
+    put("pairs_int.jsonl", b'{"en": "one", "zh": "\xe4\xb8\x80"}\n{"en": 2, "zh": "\xe4\xba\x8c"}\n')
+    put("summaries_missing.jsonl", b'{"text": "an article"}\n')
+    put("conv_bad.jsonl", b'\n{"conversations": [{"role": "user", "content": "hi"}]}\n')  # no assistant turn
+    put("conv_type.jsonl", b'{"conversations": "hello"}\n')
+    put("dpo_bad.jsonl", b'{"chosen": [{"role": "user", "content": "q"}], "rejected": "no"}\n')
+    put("spans_bad.jsonl", '{"text": "浙江省杭州市", "spans": [[0, 3, "town?"]]}\n'.encode())
+    put("spans_type.jsonl", '{"text": "浙江省杭州市", "spans": "0-3"}\n'.encode())
+    (d / "broken_model").mkdir()
+    (d / "broken_model" / "config.json").write_text(json.dumps({"hidden_size": 64}))
+    (d / "broken_model" / "model.safetensors").write_bytes(b"\x00" * 16)  # cut short
+    w["broken_model"] = str(d / "broken_model")
+    w["missing"] = str(d / "does_not_exist.jsonl")
+    w["missing_dir"] = str(d / "no_such_run")
+    w["out"] = str(d / "out")
+    return w
+
+
+def _cases(w: dict[str, str], base: str) -> list[tuple[str, list[str], str]]:
+    """(id, python -m arguments, a part of the expected error line)."""
+    out = ["--out-dir", w["out"]]
+    return [
+        # --- gpt_minimind ---------------------------------------------------------------------------------
+        ("gpt_pretrain_batch_0", ["gpt_minimind.train_pretrain", "--batch-size", "0"], "--batch-size 0: expected >= 1"),
+        ("gpt_pretrain_lr_negative", ["gpt_minimind.train_pretrain", "--lr", "-1"], "--lr -1.0: expected > 0"),
+        ("gpt_pretrain_preset_then_bad_flag", ["gpt_minimind.train_pretrain", "--preset", "gpu4gb", "--grad-accum",
+                                               "0"], "--grad-accum 0: expected >= 1"),
+        ("gpt_pretrain_missing_file", ["gpt_minimind.train_pretrain", "--data-file", w["missing"], *out],
+         "does_not_exist.jsonl: No such file"),
+        ("gpt_pretrain_text_int", ["gpt_minimind.train_pretrain", "--data-file", w["text_int.jsonl"], *out],
+         "text_int.jsonl:4: field 'text' is an integer, expected a string"),
+        ("gpt_pretrain_text_null", ["gpt_minimind.train_pretrain", "--data-file", w["text_null.jsonl"], *out],
+         "text_null.jsonl:1: field 'text' is null"),
+        ("gpt_pretrain_not_utf8", ["gpt_minimind.train_pretrain", "--data-file", w["text_latin1.jsonl"], *out],
+         "text_latin1.jsonl:2: not UTF-8 text"),
+        ("gpt_pretrain_not_json", ["gpt_minimind.train_pretrain", "--data-file", w["not_json.jsonl"], *out],
+         "not_json.jsonl:2: not valid JSON"),
+        ("gpt_pretrain_not_an_object", ["gpt_minimind.train_pretrain", "--data-file", w["array.jsonl"], *out],
+         "array.jsonl:1: expected a JSON object"),
+        ("gpt_pretrain_text_file_not_utf8", ["gpt_minimind.train_pretrain", "--text-file", w["latin1.txt"],
+                                             "--tokenizer", "char", *out], "latin1.txt:2: not UTF-8 text"),
+        ("gpt_tokenizer_missing_file", ["gpt_minimind.train_tokenizer", "--data-file", w["missing"],
+                                        "--out-dir", w["out"]], "does_not_exist.jsonl: No such file"),
+        ("gpt_infer_missing_ckpt", ["gpt_minimind.infer", "--ckpt", w["missing_dir"]], "no_such_run"),
+        ("gpt_infer_damaged_weights", ["gpt_minimind.infer", "--ckpt", w["broken_model"]],
+         "model.safetensors: not a readable safetensors file"),
+        ("gpt_infer_max_new_tokens_0", ["gpt_minimind.infer", "--max-new-tokens", "0"],
+         "--max-new-tokens 0: expected >= 1"),
+        ("gpt_export_missing_ckpt", ["gpt_minimind.export_hf", "--ckpt", w["missing_dir"], "--out", w["out"]],
+         "no_such_run"),
+        ("gpt_sft_no_assistant_turn", ["gpt_minimind.train_sft", "--init-from", base, "--data-file",
+                                       w["conv_bad.jsonl"], *out], "conv_bad.jsonl:2: 'conversations' must"),
+        ("gpt_sft_wrong_type", ["gpt_minimind.train_sft", "--init-from", base, "--data-file", w["conv_type.jsonl"],
+                                *out], "conv_type.jsonl:1: field 'conversations' is a string, expected a list"),
+        ("gpt_sft_missing_init", ["gpt_minimind.train_sft", "--init-from", w["missing_dir"], *out], "no_such_run"),
+        ("gpt_lora_bad_data", ["gpt_minimind.train_lora", "--init-from", base, "--data-file", w["text_null.jsonl"],
+                               *out], "text_null.jsonl:1: missing field(s) ['conversations']"),
+        ("gpt_dpo_bad_pair", ["gpt_minimind.train_dpo", "--init-from", base, "--data-file", w["dpo_bad.jsonl"],
+                              *out], "dpo_bad.jsonl:1: field 'rejected' is a string, expected a list"),
+        ("gpt_distill_missing_teacher", ["gpt_minimind.train_distill", "--teacher", w["missing_dir"], *out],
+         "no_such_run"),
+        ("gpt_sweep_unknown_point", ["gpt_minimind.sweep", "--points", "w9999_l9", "--out-dir", w["out"]],
+         "--points ['w9999_l9']: not in the grid"),
+        # --- transformer_basics ---------------------------------------------------------------------------
+        ("tb_train_batch_0", ["transformer_basics.train_translate", "--batch-size", "0"],
+         "--batch-size 0: expected >= 1"),
+        ("tb_train_pair_type", ["transformer_basics.train_translate", "--data-file", w["pairs_int.jsonl"], *out],
+         "pairs_int.jsonl:2: field 'en' is an integer, expected a string"),
+        ("tb_train_missing_file", ["transformer_basics.train_translate", "--data-file", w["missing"], *out],
+         "does_not_exist.jsonl: No such file"),
+        ("tb_infer_empty_sentence", ["transformer_basics.infer", "--model-dir", w["missing_dir"], "--sentence", ""],
+         "--sentence is empty"),
+        ("tb_infer_other_chapters_model", ["transformer_basics.infer", "--model-dir", base, "--sentence", "hi"],
+         "not a transformer_basics model"),
+        ("tb_infer_beam_0", ["transformer_basics.infer", "--beam-size", "0"], "--beam-size 0: expected >= 1"),
+        ("tb_infer_missing_model", ["transformer_basics.infer", "--model-dir", w["missing_dir"], "--sentence", "hi"],
+         "no_such_run"),
+        # --- bert_address_cls -----------------------------------------------------------------------------
+        ("bert_mlm_batch_0", ["bert_address_cls.train_mlm", "--batch-size", "0"], "--batch-size 0: expected >= 1"),
+        ("bert_mlm_text_null", ["bert_address_cls.train_mlm", "--text-file", w["text_null.jsonl"], *out],
+         "text_null.jsonl:1: field 'text' is null"),
+        ("bert_cls_bad_span", ["bert_address_cls.train_cls", "--train-file", w["spans_bad.jsonl"], *out],
+         "spans_bad.jsonl:1: span [0, 3, 'town?'] has field 'town?'"),
+        ("bert_cls_spans_type", ["bert_address_cls.train_cls", "--train-file", w["spans_type.jsonl"], *out],
+         "spans_type.jsonl:1: field 'spans' is a string, expected a list"),
+        ("bert_infer_empty_file", ["bert_address_cls.infer", "--ckpt", base, "--file", w["empty.txt"]],
+         "empty.txt: no address in it"),
+        ("bert_infer_missing_file", ["bert_address_cls.infer", "--file", w["missing"]],
+         "--file " + w["missing"] + ": no such file"),
+        ("bert_infer_file_not_utf8", ["bert_address_cls.infer", "--ckpt", base, "--file", w["latin1.txt"]],
+         "latin1.txt:2: not UTF-8 text"),
+        ("bert_evaluate_missing_ckpt", ["bert_address_cls.evaluate", "--ckpt", w["missing_dir"]], "no_such_run"),
+        # --- t5_summarization -----------------------------------------------------------------------------
+        ("t5_pretrain_batch_0", ["t5_summarization.train_pretrain", "--batch-size", "0"],
+         "--batch-size 0: expected >= 1"),
+        ("t5_summarize_missing_field", ["t5_summarization.train_summarize", "--data-file",
+                                        w["summaries_missing.jsonl"], "--init-from", "", *out],
+         "summaries_missing.jsonl:1: missing field(s) ['summary']"),
+        ("t5_infer_empty_text", ["t5_summarization.infer", "--ckpt", w["missing_dir"], "--text", ""],
+         "--text is empty"),
+        ("t5_infer_beams_0", ["t5_summarization.infer", "--num-beams", "0"], "--num-beams 0: expected >= 1"),
+        ("t5_infer_missing_ckpt", ["t5_summarization.infer", "--ckpt", w["missing_dir"], "--text", "x"],
+         "no_such_run"),
+        # --- appendix -------------------------------------------------------------------------------------
+        ("appendix_rnn_batch_0", ["appendix.rnn", "--batch-size", "0"], "--batch-size 0: expected >= 1"),
+        ("appendix_positions_lr_0", ["appendix.positions", "--lr", "0"], "--lr 0.0: expected > 0"),
+        ("appendix_memory_threads_negative", ["appendix.memory", "--threads", "-2"], "--threads -2: expected >= 0"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, tuple[list[str], str, subprocess.CompletedProcess]]:
+    """Every case, run once, in parallel; a tiny 'pretrained' GPT directory serves as --init-from / --ckpt."""
+    from common.checkpoint import save_pretrained
+    from gpt_minimind import train_tokenizer
+    from gpt_minimind.model import MiniMindConfig, MiniMindForCausalLM
+
+    d = tmp_path_factory.mktemp("bad")
+    w = _files(d)
+    text = d / "tok.jsonl"
+    text.write_text("".join(json.dumps({"text": f"计算：{a}+{b}={a + b}。"}, ensure_ascii=False) + "\n"
+                            for a in range(10) for b in range(10)))
+    train_tokenizer.main(train_tokenizer.TokenizerConfig(vocab_size=300, data_file=str(text), out_dir=str(d / "tok")))
+    base = d / "base"
+    model = MiniMindForCausalLM(MiniMindConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1,
+                                               num_attention_heads=2, num_key_value_heads=1,
+                                               max_position_embeddings=32))
+    save_pretrained(model, model.config.to_dict(), base)
+    (base / "tokenizer").mkdir()
+    for f in (d / "tok").iterdir():
+        (base / "tokenizer" / f.name).write_bytes(f.read_bytes())
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1",
+           "TUTORIALS_DEBUG": "0", "PYTHONWARNINGS": "ignore"}
+    cases = _cases(w, str(base))
+
+    def one(case):
+        name, args, expected = case
+        return name, (args, expected, subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, text=True,
+                                                     capture_output=True, timeout=120))
+
+    with ThreadPoolExecutor(max_workers=max(2, (os.cpu_count() or 2) * 2)) as pool:
+        return dict(pool.map(one, cases))
+
+
+CASE_IDS = [c[0] for c in _cases({k: k for k in ("text_int.jsonl text_null.jsonl text_latin1.jsonl not_json.jsonl "
+                                                 "array.jsonl latin1.txt empty.txt pairs_int.jsonl "
+                                                 "summaries_missing.jsonl conv_bad.jsonl conv_type.jsonl "
+                                                 "dpo_bad.jsonl spans_bad.jsonl spans_type.jsonl broken_model "
+                                                 "missing missing_dir out").split()}, "base")]
+
+
+def test_the_catalogue_is_large_enough():
+    assert len(CASE_IDS) >= 40 and len(set(CASE_IDS)) == len(CASE_IDS)
+    chapters = {i.split("_")[0] for i in CASE_IDS}
+    assert {"gpt", "tb", "bert", "t5", "appendix"} <= chapters
+
+
+@pytest.mark.parametrize("case", CASE_IDS)
+def test_bad_input_is_one_clear_line(runs, case):
+    args, expected, proc = runs[case]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1, (args, proc.returncode, proc.stderr[-1500:])
+    assert "Traceback" not in proc.stderr, (args, proc.stderr[-1500:])
+    assert len(errors) == 1, (args, proc.stderr[-1500:])
+    assert expected in errors[0], (args, errors[0])
+
+
+def test_debug_shows_the_traceback():
+    proc = subprocess.run([sys.executable, "-m", "appendix.rnn", "--batch-size", "0", "--debug"], cwd=ROOT,
+                          text=True, capture_output=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "UserError" in proc.stderr
