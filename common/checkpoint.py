@@ -276,6 +276,20 @@ def config_mismatch(saved: dict[str, Any], cfg: Any) -> list[str]:
     return out
 
 
+def shape_mismatch(ckpt_dir: Path, model: torch.nn.Module) -> list[str]:
+    """The tensors of ``ckpt_dir/model.safetensors`` whose shape differs from the model's, read from the
+    file's header only (no weight is loaded); [] when they fit or when the header cannot be read."""
+    from safetensors import safe_open
+
+    own = {k: tuple(v.shape) for k, v in unwrap(model).state_dict().items() if hasattr(v, "shape")}
+    try:
+        with safe_open(str(Path(ckpt_dir) / "model.safetensors"), "pt") as f:
+            saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError):
+        return []  # a damaged file: the loading below reports it and falls back
+    return [f"{k} is {saved[k]} there, {own[k]} here" for k in sorted(saved) if k in own and saved[k] != own[k]]
+
+
 def resume_or_start(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Any, out: Path,
                     resume_from: Path | None, device, min_lr_ratio: float = 0.1, *, schedule: str = "cosine",
                     d_model: int = 512, is_main: bool = True):
@@ -291,10 +305,14 @@ def resume_or_start(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cf
                                min_ratio=min_lr_ratio)
     start = 0
     if resume_from is not None:
-        diffs = config_mismatch(read_config(resume_from), cfg)
-        if diffs:
-            raise UserError(f"--resume: {resume_from} was saved with other model settings: {'; '.join(diffs)}. "
-                            "Resume with the checkpoint's values, or train into another --out-dir")
+        # a model flag changed since the checkpoint was written: name the flags, before any weight is loaded
+        # (flags that do not change the weights' shapes, such as --lr or --save-every, may change on resume)
+        wrong = shape_mismatch(resume_from, model)
+        if wrong:
+            diffs = config_mismatch(read_config(resume_from), cfg)
+            raise UserError(f"--resume: {resume_from} does not fit the model these flags build ({wrong[0]})"
+                            + (f"; the flags differ from the checkpoint's: {'; '.join(diffs)}" if diffs else "")
+                            + ". Resume with the checkpoint's values, or train into another --out-dir")
         # a checkpoint that cannot be read (cut short by a crash while it was written, a damaged disk) is
         # reported and the next older one is used: at most one more save interval is lost
         candidates = [resume_from, *(p for p in reversed(list_checkpoints(resume_from.parent))
