@@ -393,7 +393,7 @@ def scripts(package_dir: Path) -> list[str]:
 
 def has_command_line(path: Path) -> bool:
     """Whether a script reads options (argparse, common.config, sys.argv); one that does not just runs."""
-    pattern = r"argparse|parse_config|parse_no_flags|parse_args|sys\.argv"
+    pattern = r"argparse|parse_config|parse_no_flags|parse_args|run_main|sys\.argv"
     return re.search(pattern, path.read_text(encoding="utf-8")) is not None
 
 

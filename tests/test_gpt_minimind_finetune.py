@@ -85,7 +85,7 @@ def test_task_splits_share_no_question():
 def test_bad_inputs_are_named(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"conversations": [{"role": "user", "content": "hi"}]}) + "\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl: line 1: .*ending with an assistant turn"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: .*ending with an assistant turn"):
         read_conversations(bad)
     with pytest.raises(ValueError, match="expected TASK=N"):
         parse_mix(["arithmetc=5"])
@@ -387,7 +387,7 @@ def test_dpo_pairs_file_errors_are_named(tmp_path):
     bad.write_text(json.dumps({"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
                                "rejected": [{"role": "user", "content": "DIFFERENT"},
                                             {"role": "assistant", "content": "c"}]}) + "\n")
-    with pytest.raises(ValueError, match=r"dpo.jsonl: line 1: .*same prompt"):
+    with pytest.raises(ValueError, match=r"dpo.jsonl:1: .*same prompt"):
         read_dpo_jsonl(bad)
 
 
