@@ -22,12 +22,12 @@ from common.data import read_text_file
 from common.runtime import pick_device
 
 from .dataset import fields_of
-from .parsing import load_parser, parse_batch
+from .parsing import MAX_LEN, load_parser, parse_batch
 
 
 def parse(model, tok, texts: list[str], provinces: list[str], batch_size: int = 256) -> list[dict]:
     """One JSON-able dict per address (the format of the module docstring)."""
-    limit = 128 - 2  # parse_batch's max_len, less [CLS] and [SEP]
+    limit = MAX_LEN - 2  # less [CLS] and [SEP]
     for i, text in enumerate(texts, 1):
         if len(text) > limit:
             print(f"warning: address {i} has {len(text)} characters: only its first {limit} are tagged",

@@ -7,10 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from common.checkpoint import load_weights, read_config
+from common.checkpoint import load_pretrained, read_config
 
 from .dataset import FIELDS, TAGS, Address, entity_scores, normalize, tags_to_spans
 from .model import BertConfig, BertForAddressParsing
@@ -29,9 +28,12 @@ def load_parser(ckpt: str | Path, device="cpu") -> tuple[BertForAddressParsing, 
         if key not in cfg:
             raise ValueError(f"{ckpt / 'config.json'}: field {key!r} missing; is this a train_cls.py directory?")
     model = BertForAddressParsing(BertConfig.from_dict(cfg), cfg["num_tags"], len(cfg["provinces"]))
-    load_weights(model, load_file(str(ckpt / "model.safetensors")), str(ckpt / "model.safetensors"))
+    load_pretrained(model, ckpt)  # names a missing or damaged weights file
     tok = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
     return model.to(device).eval(), tok, cfg["provinces"]
+
+
+MAX_LEN = 128  # tokens the parser reads per address, [CLS] and [SEP] included
 
 
 def encode(tok, texts: list[str], max_len: int):
@@ -51,7 +53,7 @@ def encode(tok, texts: list[str], max_len: int):
 
 @torch.no_grad()
 def parse_batch(model: BertForAddressParsing, tok, texts: list[str], provinces: list[str],
-                max_len: int = 128) -> list[dict]:
+                max_len: int = MAX_LEN) -> list[dict]:
     """Spans (character offsets) and the [CLS] province for each text."""
     device = model.classifier.weight.device
     ids, mask, char = encode(tok, texts, max_len)

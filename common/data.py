@@ -137,16 +137,16 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+_JSON_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object",
+               bool: "true/false", type(None): "null"}
+
+
 def _type_names(tp) -> str:
-    tps = tp if isinstance(tp, tuple) else (tp,)
-    names = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object",
-             bool: "true/false"}
-    return " or ".join(names.get(t, t.__name__) for t in tps)
+    return " or ".join(_JSON_NAMES.get(t, t.__name__) for t in (tp if isinstance(tp, tuple) else (tp,)))
 
 
 def _json_type(value) -> str:
-    return {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object",
-            bool: "true/false", type(None): "null"}.get(type(value), type(value).__name__)
+    return _type_names(type(value))
 
 
 def iter_jsonl(path: str | os.PathLike, required: Sequence[str] | Mapping[str, type | tuple[type, ...]] = (),

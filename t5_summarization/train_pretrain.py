@@ -126,9 +126,14 @@ def corrupted_batch(stream: np.ndarray, tok: Tokenizer, cfg, seed: int):
     """``batch_size`` random chunks, span-corrupted: (input ids, attention mask, labels with -100 on padding)."""
     rng = random.Random(seed)
     n_chunks = len(stream) // cfg.seq_len
+    # lazily: each chunk is drawn just before its corruption, from the same generator
+    return _span_batch(stream, tok, cfg, ((rng.randrange(n_chunks), rng) for _ in range(cfg.batch_size)))
+
+
+def _span_batch(stream: np.ndarray, tok: Tokenizer, cfg, picks):
+    """Chunks c of the stream, each span-corrupted with its generator rng, for (c, rng) in ``picks``."""
     inputs, targets = [], []
-    for _ in range(cfg.batch_size):
-        c = rng.randrange(n_chunks)
+    for c, rng in picks:
         chunk = [int(t) for t in stream[c * cfg.seq_len: (c + 1) * cfg.seq_len] if t != EOS]
         x, y = span_corrupt(chunk, tok.sentinel_ids, rng, cfg.noise_density, cfg.mean_span)
         inputs.append(x)
@@ -140,15 +145,7 @@ def corrupted_batch(stream: np.ndarray, tok: Tokenizer, cfg, seed: int):
 def corrupted_chunks(stream: np.ndarray, tok: Tokenizer, cfg, chunks: list[int], seed: int):
     """The given ``seq_len``-token chunks of the stream, span-corrupted, chunk c by a generator seeded by
     (seed, c) alone: (input ids, attention mask, labels with -100 on padding)."""
-    inputs, targets = [], []
-    for c in chunks:
-        rng = random.Random(seed * 1_000_003 + c)
-        chunk = [int(t) for t in stream[c * cfg.seq_len: (c + 1) * cfg.seq_len] if t != EOS]
-        x, y = span_corrupt(chunk, tok.sentinel_ids, rng, cfg.noise_density, cfg.mean_span)
-        inputs.append(x)
-        targets.append(y)
-    ids = pad_batch(inputs, PAD)
-    return ids, (ids != PAD).long(), pad_batch(targets, -100)
+    return _span_batch(stream, tok, cfg, ((c, random.Random(seed * 1_000_003 + c)) for c in chunks))
 
 
 @torch.no_grad()

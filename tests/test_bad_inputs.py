@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -178,11 +179,7 @@ def runs(tmp_path_factory) -> dict[str, tuple[list[str], str, subprocess.Complet
         return dict(pool.map(one, cases))
 
 
-CASE_IDS = [c[0] for c in _cases({k: k for k in ("text_int.jsonl text_null.jsonl text_latin1.jsonl not_json.jsonl "
-                                                 "array.jsonl latin1.txt empty.txt pairs_int.jsonl "
-                                                 "summaries_missing.jsonl conv_bad.jsonl conv_type.jsonl "
-                                                 "dpo_bad.jsonl spans_bad.jsonl spans_type.jsonl broken_model "
-                                                 "missing missing_dir out").split()}, "base")]
+CASE_IDS = [c[0] for c in _cases(defaultdict(str), "")]  # the ids only: no file is needed to name them
 
 
 def test_the_catalogue_is_large_enough():
