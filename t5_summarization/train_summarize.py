@@ -39,6 +39,7 @@ from common.checkpoint import (
     save_pretrained,
 )
 from common.cli import run_main
+from common.data import evenly_spaced, subset_note
 from common.results import command_line, make_record
 from common.runtime import autocast, pick_device, pick_dtype, seed_everything, set_threads
 from common.schedule import clip_grad
@@ -78,6 +79,7 @@ class SummarizeConfig:
     weight_decay: float = 0.01  # AdamW only, on matrices
     grad_clip: float = 1.0  # global norm
     eval_every: int = 500  # steps between dev losses
+    eval_batches: int = 0  # dev batches per dev loss, evenly spaced (0: all 935 pairs)
     save_every: int = 500  # steps between checkpoints
     keep_checkpoints: int = 2  # newest kept
     log_every: int = 25  # steps between log lines
@@ -181,10 +183,12 @@ class PairData:
 
 
 @torch.no_grad()
-def dev_loss(model, data: PairData, batch_size: int, device, dtype) -> float:
+def dev_loss(model, data: PairData, batch_size: int, device, dtype, max_batches: int = 0) -> float:
+    """Mean loss per headline token over the dev split, or over ``max_batches`` evenly spaced batches."""
     model.eval()
     total, n = 0.0, 0
-    for i in range(0, len(data), batch_size):
+    starts = range(0, len(data), batch_size)
+    for i in [starts[j] for j in evenly_spaced(len(starts), max_batches)]:
         ids, mask, labels = data.batch(list(range(i, min(i + batch_size, len(data)))))
         with autocast(device, dtype):
             loss, _ = model(ids.to(device), mask.to(device), labels.to(device))
@@ -217,10 +221,12 @@ def main(cfg: SummarizeConfig) -> dict:
     optimizer = make_optimizer(params, cfg)
     resume_from = resume_point(out / "checkpoints", cfg.resume)
     scheduler, start, logger = resume_or_start(model, optimizer, cfg, out, resume_from, device, cfg.min_lr_ratio)
+    n_dev = math.ceil(len(dev) / cfg.batch_size)
+    dev_note = subset_note(min(cfg.eval_batches or n_dev, n_dev), n_dev, "batches")
     if start == 0:
-        vl = dev_loss(model, dev, cfg.batch_size, device, dtype)
+        vl = dev_loss(model, dev, cfg.batch_size, device, dtype, cfg.eval_batches)
         logger.log({"step": 0, "valid_loss": vl})
-        logger.write(f"step 0/{cfg.max_iters} | dev loss {vl:.3f}")
+        logger.write(f"step 0/{cfg.max_iters} | dev loss {vl:.3f}{dev_note}")
     steps_per_epoch = len(train) // cfg.batch_size
     losses, t_start, step = [], time.perf_counter(), start
     model.train()
@@ -244,9 +250,9 @@ def main(cfg: SummarizeConfig) -> dict:
             losses.append(loss.item())
             logger.step(step, loss.item(), scheduler.get_last_lr()[0], ids.numel() + labels.numel(), epoch=epoch)
             if step % cfg.eval_every == 0 or step == cfg.max_iters:
-                vl = dev_loss(model, dev, cfg.batch_size, device, dtype)
+                vl = dev_loss(model, dev, cfg.batch_size, device, dtype, cfg.eval_batches)
                 logger.log({"step": step, "valid_loss": vl})
-                logger.write(f"step {step}/{cfg.max_iters} | dev loss {vl:.3f}")
+                logger.write(f"step {step}/{cfg.max_iters} | dev loss {vl:.3f}{dev_note}")
             if step % cfg.save_every == 0 or step == cfg.max_iters:
                 save_checkpoint(out / "checkpoints", step, model, model.config.to_dict(), optimizer, scheduler,
                                 keep=cfg.keep_checkpoints)

@@ -130,6 +130,9 @@ def _cases(w: dict[str, str], base: str) -> list[tuple[str, list[str], str]]:
         # --- t5_summarization -----------------------------------------------------------------------------
         ("t5_pretrain_batch_0", ["t5_summarization.train_pretrain", "--batch-size", "0"],
          "--batch-size 0: expected >= 1"),
+        ("t5_pretrain_vocab_over_the_text", ["t5_summarization.train_pretrain", "--max-documents", "20",
+                                             "--tokenizer-dir", w["out"] + "/t5_tokenizer", *out],
+         "--vocab-size 8000: the 20 training texts hold only"),
         ("t5_summarize_missing_field", ["t5_summarization.train_summarize", "--data-file",
                                         w["summaries_missing.jsonl"], "--init-from", "", *out],
          "summaries_missing.jsonl:1: missing field(s) ['summary']"),

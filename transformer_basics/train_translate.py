@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from common.checkpoint import model_state, resume_or_start, resume_point, save_checkpoint, save_pretrained
 from common.cli import run_main
+from common.data import evenly_spaced, subset_note
 from common.distributed import all_reduce_mean, cleanup, init_distributed, wrap
 from common.results import command_line
 from common.runtime import autocast, pick_device, pick_dtype, seed_everything, set_threads
@@ -62,6 +63,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # the paper uses none
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
     eval_every: int = 250  # steps between validation losses
+    eval_batches: int = 0  # valid batches per validation loss, evenly spaced (0: the whole split)
     save_every: int = 250  # steps between checkpoints
     keep_checkpoints: int = 2  # newest checkpoints kept on disk (infer --average-last N needs N)
     log_every: int = 20  # steps between log lines
@@ -109,11 +111,15 @@ def load_pairs(cfg: TrainConfig) -> dict[str, list[tuple[str, str]]]:
 
 
 @torch.no_grad()
-def evaluate_loss(model: Transformer, data: TranslationData, batch_size: int, device, dtype) -> float:
-    """Mean per-token NLL (no smoothing) over a whole split."""
+def evaluate_loss(model: Transformer, data: TranslationData, batch_size: int, device, dtype,
+                  max_batches: int = 0) -> float:
+    """Mean per-token NLL (no smoothing) over a whole split, or over ``max_batches`` evenly spaced batches."""
     model.eval()
     total, count = 0.0, 0
-    for _, src, tgt in data.batches(batch_size, seed=0, epoch=0, shuffle=False):
+    keep = set(evenly_spaced(math.ceil(len(data) / batch_size), max_batches))
+    for i, (_, src, tgt) in enumerate(data.batches(batch_size, seed=0, epoch=0, shuffle=False)):
+        if i not in keep:
+            continue
         src, tgt = src.to(device), tgt.to(device)
         with autocast(device, dtype):
             logits = model(src, tgt[:, :-1])
@@ -193,10 +199,12 @@ def main(cfg: TrainConfig) -> dict:
             logger.step(step, loss_value, scheduler.get_last_lr()[0], int((tgt != PAD_ID).sum()) * dist_info.world_size,
                         epoch=epoch)
             if step % cfg.eval_every == 0 or step == cfg.max_iters:
-                vl = evaluate_loss(model, valid, cfg.batch_size, device, dtype)
+                vl = evaluate_loss(model, valid, cfg.batch_size, device, dtype, cfg.eval_batches)
                 valid_losses.append((step, vl))
                 logger.log({"step": step, "valid_loss": vl, "valid_ppl": math.exp(vl)})
-                logger.write(f"step {step}/{cfg.max_iters} | valid loss {vl:.3f} | ppl {math.exp(vl):.1f}")
+                n_batches = math.ceil(len(valid) / cfg.batch_size)
+                logger.write(f"step {step}/{cfg.max_iters} | valid loss {vl:.3f} | ppl {math.exp(vl):.1f}"
+                             + subset_note(min(cfg.eval_batches or n_batches, n_batches), n_batches, "batches"))
             if step % cfg.save_every == 0 or step == cfg.max_iters:
                 save_checkpoint(ckpt_root, step, model, mcfg.to_dict(), optimizer, scheduler,
                                 extra={"epoch": epoch, "batch_in_epoch": b}, keep=cfg.keep_checkpoints,
