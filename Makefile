@@ -91,8 +91,9 @@ starter: setup
 
 # on a CUDA machine: every chapter's --preset gpu4gb for 30 steps under a 3.5 GiB cap (peak memory, bf16
 # tokens/s) and the bitsandbytes CUDA paths, into runs/gpu_check/gpu_check.{json,md}; on a CPU, a 2-step dry run
-gpu-check: data
-	$(PY) -m common.gpu_check
+# (no set-up step: a lent GPU machine has no internet; its own python3 is used when there is no venv)
+gpu-check:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m common.gpu_check
 
 bench: setup
 	$(PY) -m transformer_basics.bench
