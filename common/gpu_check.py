@@ -83,7 +83,7 @@ JOBS: list[Job] = [
     Job("gpt_pretrain", "gpt_minimind.train_pretrain", needs=["gpt_tokenizer"],
         what="GPT pretraining, minimind-small (26 M), batch 32 x 512 x 2 accumulated",
         args=["--tokenizer-dir", "{out}/gpt_tokenizer", "--eval-blocks", "8"],
-        dry=["--batch-size", "1", "--grad-accum", "1", "--max-documents", "300", "--samples", "新华社"],
+        dry=["--batch-size", "1", "--grad-accum", "1", "--max-documents", "300", "--samples"],
         gpu=["--max-documents", "3000"]),
     Job("gpt_pretrain_compile", "gpt_minimind.train_pretrain", needs=["gpt_tokenizer"], cuda_only=True,
         what="the same with --compile (torch.compile writes triton kernels)",
