@@ -1,11 +1,11 @@
 # Two commands do all the set-up:  make demo  (the GPT chapter end to end on the CPU)  and  make test.
 # the chapters, in reading order: registering a new one means adding it here (doc/new_chapter.md)
-CHAPTERS := transformer_basics gpt_minimind bert_address_cls t5_summarization appendix
+CHAPTERS := transformer_basics gpt_minimind bert_address_cls t5_summarization clip appendix
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: setup data demo demo-finetune demo-distill demo-translate demo-address demo-summarize demo-appendix test lint results bench gpu-check clean
+.PHONY: setup data demo demo-finetune demo-distill demo-translate demo-address demo-summarize demo-clip demo-appendix test lint results bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -57,6 +57,10 @@ demo-summarize: data
 	$(PY) -m t5_summarization.train_summarize --init-from "" --out-dir runs/t5_summarization/summarize_random \
 		--run-name random_init_cpu
 	$(PY) -m t5_summarization.infer --limit 20 --samples 5
+
+# CLIP from scratch on easy-VQA's pictures: contrastive training, then zero-shot and retrieval on the test split
+demo-clip: data
+	$(PY) -m clip.train_clip
 
 # the appendix: every building block's checks and measurements (about 9 minutes on 2 cores; the figures go to doc/)
 demo-appendix: data

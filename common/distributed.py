@@ -82,3 +82,15 @@ def all_reduce_mean(value: float, info: DistInfo) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item()) / info.world_size
+
+
+
+def gather_with_grad(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Every rank's ``x`` concatenated along dim 0, in rank order, differentiably: the backward sends each
+    slice's gradient to the rank it came from, summed over the ranks that used it (the autograd all_gather of
+    torch.distributed.nn; open_clip's gather_with_grad=True)."""
+    if not info.enabled:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()))

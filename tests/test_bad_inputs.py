@@ -44,6 +44,16 @@ def _files(d: Path) -> dict[str, str]:
     put("dpo_bad.jsonl", b'{"chosen": [{"role": "user", "content": "q"}], "rejected": "no"}\n')
     put("spans_bad.jsonl", '{"text": "浙江省杭州市", "spans": [[0, 3, "town?"]]}\n'.encode())
     put("spans_type.jsonl", '{"text": "浙江省杭州市", "spans": "0-3"}\n'.encode())
+    from PIL import Image
+
+    Image.new("RGB", (20, 20), (200, 10, 10)).save(d / "red.png")
+    put("notimage.png", b"this is text, not a picture\n")
+    put("pairs_ok.csv", b"filepath,title\nred.png,a red square\n")
+    put("pairs_header.csv", b"file,caption\nred.png,a red square\n")
+    put("pairs_missing_image.csv", b"filepath,title\nred.png,a red square\nnowhere.png,a picture\n")
+    put("pairs_not_image.csv", b"filepath,title\nnotimage.png,a picture\n")
+    put("pairs_empty_title.csv", b"filepath,title\nred.png,\n")
+    put("pairs_type.jsonl", b'{"filepath": "red.png", "title": ["a", "list"]}\n')
     (d / "broken_model").mkdir()
     (d / "broken_model" / "config.json").write_text(json.dumps({"hidden_size": 64}))
     (d / "broken_model" / "model.safetensors").write_bytes(b"\x00" * 16)  # cut short
@@ -142,6 +152,26 @@ def _cases(w: dict[str, str], base: str) -> list[tuple[str, list[str], str]]:
         ("t5_infer_beams_0", ["t5_summarization.infer", "--num-beams", "0"], "--num-beams 0: expected >= 1"),
         ("t5_infer_missing_ckpt", ["t5_summarization.infer", "--ckpt", w["missing_dir"], "--text", "x"],
          "no_such_run"),
+        # --- clip -----------------------------------------------------------------------------------------
+        ("clip_train_batch_0", ["clip.train_clip", "--batch-size", "0"], "--batch-size 0: expected >= 1"),
+        ("clip_train_loss_unknown", ["clip.train_clip", "--loss", "triplet", "--data-file", w["pairs_ok.csv"],
+                                     "--valid-file", w["pairs_ok.csv"], *out], "--loss triplet: expected infonce"),
+        ("clip_train_no_valid_file", ["clip.train_clip", "--data-file", w["pairs_ok.csv"], *out],
+         "--data-file needs --valid-file"),
+        ("clip_train_csv_header", ["clip.train_clip", "--data-file", w["pairs_header.csv"], "--valid-file",
+                                   w["pairs_ok.csv"], *out], "pairs_header.csv:1: the header has no column"),
+        ("clip_train_missing_image", ["clip.train_clip", "--data-file", w["pairs_missing_image.csv"],
+                                      "--valid-file", w["pairs_ok.csv"], *out],
+         "pairs_missing_image.csv:3: image"),
+        ("clip_train_not_an_image", ["clip.train_clip", "--data-file", w["pairs_not_image.csv"], "--valid-file",
+                                     w["pairs_ok.csv"], *out], "pairs_not_image.csv:2:"),
+        ("clip_train_empty_title", ["clip.train_clip", "--data-file", w["pairs_empty_title.csv"],
+                                    "--valid-file", w["pairs_ok.csv"], *out],
+         "pairs_empty_title.csv:2: column 'title'"),
+        ("clip_train_jsonl_type", ["clip.train_clip", "--data-file", w["pairs_type.jsonl"], "--valid-file",
+                                   w["pairs_ok.csv"], *out], "pairs_type.jsonl:1:"),
+        ("clip_train_missing_file", ["clip.train_clip", "--data-file", w["missing"], "--valid-file",
+                                     w["pairs_ok.csv"], *out], "does_not_exist.jsonl"),
         # --- appendix -------------------------------------------------------------------------------------
         ("appendix_rnn_batch_0", ["appendix.rnn", "--batch-size", "0"], "--batch-size 0: expected >= 1"),
         ("appendix_positions_lr_0", ["appendix.positions", "--lr", "0"], "--lr 0.0: expected > 0"),
@@ -190,7 +220,7 @@ CASE_IDS = [c[0] for c in _cases(defaultdict(str), "")]  # the ids only: no file
 def test_the_catalogue_is_large_enough():
     assert len(CASE_IDS) >= 40 and len(set(CASE_IDS)) == len(CASE_IDS)
     chapters = {i.split("_")[0] for i in CASE_IDS}
-    assert {"gpt", "tb", "bert", "t5", "appendix"} <= chapters
+    assert {"gpt", "tb", "bert", "t5", "clip", "appendix"} <= chapters
 
 
 @pytest.mark.parametrize("case", CASE_IDS)

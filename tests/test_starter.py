@@ -63,6 +63,12 @@ SMOKE = {
         "--num-decoder-layers", "2", "--vocab-size", "2600", "--max-documents", "300", "--seq-len", "48",
         "--batch-size", "8", "--max-iters", "4", "--warmup-iters", "1", "--eval-every", "2", "--eval-batches",
         "2", "--save-every", "2", "--log-every", "2", "--threads", "1"]),
+    "clip": ("clip.train_clip", [
+        "--vision-hidden-size", "32", "--vision-num-hidden-layers", "1", "--vision-num-attention-heads", "2",
+        "--vision-intermediate-size", "64", "--text-hidden-size", "32", "--text-num-hidden-layers", "1",
+        "--text-num-attention-heads", "2", "--text-intermediate-size", "64", "--projection-dim", "16",
+        "--batch-size", "16", "--max-iters", "4", "--warmup-iters", "1", "--eval-every", "2", "--save-every", "2",
+        "--log-every", "2", "--threads", "1"]),
     "appendix": ("appendix.rnn", [
         "--n-chars", "60000", "--hidden-size", "32", "--embed-dim", "16", "--seq-len", "32", "--batch-size", "8",
         "--max-iters", "4", "--warmup-iters", "1", "--eval-every", "2", "--eval-batches", "2", "--log-every", "2",

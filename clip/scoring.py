@@ -1,0 +1,133 @@
+"""What a trained CLIP can do without further training: zero-shot classification and retrieval.
+
+Zero-shot (paper sec. 3.1.2): a class becomes text, "a small red circle ...", and an image is given the class
+whose text embedding is nearest its image embedding. Prompt ensembling (sec. 3.1.4): each class is many
+prompts, and its text feature the mean of their normalised features (renormalised).
+
+Retrieval: every held-out image against every distinct caption (one phrasing, the first template).
+image -> text: the image's own caption among all distinct captions; text -> image: a caption's images among
+all images, a hit when any image the caption describes is in the top k (several images can share a caption,
+and the caption is equally true of each). Recall@1/5/10 and the median rank, both ways.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+from common.runtime import autocast
+
+from .dataset import COLORS, COLS, ROWS, SHAPES, SIZES, TEMPLATES, TINTS, place_name
+from .tokenizer import encode
+
+# Prompts per class: the first caption template with the class filled in and every value of the attributes
+# the class does not name (size, place, background tint, and colour or shape) filled in turn, so that a
+# class's feature is its mean over all of them (prompt ensembling, with the nuisance attributes averaged out).
+PLACES = tuple(place_name(r, c) for r in ROWS for c in COLS)
+
+
+def _prompts(**fixed: str) -> tuple[str, ...]:
+    """Template 0 for every combination of the attributes not in ``fixed`` ({shape}/{color} stay as fields)."""
+    out = []
+    for size, place, tint in itertools.product(SIZES, PLACES, TINTS):
+        where = "in the middle" if place == "middle" else f"in the {place}"
+        for color in ([fixed["color"]] if "color" in fixed else COLORS):
+            for shape in ([fixed["shape"]] if "shape" in fixed else SHAPES):
+                out.append(TEMPLATES[0].format(size=size, color=color, shape=shape, where=where, tint=tint))
+    return tuple(out)
+
+
+SHAPE_PROMPTS = _prompts(shape="{shape}")
+COLOR_PROMPTS = _prompts(color="{color}")
+JOINT_PROMPTS = _prompts(shape="{shape}", color="{color}")
+
+
+@torch.no_grad()
+def image_features(model, pixels: torch.Tensor, device, dtype, batch_size: int = 250) -> torch.Tensor:
+    """(N, E) normalised image embeddings, in batches."""
+    model.eval()
+    feats = []
+    for i in range(0, len(pixels), batch_size):
+        with autocast(device, dtype):
+            feats.append(model.get_image_features(pixels[i:i + batch_size].to(device)).float())
+    return F.normalize(torch.cat(feats), dim=-1)
+
+
+@torch.no_grad()
+def text_features(model, tok, texts: list[str], device, dtype, batch_size: int = 500) -> torch.Tensor:
+    """(N, E) normalised caption embeddings, in batches."""
+    model.eval()
+    feats = []
+    for i in range(0, len(texts), batch_size):
+        ids, mask = encode(tok, texts[i:i + batch_size], model.config.max_position_embeddings)
+        with autocast(device, dtype):
+            feats.append(model.get_text_features(ids.to(device), mask.to(device)).float())
+    return F.normalize(torch.cat(feats), dim=-1)
+
+
+def class_features(model, tok, prompts: tuple[str, ...], classes: list[dict], device, dtype) -> torch.Tensor:
+    """(K, E): per class, the renormalised mean of its prompts' normalised features (prompt ensembling)."""
+    texts = [p.format(**c) for c in classes for p in prompts]
+    f = text_features(model, tok, texts, device, dtype).view(len(classes), len(prompts), -1).mean(1)
+    return F.normalize(f, dim=-1)
+
+
+def zero_shot(model, tok, img: torch.Tensor, items: list, device, dtype) -> dict[str, float | list]:
+    """Accuracy of shape (3-way), colour (8-way) and shape+colour (24-way) from prompts alone, and the
+    24-way predictions (for the confusion matrix)."""
+    out: dict[str, float | list] = {}
+    joint = [{"shape": s, "color": c} for s in SHAPES for c in COLORS]
+    tasks = {"shape": ([{"shape": s} for s in SHAPES], SHAPE_PROMPTS, lambda it: SHAPES.index(it.shape)),
+             "color": ([{"color": c} for c in COLORS], COLOR_PROMPTS, lambda it: list(COLORS).index(it.color)),
+             "joint": (joint, JOINT_PROMPTS, lambda it: joint.index({"shape": it.shape, "color": it.color}))}
+    for name, (classes, prompts, truth) in tasks.items():
+        pred = (img @ class_features(model, tok, prompts, classes, device, dtype).t()).argmax(-1)
+        target = torch.tensor([truth(it) for it in items])
+        out[f"zero_shot_{name}_acc"] = (pred.cpu() == target).float().mean().item()
+        if name == "joint":
+            out["joint_predictions"] = pred.tolist()
+    return out
+
+
+def ranks(scores: torch.Tensor, relevant: list[list[int]]) -> torch.Tensor:
+    """For each query row of ``scores`` (Q, N): 1 + how many candidates score above its best relevant one."""
+    best = torch.stack([scores[q, rel].max() for q, rel in enumerate(relevant)])
+    return 1 + (scores > best[:, None]).sum(-1)
+
+
+def recall_figures(r: torch.Tensor, prefix: str) -> dict[str, float]:
+    return {**{f"{prefix}_recall_at_{k}": (r <= k).float().mean().item() for k in (1, 5, 10)},
+            f"{prefix}_median_rank": r.float().median().item()}
+
+
+def retrieval(img: torch.Tensor, txt: torch.Tensor, captions: list[str]) -> dict[str, float]:
+    """img (N, E) and txt (U, E) for the U distinct captions in ``sorted(set(captions))`` order."""
+    distinct = sorted(set(captions))
+    index = {c: j for j, c in enumerate(distinct)}
+    own = [index[c] for c in captions]
+    sims = img @ txt.t()  # (N, U)
+    images_of = [[] for _ in distinct]
+    for i, j in enumerate(own):
+        images_of[j].append(i)
+    return {**recall_figures(ranks(sims, [[j] for j in own]), "i2t"),
+            **recall_figures(ranks(sims.t(), images_of), "t2i"), "distinct_captions": float(len(distinct))}
+
+
+def evaluate(model, tok, data, device, dtype) -> dict:
+    """Zero-shot (easy-VQA only: it needs the labels) and retrieval on ``data`` (train_clip.Pairs), with a
+    one-line summary under "line"."""
+    was_training = model.training
+    img = image_features(model, data.pixels, device, dtype)
+    captions = [caps[0] for caps in data.captions]
+    res = retrieval(img, text_features(model, tok, sorted(set(captions)), device, dtype), captions)
+    if data.items is not None:
+        res.update(zero_shot(model, tok, img, data.items, device, dtype))
+    model.train(was_training)
+    line = (f"retrieval R@1 image->text {res['i2t_recall_at_1']:.3f}, text->image {res['t2i_recall_at_1']:.3f} "
+            f"(R@10 {res['i2t_recall_at_10']:.3f} / {res['t2i_recall_at_10']:.3f})")
+    if "zero_shot_shape_acc" in res:
+        line += (f" | zero-shot shape {res['zero_shot_shape_acc']:.1%}, colour {res['zero_shot_color_acc']:.1%}, "
+                 f"both {res['zero_shot_joint_acc']:.1%}")
+    return {**res, "line": line}

@@ -1,0 +1,326 @@
+"""clip: the model against transformers' CLIPModel, the two losses against their references, the gathered loss
+under two processes against one process, the captions against the pictures, and a short run that learns."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clip import dataset as ds
+from clip.model import MAX_LOGIT_SCALE, CLIPConfig, CLIPModel
+from clip.train_clip import ContrastiveLoss, contrastive_logits, infonce_loss, siglip_loss
+
+TINY = dict(image_size=32, patch_size=8, vision_hidden_size=32, vision_num_hidden_layers=2,
+            vision_num_attention_heads=4, vision_intermediate_size=64, vocab_size=99, text_hidden_size=48,
+            text_num_hidden_layers=2, text_num_attention_heads=4, text_intermediate_size=96,
+            max_position_embeddings=16, projection_dim=24)
+
+
+def _text_batch(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three captions of different lengths: <|endoftext|> (id 1) at 6, 9 and 3, padding (0) after the third."""
+    ids = torch.randint(3, 99, (3, 10), generator=gen)
+    for row, end in enumerate((6, 9, 3)):
+        ids[row, end] = 1
+    ids[2, 4:] = 0
+    mask = (torch.arange(10)[None] <= torch.tensor([9, 9, 3])[:, None]).long()
+    return ids, mask
+
+
+def test_our_model_with_transformers_weights_gives_transformers_outputs():
+    transformers = pytest.importorskip("transformers")
+    cfg = CLIPConfig(**TINY)
+    torch.manual_seed(0)
+    ref = transformers.CLIPModel(transformers.CLIPConfig(**cfg.to_hf_dict())).eval()
+    ours = CLIPModel(cfg).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)  # the same names, nothing left over
+    gen = torch.Generator().manual_seed(1)
+    ids, mask = _text_batch(gen)
+    px = torch.randn(3, 3, 32, 32, generator=gen)
+    with torch.no_grad():
+        r = ref(input_ids=ids, pixel_values=px, attention_mask=mask, return_loss=True)
+        o = ours(ids, px, mask)
+    for key in ("logits_per_image", "logits_per_text", "image_embeds", "text_embeds"):
+        torch.testing.assert_close(o[key], r[key], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(infonce_loss(o["logits_per_image"]), r.loss, atol=1e-6, rtol=1e-6)
+    # and a config.json written by us is a config transformers reads, and back
+    assert CLIPConfig.from_dict(transformers.CLIPConfig(**cfg.to_hf_dict()).to_dict()) == cfg
+
+
+def test_the_text_feature_is_read_at_the_first_end_of_text_token():
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(**TINY)).eval()
+    ids, mask = _text_batch(torch.Generator().manual_seed(1))
+    changed = ids.clone()
+    changed[0, 7:] = 5  # tokens after the end of caption 0 (it ends at 6): causal attention cannot see them
+    with torch.no_grad():
+        a, b = model.get_text_features(ids, mask), model.get_text_features(changed, mask)
+    torch.testing.assert_close(a[0], b[0])
+    changed[0, 5] = 7  # a token before the end changes the feature
+    with torch.no_grad():
+        assert not torch.allclose(model.get_text_features(changed, mask)[0], a[0])
+
+
+def test_siglip_loss_equals_transformers_siglip():
+    transformers = pytest.importorskip("transformers")
+    tc = dict(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+              max_position_embeddings=16)
+    vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=32,
+              patch_size=8)
+    torch.manual_seed(0)
+    ref = transformers.SiglipModel(transformers.SiglipConfig(text_config=tc, vision_config=vc)).eval()
+    with torch.no_grad():
+        ref.logit_bias.fill_(-3.0)
+        out = ref(input_ids=torch.randint(0, 99, (4, 8)), pixel_values=torch.randn(4, 3, 32, 32), return_loss=True)
+        # transformers: logits_per_text = scale <t, i> + bias; ours adds the bias inside the loss
+        ours = siglip_loss(out.logits_per_image - ref.logit_bias, ref.logit_bias)
+    torch.testing.assert_close(ours, out.loss, atol=1e-5, rtol=1e-5)
+
+
+def test_infonce_is_ln_b_for_uninformative_features_and_falls_when_pairs_match():
+    B = 8
+    assert infonce_loss(torch.zeros(B, B)).item() == pytest.approx(math.log(B))
+    logits = torch.randn(B, B)  # a rank's rows: the same loss as the whole matrix's rows there
+    whole = F.cross_entropy(logits, torch.arange(B), reduction="none") + F.cross_entropy(
+        logits.t(), torch.arange(B), reduction="none")
+    assert infonce_loss(logits[4:], logits.t()[4:], offset=4).item() == pytest.approx(whole[4:].mean().item() / 2)
+    assert infonce_loss(10 * torch.eye(B)).item() < 0.01
+    loss = ContrastiveLoss("siglip")
+    assert loss.logit_bias.item() == -10.0 and ContrastiveLoss("infonce").logit_bias is None
+    with pytest.raises(ValueError, match="--loss triplet: expected infonce or siglip"):
+        ContrastiveLoss("triplet")
+
+
+def _ddp_worker(rank: int, port: int, out_file: str, kind: str) -> None:
+    import torch.distributed as dist
+
+    from common.distributed import DistInfo
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(**TINY))
+    net = torch.nn.parallel.DistributedDataParallel(model)
+    gen = torch.Generator().manual_seed(1)
+    ids, mask = _text_batch(gen)
+    ids, mask = torch.cat([ids, ids.flip(0)]), torch.cat([mask, mask.flip(0)])  # a global batch of 6
+    px = torch.randn(6, 3, 32, 32, generator=gen)
+    mine = slice(3 * rank, 3 * rank + 3)
+    loss = ContrastiveLoss(kind)(*contrastive_logits(net, px[mine], ids[mine], mask[mine], DistInfo(rank, rank, 2)))
+    loss.backward()
+    losses = [torch.zeros(()) for _ in range(2)]
+    dist.all_gather(losses, loss.detach())
+    if rank == 0:
+        grads = {n: p.grad.tolist() for n, p in model.named_parameters() if p.grad is not None}
+        with open(out_file, "w") as f:
+            json.dump({"loss": sum(x.item() for x in losses) / 2, "grads": grads}, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["infonce", "siglip"])
+def test_two_processes_compute_the_global_batch_loss_and_its_gradient(tmp_path, kind):
+    """open_clip's local loss with a differentiable gather: the two ranks' mean loss is the one-process loss
+    of the whole batch, and DDP's averaged gradient is its gradient (logit_scale's included)."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out_file = str(tmp_path / "rank0.json")
+    mp.spawn(_ddp_worker, args=(port, out_file, kind), nprocs=2, join=True)
+    got = json.loads(open(out_file).read())
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(**TINY))
+    gen = torch.Generator().manual_seed(1)
+    ids, mask = _text_batch(gen)
+    ids, mask = torch.cat([ids, ids.flip(0)]), torch.cat([mask, mask.flip(0)])
+    px = torch.randn(6, 3, 32, 32, generator=gen)
+    loss = ContrastiveLoss(kind)(*contrastive_logits(model, px, ids, mask))
+    loss.backward()
+    assert got["loss"] == pytest.approx(loss.item(), abs=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(torch.tensor(got["grads"][name]), p.grad, atol=1e-6, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------
+
+def _picture(shape: str, color: str, box: tuple[int, int, int, int], bg=(245, 230, 250)) -> np.ndarray:
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", (64, 64), bg)
+    draw = ImageDraw.Draw(im)
+    x0, y0, x1, y1 = box
+    {"rectangle": lambda: draw.rectangle(box, fill=ds.COLORS[color]),
+     "circle": lambda: draw.ellipse(box, fill=ds.COLORS[color]),
+     "triangle": lambda: draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) // 2, y0)], fill=ds.COLORS[color])}[shape]()
+    return np.asarray(im)
+
+
+def test_captions_say_what_the_picture_shows():
+    img = _picture("triangle", "teal", (2, 2, 18, 18))
+    items = ds.describe(img[None], {}, area_cuts=(0.05, 0.15))  # no answers: shape and colour from the pixels
+    it = items[0]
+    assert (it.shape, it.color, it.size, it.row, it.col, it.tint) == ("triangle", "teal", "small", "top", "left",
+                                                                      "lavender")
+    assert it.caption(0) == "a small teal triangle in the top left on a lavender background"
+    big = ds.describe(_picture("circle", "red", (40, 40, 62, 62), bg=(230, 245, 235))[None], {0: ("circle", None)},
+                      area_cuts=(0.05, 0.08))[0]
+    assert (big.shape, big.color, big.size, big.row, big.col, big.tint) == ("circle", "red", "large", "bottom",
+                                                                            "right", "mint")
+    assert len(set(big.captions())) == len(ds.TEMPLATES) and all("red" in c and "circle" in c for c in big.captions())
+
+
+def test_augmentation_moves_a_shape_by_at_most_two_pixels_and_keeps_its_colour():
+    img = _picture("rectangle", "blue", (30, 30, 40, 40))
+    x = ds.to_tensor(np.stack([img] * 16), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    shifted = ds.augment(x, torch.Generator().manual_seed(0))
+    back = ((shifted * 0.5 + 0.5) * 255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    cx0 = np.nonzero(ds.shape_mask(img))[1].mean()
+    moves = [abs(np.nonzero(ds.shape_mask(b))[1].mean() - cx0) for b in back]
+    assert max(moves) <= 2.01 and max(moves) > 0  # it does move, never by more than 2
+    assert all(ds.nearest_color(np.median(b[ds.shape_mask(b)], axis=0)) == "blue" for b in back)
+
+
+def test_own_pairs_file_reads_csv_and_jsonl_and_names_bad_rows(tmp_path):
+    from PIL import Image
+
+    from common.errors import UserError
+
+    Image.fromarray(_picture("circle", "red", (10, 10, 30, 30))).save(tmp_path / "a.png")
+    (tmp_path / "b.png").write_bytes(b"not an image")
+    (tmp_path / "ok.csv").write_text("filepath,title\na.png,a red circle\n")
+    images, caps = ds.load_pairs_file(tmp_path / "ok.csv", 32)
+    assert images.shape == (1, 32, 32, 3) and caps == ["a red circle"]
+    (tmp_path / "ok.jsonl").write_text('{"filepath": "a.png", "title": "a red circle"}\n')
+    assert ds.load_pairs_file(tmp_path / "ok.jsonl", 32)[1] == ["a red circle"]
+    cases = {"nohead.csv": ("file,caption\na.png,x\n", "nohead.csv:1: the header has no column filepath, title"),
+             "empty_title.csv": ("filepath,title\na.png,x\na.png,\n", "empty_title.csv:3: column 'title' is empty"),
+             "missing.csv": ("filepath,title\nnope.png,x\n", "missing.csv:2: image"),
+             "notimage.csv": ("filepath,title\nb.png,x\n", "notimage.csv:2:"),
+             "bad.jsonl": ('{"filepath": "a.png", "title": 3}\n', "bad.jsonl:1:")}
+    for name, (text, expected) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(UserError, match=expected.replace("(", r"\(")):
+            ds.load_pairs_file(tmp_path / name, 32)
+
+
+def test_tokenizer_wraps_captions_and_loads_with_auto_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    from clip.tokenizer import encode, train_tokenizer
+
+    train_tokenizer(["a small red circle in the top left", "a large blue square"] * 20, 300, tmp_path, 16)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) == (0, 1, 2)
+    ids, mask = encode(tok, ["A Small red circle", "a large blue square in the top left corner of it all"], 8)
+    assert ids.shape == (2, 8) and ids[0, 0] == 2 and (ids == 1).sum(1).tolist() == [1, 1]
+    assert ids[1, -1] == 1  # cut to 8 tokens, still ending in <|endoftext|>
+    assert tok.decode(ids[0], skip_special_tokens=True) == "a small red circle"  # lower-cased
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------
+
+def _pairs_files(tmp_path, n: int = 48) -> tuple[str, str]:
+    """Own-data files: n pictures of 4 kinds, captions saying which."""
+    from PIL import Image
+
+    kinds = [("circle", "red"), ("rectangle", "blue"), ("triangle", "green"), ("circle", "yellow")]
+    rows = []
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        shape, color = kinds[i % 4]
+        x, y = rng.integers(4, 30, size=2)
+        Image.fromarray(_picture(shape, color, (x, y, x + 28, y + 28))).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,a {color} {shape}")
+    (tmp_path / "train.csv").write_text("filepath,title\n" + "\n".join(rows[: n * 3 // 4]) + "\n")
+    (tmp_path / "valid.csv").write_text("filepath,title\n" + "\n".join(rows[n * 3 // 4:]) + "\n")
+    return str(tmp_path / "train.csv"), str(tmp_path / "valid.csv")
+
+
+def _tiny_cfg(tmp_path, **over):
+    from clip.train_clip import TrainConfig
+
+    train, valid = _pairs_files(tmp_path)
+    model = CLIPConfig(**{**TINY, "vocab_size": 300, "logit_scale_init_value": 4.7})  # above ln 100: clamped
+    return TrainConfig(model=model, data_file=train, valid_file=valid, tokenizer_dir=str(tmp_path / "tok"),
+                       batch_size=12, max_iters=over.pop("max_iters", 30), lr=3e-3, warmup_iters=3,
+                       eval_every=1000, save_every=over.pop("save_every", 1000), log_every=5, threads=1,
+                       out_dir=str(tmp_path / over.pop("out", "run")), device="cpu", **over)
+
+
+def test_a_short_run_learns_to_match_pictures_and_captions(tmp_path):
+    from clip.train_clip import main
+
+    res = main(_tiny_cfg(tmp_path))
+    first, final = res["summary"]["initial"], res["summary"]["final"]
+    assert final["i2t_recall_at_1"] > first["i2t_recall_at_1"] and final["i2t_recall_at_1"] >= 0.75  # 4 captions
+    assert res["model"].logit_scale.item() <= MAX_LOGIT_SCALE + 1e-6  # clamped after every step
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in x]
+    assert losses[-1] < losses[0]
+    records = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert {"i2t_recall_at_1", "t2i_recall_at_1"} <= {r["metric"] for r in records}
+    assert (tmp_path / "run" / "final" / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_resume_continues_to_the_same_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    from clip.train_clip import main
+
+    main(_tiny_cfg(tmp_path, max_iters=6, save_every=3, out="whole"))
+    main(_tiny_cfg(tmp_path, max_iters=3, save_every=3, out="part"))
+    main(_tiny_cfg(tmp_path, max_iters=6, save_every=3, out="part", resume=True))
+    a = load_file(str(tmp_path / "whole" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "part" / "final" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+
+
+def test_siglip_run_trains_its_bias(tmp_path):
+    from clip.train_clip import main
+
+    res = main(_tiny_cfg(tmp_path, loss="siglip", max_iters=10))
+    assert res["summary"]["loss"] == "siglip"
+    assert res["summary"]["final"]["i2t_recall_at_1"] > 0
+
+
+def test_retrieval_counts_a_caption_shared_by_several_images_as_right_for_each():
+    from clip.scoring import retrieval
+
+    img = F.normalize(torch.tensor([[1.0, 0, 0], [0.9, 0.1, 0], [0, 1.0, 0]]), dim=-1)
+    captions = ["red", "red", "blue"]
+    txt = F.normalize(torch.tensor([[0, 1.0, 0], [1.0, 0, 0]]), dim=-1)  # sorted: "blue", "red"
+    r = retrieval(img, txt, captions)
+    assert r["i2t_recall_at_1"] == 1.0 and r["t2i_recall_at_1"] == 1.0 and r["distinct_captions"] == 2
+    r = retrieval(img, txt.flip(0), captions)  # every caption embedding on the wrong pictures
+    assert r["i2t_recall_at_1"] == 0.0 and r["t2i_median_rank"] > 1
+
+
+
+def test_hard_negatives_differ_in_shape_only_and_a_batch_holds_no_picture_twice():
+    import random
+
+    from clip.train_clip import with_partners
+
+    rng = np.random.default_rng(0)
+    items = [ds.Item(i, ds.SHAPES[i % 3], ["red", "blue"][i % 2], ds.SIZES[i // 6 % 3], "top", "left", 0.1,
+                     float(rng.random()), float(rng.random()), "pink") for i in range(60)]
+    partners = ds.hard_negative_partners(items, k=4)
+    for it, ps in zip(items, partners):
+        assert ps and all(items[p].color == it.color and items[p].size == it.size and items[p].shape != it.shape
+                          for p in ps)
+        dist = [(items[p].cx - it.cx) ** 2 + (items[p].cy - it.cy) ** 2 for p in ps]
+        assert dist == sorted(dist)  # the nearest first
+    batch = with_partners(list(range(0, 60, 2)), partners, 60, random.Random(0))
+    assert len(batch) == 60 and len(set(batch)) == 60
