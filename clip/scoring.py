@@ -23,18 +23,20 @@ from .dataset import COLORS, COLS, ROWS, SHAPES, SIZES, TEMPLATES, TINTS, place_
 from .tokenizer import encode
 
 # Prompts per class: the first caption template with the class filled in and every value of the attributes
-# the class does not name (size, place, background tint, and colour or shape) filled in turn, so that a
-# class's feature is its mean over all of them (prompt ensembling, with the nuisance attributes averaged out).
+# the class does not name (size, place, and colour or shape) filled in turn, the background tint cycling
+# through its six values, so that a class's feature is its mean over all of them (prompt ensembling, with
+# the nuisance attributes averaged out): 216 prompts per shape, 81 per colour, 27 per shape+colour.
 PLACES = tuple(place_name(r, c) for r in ROWS for c in COLS)
 
 
 def _prompts(**fixed: str) -> tuple[str, ...]:
     """Template 0 for every combination of the attributes not in ``fixed`` ({shape}/{color} stay as fields)."""
     out = []
-    for size, place, tint in itertools.product(SIZES, PLACES, TINTS):
+    for size, place in itertools.product(SIZES, PLACES):
         where = "in the middle" if place == "middle" else f"in the {place}"
         for color in ([fixed["color"]] if "color" in fixed else COLORS):
             for shape in ([fixed["shape"]] if "shape" in fixed else SHAPES):
+                tint = TINTS[len(out) % len(TINTS)]
                 out.append(TEMPLATES[0].format(size=size, color=color, shape=shape, where=where, tint=tint))
     return tuple(out)
 

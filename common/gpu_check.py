@@ -119,7 +119,9 @@ JOBS: list[Job] = [
         gpu=["--eval-limit", "50"]),
     Job("clip", "clip.train_clip",
         what="CLIP, two 8-layer towers of width 512, 64-px pictures in 8-px patches, batch 128",
-        args=["--tokenizer-dir", "{out}/clip_tokenizer"], dry=["--batch-size", "2"]),
+        args=["--tokenizer-dir", "{out}/clip_tokenizer"],
+        dry=["--batch-size", "2", "--data-file", "{out}/tiny_pairs/train.csv", "--valid-file",
+             "{out}/tiny_pairs/valid.csv"]),
     Job("translate", "transformer_basics.train_translate",
         what="the 2017 Transformer, 6+6 layers of width 512, batch 64 pairs",
         args=["--eval-batches", "4"], dry=["--batch-size", "2"]),
@@ -379,6 +381,24 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_tiny_pairs(folder: Path, n: int = 12) -> None:
+    """The dry mode's stand-in for an image-caption set: n small pictures of a coloured square, captioned
+    with its colour, as train.csv and valid.csv (filepath,title)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    colors = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (30, 60, 220)}
+    rows = []
+    for i in range(n):
+        name = list(colors)[i % len(colors)]
+        im = Image.new("RGB", (64, 64), (245, 240, 235))
+        im.paste(colors[name], (8 + 3 * i, 8 + 2 * i, 30 + 3 * i, 30 + 2 * i))
+        im.save(folder / f"{i}.png")
+        rows.append(f"{i}.png,a {name} square")
+    (folder / "train.csv").write_text("filepath,title\n" + "\n".join(rows[: n * 2 // 3]) + "\n")
+    (folder / "valid.csv").write_text("filepath,title\n" + "\n".join(rows[n * 2 // 3:]) + "\n")
+
+
 def write_tiny_text(path: Path) -> None:
     """The dry mode's stand-in for a big corpus: the Chinese README, one document per non-empty line."""
     lines = [ln.strip() for ln in (ROOT / "README_zh.md").read_text(encoding="utf-8").splitlines() if ln.strip()]
@@ -418,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if not cuda:
         write_tiny_text(out / "tiny_text.jsonl")
+        write_tiny_pairs(out / "tiny_pairs")
     cap = int(args.memory_cap_gib * GIB) if cuda else 0
 
     wanted = set(args.only)
