@@ -301,8 +301,13 @@ class CLIPTextTransformer(nn.Module):
         if attention_mask is not None:
             mask = mask & attention_mask.bool()[:, None, None, :]
         h = self.final_layer_norm(self.encoder(self.embeddings(input_ids), mask))
-        # 2) read each caption at its first <|endoftext|> (every caption must have one: the tokenizer adds it)
-        eos = (input_ids == self.eos_token_id).int().argmax(-1)
+        # 2) read each caption at its first <|endoftext|> (every caption must have one: the tokenizer adds it).
+        # Checkpoints written before transformers' PR #24773 (OpenAI's) say eos_token_id 2 and mean the largest
+        # id, which <|endoftext|> is in their vocabulary: transformers reads those at the argmax, and so do we
+        if self.eos_token_id == 2:
+            eos = input_ids.argmax(-1)
+        else:
+            eos = (input_ids == self.eos_token_id).int().argmax(-1)
         return h, h[torch.arange(B, device=h.device), eos]
 
 

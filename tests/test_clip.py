@@ -324,3 +324,56 @@ def test_hard_negatives_differ_in_shape_only_and_a_batch_holds_no_picture_twice(
         assert dist == sorted(dist)  # the nearest first
     batch = with_partners(list(range(0, 60, 2)), partners, 60, random.Random(0))
     assert len(batch) == 60 and len(set(batch)) == 60
+
+
+def test_export_runs_in_transformers_pipeline_with_our_scores_and_imports_back(tmp_path):
+    from PIL import Image
+    from transformers import pipeline
+
+    from clip.export_hf import export, import_hf
+    from clip.infer import classify, load_model, read_images
+    from clip.train_clip import main
+
+    res = main(_tiny_cfg(tmp_path, max_iters=4))
+    hf_dir = export(res["final_dir"], tmp_path / "hf")
+    files = []
+    for i, (shape, color) in enumerate([("circle", "red"), ("rectangle", "blue")]):
+        Image.fromarray(_picture(shape, color, (4, 4, 24, 24))).resize((40, 40)).save(tmp_path / f"q{i}.png")
+        files.append(str(tmp_path / f"q{i}.png"))
+    labels = ["a red circle", "a blue rectangle", "a green triangle"]
+    model, tok = load_model(res["final_dir"], "cpu")
+    ours = classify(model, tok, read_images(files, model.config.image_size), labels, "cpu")
+    pipe = pipeline("zero-shot-image-classification", model=str(hf_dir))
+    for f, p in zip(files, ours):
+        got = {r["label"]: r["score"] for r in pipe(Image.open(f), candidate_labels=labels, hypothesis_template="{}")}
+        assert max(got, key=got.get) == labels[int(p.argmax())]
+        for j, label in enumerate(labels):
+            assert abs(got[label] - p[j].item()) <= 1e-4, (label, got[label], p[j].item())
+    back = import_hf(str(hf_dir), tmp_path / "back")
+    again, _ = load_model(back, "cpu")
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[k], v, atol=0, rtol=0)
+
+
+def test_a_legacy_checkpoint_with_eos_id_2_is_read_at_the_largest_id_as_transformers_does(tmp_path):
+    """OpenAI's checkpoints say eos_token_id 2 and mean <|endoftext|>, the largest id: imported from a saved
+    transformers directory, our model pools where transformers does."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from clip.export_hf import import_hf
+    from clip.infer import load_model
+
+    cfg = CLIPConfig(**{**TINY, "eos_token_id": 2, "bos_token_id": 97, "pad_token_id": 1})
+    torch.manual_seed(0)
+    ref = transformers.CLIPModel(transformers.CLIPConfig(**cfg.to_hf_dict())).eval()
+    ref.save_pretrained(str(tmp_path / "openai_like"))
+    vocab = {f"t{i}": i for i in range(99)}
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0"))).save_pretrained(
+        str(tmp_path / "openai_like"))
+    ours, _ = load_model(import_hf(str(tmp_path / "openai_like"), tmp_path / "ours"), "cpu")
+    ids = torch.tensor([[97, 5, 9, 98, 1, 1], [97, 40, 41, 42, 43, 98]])  # 98: the largest id, the "end"
+    with torch.no_grad():
+        torch.testing.assert_close(ours.get_text_features(ids), ref.get_text_features(input_ids=ids).pooler_output,
+                                   atol=1e-5, rtol=1e-5)
