@@ -38,11 +38,12 @@ SHAPES = ("circle", "rectangle", "triangle")
 COLORS = {"red": (255, 0, 0), "green": (0, 128, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
           "teal": (0, 128, 128), "brown": (165, 42, 42), "gray": (128, 128, 128), "black": (0, 0, 0)}
 SIZES = ("small", "medium", "large")
+MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # OpenAI CLIP's
 ROWS, COLS = ("top", "middle", "bottom"), ("left", "center", "right")
 # the background's tint: its hue in six 60-degree sectors (red, yellow, green, cyan, blue, magenta). The
 # backgrounds are pale (saturation 0 to 0.1) but flat, so the hue is exact; it makes 85 % of the test captions
 # unique, against 46 % without it (python -m clip.dataset prints the counts).
-TINTS = ("pink", "cream", "mint", "aqua", "sky-blue", "lavender")
+TINTS = ("pink", "cream", "mint", "cyan", "sky-blue", "lavender")
 
 # The phrasings of one caption; {where} is "in the top left", ..., "in the middle" for the centre cell.
 TEMPLATES = ("a {size} {color} {shape} {where} on a {tint} background",
@@ -217,12 +218,24 @@ def hard_negative_partners(items: list[Item], k: int = 8) -> list[list[int]]:
 # Your own pairs: a CSV (filepath,title) or JSONL file next to the images
 # ---------------------------------------------------------------------------------------------------
 
+def read_image(file: str | Path, size: int, where: str) -> np.ndarray:
+    """(size, size, 3) uint8: the picture in RGB, resized (bicubic). A missing or unreadable file is one error
+    line that starts with ``where`` (the data file's line, or the flag that named the file)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(file) as im:
+            return np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC))
+    except FileNotFoundError:
+        raise UserError(f"{where}: image {file} does not exist") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise UserError(f"{where}: {file} is not an image PIL can read ({type(err).__name__})") from None
+
+
 def load_pairs_file(path: str | Path, image_size: int) -> tuple[np.ndarray, list[str]]:
     """(images (N, S, S, 3) uint8 resized to image_size, captions) from a CSV with ``filepath,title`` columns
     or a JSONL with those fields; image paths relative to the file's folder. Every error names the file and
     line (and the column) or the image's path."""
-    from PIL import Image, UnidentifiedImageError
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(2, "No such file or directory", str(path))
@@ -245,16 +258,8 @@ def load_pairs_file(path: str | Path, image_size: int) -> tuple[np.ndarray, list
             rows.append((line, rec["filepath"], rec["title"]))
     if not rows:
         raise UserError(f"{path}: no image-caption rows")
-    images = []
-    for line, rel, _ in rows:
-        file = (path.parent / rel) if not Path(rel).is_absolute() else Path(rel)
-        try:
-            with Image.open(file) as im:
-                images.append(np.asarray(im.convert("RGB").resize((image_size, image_size), Image.BICUBIC)))
-        except FileNotFoundError:
-            raise UserError(f"{path}:{line}: image {file} does not exist") from None
-        except (UnidentifiedImageError, OSError) as err:
-            raise UserError(f"{path}:{line}: {file} is not an image PIL can read ({type(err).__name__})") from None
+    images = [read_image((path.parent / rel) if not Path(rel).is_absolute() else Path(rel), image_size,
+                         f"{path}:{line}") for line, rel, _ in rows]
     return np.stack(images), [t for _, _, t in rows]
 
 
@@ -278,6 +283,32 @@ def augment(x: torch.Tensor, gen: torch.Generator, max_shift: int = 2) -> torch.
     S = x.shape[-1]
     return torch.stack([padded[i, :, max_shift + dy[i]: max_shift + dy[i] + S, max_shift + dx[i]: max_shift + dx[i] + S]
                         for i in range(B)])
+
+
+@dataclass
+class Pairs:
+    """Images (N, 3, S, S) normalised, and per image the captions a batch may draw from (one per phrasing)
+    and the facts zero-shot classification scores (None for your own data)."""
+
+    pixels: torch.Tensor
+    captions: list[list[str]]
+    items: list[Item] | None = None
+
+
+def load_data(data_file: str, valid_file: str, image_size: int) -> tuple[Pairs, Pairs]:
+    """(train, held-out) pairs: your CSV/JSONL files, or easy-VQA's train and test splits."""
+    if data_file:
+        if not valid_file:
+            raise UserError("--data-file needs --valid-file: the held-out pairs that retrieval is scored on")
+        splits = [load_pairs_file(f, image_size) for f in (data_file, valid_file)]
+        return tuple(Pairs(to_tensor(im, MEAN, STD), [[c] for c in caps]) for im, caps in splits)
+    out = []
+    for split in ("train", "test"):
+        images, items = easy_vqa_split(split)
+        if images.shape[1] != image_size:
+            raise UserError(f"--image-size {image_size}: easy-vqa's pictures are {images.shape[1]} pixels square")
+        out.append(Pairs(to_tensor(images, MEAN, STD), [it.captions() for it in items], items))
+    return tuple(out)
 
 
 def caption_batch(items: list[Item], rng: random.Random | None) -> list[str]:

@@ -38,7 +38,7 @@ def image_processor(size: int):
     normalisation (a square picture is resized whole; a crop only trims a non-square one)."""
     from transformers import CLIPImageProcessor
 
-    from .train_clip import MEAN, STD
+    from .dataset import MEAN, STD
 
     return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                               image_mean=list(MEAN), image_std=list(STD), resample=3)  # 3: PIL bicubic
@@ -49,7 +49,7 @@ def export(ckpt: str | Path, out: str | Path) -> Path:
     import transformers
     from transformers import AutoTokenizer
 
-    from .infer import load_model
+    from .scoring import load_model
 
     ours, tok = load_model(ckpt, "cpu")
     hf = transformers.CLIPModel(transformers.CLIPConfig(**ours.config.to_hf_dict())).eval()

@@ -5,10 +5,11 @@
     python -m clip.infer --figures doc                                         # test split: scores + pictures
 
 With ``--images``: each picture's top classes and their probabilities, softmax(exp(t) cos) over the classes
-as CLIP does (t the learned logit_scale). The default classes are the 24 shape+colour pairs, each an ensemble of prompts (scoring.py);
-``--labels`` gives one prompt per class. Without ``--images``: zero-shot accuracy and retrieval recall on the
-1,000 test pictures; ``--figures DIR`` also draws the similarity matrix of 64 test pairs, a retrieval grid
-(5 captions, their top-5 pictures) and the 24-way zero-shot confusion matrix.
+as CLIP does (t the learned logit_scale). The default classes are the 24 shape+colour pairs, each an
+ensemble of prompts (scoring.py); ``--labels`` gives one prompt per class. Without ``--images``: zero-shot
+accuracy and retrieval recall on the 1,000 test pictures; ``--figures DIR`` also draws the similarity matrix
+of 64 test pairs, a retrieval grid (5 captions, their top-5 pictures) and the 24-way zero-shot confusion
+matrix.
 """
 
 from __future__ import annotations
@@ -20,14 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.checkpoint import load_pretrained, read_config
 from common.cli import run_main
 from common.errors import UserError
 from common.runtime import pick_device
 
-from .dataset import COLORS, SHAPES
-from .model import CLIPConfig, CLIPModel
-from .scoring import JOINT_PROMPTS, class_features, evaluate, image_features, text_features
+from .dataset import COLORS, MEAN, SHAPES, STD, load_data, read_image, to_tensor
+from .scoring import JOINT_PROMPTS, class_features, evaluate, image_features, load_model, text_features
 
 
 @dataclass
@@ -42,34 +41,9 @@ class InferConfig:
     device: str = "auto"
 
 
-def load_model(ckpt: str | Path, device) -> tuple[CLIPModel, object]:
-    from transformers import AutoTokenizer
-
-    ckpt = Path(ckpt)
-    if not (ckpt / "config.json").is_file():
-        raise FileNotFoundError(2, "no CLIP here (config.json missing): train one with python -m clip.train_clip",
-                                str(ckpt))
-    model = load_pretrained(CLIPModel(CLIPConfig.from_dict(read_config(ckpt))), ckpt).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(str(ckpt / "tokenizer"))
-
-
 def read_images(paths: list[str], size: int) -> torch.Tensor:
     """The pictures, resized and normalised as in training; a missing or unreadable file is one error line."""
-    from PIL import Image, UnidentifiedImageError
-
-    from .dataset import to_tensor
-    from .train_clip import MEAN, STD
-
-    arrays = []
-    for p in paths:
-        try:
-            with Image.open(p) as im:
-                arrays.append(np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC)))
-        except FileNotFoundError:
-            raise UserError(f"--images {p}: no such file") from None
-        except (UnidentifiedImageError, OSError) as err:
-            raise UserError(f"--images {p}: not an image PIL can read ({type(err).__name__})") from None
-    return to_tensor(np.stack(arrays), MEAN, STD)
+    return to_tensor(np.stack([read_image(p, size, "--images") for p in paths]), MEAN, STD)
 
 
 def classify(model, tok, pixels: torch.Tensor, labels: list[str], device) -> torch.Tensor:
@@ -102,9 +76,7 @@ def main(cfg: InferConfig) -> dict:
             print(f"{path}: " + ", ".join(f"{n} {v:.1%}" for n, v in best))
             out.append({"image": path, "top": best})
         return {"predictions": out}
-    from .train_clip import TrainConfig, load_data
-
-    _, test = load_data(TrainConfig(), model.config.image_size)
+    _, test = load_data("", "", model.config.image_size)
     res = evaluate(model, tok, test, device, torch.float32)
     print(json.dumps({k: v for k, v in res.items() if k not in ("line", "joint_predictions")}, indent=1))
     if cfg.figures:
@@ -118,8 +90,6 @@ def draw_figures(model, tok, test, res: dict, folder: Path, device) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .train_clip import MEAN, STD
 
     folder.mkdir(parents=True, exist_ok=True)
     show = (test.pixels * torch.tensor(STD)[:, None, None] + torch.tensor(MEAN)[:, None, None]).clamp(0, 1)

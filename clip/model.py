@@ -38,7 +38,7 @@ class CLIPConfig:
     logit_scale_init_value: float = 2.6592  # ln(1 / 0.07): the paper's initial temperature 0.07
     # the vision tower (a ViT)
     image_size: int = 64  # S: square input images
-    patch_size: int = 16  # P: (S / P)^2 patches = N tokens, plus the class token
+    patch_size: int = 8  # P: (S / P)^2 patches = N tokens, plus the class token
     num_channels: int = 3
     vision_hidden_size: int = 128  # C of the vision tower
     vision_num_hidden_layers: int = 4
@@ -47,7 +47,7 @@ class CLIPConfig:
     # the text tower (a causal transformer, like a GPT without its head)
     vocab_size: int = 1000  # the chapter's BPE vocabulary (set from the tokenizer)
     text_hidden_size: int = 128  # C of the text tower
-    text_num_hidden_layers: int = 4
+    text_num_hidden_layers: int = 2
     text_num_attention_heads: int = 4
     text_intermediate_size: int = 512
     max_position_embeddings: int = 32  # T: the longest caption in tokens, <|startoftext|> and <|endoftext|> included
@@ -97,14 +97,14 @@ class CLIPConfig:
                 "logit_scale_init_value": self.logit_scale_init_value, "text_config": text, "vision_config": vision}
 
 
-# The model of each named preset (train_clip.py's --preset starts from it). cpu: 64x64 images in 16x16 patches,
-# two 4-layer towers of width 128 (1.8 M parameters), trains in minutes on 2 cores. gpu4gb: the same 64-pixel
-# pictures in 8x8 patches (65 tokens) with two 8-layer towers of width 512 (~51 M parameters; make gpu-check
-# measures its memory at batch 128 in bf16).
+# The model of each named preset (train_clip.py's --preset starts from it). cpu: 64x64 images in 8x8 patches
+# (65 tokens: 16-pixel patches lose the shapes' outlines in the patch projection), a 4-layer vision tower and a
+# 2-layer text tower (the captions are short), width 128 (1.3 M parameters). gpu4gb: the same 64-pixel pictures
+# with two 8-layer towers of width 512 (~51 M parameters; make gpu-check measures its memory at batch 128).
 MODEL_PRESETS = {
-    "cpu": dict(image_size=64, patch_size=16, vision_hidden_size=128, vision_num_hidden_layers=4,
+    "cpu": dict(image_size=64, patch_size=8, vision_hidden_size=128, vision_num_hidden_layers=4,
                 vision_num_attention_heads=4, vision_intermediate_size=512, text_hidden_size=128,
-                text_num_hidden_layers=4, text_num_attention_heads=4, text_intermediate_size=512,
+                text_num_hidden_layers=2, text_num_attention_heads=4, text_intermediate_size=512,
                 projection_dim=128),
     "gpu4gb": dict(image_size=64, patch_size=8, vision_hidden_size=512, vision_num_hidden_layers=8,
                    vision_num_attention_heads=8, vision_intermediate_size=2048, text_hidden_size=512,

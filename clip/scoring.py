@@ -13,19 +13,22 @@ and the caption is equally true of each). Recall@1/5/10 and the median rank, bot
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from common.checkpoint import load_pretrained, read_config
 from common.runtime import autocast
 
 from .dataset import COLORS, COLS, ROWS, SHAPES, SIZES, TEMPLATES, TINTS, place_name
+from .model import CLIPConfig, CLIPModel
 from .tokenizer import encode
 
 # Prompts per class: the first caption template with the class filled in and every value of the attributes
 # the class does not name (size, place, and colour or shape) filled in turn, the background tint cycling
 # through its six values, so that a class's feature is its mean over all of them (prompt ensembling, with
-# the nuisance attributes averaged out): 216 prompts per shape, 81 per colour, 27 per shape+colour.
+# the nuisance attributes averaged out): 27 prompts per shape+colour class.
 PLACES = tuple(place_name(r, c) for r in ROWS for c in COLS)
 
 
@@ -41,9 +44,19 @@ def _prompts(**fixed: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-SHAPE_PROMPTS = _prompts(shape="{shape}")
-COLOR_PROMPTS = _prompts(color="{color}")
 JOINT_PROMPTS = _prompts(shape="{shape}", color="{color}")
+
+
+def load_model(ckpt: str | Path, device) -> tuple[CLIPModel, object]:
+    """A trained CLIP (train_clip.py's final/, or an imported one) and its tokenizer."""
+    from transformers import AutoTokenizer
+
+    ckpt = Path(ckpt)
+    if not (ckpt / "config.json").is_file():
+        raise FileNotFoundError(2, "no CLIP here (config.json missing): train one with python -m clip.train_clip",
+                                str(ckpt))
+    model = load_pretrained(CLIPModel(CLIPConfig.from_dict(read_config(ckpt))), ckpt).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(str(ckpt / "tokenizer"))
 
 
 @torch.no_grad()
@@ -77,20 +90,21 @@ def class_features(model, tok, prompts: tuple[str, ...], classes: list[dict], de
 
 
 def zero_shot(model, tok, img: torch.Tensor, items: list, device, dtype) -> dict[str, float | list]:
-    """Accuracy of shape (3-way), colour (8-way) and shape+colour (24-way) from prompts alone, and the
-    24-way predictions (for the confusion matrix)."""
-    out: dict[str, float | list] = {}
-    joint = [{"shape": s, "color": c} for s in SHAPES for c in COLORS]
-    tasks = {"shape": ([{"shape": s} for s in SHAPES], SHAPE_PROMPTS, lambda it: SHAPES.index(it.shape)),
-             "color": ([{"color": c} for c in COLORS], COLOR_PROMPTS, lambda it: list(COLORS).index(it.color)),
-             "joint": (joint, JOINT_PROMPTS, lambda it: joint.index({"shape": it.shape, "color": it.color}))}
-    for name, (classes, prompts, truth) in tasks.items():
-        pred = (img @ class_features(model, tok, prompts, classes, device, dtype).t()).argmax(-1)
-        target = torch.tensor([truth(it) for it in items])
-        out[f"zero_shot_{name}_acc"] = (pred.cpu() == target).float().mean().item()
-        if name == "joint":
-            out["joint_predictions"] = pred.tolist()
-    return out
+    """Accuracy of shape+colour (24-way), and of shape (3-way) and colour (8-way) alone, from prompts only;
+    and the 24-way predictions (for the confusion matrix). The 24 classes are scored as CLIP scores classes,
+    p(class | image) = softmax over the classes of exp(t) cos(image, class); shape and colour are its
+    marginals (p(circle) = the sum over colours of p(circle, colour)), so all three come from one head."""
+    classes = [{"shape": s, "color": c} for s in SHAPES for c in COLORS]
+    logits = model.logit_scale.exp().item() * img @ class_features(model, tok, JOINT_PROMPTS, classes, device,
+                                                                   dtype).t()
+    p = logits.softmax(-1).view(-1, len(SHAPES), len(COLORS)).cpu()  # (N, shape, colour)
+    shape = torch.tensor([SHAPES.index(it.shape) for it in items])
+    color = torch.tensor([list(COLORS).index(it.color) for it in items])
+    joint = p.flatten(1).argmax(-1)
+    return {"zero_shot_shape_acc": (p.sum(2).argmax(-1) == shape).float().mean().item(),
+            "zero_shot_color_acc": (p.sum(1).argmax(-1) == color).float().mean().item(),
+            "zero_shot_joint_acc": (joint == shape * len(COLORS) + color).float().mean().item(),
+            "joint_predictions": joint.tolist()}
 
 
 def ranks(scores: torch.Tensor, relevant: list[list[int]]) -> torch.Tensor:
@@ -118,7 +132,7 @@ def retrieval(img: torch.Tensor, txt: torch.Tensor, captions: list[str]) -> dict
 
 
 def evaluate(model, tok, data, device, dtype) -> dict:
-    """Zero-shot (easy-VQA only: it needs the labels) and retrieval on ``data`` (train_clip.Pairs), with a
+    """Zero-shot (easy-VQA only: it needs the labels) and retrieval on ``data`` (dataset.Pairs), with a
     one-line summary under "line"."""
     was_training = model.training
     img = image_features(model, data.pixels, device, dtype)

@@ -331,7 +331,8 @@ def test_export_runs_in_transformers_pipeline_with_our_scores_and_imports_back(t
     from transformers import pipeline
 
     from clip.export_hf import export, import_hf
-    from clip.infer import classify, load_model, read_images
+    from clip.infer import classify, read_images
+    from clip.scoring import load_model
     from clip.train_clip import main
 
     res = main(_tiny_cfg(tmp_path, max_iters=4))
@@ -363,7 +364,7 @@ def test_a_legacy_checkpoint_with_eos_id_2_is_read_at_the_largest_id_as_transfor
     from transformers import PreTrainedTokenizerFast
 
     from clip.export_hf import import_hf
-    from clip.infer import load_model
+    from clip.scoring import load_model
 
     cfg = CLIPConfig(**{**TINY, "eos_token_id": 2, "bos_token_id": 97, "pad_token_id": 1})
     torch.manual_seed(0)
