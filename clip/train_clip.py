@@ -268,7 +268,7 @@ def main(cfg: TrainConfig) -> dict:
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         cmd = command_line("clip.train_clip")
         records = [make_record("clip", run_name, k, final[k], "random_init", first[k] if first else None, wall, cmd)
-                   for k in final if k != "line" and isinstance(final[k], float)]
+                   for k in final if k.startswith(("zero_shot_", "i2t_", "t2i_"))]
         (out / "results.json").write_text(json.dumps(records, indent=2) + "\n")
         logger.write(f"done: {cfg.max_iters} steps in {wall:.0f} s | {final['line']} | {final_dir}")
         result = {"summary": summary, "final_dir": final_dir}
