@@ -20,7 +20,6 @@ from __future__ import annotations
 import collections
 import csv
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -309,11 +308,6 @@ def load_data(data_file: str, valid_file: str, image_size: int) -> tuple[Pairs, 
             raise UserError(f"--image-size {image_size}: easy-vqa's pictures are {images.shape[1]} pixels square")
         out.append(Pairs(to_tensor(images, MEAN, STD), [it.captions() for it in items], items))
     return tuple(out)
-
-
-def caption_batch(items: list[Item], rng: random.Random | None) -> list[str]:
-    """One caption per item: a random phrasing when training (``rng``), the first when evaluating."""
-    return [it.caption(rng.randrange(len(TEMPLATES)) if rng else 0) for it in items]
 
 
 def main() -> None:

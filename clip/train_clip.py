@@ -142,8 +142,8 @@ def contrastive_logits(net: nn.Module, pixel_values: torch.Tensor, input_ids: to
 
 
 def decay_groups(modules: list[nn.Module], weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on weight matrices (and conv kernels); none on gains, biases, embeddings' class
-    token, logit_scale and logit_bias (open_clip's exclusion: ndim < 2, or a norm / bias / scale)."""
+    """AdamW groups: decay on the weight matrices of the layers; none on gains, biases, logit_scale and
+    logit_bias (ndim < 2, open_clip's exclusion), nor on the embeddings (token, position, patch, class)."""
     decay, no_decay = [], []
     for m in modules:
         for name, p in m.named_parameters():
@@ -157,8 +157,9 @@ def decay_groups(modules: list[nn.Module], weight_decay: float) -> list[dict]:
 # Data
 # ---------------------------------------------------------------------------------------------------
 
+# Copied from bert_address_cls/training.py::epoch_order
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The shuffled order of one epoch, a function of (seed, epoch): a resumed run sees the same batches."""
+    """The shuffled order of one epoch: a function of (seed, epoch) only, so --resume sees the same batches."""
     order = list(range(n))
     random.Random(seed * 1000 + epoch).shuffle(order)
     return order
