@@ -197,19 +197,27 @@ def easy_vqa_split(split: str) -> tuple[np.ndarray, list[Item]]:
     return images, describe(images, answers_per_image(split), cuts)
 
 
-def hard_negative_partners(items: list[Item], k: int = 8) -> list[list[int]]:
+def hard_negative_partners(items: list[Item], k: int = 8, place: bool = False) -> list[list[int]]:
     """For each image, the ``k`` images of the same colour and size but another shape whose centroids lie
-    nearest its own: pictures whose captions differ in the shape word (and a few pixels of position and
-    the tint) only. A batch that holds such pairs makes the loss pay for ignoring the shape (train_clip.py,
-    --hard-negatives); random batches of this data almost never do."""
+    nearest its own: pictures whose captions differ in the shape word (and a few pixels of position and the
+    tint) only. With ``place``, also the ``k`` of the same shape, colour and size in another grid cell, nearest
+    first (just across a cell border), so that half the partners differ in place alone. A batch that holds
+    such pairs makes the loss pay for ignoring the shape (or the place) (train_clip.py, --hard-negatives);
+    random batches of this data almost never do."""
     by_key: dict[tuple[str, str], list[Item]] = collections.defaultdict(list)
     for it in items:
         by_key[it.color, it.size].append(it)
+    def nearest(it: Item, others: list[Item]) -> list[int]:
+        others = sorted(others, key=lambda o: (o.cx - it.cx) ** 2 + (o.cy - it.cy) ** 2)
+        return [o.index for o in others[:k]]
+
     out = []
     for it in items:
-        others = [o for o in by_key[it.color, it.size] if o.shape != it.shape]
-        others.sort(key=lambda o: (o.cx - it.cx) ** 2 + (o.cy - it.cy) ** 2)
-        out.append([o.index for o in others[:k]])
+        group = by_key[it.color, it.size]
+        mine = nearest(it, [o for o in group if o.shape != it.shape])
+        if place:
+            mine += nearest(it, [o for o in group if o.shape == it.shape and o.place != it.place])
+        out.append(mine)
     return out
 
 

@@ -171,6 +171,30 @@ class CLIPVisionEmbeddings(nn.Module):
         # 3) learned positions, one per slot
         return x + self.position_embedding.weight[None]
 
+    @torch.no_grad()
+    def init_sincos_positions(self, scale: float = 0.1) -> None:
+        """Start the learned positions at a 2-D sine-cosine table (MAE; Beyer et al. 2022, "Better plain ViT
+        baselines"): the first C/2 numbers encode the patch's row, the last C/2 its column, each as sin and cos
+        at C/4 frequencies; the class slot starts at zero. They stay trainable, so the checkpoint is still a
+        plain CLIP. From transformers' start (normal, std 0.02) the ViT must learn where each patch is; here
+        it knows from step 0, and in this chapter position is a caption word (train_clip.py,
+        --sincos-positions)."""
+        C, side = self.position_embedding.embedding_dim, int((self.num_positions - 1) ** 0.5)
+        if C % 4:
+            raise ValueError(f"vision_hidden_size {C}: a 2-D sine-cosine table needs a multiple of 4")
+        omega = 1.0 / 10000 ** (torch.arange(C // 4, dtype=torch.float64) / (C // 4))  # (C/4,)
+        coord = torch.arange(side, dtype=torch.float64)
+        rows, cols = torch.meshgrid(coord, coord, indexing="ij")  # (side, side) each; patch order is row-major
+
+        def table(t: torch.Tensor) -> torch.Tensor:  # (side, side) -> (N, C/2)
+            angle = t.reshape(-1, 1) * omega[None]
+            return torch.cat([angle.sin(), angle.cos()], dim=1)
+
+        pos = torch.cat([table(rows), table(cols)], dim=1)  # (N, C)
+        w = self.position_embedding.weight
+        w[0].zero_()
+        w[1:].copy_(scale * pos.to(w.dtype))
+
 
 class CLIPTextEmbeddings(nn.Module):
     """e_t = token[x_t] + position[t] (learned positions, as GPT-2)."""

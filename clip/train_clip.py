@@ -54,7 +54,9 @@ class TrainConfig:
     tokenizer_dir: str = "runs/clip/tokenizer"  # trained on the training captions if it holds none
     augment: bool = True  # random shifts of up to 2 pixels (no flips, no colour jitter: the caption says them)
     hard_negatives: bool = True  # half of each batch: pictures that differ from the other half in shape only
+    place_negatives: bool = False  # half of those partners differ in the grid cell instead of the shape
     # (dataset.py:hard_negative_partners; easy-VQA only, your own data has no attributes to match)
+    sincos_positions: bool = True  # start the ViT's learned positions at a 2-D sin-cos table (model.py)
     # optimisation (CLIP's: AdamW beta2 0.98, eps 1e-6, weight decay 0.2 on matrices only)
     batch_size: int = 128  # pairs per step (summed over ranks): each image meets batch_size - 1 wrong captions
     max_iters: int = 600  # optimizer steps (~10 minutes on 2 cores; the goals need more: README, "Measured")
@@ -196,7 +198,10 @@ def main(cfg: TrainConfig) -> dict:
                    bos_token_id=tok.bos_token_id)
     if cfg.loss == "siglip":  # open_clip's SigLIP start: t = ln 10 (the bias starts at -10, ContrastiveLoss)
         mcfg = replace(mcfg, logit_scale_init_value=math.log(10.0))
-    model = CLIPModel(mcfg).to(device)
+    model = CLIPModel(mcfg)
+    if cfg.sincos_positions:
+        model.vision_model.embeddings.init_sincos_positions()
+    model = model.to(device)
     if dist_info.is_main:
         print(f"data: {len(train.pixels)} train / {len(valid.pixels)} held-out pairs | vocab {len(tok)} | "
               f"model {model.num_parameters() / 1e6:.2f} M | loss {cfg.loss} | {device} {dtype} | "
@@ -212,7 +217,8 @@ def main(cfg: TrainConfig) -> dict:
     if first:
         logger.write(f"step 0 | {first['line']}")
     local_bs = cfg.batch_size // dist_info.world_size
-    partners = hard_negative_partners(train.items) if cfg.hard_negatives and train.items else None
+    partners = (hard_negative_partners(train.items, place=cfg.place_negatives)
+                if cfg.hard_negatives and train.items else None)
     per_step = cfg.batch_size // 2 if partners else cfg.batch_size  # images drawn from the epoch's order
     steps_per_epoch = len(train.pixels) // per_step
     model.train()

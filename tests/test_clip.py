@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from clip import dataset as ds
 from clip.model import MAX_LOGIT_SCALE, CLIPConfig, CLIPModel
 from clip.train_clip import ContrastiveLoss, contrastive_logits, infonce_loss, siglip_loss
+from common.errors import UserError
 
 TINY = dict(image_size=32, patch_size=8, vision_hidden_size=32, vision_num_hidden_layers=2,
             vision_num_attention_heads=4, vision_intermediate_size=64, vocab_size=99, text_hidden_size=48,
@@ -308,22 +309,47 @@ def test_retrieval_counts_a_caption_shared_by_several_images_as_right_for_each()
 
 
 
-def test_hard_negatives_differ_in_shape_only_and_a_batch_holds_no_picture_twice():
+def test_hard_negatives_differ_in_shape_only_or_in_place_only_and_a_batch_holds_no_picture_twice():
     import random
 
     from clip.train_clip import with_partners
 
     rng = np.random.default_rng(0)
-    items = [ds.Item(i, ds.SHAPES[i % 3], ["red", "blue"][i % 2], ds.SIZES[i // 6 % 3], "top", "left", 0.1,
-                     float(rng.random()), float(rng.random()), "pink") for i in range(60)]
-    partners = ds.hard_negative_partners(items, k=4)
+    items = [ds.Item(i, ds.SHAPES[i % 3], ["red", "blue"][i % 2], ds.SIZES[i // 6 % 3], ds.ROWS[i // 18 % 3],
+                     ds.COLS[i % 5 % 3], 0.1, float(rng.random()), float(rng.random()), "pink") for i in range(90)]
+    assert ds.hard_negative_partners(items, k=4) == [ps[:4] for ps in ds.hard_negative_partners(items, k=4, place=True)]
+    partners = ds.hard_negative_partners(items, k=4, place=True)
     for it, ps in zip(items, partners):
-        assert ps and all(items[p].color == it.color and items[p].size == it.size and items[p].shape != it.shape
-                          for p in ps)
-        dist = [(items[p].cx - it.cx) ** 2 + (items[p].cy - it.cy) ** 2 for p in ps]
-        assert dist == sorted(dist)  # the nearest first
-    batch = with_partners(list(range(0, 60, 2)), partners, 60, random.Random(0))
-    assert len(batch) == 60 and len(set(batch)) == 60
+        by_shape = [p for p in ps if items[p].shape != it.shape]
+        by_place = [p for p in ps if items[p].shape == it.shape]
+        assert by_shape and by_place and by_shape + by_place == ps
+        assert all(items[p].color == it.color and items[p].size == it.size for p in ps)
+        assert all(items[p].place != it.place for p in by_place)
+        for group in (by_shape, by_place):
+            dist = [(items[p].cx - it.cx) ** 2 + (items[p].cy - it.cy) ** 2 for p in group]
+            assert dist == sorted(dist)  # the nearest first
+    batch = with_partners(list(range(0, 90, 2)), partners, 90, random.Random(0))
+    assert len(batch) == 90 and len(set(batch)) == 90
+
+
+def test_sincos_positions_encode_row_and_column_and_stay_a_plain_clip_parameter():
+    from clip.model import CLIPConfig, CLIPModel
+
+    cfg = CLIPConfig(image_size=32, patch_size=8, vision_hidden_size=16, vision_num_hidden_layers=1,
+                     vision_num_attention_heads=2, vision_intermediate_size=32)
+    emb = CLIPModel(cfg).vision_model.embeddings
+    emb.init_sincos_positions(scale=1.0)
+    pos = emb.position_embedding.weight.detach().clone()
+    assert torch.all(pos[0] == 0)  # the class slot
+    grid = pos[1:].reshape(4, 4, 16)  # (row, col, C): patches in row-major order
+    assert torch.allclose(grid[:, :1, :8].expand(4, 4, 8), grid[..., :8])  # the first half: the row alone
+    assert torch.allclose(grid[:1, :, 8:].expand(4, 4, 8), grid[..., 8:])  # the second half: the column alone
+    assert torch.allclose(grid[2, 0, :8], torch.cat([torch.sin(2.0 / 10000 ** (torch.arange(4) / 4)),
+                                                     torch.cos(2.0 / 10000 ** (torch.arange(4) / 4))]))
+    assert len({tuple(v.tolist()) for v in pos[1:]}) == 16  # every patch its own vector
+    assert emb.position_embedding.weight.requires_grad
+    emb.init_sincos_positions(scale=0.1)
+    torch.testing.assert_close(emb.position_embedding.weight.detach(), 0.1 * pos)
 
 
 def test_export_runs_in_transformers_pipeline_with_our_scores_and_imports_back(tmp_path):
@@ -378,3 +404,36 @@ def test_a_legacy_checkpoint_with_eos_id_2_is_read_at_the_largest_id_as_transfor
     with torch.no_grad():
         torch.testing.assert_close(ours.get_text_features(ids), ref.get_text_features(input_ids=ids).pooler_output,
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_sweep_cells_see_the_same_pictures_and_refuse_a_budget_that_does_not_divide():
+    from clip.sweep import SweepConfig, cell_command
+
+    cfg = SweepConfig(pairs=3200)
+    seen = set()
+    for b in (16, 32, 64, 128):
+        cmd = cell_command("siglip", b, cfg)
+        flag = {cmd[i]: cmd[i + 1] for i in range(3, len(cmd), 2)}
+        seen.add(int(flag["--max-iters"]) * int(flag["--batch-size"]))
+        assert flag["--loss"] == "siglip" and flag["--eval-every"] == flag["--max-iters"]
+    assert seen == {3200}
+    with pytest.raises(UserError, match="--pairs 1000"):
+        cell_command("infonce", 64, SweepConfig(pairs=1000))
+
+
+def test_bench_times_the_same_model_in_ours_and_transformers_and_counts_saved_activations():
+    from clip.bench import activation_bytes, batch, build_ours, build_transformers, check_same_logits, logits_fns
+
+    cfg = CLIPConfig(**{**TINY, "max_position_embeddings": 12})
+    ours = build_ours(cfg, "cpu")
+    models = {"ours": ours, "transformers_sdpa": build_transformers(ours, "sdpa")}
+    b = batch(cfg, 4, 12, "cpu")
+    assert (b["input_ids"] == cfg.eos_token_id).sum(1).eq(1).all()  # one end-of-text token per caption
+    assert check_same_logits(logits_fns(models, b))["transformers_sdpa"] < 1e-5
+    with torch.no_grad():
+        models["transformers_sdpa"].logit_scale += 0.1  # another model: the check must refuse to time it
+    with pytest.raises(AssertionError, match="differ from ours"):
+        check_same_logits(logits_fns(models, b))
+    small, large = (activation_bytes(ours, batch(cfg, n, 12, "cpu"), torch.device("cpu"), torch.float32)
+                    for n in (2, 8))
+    assert 0 < small < large
