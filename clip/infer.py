@@ -119,6 +119,7 @@ def draw_figures(model, tok, test, res: dict, folder: Path, device) -> None:
             for side in ax.spines.values():
                 side.set(color="green" if right else "red", linewidth=3)
         axes[r, 0].set_title(test.captions[qi][0], fontsize=7, loc="left")
+    fig.suptitle("each caption's 5 best test pictures, best first (green: the caption is true of it)", fontsize=8)
     fig.tight_layout()
     fig.savefig(folder / "clip_retrieval.png")
     plt.close(fig)
