@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from common.bench import paired_ratio, peak_memory_bytes, time_rounds
 from common.cli import run_main
 from common.errors import UserError
+from common.results import command_line, make_record
 from common.runtime import autocast, pick_device, pick_dtype, set_threads
 
 from .model import MODEL_PRESETS, CLIPConfig, CLIPModel
@@ -260,6 +261,18 @@ def memory_estimate(cfg: BenchConfig, device, dtype) -> dict:
     return est
 
 
+def bench_records(result: dict, command: str) -> list[dict]:
+    """doc/results.json records: our step time and how many times as fast ours is against each other
+    implementation (the median of the paired rounds), run named by preset, batch and threads."""
+    sp = result["speed"]
+    run = f"clip_bench_{sp['preset']}_b{sp['batch_size']}_{result['threads']}thread_{result['device']}"
+    records = [make_record("clip", run, "train_step_ms", sp["step_s"]["ours"] * 1e3, "none", None, 0.0, command)]
+    for name, ratio in sp["ours_speedup"].items():
+        records.append(make_record("clip", run, f"train_step_speedup_vs_{name}", ratio["median"], name, 1.0, 0.0,
+                                   command))
+    return records
+
+
 def main(cfg: BenchConfig) -> dict:
     if cfg.model_preset not in MODEL_PRESETS:
         raise UserError(f"--model-preset {cfg.model_preset}: expected one of {', '.join(MODEL_PRESETS)}")
@@ -272,6 +285,8 @@ def main(cfg: BenchConfig) -> dict:
         result["memory"] = memory_estimate(cfg, device, dtype)
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     Path(cfg.out).write_text(json.dumps(result, indent=2) + "\n")
+    records = bench_records(result, command_line("clip.bench"))
+    (Path(cfg.out).parent / "results.json").write_text(json.dumps(records, indent=2) + "\n")
     print(f"wrote {cfg.out}")
     return result
 

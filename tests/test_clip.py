@@ -437,3 +437,10 @@ def test_bench_times_the_same_model_in_ours_and_transformers_and_counts_saved_ac
     small, large = (activation_bytes(ours, batch(cfg, n, 12, "cpu"), torch.device("cpu"), torch.float32)
                     for n in (2, 8))
     assert 0 < small < large
+    from clip.bench import bench_records
+
+    fake = {"device": "cpu", "threads": 1, "speed": {"preset": "cpu", "batch_size": 4, "step_s": {"ours": 0.5},
+                                                     "ours_speedup": {"open_clip": {"median": 1.2}}}}
+    recs = {r["metric"]: r for r in bench_records(fake, "python -m clip.bench")}
+    assert recs["train_step_ms"]["value"] == 500.0 and recs["train_step_speedup_vs_open_clip"]["value"] == 1.2
+    assert recs["train_step_ms"]["run"] == "clip_bench_cpu_b4_1thread_cpu"
