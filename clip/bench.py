@@ -40,7 +40,7 @@ class BenchConfig:
     """Time a CLIP training step in three implementations and estimate the gpu4gb preset's memory."""
 
     model_preset: str = "cpu"  # cpu or gpu4gb (model.py, MODEL_PRESETS)
-    batch_size: int = 128  # pairs per step (train_clip.py's default)
+    batch_size: int = 128  # pairs per step (the gpu4gb preset's; the cpu preset trains at 32)
     caption_len: int = 20  # tokens per caption (the batch is padded to it; open_clip always pads to its context)
     threads: int = 1  # CPU threads; 1 makes runs on a shared machine comparable
     repeats: int = 3  # timed rounds; the best of each is reported with the spread

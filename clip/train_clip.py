@@ -59,8 +59,8 @@ class TrainConfig:
     sincos_positions: bool = True  # start the ViT's learned positions at a 2-D sin-cos table (model.py)
     # optimisation (CLIP's: AdamW beta2 0.98, eps 1e-6, weight decay 0.2 on matrices only)
     batch_size: int = 32  # pairs per step (summed over ranks): each image meets batch_size - 1 wrong captions
-    # (32: more steps in the same time; zero-shot needs steps, retrieval needs a wide batch: README, "The batch")
-    max_iters: int = 2400  # optimizer steps (about 9 minutes at batch 32 on 2 cores)
+    # (32: more steps in the same time; zero-shot needs steps, retrieval a wide batch: README, lesson 3)
+    max_iters: int = 2400  # optimizer steps (about 10 minutes at batch 32 on 2 cores)
     lr: float = 1e-3  # peak learning rate (cosine to lr * min_lr_ratio)
     min_lr_ratio: float = 0.1
     warmup_iters: int = 60
