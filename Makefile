@@ -79,7 +79,7 @@ demo-translate: data
 
 test: data
 	$(PY) -m ruff check .
-	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -n 2 --dist loadfile
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests
 
 lint: setup
 	$(PY) -m ruff check .
