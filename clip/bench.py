@@ -164,6 +164,12 @@ def check_same_logits(fns: dict, tol: float = 1e-4) -> dict[str, float]:
     return diffs
 
 
+def symmetric_infonce(per_image: torch.Tensor, per_text: torch.Tensor) -> torch.Tensor:
+    """train_clip.py's infonce_loss (a script this benchmark may not import), in fp32."""
+    labels = torch.arange(per_image.shape[0], device=per_image.device)
+    return (F.cross_entropy(per_image.float(), labels) + F.cross_entropy(per_text.float(), labels)) / 2
+
+
 def step_fns(models: dict, fns: dict, device, dtype) -> dict:
     """name -> one training step (forward, symmetric InfoNCE, backward, AdamW) of that implementation."""
     steps = {}
@@ -173,10 +179,8 @@ def step_fns(models: dict, fns: dict, device, dtype) -> dict:
         def step(fn=fns[name], opt=opt):
             with autocast(device, dtype):
                 per_image, per_text = fn()
-            labels = torch.arange(per_image.shape[0], device=per_image.device)
-            loss = (F.cross_entropy(per_image.float(), labels) + F.cross_entropy(per_text.float(), labels)) / 2
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            symmetric_infonce(per_image, per_text).backward()
             opt.step()
         steps[name] = step
     return steps
@@ -227,9 +231,7 @@ def activation_bytes(model: CLIPModel, b: dict, device, dtype) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(device, dtype):
         out = model(**b)
-        labels = torch.arange(out["logits_per_image"].shape[0], device=device)
-        loss = (F.cross_entropy(out["logits_per_image"].float(), labels)
-                + F.cross_entropy(out["logits_per_text"].float(), labels)) / 2
+        loss = symmetric_infonce(out["logits_per_image"], out["logits_per_text"])
     del loss, out
     return sum(seen.values())
 
@@ -241,8 +243,6 @@ def memory_estimate(cfg: BenchConfig, device, dtype) -> dict:
     act_dtype = dtype if device.type == "cuda" else torch.bfloat16
     model = build_ours(mcfg, device)
     b = batch(mcfg, cfg.batch_size, cfg.caption_len, device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     acts = activation_bytes(model, b, device, act_dtype)
     n = model.num_parameters()
     layers = mcfg.vision_num_hidden_layers + mcfg.text_num_hidden_layers

@@ -422,7 +422,15 @@ def test_sweep_cells_see_the_same_pictures_and_refuse_a_budget_that_does_not_div
 
 
 def test_bench_times_the_same_model_in_ours_and_transformers_and_counts_saved_activations():
-    from clip.bench import activation_bytes, batch, build_ours, build_transformers, check_same_logits, logits_fns
+    from clip.bench import (
+        activation_bytes,
+        batch,
+        bench_records,
+        build_ours,
+        build_transformers,
+        check_same_logits,
+        logits_fns,
+    )
 
     cfg = CLIPConfig(**{**TINY, "max_position_embeddings": 12})
     ours = build_ours(cfg, "cpu")
@@ -437,8 +445,6 @@ def test_bench_times_the_same_model_in_ours_and_transformers_and_counts_saved_ac
     small, large = (activation_bytes(ours, batch(cfg, n, 12, "cpu"), torch.device("cpu"), torch.float32)
                     for n in (2, 8))
     assert 0 < small < large
-    from clip.bench import bench_records
-
     fake = {"device": "cpu", "threads": 1, "speed": {"preset": "cpu", "batch_size": 4, "step_s": {"ours": 0.5},
                                                      "ours_speedup": {"open_clip": {"median": 1.2}}}}
     recs = {r["metric"]: r for r in bench_records(fake, "python -m clip.bench")}
