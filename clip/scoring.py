@@ -12,6 +12,7 @@ and the caption is equally true of each). Recall@1/5/10 and the median rank, bot
 
 from __future__ import annotations
 
+import collections
 import itertools
 from pathlib import Path
 
@@ -131,15 +132,35 @@ def retrieval(img: torch.Tensor, txt: torch.Tensor, captions: list[str]) -> dict
             **recall_figures(ranks(sims.t(), images_of), "t2i"), "distinct_captions": float(len(distinct))}
 
 
+ATTRIBUTES = ("shape", "color", "size", "row", "col", "tint")  # the facts a caption states (dataset.Item)
+
+
+def i2t_misses(img: torch.Tensor, txt: torch.Tensor, items: list) -> dict[str, int]:
+    """Where image -> text retrieval fails: for each picture whose best caption is not its own, the caption
+    words it got wrong (the attributes in which that caption's pictures differ from it), counted, most common
+    first, e.g. {"row+col": 207, "col": 120}. img (N, E); txt (U, E) for the distinct first captions, sorted."""
+    captions = [it.caption() for it in items]
+    distinct = sorted(set(captions))
+    facts = {it.caption(): it for it in items}  # a caption fixes every attribute, so any of its pictures will do
+    best = (img @ txt.t()).argmax(-1).tolist()
+    wrong = collections.Counter()
+    for it, cap, j in zip(items, captions, best):
+        if distinct[j] != cap:
+            wrong["+".join(a for a in ATTRIBUTES if getattr(it, a) != getattr(facts[distinct[j]], a))] += 1
+    return dict(wrong.most_common())
+
+
 def evaluate(model, tok, data, device, dtype) -> dict:
     """Zero-shot (easy-VQA only: it needs the labels) and retrieval on ``data`` (dataset.Pairs), with a
     one-line summary under "line"."""
     was_training = model.training
     img = image_features(model, data.pixels, device, dtype)
     captions = [caps[0] for caps in data.captions]
-    res = retrieval(img, text_features(model, tok, sorted(set(captions)), device, dtype), captions)
+    txt = text_features(model, tok, sorted(set(captions)), device, dtype)
+    res = retrieval(img, txt, captions)
     if data.items is not None:
         res.update(zero_shot(model, tok, img, data.items, device, dtype))
+        res["image_to_text_misses"] = i2t_misses(img, txt, data.items)
     model.train(was_training)
     line = (f"retrieval R@1 image->text {res['i2t_recall_at_1']:.3f}, text->image {res['t2i_recall_at_1']:.3f} "
             f"(R@10 {res['i2t_recall_at_10']:.3f} / {res['t2i_recall_at_10']:.3f})")

@@ -450,3 +450,17 @@ def test_bench_times_the_same_model_in_ours_and_transformers_and_counts_saved_ac
     recs = {r["metric"]: r for r in bench_records(fake, "python -m clip.bench")}
     assert recs["train_step_ms"]["value"] == 500.0 and recs["train_step_speedup_vs_open_clip"]["value"] == 1.2
     assert recs["train_step_ms"]["run"] == "clip_bench_cpu_b4_1thread_cpu"
+
+
+def test_retrieval_misses_name_the_caption_words_that_were_wrong():
+    from clip.scoring import i2t_misses
+
+    def item(i, col, tint="pink"):
+        return ds.Item(i, "circle", "red", "small", "top", col, 0.1, 0.5, 0.2, tint)
+
+    items = [item(0, "left"), item(1, "right"), item(2, "center", "mint"), item(3, "left")]  # 0 and 3 share a caption
+    distinct = sorted({it.caption() for it in items})
+    txt = torch.eye(len(distinct))
+    pick = [items[1], items[1], items[0], items[0]]  # the caption each picture's features point at
+    img = torch.stack([txt[distinct.index(it.caption())] for it in pick])
+    assert i2t_misses(img, txt, items) == {"col": 1, "col+tint": 1}  # picture 1 and 3 are right (3 shares 0's)
