@@ -35,7 +35,7 @@ from common.results import command_line, make_record
 from common.runtime import autocast, pick_device, pick_dtype, seed_everything, set_threads
 from common.schedule import clip_grad
 
-from .dataset import augment, hard_negative_partners, load_data
+from .dataset import augment, hard_negative_partners, load_data, shift_ranges
 from .model import MAX_LOGIT_SCALE, MODEL_PRESETS, CLIPConfig, CLIPModel
 from .scoring import evaluate
 from .tokenizer import encode, load_or_train_tokenizer
@@ -52,7 +52,8 @@ class TrainConfig:
     data_file: str = ""  # training pairs
     valid_file: str = ""  # held-out pairs for retrieval (required with --data-file)
     tokenizer_dir: str = "runs/clip/tokenizer"  # trained on the training captions if it holds none
-    augment: bool = True  # random shifts of up to 2 pixels (no flips, no colour jitter: the caption says them)
+    augment: bool = True  # random shifts of up to 2 pixels that keep the shape in its grid cell (no flips,
+    # no colour jitter: the caption says them)
     hard_negatives: bool = True  # half of each batch: pictures that differ from the other half in shape only
     place_negatives: bool = False  # half of those partners differ in the grid cell instead of the shape
     # (dataset.py:hard_negative_partners; easy-VQA only, your own data has no attributes to match)
@@ -222,6 +223,7 @@ def main(cfg: TrainConfig) -> dict:
                 if cfg.hard_negatives and train.items else None)
     per_step = cfg.batch_size // 2 if partners else cfg.batch_size  # images drawn from the epoch's order
     steps_per_epoch = len(train.pixels) // per_step
+    ranges = shift_ranges(train.items, cfg.model.image_size) if train.items else None  # shifts that keep the place
     model.train()
     t_train = time.perf_counter()
     for step in range(start, cfg.max_iters):
@@ -235,7 +237,8 @@ def main(cfg: TrainConfig) -> dict:
         captions = [caps[rng.randrange(len(caps))] for caps in (train.captions[i] for i in batch)]
         pixels = train.pixels[mine]
         if cfg.augment:
-            pixels = augment(pixels, torch.Generator().manual_seed(cfg.seed * 100_003 + step))
+            pixels = augment(pixels, torch.Generator().manual_seed(cfg.seed * 100_003 + step),
+                             ranges=None if ranges is None else ranges[mine])
         ids, mask = encode(tok, captions[dist_info.rank * local_bs:(dist_info.rank + 1) * local_bs],
                            mcfg.max_position_embeddings)
         with autocast(device, dtype):

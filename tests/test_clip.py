@@ -179,15 +179,35 @@ def test_captions_say_what_the_picture_shows():
     assert len(set(big.captions())) == len(ds.TEMPLATES) and all("red" in c and "circle" in c for c in big.captions())
 
 
+def _centroids_x(x: torch.Tensor) -> list[float]:
+    back = ((x * 0.5 + 0.5) * 255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    return [np.nonzero(ds.shape_mask(b))[1].mean() for b in back], back
+
+
 def test_augmentation_moves_a_shape_by_at_most_two_pixels_and_keeps_its_colour():
     img = _picture("rectangle", "blue", (30, 30, 40, 40))
     x = ds.to_tensor(np.stack([img] * 16), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    shifted = ds.augment(x, torch.Generator().manual_seed(0))
-    back = ((shifted * 0.5 + 0.5) * 255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    cxs, back = _centroids_x(ds.augment(x, torch.Generator().manual_seed(0)))
     cx0 = np.nonzero(ds.shape_mask(img))[1].mean()
-    moves = [abs(np.nonzero(ds.shape_mask(b))[1].mean() - cx0) for b in back]
+    moves = [abs(c - cx0) for c in cxs]
     assert max(moves) <= 2.01 and max(moves) > 0  # it does move, never by more than 2
     assert all(ds.nearest_color(np.median(b[ds.shape_mask(b)], axis=0)) == "blue" for b in back)
+
+
+def test_augmentation_keeps_a_shape_near_a_cell_border_in_its_cell():
+    # centroid at x = 23 pixels (22.5 + half a pixel): 1.7 pixels right of the left/center border (64 / 3 = 21.3)
+    img = _picture("rectangle", "blue", (18, 30, 27, 40))
+    item = ds.describe(img[None], {0: ("rectangle", "blue")}, area_cuts=(0.05, 0.08))[0]
+    assert item.col == "center"
+    ranges = ds.shift_ranges([item] * 32, 64)
+    assert ranges[0].tolist() == [-1, 2, -2, 2]  # two pixels left would cross the border
+    x = ds.to_tensor(np.stack([img] * 32), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    kept, _ = _centroids_x(ds.augment(x, torch.Generator().manual_seed(0), ranges=ranges))
+    free, _ = _centroids_x(ds.augment(x, torch.Generator().manual_seed(0)))
+    cx0 = item.cx * 64 - 0.5  # Item.cx measures pixel centres
+    assert min(kept) == cx0 - 1 and max(kept) == cx0 + 2  # the whole allowed range is drawn, in the right direction
+    assert all(int((c + 0.5) / (64 / 3)) == 1 for c in kept)
+    assert any(int((c + 0.5) / (64 / 3)) == 0 for c in free)  # unbounded, some copies would be captioned wrongly
 
 
 def test_own_pairs_file_reads_csv_and_jsonl_and_names_bad_rows(tmp_path):
