@@ -21,6 +21,7 @@ import collections
 import csv
 import json
 import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,25 +200,34 @@ def easy_vqa_split(split: str) -> tuple[np.ndarray, list[Item]]:
 
 
 def hard_negative_partners(items: list[Item], k: int = 8, place: bool = False) -> list[list[int]]:
-    """For each image, the ``k`` images of the same colour and size but another shape whose centroids lie
-    nearest its own: pictures whose captions differ in the shape word (and a few pixels of position and the
-    tint) only. With ``place``, also the ``k`` of the same shape, colour and size in another grid cell, nearest
-    first (just across a cell border), so that half the partners differ in place alone. A batch that holds
-    such pairs makes the loss pay for ignoring the shape (or the place) (train_clip.py, --hard-negatives);
-    random batches of this data almost never do."""
-    by_key: dict[tuple[str, str], list[Item]] = collections.defaultdict(list)
+    """For each image, up to ``k`` images whose captions differ from its own in the shape word only: the same
+    colour, size and background tint, another shape, centroids nearest first. With ``place``, also up to ``k``
+    that differ in the grid cell only (same shape, colour, size and tint, another cell, drawn at random), so
+    that half the partners differ in place alone. A batch that holds such pairs makes the loss pay for
+    ignoring the shape (or the place) (train_clip.py, --hard-negatives). Random batches of this data almost
+    never do: 32 random captions nearly always differ in colour, size or tint, and a model that reads those
+    words solves the batch without looking at where the shape is. The tint must match too, or the background
+    word tells the partners apart. Where a group is empty (a rare combination), the tint is let go."""
+    groups: dict[tuple, list[Item]] = collections.defaultdict(list)
     for it in items:
-        by_key[it.color, it.size].append(it)
-    def nearest(it: Item, others: list[Item]) -> list[int]:
-        others = sorted(others, key=lambda o: (o.cx - it.cx) ** 2 + (o.cy - it.cy) ** 2)
-        return [o.index for o in others[:k]]
+        groups[it.color, it.size, it.tint].append(it)
+        groups[it.color, it.size].append(it)
+
+    def differing(it: Item, same_shape: bool) -> list[Item]:
+        for key in ((it.color, it.size, it.tint), (it.color, it.size)):
+            found = [o for o in groups[key] if (o.shape == it.shape) == same_shape
+                     and (o.place != it.place or not same_shape)]
+            if found:
+                return found
+        return []
 
     out = []
     for it in items:
-        group = by_key[it.color, it.size]
-        mine = nearest(it, [o for o in group if o.shape != it.shape])
+        shapes = sorted(differing(it, False), key=lambda o: (o.cx - it.cx) ** 2 + (o.cy - it.cy) ** 2)
+        mine = [o.index for o in shapes[:k]]
         if place:
-            mine += nearest(it, [o for o in group if o.shape == it.shape and o.place != it.place])
+            places = differing(it, True)
+            mine += [o.index for o in random.Random(it.index).sample(places, min(k, len(places)))]
         out.append(mine)
     return out
 

@@ -335,19 +335,26 @@ def test_hard_negatives_differ_in_shape_only_or_in_place_only_and_a_batch_holds_
     from clip.train_clip import with_partners
 
     rng = np.random.default_rng(0)
+    # two tints over 90 pictures, and one picture whose tint no other shares (its partners let the tint go)
     items = [ds.Item(i, ds.SHAPES[i % 3], ["red", "blue"][i % 2], ds.SIZES[i // 6 % 3], ds.ROWS[i // 18 % 3],
-                     ds.COLS[i % 5 % 3], 0.1, float(rng.random()), float(rng.random()), "pink") for i in range(90)]
-    assert ds.hard_negative_partners(items, k=4) == [ps[:4] for ps in ds.hard_negative_partners(items, k=4, place=True)]
+                     ds.COLS[i % 5 % 3], 0.1, float(rng.random()), float(rng.random()),
+                     "mint" if i == 89 else ["pink", "sand"][i // 54]) for i in range(90)]
     partners = ds.hard_negative_partners(items, k=4, place=True)
+    shape_only = ds.hard_negative_partners(items, k=4)
+    assert [ps[:len(a)] for ps, a in zip(partners, shape_only)] == shape_only  # the shape partners come first
     for it, ps in zip(items, partners):
         by_shape = [p for p in ps if items[p].shape != it.shape]
         by_place = [p for p in ps if items[p].shape == it.shape]
         assert by_shape and by_place and by_shape + by_place == ps
         assert all(items[p].color == it.color and items[p].size == it.size for p in ps)
+        # the tint word must not tell them apart: the tint is shared wherever a picture with it qualifies
+        same_tint = [o for o in items if o.tint == it.tint and o.color == it.color and o.size == it.size]
+        assert all(items[p].tint == it.tint for p in by_shape) == any(o.shape != it.shape for o in same_tint)
+        assert all(items[p].tint == it.tint for p in by_place) == any(
+            o.shape == it.shape and o.place != it.place for o in same_tint)
         assert all(items[p].place != it.place for p in by_place)
-        for group in (by_shape, by_place):
-            dist = [(items[p].cx - it.cx) ** 2 + (items[p].cy - it.cy) ** 2 for p in group]
-            assert dist == sorted(dist)  # the nearest first
+        dist = [(items[p].cx - it.cx) ** 2 + (items[p].cy - it.cy) ** 2 for p in by_shape]
+        assert dist == sorted(dist)  # the nearest first
     batch = with_partners(list(range(0, 90, 2)), partners, 90, random.Random(0))
     assert len(batch) == 90 and len(set(batch)) == 90
 
