@@ -48,6 +48,14 @@ def _prompts(**fixed: str) -> tuple[str, ...]:
 JOINT_PROMPTS = _prompts(shape="{shape}", color="{color}")
 
 
+def place_prompts(place: str) -> tuple[str, ...]:
+    """The prompts of one grid cell: template 0 with every size, colour and shape (72), the tint cycling."""
+    where = "in the middle" if place == "middle" else f"in the {place}"
+    combos = itertools.product(SIZES, COLORS, SHAPES)
+    return tuple(TEMPLATES[0].format(size=size, color=color, shape=shape, where=where, tint=TINTS[i % len(TINTS)])
+                 for i, (size, color, shape) in enumerate(combos))
+
+
 def load_model(ckpt: str | Path, device) -> tuple[CLIPModel, object]:
     """A trained CLIP (train_clip.py's final/, or an imported one) and its tokenizer."""
     from transformers import AutoTokenizer
@@ -102,9 +110,14 @@ def zero_shot(model, tok, img: torch.Tensor, items: list, device, dtype) -> dict
     shape = torch.tensor([SHAPES.index(it.shape) for it in items])
     color = torch.tensor([list(COLORS).index(it.color) for it in items])
     joint = p.flatten(1).argmax(-1)
+    # where the shape is: 9 cells, each the mean of its prompts over the other words (a separate head)
+    cells = F.normalize(torch.stack([text_features(model, tok, list(place_prompts(pl)), device, dtype).mean(0)
+                                     for pl in PLACES]), dim=-1)
+    place = torch.tensor([PLACES.index(it.place) for it in items])
     return {"zero_shot_shape_acc": (p.sum(2).argmax(-1) == shape).float().mean().item(),
             "zero_shot_color_acc": (p.sum(1).argmax(-1) == color).float().mean().item(),
             "zero_shot_joint_acc": (joint == shape * len(COLORS) + color).float().mean().item(),
+            "zero_shot_place_acc": ((img @ cells.t()).argmax(-1).cpu() == place).float().mean().item(),
             "joint_predictions": joint.tolist()}
 
 
@@ -166,5 +179,5 @@ def evaluate(model, tok, data, device, dtype) -> dict:
             f"(R@10 {res['i2t_recall_at_10']:.3f} / {res['t2i_recall_at_10']:.3f})")
     if "zero_shot_shape_acc" in res:
         line += (f" | zero-shot shape {res['zero_shot_shape_acc']:.1%}, colour {res['zero_shot_color_acc']:.1%}, "
-                 f"both {res['zero_shot_joint_acc']:.1%}")
+                 f"both {res['zero_shot_joint_acc']:.1%}, place {res['zero_shot_place_acc']:.1%}")
     return {**res, "line": line}

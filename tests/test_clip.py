@@ -491,3 +491,38 @@ def test_retrieval_misses_name_the_caption_words_that_were_wrong():
     pick = [items[1], items[1], items[0], items[0]]  # the caption each picture's features point at
     img = torch.stack([txt[distinct.index(it.caption())] for it in pick])
     assert i2t_misses(img, txt, items) == {"col": 1, "col+tint": 1}  # picture 1 and 3 are right (3 shares 0's)
+
+
+def test_zero_shot_reads_shape_colour_and_place_from_prompt_ensembles(monkeypatch):
+    """Features that spell out shape, colour and cell word by word: every head is right; an image tower that
+    ignores where the shape is puts every picture in one cell (the place head can fail)."""
+    from clip import scoring
+    from clip.scoring import PLACES, zero_shot
+
+    words = [*ds.SHAPES, *ds.COLORS, *PLACES]
+
+    def spelled(shape, color, place):
+        f = torch.zeros(len(words))
+        f[[words.index(shape), words.index(color), words.index(place)]] = 1.0
+        return f
+
+    def fake_text_features(model, tok, texts, device, dtype):
+        def place_of(t):  # the longest cell name the caption holds ("top left" before "top")
+            return max((p for p in PLACES if f"the {p} " in t or (p == "middle" and "in the middle" in t)), key=len)
+        return torch.nn.functional.normalize(torch.stack([spelled(
+            next(s for s in ds.SHAPES if s in t), next(c for c in ds.COLORS if f" {c} " in t), place_of(t))
+            for t in texts]), dim=-1)
+
+    monkeypatch.setattr(scoring, "text_features", fake_text_features)
+    model = torch.nn.Module()
+    model.logit_scale = torch.nn.Parameter(torch.tensor(4.0))
+    items = [ds.Item(i, ds.SHAPES[i % 3], list(ds.COLORS)[i % 8], "small", ds.ROWS[i // 3 % 3], ds.COLS[i % 3],
+                     0.1, 0.5, 0.5, "pink") for i in range(72)]
+    img = torch.nn.functional.normalize(torch.stack([spelled(it.shape, it.color, it.place) for it in items]), dim=-1)
+    res = zero_shot(model, None, img, items, "cpu", torch.float32)
+    assert res["zero_shot_shape_acc"] == res["zero_shot_color_acc"] == res["zero_shot_joint_acc"] == 1.0
+    assert res["zero_shot_place_acc"] == 1.0
+    blind = img.clone()
+    blind[:, len(ds.SHAPES) + len(ds.COLORS):] = 0  # no cell in the image features
+    res = zero_shot(model, None, torch.nn.functional.normalize(blind, dim=-1), items, "cpu", torch.float32)
+    assert res["zero_shot_joint_acc"] == 1.0 and res["zero_shot_place_acc"] <= 1 / 9 + 0.01
