@@ -199,22 +199,23 @@ def easy_vqa_split(split: str) -> tuple[np.ndarray, list[Item]]:
     return images, describe(images, answers_per_image(split), cuts)
 
 
-def hard_negative_partners(items: list[Item], k: int = 8, place: bool = False) -> list[list[int]]:
-    """For each image, up to ``k`` images whose captions differ from its own in the shape word only: the same
-    colour, size and background tint, another shape, centroids nearest first. With ``place``, also up to ``k``
-    that differ in the grid cell only (same shape, colour, size and tint, another cell, drawn at random), so
-    that half the partners differ in place alone. A batch that holds such pairs makes the loss pay for
-    ignoring the shape (or the place) (train_clip.py, --hard-negatives). Random batches of this data almost
-    never do: 32 random captions nearly always differ in colour, size or tint, and a model that reads those
-    words solves the batch without looking at where the shape is. The tint must match too, or the background
-    word tells the partners apart. Where a group is empty (a rare combination), the tint is let go."""
+def hard_negative_partners(items: list[Item], k: int = 8, place: bool = False, same_tint: bool = False
+                           ) -> list[list[int]]:
+    """For each image, up to ``k`` images whose captions differ from its own in the shape word (and the
+    background tint): the same colour and size, another shape, centroids nearest first. With ``place``, also up
+    to ``k`` that differ in the grid cell (same shape, colour and size, another cell, drawn at random), so that
+    half the partners differ in place. A batch that holds such pairs makes the loss pay for ignoring the shape
+    (or the place) (train_clip.py, --hard-negatives): 32 random captions of this data nearly always differ in
+    colour or size, and a model that reads those words solves the batch without the shape. With ``same_tint``
+    the partners share the tint too (where a group has none, the tint is let go), so the background word
+    cannot tell them apart; then the tint itself is taught by nothing but random negatives (README, lesson 4)."""
     groups: dict[tuple, list[Item]] = collections.defaultdict(list)
     for it in items:
         groups[it.color, it.size, it.tint].append(it)
         groups[it.color, it.size].append(it)
 
     def differing(it: Item, same_shape: bool) -> list[Item]:
-        for key in ((it.color, it.size, it.tint), (it.color, it.size)):
+        for key in ([(it.color, it.size, it.tint)] if same_tint else []) + [(it.color, it.size)]:
             found = [o for o in groups[key] if (o.shape == it.shape) == same_shape
                      and (o.place != it.place or not same_shape)]
             if found:

@@ -56,6 +56,7 @@ class TrainConfig:
     # no colour jitter: the caption says them)
     hard_negatives: bool = True  # half of each batch: pictures that differ from the other half in shape only
     place_negatives: bool = False  # half of those partners differ in the grid cell instead of the shape
+    tint_partners: bool = False  # partners share the background tint too (lesson 4: shape up, retrieval down)
     # (dataset.py:hard_negative_partners; easy-VQA only, your own data has no attributes to match)
     sincos_positions: bool = True  # start the ViT's learned positions at a 2-D sin-cos table (model.py)
     # optimisation (CLIP's: AdamW beta2 0.98, eps 1e-6, weight decay 0.2 on matrices only)
@@ -219,7 +220,7 @@ def main(cfg: TrainConfig) -> dict:
     if first:
         logger.write(f"step 0 | {first['line']}")
     local_bs = cfg.batch_size // dist_info.world_size
-    partners = (hard_negative_partners(train.items, place=cfg.place_negatives)
+    partners = (hard_negative_partners(train.items, place=cfg.place_negatives, same_tint=cfg.tint_partners)
                 if cfg.hard_negatives and train.items else None)
     per_step = cfg.batch_size // 2 if partners else cfg.batch_size  # images drawn from the epoch's order
     steps_per_epoch = len(train.pixels) // per_step

@@ -339,8 +339,9 @@ def test_hard_negatives_differ_in_shape_only_or_in_place_only_and_a_batch_holds_
     items = [ds.Item(i, ds.SHAPES[i % 3], ["red", "blue"][i % 2], ds.SIZES[i // 6 % 3], ds.ROWS[i // 18 % 3],
                      ds.COLS[i % 5 % 3], 0.1, float(rng.random()), float(rng.random()),
                      "mint" if i == 89 else ["pink", "sand"][i // 54]) for i in range(90)]
-    partners = ds.hard_negative_partners(items, k=4, place=True)
-    shape_only = ds.hard_negative_partners(items, k=4)
+    partners = ds.hard_negative_partners(items, k=4, place=True, same_tint=True)
+    shape_only = ds.hard_negative_partners(items, k=4, same_tint=True)
+    assert any(items[p].tint != it.tint for it, ps in zip(items, ds.hard_negative_partners(items, k=4)) for p in ps)
     assert [ps[:len(a)] for ps, a in zip(partners, shape_only)] == shape_only  # the shape partners come first
     for it, ps in zip(items, partners):
         by_shape = [p for p in ps if items[p].shape != it.shape]
