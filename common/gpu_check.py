@@ -57,7 +57,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass
 class Job:
-    """One command. ``args`` apply in both modes, ``dry`` only on the CPU (tiny batch and data), ``gpu``
+    """One command. ``args`` apply in both modes, ``dry`` only on the CPU (tiny batch, data and evaluation;
+    given after ``args``, a flag in both takes its dry value), ``gpu``
     only on CUDA. ``{out}`` is the check's folder, ``{steps}`` the steps. ``measure=False``: a preparation
     (no preset, no step budget). ``needs``: jobs whose output this one reads (skipped if one failed)."""
 
@@ -83,7 +84,7 @@ JOBS: list[Job] = [
     Job("gpt_pretrain", "gpt_minimind.train_pretrain", needs=["gpt_tokenizer"],
         what="GPT pretraining, minimind-small (26 M), batch 32 x 512 x 2 accumulated",
         args=["--tokenizer-dir", "{out}/gpt_tokenizer", "--eval-blocks", "8"],
-        dry=["--batch-size", "1", "--grad-accum", "1", "--max-documents", "300", "--samples"],
+        dry=["--batch-size", "1", "--grad-accum", "1", "--max-documents", "300", "--samples", "--eval-blocks", "2"],
         gpu=["--max-documents", "3000"]),
     Job("gpt_pretrain_compile", "gpt_minimind.train_pretrain", needs=["gpt_tokenizer"], cuda_only=True,
         what="the same with --compile (torch.compile writes triton kernels)",
@@ -99,7 +100,7 @@ JOBS: list[Job] = [
     Job("bert_mlm", "bert_address_cls.train_mlm",
         what="BERT masked-LM, BERT-base widths at 6 layers, batch 64 x 128",
         args=["--tokenizer-dir", "{out}/bert_tokenizer", "--eval-batches", "2"],
-        dry=["--batch-size", "2", "--text-file", "{out}/tiny_text.jsonl", "--n-addresses", "50"],
+        dry=["--batch-size", "2", "--text-file", "{out}/tiny_text.jsonl", "--n-addresses", "50", "--eval-batches", "1"],
         gpu=["--n-addresses", "2000"]),
     Job("bert_cls", "bert_address_cls.train_cls", needs=["bert_mlm"],
         what="the address parser fine-tuned from that MLM, batch 64 x 64",
@@ -109,13 +110,13 @@ JOBS: list[Job] = [
     Job("t5_pretrain", "t5_summarization.train_pretrain",
         what="T5 span corruption, 6+6 layers of width 512, batch 64 x 256",
         args=["--tokenizer-dir", "{out}/t5_tokenizer", "--eval-batches", "2"],
-        dry=["--batch-size", "2", "--max-documents", "1000"],
+        dry=["--batch-size", "2", "--max-documents", "1000", "--eval-batches", "1"],
         gpu=["--max-documents", "3000"]),
     Job("t5_summarize", "t5_summarization.train_summarize", needs=["t5_pretrain"],
         what="T5 headline fine-tuning from that checkpoint, batch 32 x 512, beam-4 scoring",
         args=["--init-from", "{out}/t5_pretrain/final", "--tokenizer", "{out}/t5_tokenizer/spiece.model",
               "--eval-batches", "4"],
-        dry=["--batch-size", "2", "--max-train-pairs", "16", "--eval-limit", "2"],
+        dry=["--batch-size", "2", "--max-train-pairs", "16", "--eval-limit", "2", "--eval-batches", "1"],
         gpu=["--eval-limit", "50"]),
     Job("clip", "clip.train_clip",
         what="CLIP, two 8-layer towers of width 512, 64-px pictures in 8-px patches, batch 128",
@@ -124,7 +125,7 @@ JOBS: list[Job] = [
              "{out}/tiny_pairs/valid.csv"]),
     Job("translate", "transformer_basics.train_translate",
         what="the 2017 Transformer, 6+6 layers of width 512, batch 64 pairs",
-        args=["--eval-batches", "4"], dry=["--batch-size", "2"]),
+        args=["--eval-batches", "4"], dry=["--batch-size", "2", "--eval-batches", "1"]),
 ]
 
 
