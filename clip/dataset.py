@@ -363,7 +363,7 @@ def main() -> None:
         unique_bare = np.mean([bare[it.size, it.color, it.shape, it.place] == 1 for it in items])
         print(f"easy-vqa {split}: {len(items)} images {images.shape[1]}x{images.shape[2]}, {len(count)} distinct "
               f"captions, {unique:.0%} of the pictures with a caption of their own ({unique_bare:.0%} without the "
-              f"background); text->image recall@1 can reach {np.mean([1 / count[c] for c in caps]):.3f}; "
+              f"background); "
               f"e.g. {items[0].captions()[:2]}")
     print(f"cache: {cache_dir()}")
 
