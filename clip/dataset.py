@@ -363,8 +363,11 @@ def main() -> None:
         unique_bare = np.mean([bare[it.size, it.color, it.shape, it.place] == 1 for it in items])
         print(f"easy-vqa {split}: {len(items)} images {images.shape[1]}x{images.shape[2]}, {len(count)} distinct "
               f"captions, {unique:.0%} of the pictures with a caption of their own ({unique_bare:.0%} without the "
-              f"background); "
-              f"e.g. {items[0].captions()[:2]}")
+              f"background); e.g. {items[0].captions()[:2]}")
+        r = shift_ranges(items, images.shape[1]).float()
+        kept = (r[:, 1] - r[:, 0] + 1) * (r[:, 3] - r[:, 2] + 1) / 25  # share of the 25 free shifts that keep the cell
+        print(f"  {(kept < 1).float().mean():.0%} of the pictures lie within 2 pixels of a cell border; shifted "
+              f"freely, {1 - kept.mean():.1%} of the shifted pictures would leave their cell")
     print(f"cache: {cache_dir()}")
 
 
