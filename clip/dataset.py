@@ -22,7 +22,7 @@ import csv
 import json
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -231,6 +231,24 @@ def hard_negative_partners(items: list[Item], k: int = 8, place: bool = False, s
             mine += [o.index for o in random.Random(it.index).sample(places, min(k, len(places)))]
         out.append(mine)
     return out
+
+
+SWAPPABLE = {"place": [(r, c) for r in ROWS for c in COLS], "size": SIZES, "tint": TINTS, "color": tuple(COLORS),
+             "shape": SHAPES}
+
+
+def swapped_caption(item: Item, template: int, attribute: str, rng: random.Random) -> str:
+    """The caption of ``item`` in phrasing ``template`` with one ``attribute`` (a key of SWAPPABLE) changed to
+    another value drawn by ``rng``: a caption that is false for this picture and differs from its true one in
+    a word or two. As an extra negative of its picture (train_clip.py, --swap-negatives; NegCLIP, Yuksekgonul
+    et al. 2023) it makes the loss pay for a text tower that reads past that word."""
+    if attribute not in SWAPPABLE:
+        raise UserError(f"--swap-negatives {attribute}: expected some of {', '.join(SWAPPABLE)}")
+    if attribute == "place":
+        row, col = rng.choice([rc for rc in SWAPPABLE["place"] if rc != (item.row, item.col)])
+        return replace(item, row=row, col=col).caption(template)
+    value = rng.choice([v for v in SWAPPABLE[attribute] if v != getattr(item, attribute)])
+    return replace(item, **{attribute: value}).caption(template)
 
 
 # ---------------------------------------------------------------------------------------------------

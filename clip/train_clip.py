@@ -35,7 +35,7 @@ from common.results import command_line, make_record
 from common.runtime import autocast, pick_device, pick_dtype, seed_everything, set_threads
 from common.schedule import clip_grad
 
-from .dataset import augment, hard_negative_partners, load_data, shift_ranges
+from .dataset import SWAPPABLE, augment, hard_negative_partners, load_data, shift_ranges, swapped_caption
 from .model import MAX_LOGIT_SCALE, MODEL_PRESETS, CLIPConfig, CLIPModel
 from .scoring import evaluate
 from .tokenizer import encode, load_or_train_tokenizer
@@ -58,6 +58,8 @@ class TrainConfig:
     place_negatives: bool = False  # half of those partners differ in the grid cell instead of the shape
     tint_partners: bool = False  # partners share the background tint too (lesson 4: shape up, retrieval down)
     # (dataset.py:hard_negative_partners; easy-VQA only, your own data has no attributes to match)
+    swap_negatives: str = ""  # e.g. "place": each image also meets its own caption with that attribute changed
+    # (comma-separated, one drawn per image: place, size, tint, color, shape; dataset.py:swapped_caption)
     sincos_positions: bool = True  # start the ViT's learned positions at a 2-D sin-cos table (model.py)
     # optimisation (CLIP's: AdamW beta2 0.98, eps 1e-6, weight decay 0.2 on matrices only)
     batch_size: int = 32  # pairs per step (summed over ranks): each image meets batch_size - 1 wrong captions
@@ -123,27 +125,42 @@ class ContrastiveLoss(nn.Module):
         self.kind = kind
         self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if kind == "siglip" else None
 
-    def forward(self, logits_per_image: torch.Tensor, logits_per_text: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    def forward(self, logits_per_image: torch.Tensor, logits_per_text: torch.Tensor, offset: int = 0,
+                swapped: torch.Tensor | None = None) -> torch.Tensor:
+        """``swapped`` (B_local,): each image's logit against its own caption with a word changed (NegCLIP):
+        InfoNCE gets it as one more column of the image's row (a (B + 1)-way choice), SigLIP as one more pair
+        whose answer is 0. The text rows are unchanged: a false caption has no picture to find."""
+        if swapped is not None and self.kind == "infonce":
+            logits_per_image = torch.cat([logits_per_image, swapped[:, None]], 1)
         if self.kind == "siglip":
-            return siglip_loss(logits_per_image, self.logit_bias, offset)
+            loss = siglip_loss(logits_per_image, self.logit_bias, offset)
+            if swapped is not None:
+                loss = loss - F.logsigmoid(-(swapped + self.logit_bias)).sum() / logits_per_image.shape[0]
+            return loss
         return infonce_loss(logits_per_image, logits_per_text, offset)
 
 
 def contrastive_logits(net: nn.Module, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                       attention_mask: torch.Tensor, dist_info=None) -> tuple[torch.Tensor, torch.Tensor, int]:
+                       attention_mask: torch.Tensor, dist_info=None
+                       ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
     """(logits_per_image, logits_per_text, offset) through the (DDP-wrapped) model's forward. Alone: (B, B)
     each, offset 0. Under torchrun (open_clip's local loss): this rank's B_l images against all B_g captions
     and its B_l captions against all B_g images, (B_l, B_g), its true pairs at columns offset .. offset + B_l;
     the others' features come by a differentiable all_gather. Each rank's loss is then its rows' mean, the
-    ranks' mean is the one-process loss, and DDP's average of the gradients is its gradient (a test checks)."""
+    ranks' mean is the one-process loss, and DDP's average of the gradients is its gradient (a test checks).
+    When input_ids holds 2 B_l captions, the second half are the images' swapped captions (--swap-negatives),
+    encoded in the same forward; the fourth value is then each image's logit against its own, (B_l,)."""
     out = net(input_ids, pixel_values, attention_mask)
     img, txt = out["image_embeds"], out["text_embeds"]
     scale = (net.module if hasattr(net, "module") else net).logit_scale.exp()
+    B = img.shape[0]
+    swapped = scale * (img * txt[B:]).sum(-1) if txt.shape[0] == 2 * B else None
+    txt = txt[:B]
     if dist_info is None or not dist_info.enabled:
         logits = scale * img @ txt.t()
-        return logits, logits.t(), 0
+        return logits, logits.t(), 0, swapped
     all_img, all_txt = gather_with_grad(img, dist_info), gather_with_grad(txt, dist_info)
-    return scale * img @ all_txt.t(), scale * txt @ all_img.t(), dist_info.rank * img.shape[0]
+    return scale * img @ all_txt.t(), scale * txt @ all_img.t(), dist_info.rank * B, swapped
 
 
 def decay_groups(modules: list[nn.Module], weight_decay: float) -> list[dict]:
@@ -193,6 +210,9 @@ def main(cfg: TrainConfig) -> dict:
     if cfg.batch_size % dist_info.world_size:
         raise UserError(f"--batch-size {cfg.batch_size}: expected a multiple of the {dist_info.world_size} processes")
     loss_fn = ContrastiveLoss(cfg.loss).to(device)  # first: a bad --loss is reported before any work
+    swaps = [a.strip() for a in cfg.swap_negatives.split(",") if a.strip()]
+    if set(swaps) - set(SWAPPABLE):
+        raise UserError(f"--swap-negatives {cfg.swap_negatives}: expected some of {', '.join(SWAPPABLE)}")
     t0 = time.perf_counter()
     train, valid = load_data(cfg.data_file, cfg.valid_file, cfg.model.image_size)
     tok = load_or_train_tokenizer(cfg.tokenizer_dir, [c for caps in train.captions for c in caps],
@@ -225,6 +245,8 @@ def main(cfg: TrainConfig) -> dict:
     per_step = cfg.batch_size // 2 if partners else cfg.batch_size  # images drawn from the epoch's order
     steps_per_epoch = len(train.pixels) // per_step
     ranges = shift_ranges(train.items, cfg.model.image_size) if train.items else None  # shifts that keep the place
+    if swaps and not train.items:
+        raise UserError("--swap-negatives: your own pairs have no attributes to change (easy-VQA only)")
     model.train()
     t_train = time.perf_counter()
     for step in range(start, cfg.max_iters):
@@ -235,17 +257,21 @@ def main(cfg: TrainConfig) -> dict:
         if partners:
             batch = with_partners(batch, partners, len(train.pixels), rng)
         mine = batch[dist_info.rank * local_bs:(dist_info.rank + 1) * local_bs]
-        captions = [caps[rng.randrange(len(caps))] for caps in (train.captions[i] for i in batch)]
+        phrasing = [rng.randrange(len(train.captions[i])) for i in batch]
+        captions = [train.captions[i][t] for i, t in zip(batch, phrasing)]
         pixels = train.pixels[mine]
         if cfg.augment:
             pixels = augment(pixels, torch.Generator().manual_seed(cfg.seed * 100_003 + step),
                              ranges=None if ranges is None else ranges[mine])
-        ids, mask = encode(tok, captions[dist_info.rank * local_bs:(dist_info.rank + 1) * local_bs],
-                           mcfg.max_position_embeddings)
+        texts = captions[dist_info.rank * local_bs:(dist_info.rank + 1) * local_bs]
+        if swaps:  # one false caption per image, after the true ones
+            texts += [swapped_caption(train.items[i], t, rng.choice(swaps), rng)
+                      for i, t in zip(mine, phrasing[dist_info.rank * local_bs:(dist_info.rank + 1) * local_bs])]
+        ids, mask = encode(tok, texts, mcfg.max_position_embeddings)
         with autocast(device, dtype):
-            per_image, per_text, offset = contrastive_logits(net, pixels.to(device), ids.to(device), mask.to(device),
-                                                             dist_info)
-        loss = loss_fn(per_image.float(), per_text.float(), offset)
+            per_image, per_text, offset, swapped = contrastive_logits(net, pixels.to(device), ids.to(device),
+                                                                      mask.to(device), dist_info)
+        loss = loss_fn(per_image.float(), per_text.float(), offset, None if swapped is None else swapped.float())
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower --lr")
         loss.backward()

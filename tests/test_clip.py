@@ -124,6 +124,53 @@ def _ddp_worker(rank: int, port: int, out_file: str, kind: str) -> None:
     dist.destroy_process_group()
 
 
+
+def test_a_swapped_caption_the_text_tower_cannot_tell_apart_costs_the_loss_a_coin_toss_per_image():
+    """--swap-negatives: each image also meets its own caption with a word changed. Perfect features otherwise
+    (true logit 20, the rest 0): if the swapped caption scores as high as the true one, InfoNCE's image row is a
+    coin toss between them, ln 2, and the mean of the two directions grows by ln 2 / 2; SigLIP pays
+    -log sigmoid(-(20 + b)) per image. contrastive_logits reads the swapped captions from the second half."""
+    logits = 20 * torch.eye(4)
+    infonce = ContrastiveLoss("infonce")
+    assert infonce(logits, logits.t()).item() < 1e-6
+    coin_toss = infonce(logits, logits.t(), swapped=torch.full((4,), 20.0)).item()
+    assert coin_toss == pytest.approx(math.log(2) / 2, abs=1e-6)
+    assert infonce(logits, logits.t(), swapped=torch.full((4,), -20.0)).item() < 1e-6  # told apart: no cost
+    siglip = ContrastiveLoss("siglip")
+    base = siglip(logits, logits.t()).item()
+    got = siglip(logits, logits.t(), swapped=torch.full((4,), 20.0)).item()
+    assert got - base == pytest.approx(-F.logsigmoid(torch.tensor(-10.0)).item(), rel=1e-5)
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(**TINY))
+    gen = torch.Generator().manual_seed(1)
+    ids, mask = _text_batch(gen)
+    px = torch.randn(3, 3, 32, 32, generator=gen)
+    both_ids, both_mask = torch.cat([ids, ids.flip(0)]), torch.cat([mask, mask.flip(0)])
+    per_image, _, _, swapped = contrastive_logits(model, px, both_ids, both_mask)
+    alone, _, _, none = contrastive_logits(model, px, ids, mask)
+    assert none is None
+    torch.testing.assert_close(per_image, alone)
+    torch.testing.assert_close(swapped, alone.flip(1).diagonal())  # image i against caption 2 - i
+
+
+def test_swapped_captions_change_the_one_attribute_asked_for():
+    import random
+
+    rng = random.Random(0)
+    items = [ds.Item(i, ds.SHAPES[i % 3], list(ds.COLORS)[i % 8], ds.SIZES[i % 2], ds.ROWS[i % 3], ds.COLS[i // 3 % 3],
+                     0.1, 0.5, 0.5, ds.TINTS[i % 6]) for i in range(30)]
+    for it in items:
+        for attribute in ds.SWAPPABLE:
+            for template in range(len(ds.TEMPLATES)):
+                false = ds.swapped_caption(it, template, attribute, rng)
+                # the false caption is the true one of some picture that differs in that attribute alone
+                twins = [ds.replace(it, **dict(zip(("row", "col"), v)) if attribute == "place" else {attribute: v})
+                         for v in ds.SWAPPABLE[attribute]]
+                matches = [o for o in twins if o.caption(template) == false]
+                assert matches and all(o != it for o in matches), (it, attribute, false)
+    with pytest.raises(UserError, match="--swap-negatives where: expected some of place, size"):
+        ds.swapped_caption(items[0], 0, "where", rng)
+
 @pytest.mark.parametrize("kind", ["infonce", "siglip"])
 def test_two_processes_compute_the_global_batch_loss_and_its_gradient(tmp_path, kind):
     """open_clip's local loss with a differentiable gather: the two ranks' mean loss is the one-process loss
