@@ -172,13 +172,16 @@ class CLIPVisionEmbeddings(nn.Module):
         return x + self.position_embedding.weight[None]
 
     @torch.no_grad()
-    def init_sincos_positions(self, scale: float = 0.1) -> None:
+    def init_sincos_positions(self, scale: float = 1.0) -> None:
         """Start the learned positions at a 2-D sine-cosine table (MAE; Beyer et al. 2022, "Better plain ViT
         baselines"): the first C/2 numbers encode the patch's row, the last C/2 its column, each as sin and cos
         at C/4 frequencies; the class slot starts at zero. They stay trainable, so the checkpoint is still a
         plain CLIP. From transformers' start (normal, std 0.02) the ViT must learn where each patch is; here
         it knows from step 0, and in this chapter position is a caption word (train_clip.py,
-        --sincos-positions)."""
+        --sincos-positions). ``scale`` is the table's amplitude: each entry is a sine or cosine, so at 1 a
+        position vector has norm sqrt(C/2) (8 in the cpu preset, where a freshly initialised patch
+        embedding of an easy-VQA picture is about 6); at 0.1 (0.8) the place words stayed at chance in
+        every run (README, lesson 2)."""
         C, side = self.position_embedding.embedding_dim, int((self.num_positions - 1) ** 0.5)
         if C % 4:
             raise ValueError(f"vision_hidden_size {C}: a 2-D sine-cosine table needs a multiple of 4")

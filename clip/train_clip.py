@@ -58,9 +58,10 @@ class TrainConfig:
     place_negatives: bool = False  # half of those partners differ in the grid cell instead of the shape
     tint_partners: bool = False  # partners share the background tint too (lesson 4: shape up, retrieval down)
     # (dataset.py:hard_negative_partners; easy-VQA only, your own data has no attributes to match)
-    swap_negatives: str = ""  # e.g. "place": each image also meets its own caption with that attribute changed
-    # (comma-separated, one drawn per image: place, size, tint, color, shape; dataset.py:swapped_caption)
+    swap_negatives: str = "place"  # each image also meets its own caption with this attribute changed (NegCLIP;
+    # comma-separated, one drawn per image: place, size, tint, color, shape; "" for none; dataset.py:swapped_caption)
     sincos_positions: bool = True  # start the ViT's learned positions at a 2-D sin-cos table (model.py)
+    sincos_scale: float = 1.0  # its amplitude (at 0.1 the place stayed at chance: README, lesson 2)
     # optimisation (CLIP's: AdamW beta2 0.98, eps 1e-6, weight decay 0.2 on matrices only)
     batch_size: int = 32  # pairs per step (summed over ranks): each image meets batch_size - 1 wrong captions
     # (32: more steps in the same time; zero-shot needs steps, retrieval a wide batch: README, lesson 3)
@@ -223,7 +224,7 @@ def main(cfg: TrainConfig) -> dict:
         mcfg = replace(mcfg, logit_scale_init_value=math.log(10.0))
     model = CLIPModel(mcfg)
     if cfg.sincos_positions:
-        model.vision_model.embeddings.init_sincos_positions()
+        model.vision_model.embeddings.init_sincos_positions(cfg.sincos_scale)
     model = model.to(device)
     if dist_info.is_main:
         print(f"data: {len(train.pixels)} train / {len(valid.pixels)} held-out pairs | vocab {len(tok)} | "

@@ -153,6 +153,16 @@ def test_a_swapped_caption_the_text_tower_cannot_tell_apart_costs_the_loss_a_coi
     torch.testing.assert_close(swapped, alone.flip(1).diagonal())  # image i against caption 2 - i
 
 
+def test_a_place_blind_model_can_only_guess_among_pictures_that_agree_on_every_other_word():
+    def item(i, row, col, tint="pink"):
+        return ds.Item(i, "circle", "red", "small", row, col, 0.1, 0.5, 0.5, tint)
+
+    # a group of three pictures (two share the top-left caption) and a picture alone in its group
+    items = [item(0, "top", "left"), item(1, "top", "left"), item(2, "bottom", "right"), item(3, "top", "left", "mint")]
+    i2t, t2i = ds.place_blind_recall(items)
+    assert i2t == pytest.approx((1 / 2 + 1 / 2 + 1 / 2 + 1) / 4)  # two distinct captions in the group
+    assert t2i == pytest.approx((2 / 3 + 1 / 3 + 1) / 3)  # per distinct caption: its pictures / the group's
+
 def test_swapped_captions_change_the_one_attribute_asked_for():
     import random
 
