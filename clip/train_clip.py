@@ -2,6 +2,7 @@
 
     python -m clip.train_clip                      # easy-VQA shapes, ~10 minutes on 2 CPU cores
     python -m clip.train_clip --loss siglip        # the sigmoid loss of SigLIP instead of InfoNCE
+    python -m clip.train_clip --swap-negatives place,size,tint   # more swapped captions (README, lesson 4)
     python -m clip.train_clip --data-file pairs.csv --valid-file valid.csv   # your own (filepath,title)
     torchrun --nproc_per_node 2 -m clip.train_clip # features gathered across ranks: the global batch's negatives
 
@@ -9,6 +10,8 @@ The loss (paper fig. 3): L = (CE(logits_per_image, diag) + CE(logits_per_text, d
 similarity matrix; the diagonal holds the true pairs, the other B - 1 entries of a row are the negatives.
 With few negatives (small B) the softmax has little to push against; SigLIP (Zhai et al. 2023) scores
 every pair on its own, sigmoid(t <i, j> + b) against 1 on the diagonal and 0 elsewhere (``--loss siglip``).
+By default each image also meets its own caption with the place words changed, one more negative that only a
+model reading the place can reject (NegCLIP; ``--swap-negatives``).
 
 Writes to ``--out-dir``: checkpoints/, final/ (model.safetensors, config.json, tokenizer/), metrics.jsonl,
 loss.png, train_summary.json (zero-shot and retrieval on the test split) and results.json.
@@ -59,7 +62,8 @@ class TrainConfig:
     tint_partners: bool = False  # partners share the background tint too (lesson 4: shape up, retrieval down)
     # (dataset.py:hard_negative_partners; easy-VQA only, your own data has no attributes to match)
     swap_negatives: str = "place"  # each image also meets its own caption with this attribute changed (NegCLIP;
-    # comma-separated, one drawn per image: place, size, tint, color, shape; "" for none; dataset.py:swapped_caption)
+    # (comma-separated, one drawn per image, a word given twice drawn twice as often: place, size, tint, color,
+    # shape; "" for none; easy-VQA only; dataset.py:swapped_caption)
     sincos_positions: bool = True  # start the ViT's learned positions at a 2-D sin-cos table (model.py)
     sincos_scale: float = 1.0  # its amplitude (at 0.1 the place stayed at chance: README, lesson 2)
     # optimisation (CLIP's: AdamW beta2 0.98, eps 1e-6, weight decay 0.2 on matrices only)
@@ -144,8 +148,8 @@ class ContrastiveLoss(nn.Module):
 def contrastive_logits(net: nn.Module, pixel_values: torch.Tensor, input_ids: torch.Tensor,
                        attention_mask: torch.Tensor, dist_info=None
                        ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
-    """(logits_per_image, logits_per_text, offset) through the (DDP-wrapped) model's forward. Alone: (B, B)
-    each, offset 0. Under torchrun (open_clip's local loss): this rank's B_l images against all B_g captions
+    """(logits_per_image, logits_per_text, offset, swapped) through the (DDP-wrapped) model's forward. Alone:
+    (B, B) each, offset 0. Under torchrun (open_clip's local loss): this rank's B_l images against all B_g captions
     and its B_l captions against all B_g images, (B_l, B_g), its true pairs at columns offset .. offset + B_l;
     the others' features come by a differentiable all_gather. Each rank's loss is then its rows' mean, the
     ranks' mean is the one-process loss, and DDP's average of the gradients is its gradient (a test checks).
@@ -246,8 +250,9 @@ def main(cfg: TrainConfig) -> dict:
     per_step = cfg.batch_size // 2 if partners else cfg.batch_size  # images drawn from the epoch's order
     steps_per_epoch = len(train.pixels) // per_step
     ranges = shift_ranges(train.items, cfg.model.image_size) if train.items else None  # shifts that keep the place
-    if swaps and not train.items:
-        raise UserError("--swap-negatives: your own pairs have no attributes to change (easy-VQA only)")
+    if not train.items and (swaps or cfg.hard_negatives) and dist_info.is_main:
+        print("your own pairs: no attributes to match or change, so --hard-negatives and --swap-negatives are off")
+    swaps = swaps if train.items else []
     model.train()
     t_train = time.perf_counter()
     for step in range(start, cfg.max_iters):

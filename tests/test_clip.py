@@ -336,10 +336,11 @@ def _tiny_cfg(tmp_path, **over):
                        out_dir=str(tmp_path / over.pop("out", "run")), device="cpu", **over)
 
 
-def test_a_short_run_learns_to_match_pictures_and_captions(tmp_path):
+def test_a_short_run_learns_to_match_pictures_and_captions(tmp_path, capsys):
     from clip.train_clip import main
 
     res = main(_tiny_cfg(tmp_path))
+    assert "--hard-negatives and --swap-negatives are off" in capsys.readouterr().out  # own pairs: said, not failed
     first, final = res["summary"]["initial"], res["summary"]["final"]
     assert final["i2t_recall_at_1"] > first["i2t_recall_at_1"] and final["i2t_recall_at_1"] >= 0.75  # 4 captions
     assert res["model"].logit_scale.item() <= MAX_LOGIT_SCALE + 1e-6  # clamped after every step
