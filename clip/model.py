@@ -179,9 +179,8 @@ class CLIPVisionEmbeddings(nn.Module):
         plain CLIP. From transformers' start (normal, std 0.02) the ViT must learn where each patch is; here
         it knows from step 0, and in this chapter position is a caption word (train_clip.py,
         --sincos-positions). ``scale`` is the table's amplitude: each entry is a sine or cosine, so at 1 a
-        position vector has norm sqrt(C/2) (8 in the cpu preset, where a freshly initialised patch
-        embedding of an easy-VQA picture is about 6); at 0.1 (0.8) the place words stayed at chance in
-        every run (README, lesson 2)."""
+        position vector has norm sqrt(C/2) (8 in the cpu preset); at 0.1 (norm 0.8) the place words
+        stayed near chance in every run (README, lesson 4)."""
         C, side = self.position_embedding.embedding_dim, int((self.num_positions - 1) ** 0.5)
         if C % 4:
             raise ValueError(f"vision_hidden_size {C}: a 2-D sine-cosine table needs a multiple of 4")

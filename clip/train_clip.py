@@ -62,14 +62,14 @@ class TrainConfig:
     tint_partners: bool = False  # partners share the background tint too (lesson 4: shape up, retrieval down)
     # (dataset.py:hard_negative_partners; easy-VQA only, your own data has no attributes to match)
     swap_negatives: str = "place"  # each image also meets its own caption with this attribute changed (NegCLIP;
-    # (comma-separated, one drawn per image, a word given twice drawn twice as often: place, size, tint, color,
+    # comma-separated, one drawn per image, a word given twice drawn twice as often: place, size, tint, color,
     # shape; "" for none; easy-VQA only; dataset.py:swapped_caption)
     sincos_positions: bool = True  # start the ViT's learned positions at a 2-D sin-cos table (model.py)
-    sincos_scale: float = 1.0  # its amplitude (at 0.1 the place stayed at chance: README, lesson 2)
+    sincos_scale: float = 1.0  # its amplitude (at 0.1 the place stayed near chance: README, lesson 4)
     # optimisation (CLIP's: AdamW beta2 0.98, eps 1e-6, weight decay 0.2 on matrices only)
     batch_size: int = 32  # pairs per step (summed over ranks): each image meets batch_size - 1 wrong captions
     # (32: more steps in the same time; zero-shot needs steps, retrieval a wide batch: README, lesson 3)
-    max_iters: int = 2400  # optimizer steps (about 10 minutes at batch 32 on 2 cores)
+    max_iters: int = 2400  # optimizer steps (about 7 minutes at batch 32 on 2 cores)
     lr: float = 1e-3  # peak learning rate (cosine to lr * min_lr_ratio)
     min_lr_ratio: float = 0.1
     warmup_iters: int = 60
