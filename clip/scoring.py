@@ -36,7 +36,7 @@ PLACES = tuple(place_name(r, c) for r in ROWS for c in COLS)
 def _prompts(**fixed: str) -> tuple[str, ...]:
     """Template 0 for every combination of the attributes not in ``fixed`` ({shape}/{color} stay as fields)."""
     out = []
-    for size, place in itertools.product(SIZES, PLACES):
+    for size, place in itertools.product(SIZES, [fixed["place"]] if "place" in fixed else PLACES):
         where = "in the middle" if place == "middle" else f"in the {place}"
         for color in ([fixed["color"]] if "color" in fixed else COLORS):
             for shape in ([fixed["shape"]] if "shape" in fixed else SHAPES):
@@ -50,10 +50,7 @@ JOINT_PROMPTS = _prompts(shape="{shape}", color="{color}")
 
 def place_prompts(place: str) -> tuple[str, ...]:
     """The prompts of one grid cell: template 0 with every size, colour and shape (72), the tint cycling."""
-    where = "in the middle" if place == "middle" else f"in the {place}"
-    combos = itertools.product(SIZES, COLORS, SHAPES)
-    return tuple(TEMPLATES[0].format(size=size, color=color, shape=shape, where=where, tint=TINTS[i % len(TINTS)])
-                 for i, (size, color, shape) in enumerate(combos))
+    return _prompts(place=place)
 
 
 def load_model(ckpt: str | Path, device) -> tuple[CLIPModel, object]:

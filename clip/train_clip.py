@@ -262,17 +262,17 @@ def main(cfg: TrainConfig) -> dict:
         rng = random.Random(cfg.seed * 100_003 + step)
         if partners:
             batch = with_partners(batch, partners, len(train.pixels), rng)
-        mine = batch[dist_info.rank * local_bs:(dist_info.rank + 1) * local_bs]
+        own = slice(dist_info.rank * local_bs, (dist_info.rank + 1) * local_bs)  # this rank's share of the batch
+        mine = batch[own]
         phrasing = [rng.randrange(len(train.captions[i])) for i in batch]
         captions = [train.captions[i][t] for i, t in zip(batch, phrasing)]
         pixels = train.pixels[mine]
         if cfg.augment:
             pixels = augment(pixels, torch.Generator().manual_seed(cfg.seed * 100_003 + step),
                              ranges=None if ranges is None else ranges[mine])
-        texts = captions[dist_info.rank * local_bs:(dist_info.rank + 1) * local_bs]
+        texts = captions[own]
         if swaps:  # one false caption per image, after the true ones
-            texts += [swapped_caption(train.items[i], t, rng.choice(swaps), rng)
-                      for i, t in zip(mine, phrasing[dist_info.rank * local_bs:(dist_info.rank + 1) * local_bs])]
+            texts += [swapped_caption(train.items[i], t, rng.choice(swaps), rng) for i, t in zip(mine, phrasing[own])]
         ids, mask = encode(tok, texts, mcfg.max_position_embeddings)
         with autocast(device, dtype):
             per_image, per_text, offset, swapped = contrastive_logits(net, pixels.to(device), ids.to(device),
