@@ -1,11 +1,11 @@
 # Two commands do all the set-up:  make demo  (the GPT chapter end to end on the CPU)  and  make test.
 # the chapters, in reading order: registering a new one means adding it here (doc/new_chapter.md)
-CHAPTERS := transformer_basics gpt_minimind bert_address_cls t5_summarization clip appendix
+CHAPTERS := transformer_basics gpt_minimind bert_address_cls t5_summarization clip llava appendix
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: setup data demo demo-finetune demo-distill demo-translate demo-address demo-summarize demo-clip demo-appendix test lint results bench gpu-check clean
+.PHONY: setup data demo demo-finetune demo-distill demo-translate demo-address demo-summarize demo-clip demo-llava demo-appendix test lint results bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -61,6 +61,16 @@ demo-summarize: data
 # CLIP from scratch on easy-VQA's pictures: contrastive training, then zero-shot and retrieval on the test split
 demo-clip: data
 	$(PY) -m clip.train_clip
+
+# LLaVA on the CLIP of demo-clip (trained and exported first if runs/clip/hf is missing) and SmolLM2-135M-Instruct:
+# stage 1 (projector), stage 2 (LoRA), about 20 minutes on 2 cores; then one answer about a test picture
+demo-llava: data
+	test -f runs/clip/hf/config.json || { test -f runs/clip/train/final/config.json || $(PY) -m clip.train_clip; \
+		$(PY) -m clip.export_hf; }
+	$(PY) -m llava.train_stage1
+	$(PY) -m llava.train_stage2
+	$(PY) -m llava.infer --image $$($(PY) -c "from llava.dataset import easy_vqa_files; print(easy_vqa_files() / 'test/images/0.png')") \
+		--question "what is the color of the shape?"
 
 # the appendix: every building block's checks and measurements (about 9 minutes on 2 cores; the figures go to doc/)
 demo-appendix: data

@@ -29,11 +29,9 @@ import numpy as np
 import torch
 
 from common.config import parse_no_flags
-from common.data import Package, cache_dir, fetch_package, iter_jsonl
+from common.data import EASY_VQA, cache_dir, fetch_package, iter_jsonl
 from common.errors import UserError
 
-EASY_VQA = Package("easy-vqa", "1.0", "easy_vqa-1.0-py3-none-any.whl",
-                   "fcb51b309b78c7b00f97b64cdbcbcf5c105f94da1b39c0796cee5a787c4f650f", "MIT")
 N_IMAGES = {"train": 4000, "test": 1000}
 SHAPES = ("circle", "rectangle", "triangle")
 COLORS = {"red": (255, 0, 0), "green": (0, 128, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),

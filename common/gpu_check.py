@@ -123,6 +123,18 @@ JOBS: list[Job] = [
         args=["--tokenizer-dir", "{out}/clip_tokenizer"],
         dry=["--batch-size", "2", "--data-file", "{out}/tiny_pairs/train.csv", "--valid-file",
              "{out}/tiny_pairs/valid.csv"]),
+    Job("clip_export", "clip.export_hf", measure=False, needs=["clip"],
+        args=["--ckpt", "{out}/clip/final", "--out", "{out}/clip_hf"]),
+    Job("llava_stage1", "llava.train_stage1", needs=["clip_export"],
+        what="LLaVA stage 1 (projector) on that CLIP and SmolLM2-135M, batch 32",
+        args=["--vision", "{out}/clip_hf", "--eval-examples", "256"],
+        dry=["--batch-size", "2", "--data-file", "{out}/tiny_pairs/conv.jsonl", "--valid-file",
+             "{out}/tiny_pairs/conv.jsonl", "--eval-examples", "2"]),
+    Job("llava_stage2", "llava.train_stage2", needs=["llava_stage1"],
+        what="LLaVA stage 2, LoRA r=16 on SmolLM2-135M, batch 32",
+        args=["--vision", "{out}/clip_hf", "--init-from", "{out}/llava_stage1/final", "--eval-examples", "256"],
+        dry=["--batch-size", "2", "--data-file", "{out}/tiny_pairs/conv.jsonl", "--valid-file",
+             "{out}/tiny_pairs/conv.jsonl", "--eval-examples", "2"]),
     Job("translate", "transformer_basics.train_translate",
         what="the 2017 Transformer, 6+6 layers of width 512, batch 64 pairs",
         args=["--eval-batches", "4"], dry=["--batch-size", "2", "--eval-batches", "1"]),
@@ -398,6 +410,11 @@ def write_tiny_pairs(folder: Path, n: int = 12) -> None:
         rows.append(f"{i}.png,a {name} square")
     (folder / "train.csv").write_text("filepath,title\n" + "\n".join(rows[: n * 2 // 3]) + "\n")
     (folder / "valid.csv").write_text("filepath,title\n" + "\n".join(rows[n * 2 // 3:]) + "\n")
+    # the same pictures as LLaVA conversations (llava's dry runs)
+    conv = [json.dumps({"image": r.split(",")[0], "conversations": [
+        {"from": "human", "value": "<image>\nwhat color is the square?"},
+        {"from": "gpt", "value": r.split(",")[1].split()[1]}]}) for r in rows]
+    (folder / "conv.jsonl").write_text("\n".join(conv) + "\n")
 
 
 def write_tiny_text(path: Path) -> None:

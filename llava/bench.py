@@ -1,0 +1,78 @@
+"""The stage-2 table: full fine-tuning, LoRA and QLoRA (and the blind control) from the same stage-1 projector,
+each with its trainable parameters, peak memory, step time and held-out exact match.
+
+    python -m llava.bench --run        # trains what is missing, one run after the other (~15 minutes each)
+    python -m llava.bench              # prints the table from the runs already there
+
+Every row is one ``python -m llava.train_stage2`` (the command is in each run's results.json) with the defaults
+but for the flags of ``RUNS``; the row's figures come from its ``train_summary.json``: ``train_wall_s`` over the
+steps (evaluations excluded), ``peak_rss_mb`` (the process's peak resident memory, the frozen base included),
+and the final evaluation on the same evenly spread held-out questions. Stage 1 is ``make demo-llava``'s.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.cli import run_main
+
+# name -> (out dir, extra flags of train_stage2); "stage1" is train_stage1's default run
+RUNS = {
+    "stage1": ("runs/llava/stage1", None),
+    "lora": ("runs/llava/stage2", []),
+    "qlora": ("runs/llava/stage2_qlora", ["--mode", "qlora", "--run-name", "stage2_qlora_cpu"]),
+    "full": ("runs/llava/stage2_full", ["--mode", "full", "--lr", "1e-4", "--run-name", "stage2_full_cpu"]),
+    "blind": ("runs/llava/stage2_blind", ["--blind", "--run-name", "stage2_lora_cpu_blind"]),
+}
+
+
+@dataclass
+class BenchConfig:
+    """Train (with --run) and tabulate the stage-2 variants."""
+
+    run: bool = False  # train the rows whose train_summary.json is missing
+    only: str = ""  # comma-separated names of RUNS to train (default: all)
+
+
+def row(name: str, out: str) -> dict | None:
+    path = Path(out) / "train_summary.json"
+    if not path.is_file():
+        return None
+    s = json.loads(path.read_text())
+    f = s["final"]
+    return {"run": name, "trainable_M": s["trainable_params"] / 1e6, "peak_rss_GB": s["peak_rss_mb"] / 1024,
+            "s_per_step": s["s_per_step"], "overall": f["exact_match_overall"], "shape": f.get("exact_match_shape"),
+            "color": f.get("exact_match_color"), "yes_no": f.get("exact_match_yes_no"), "n": f["n"]}
+
+
+def table(rows: list[dict]) -> str:
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f} %"  # noqa: E731
+    lines = ["| run | trainable params | peak RSS | s / step | overall | shape | colour | yes/no |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['trainable_M']:.2f} M | {r['peak_rss_GB']:.1f} GB | {r['s_per_step']:.2f} | "
+                     f"{pct(r['overall'])} | {pct(r['shape'])} | {pct(r['color'])} | {pct(r['yes_no'])} |")
+    return "\n".join(lines)
+
+
+def main(cfg: BenchConfig) -> dict:
+    wanted = [n for n in (cfg.only.split(",") if cfg.only else RUNS) if n]
+    if cfg.run:
+        for name in wanted:
+            out, flags = RUNS[name]
+            if flags is None or row(name, out):
+                continue
+            cmd = [sys.executable, "-m", "llava.train_stage2", "--out-dir", out, *flags]
+            print("$", " ".join(cmd[1:]), flush=True)
+            subprocess.run(cmd, check=True)
+    rows = [r for n, (out, _) in RUNS.items() if (r := row(n, out))]
+    print(table(rows))
+    return {"rows": rows}
+
+
+if __name__ == "__main__":
+    run_main(main, BenchConfig)

@@ -1,0 +1,91 @@
+"""Stage 2 of LLaVA, visual instruction tuning: the projector keeps learning and the language model learns to
+answer questions about the picture, fully or through LoRA adapters on a full-precision or 4-bit base (QLoRA).
+
+    python -m llava.train_stage2                          # LoRA on easy-VQA questions, ~15 minutes on 2 CPU cores
+    python -m llava.train_stage2 --mode qlora             # the base in 4-bit NF4 (bitsandbytes), LoRA on top
+    python -m llava.train_stage2 --mode qlora --bits 8    # LLM.int8() base instead
+    python -m llava.train_stage2 --mode full --lr 2e-5    # every weight of the language model
+    python -m llava.train_stage2 --blind                  # the control: blank pictures, the question alone
+    torchrun --nproc_per_node 2 -m llava.train_stage2     # data parallel (DDP; --distributed fsdp for FSDP2)
+
+It starts from stage 1's projector (``--init-from``). The objective is next-token cross-entropy on the answers
+only; the prompt, the image placeholders and the system line are labelled -100. LLaVA-1.5 trains this stage at
+lr 2e-5 in full, 2e-4 with LoRA r 128 / alpha 256 (scripts/v1_5); a 135 M model and a few hundred steps want r 16.
+Writes to ``--out-dir``: checkpoints/, final/ (the trained parameters, llava.json), metrics.jsonl, loss.png,
+train_summary.json and results.json (held-out exact match before and after).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.cli import run_main
+from common.errors import UserError
+
+from .dataset import easy_vqa_questions, load_conversations
+from .loading import build, smollm2_dir
+from .model import LlavaConfig
+from .training import StageConfig, add_lora, easy_vqa_split, load_trainable, own_split, read_meta, run, setup
+
+
+@dataclass
+class Stage2Config(StageConfig):
+    """Projector + language model, on questions and answers."""
+
+    init_from: str = "runs/llava/stage1/final"  # stage 1's final/ ("" = a fresh projector: no alignment stage)
+    mode: str = "lora"  # full, lora or qlora (LoRA on a bitsandbytes-quantized base)
+    bits: int = 4  # the qlora base: 4 (NF4 with double quantization) or 8 (LLM.int8())
+    lora_r: int = 16  # adapter rank (>= 1)
+    lora_alpha: int = 32  # the update is scaled by alpha / r
+    lora_dropout: float = 0.05  # (< 1)
+    max_iters: int = 300  # optimizer steps (2,400 of the 38,575 questions at batch 8)
+    lr: float = 5e-4  # LoRA's; --mode full wants about 2e-5
+    warmup_iters: int = 20
+    save_every: int = 50
+    out_dir: str = "runs/llava/stage2"
+
+
+PRESETS = {"cpu": {}, "gpu4gb": {"batch_size": 32, "max_iters": 1200, "eval_batch_size": 64, "eval_examples": 0}}
+
+
+def main(cfg: Stage2Config) -> dict:
+    if cfg.mode not in ("full", "lora", "qlora"):
+        raise UserError(f"--mode {cfg.mode}: expected full, lora or qlora")
+    dist_info = setup(cfg)
+    own = (load_conversations(cfg.data_file), load_conversations(cfg.valid_file)) if cfg.data_file else None
+    llava_cfg = cfg.model
+    if cfg.init_from:  # the projector's shape and the features it was trained on come from stage 1
+        llava_cfg = LlavaConfig(**{**read_meta(cfg.init_from, "--init-from")["llava"], "anyres": cfg.model.anyres})
+        differs = (llava_cfg.projector_type, llava_cfg.pool) != (cfg.model.projector_type, cfg.model.pool)
+        if differs and dist_info.is_main:
+            print(f"--init-from {cfg.init_from}: its projector {llava_cfg.projector_type}, pool {llava_cfg.pool} "
+                  "is used (the flags' values are ignored)")
+    model, tok, processor = build(cfg.vision, cfg.llm or str(smollm2_dir()), llava_cfg,
+                                  cfg.bits if cfg.mode == "qlora" else 0)
+    if cfg.init_from:
+        load_trainable(model, cfg.init_from, only_prefix="multi_modal_projector.")
+    model.requires_grad_(False)
+    if cfg.mode == "full":
+        model.language_model.requires_grad_(True)
+    else:
+        add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)  # peft freezes the base, adapters train
+    model.multi_modal_projector.requires_grad_(True)
+    if own:
+        train = own_split(own[0], processor, cfg.data_file)
+        valid = own_split(own[1], processor, cfg.valid_file)
+    else:
+        train = easy_vqa_split("train", easy_vqa_questions("train"), processor)
+        valid = easy_vqa_split("test", easy_vqa_questions("test"), processor)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if dist_info.is_main:
+        print(f"stage 2: {len(train.examples)} conversations | {model.num_image_tokens()} visual words | mode "
+              f"{cfg.mode}{f' ({cfg.bits}-bit base)' if cfg.mode == 'qlora' else ''} | trainable {n_train / 1e6:.2f} M"
+              + (" | BLIND: blank pictures" if cfg.blind else ""), flush=True)
+    name = cfg.run_name or f"stage2_{cfg.mode}_cpu" + ("_blind" if cfg.blind else "")
+    extra = {"stage": "stage2", "mode": cfg.mode, "bits": cfg.bits if cfg.mode == "qlora" else 0,
+             "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha}
+    return run(cfg, model, tok, train, valid, "stage2", extra, name, dist_info)
+
+
+if __name__ == "__main__":
+    run_main(main, Stage2Config, presets=PRESETS)
