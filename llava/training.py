@@ -327,9 +327,12 @@ def run(cfg: StageConfig, model: LlavaModel, tok, train: Split, valid: Split, st
                 atomic_write_text(out / "checkpoints" / f"step_{done:06d}" / "llava.json", json.dumps(meta) + "\n")
     wall = time.perf_counter() - t0
     result = {"trainable": trainable}
-    if engine is not None:
-        gather_zero3(model)
-    state = model_state(trainable)  # under FSDP2 a collective (the shards gathered): every rank takes part
+    zero3 = any(hasattr(p, "ds_id") for p in trainable.parameters())  # ZeRO-3: each rank holds slices
+    # the trained weights, gathered where they are sharded: a collective under FSDP2 and ZeRO-3, every rank
+    state = zero3_state(trainable) if zero3 else model_state(trainable)
+    # under ZeRO-3 every layer gathers its weights as it runs: every rank decodes alongside rank 0
+    if zero3 and not dist_info.is_main:
+        evaluate(model, tok, valid, cfg.eval_examples, cfg.system_prompt, cfg.blind, cfg.eval_batch_size)
     if full_weights(net, dist_info):
         final = evaluate(model, tok, valid, cfg.eval_examples, cfg.system_prompt, cfg.blind, cfg.eval_batch_size)
         logger.log({"step": cfg.max_iters, **{k: v for k, v in final.items() if k.startswith("exact_match")}})
@@ -380,17 +383,14 @@ def deepspeed_engine(cfg: StageConfig, model: LlavaModel, optimizer: torch.optim
     return engine
 
 
-def gather_zero3(model: nn.Module) -> None:
-    """Under ZeRO-3 each rank holds a slice of every parameter: put the full tensors back in place (a
-    collective) so that evaluation and saving read them."""
-    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
-    if params:
-        import deepspeed
+def zero3_state(trainable: Trainable) -> dict[str, torch.Tensor]:
+    """The full tensors of ZeRO-3-partitioned parameters, gathered on every rank (a collective), under the
+    names ``save_pretrained`` writes."""
+    import deepspeed
 
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            full = [p.data.clone() for p in params]
-        for p, f in zip(params, full):
-            p.data = f
+    params = dict(trainable.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+        return {k: v.detach().clone().contiguous() for k, v in params.items()}
 
 
 def all_reduce_sum(value: int, dist_info) -> int:
