@@ -271,12 +271,12 @@ def majority_per_type(train: list[Example], test: list[Example]) -> dict[str, fl
 def question_prior(train: list[Example], test: list[Example]) -> dict[str, float]:
     """The ceiling of a model that reads the question but not the picture: each test question answered with
     the most common training answer to the same question (its type's for a question never seen)."""
-    by_q = collections.defaultdict(collections.Counter)
+    by_q, by_kind = collections.defaultdict(collections.Counter), collections.defaultdict(collections.Counter)
     for e in train:
         by_q[e.turns[0][0]][e.turns[0][1]] += 1
-    fallback = {t: collections.Counter(e.turns[0][1] for e in train if e.kind == t).most_common(1)[0][0]
-                for t in QUESTION_TYPES}
-    preds = [by_q[e.turns[0][0]].most_common(1)[0][0] if by_q[e.turns[0][0]] else fallback[e.kind] for e in test]
+        by_kind[e.kind][e.turns[0][1]] += 1
+    overall = sum(by_kind.values(), collections.Counter())
+    preds = [(by_q.get(e.turns[0][0]) or by_kind.get(e.kind) or overall).most_common(1)[0][0] for e in test]
     return score(preds, test)
 
 

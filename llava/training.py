@@ -8,6 +8,7 @@ directories they sit on, as LLaVA's own checkpoints name their base LLM; ``load_
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import random
@@ -35,6 +36,7 @@ from .dataset import (
     pad_left,
     pad_right,
     pixel_values,
+    question_prior,
     read_image,
     score,
 )
@@ -53,6 +55,8 @@ class StageConfig:
     valid_file: str = ""  # held-out conversations scored by exact match (required with --data-file)
     system_prompt: str = SYSTEM_PROMPT  # the chat's system line ("" = the template's own)
     blind: bool = False  # the control: every picture replaced by a blank one, in training and evaluation
+    balance_answers: bool = False  # draw each (question, answer) pair equally often: "is there a red shape?" is
+    # "no" for 7 pictures in 8, and a model trained on that learns to answer without looking (README)
     batch_size: int = 8  # conversations per optimizer step (summed over ranks)
     max_iters: int = 100
     lr: float = 1e-3
@@ -69,6 +73,7 @@ class StageConfig:
     deepspeed: str = ""  # a DeepSpeed JSON config (llava/ds_zero2.json, ds_zero3.json): ZeRO instead of ddp/fsdp
     seed: int = 1234
     eval_first: bool = False  # also score the held-out questions before training
+    eval_final: bool = True  # score them after training (infer.py --eval scores a saved stage the same way)
     eval_every: int = 100_000  # steps between held-out evaluations (one runs at the end anyway)
     save_every: int = 50
     keep_checkpoints: int = 2
@@ -119,11 +124,22 @@ def own_split(examples: list[Example], processor, path: str) -> Split:
     return Split([replace(e, image=where[e.image]) for e in examples], pixels)
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The shuffled order of one epoch: a function of (seed, epoch) only, so --resume sees the same batches."""
+def epoch_order(n: int, seed: int, epoch: int, weights: list[float] | None = None) -> list[int]:
+    """The order of one epoch: a function of (seed, epoch) only, so --resume sees the same batches. Without
+    weights a shuffle; with them n draws with replacement, each example in proportion to its weight."""
+    rng = random.Random(seed * 1000 + epoch)
+    if weights is not None:
+        return rng.choices(range(n), weights=weights, k=n)
     order = list(range(n))
-    random.Random(seed * 1000 + epoch).shuffle(order)
+    rng.shuffle(order)
     return order
+
+
+def answer_balance(examples: list[Example]) -> list[float]:
+    """Weights that make every (question, answer) pair of the first turn equally likely: 1 / its count. Each yes/no
+    question is then answered yes and no equally often, so its wording alone predicts nothing."""
+    counts = collections.Counter((e.turns[0][0], e.turns[0][1]) for e in examples)
+    return [1.0 / counts[(e.turns[0][0], e.turns[0][1])] for e in examples]
 
 
 def collate(tok, examples: list[Example], n_image: int, system: str, max_len: int):
@@ -285,12 +301,14 @@ def run(cfg: StageConfig, model: LlavaModel, tok, train: Split, valid: Split, st
         logger.write(f"step 0 | {first['line']}")
     local_bs = cfg.batch_size // dist_info.world_size
     steps_per_epoch = len(train.examples) // cfg.batch_size
+    weights = answer_balance(train.examples) if cfg.balance_answers else None
     model.train()
     model.vision_tower.eval()  # frozen: no dropout, whatever the mode
     t0 = time.perf_counter()
     for step in range(start, cfg.max_iters):
         epoch, pos = divmod(step, steps_per_epoch)
-        batch = epoch_order(len(train.examples), cfg.seed, epoch)[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]
+        order = epoch_order(len(train.examples), cfg.seed, epoch, weights)
+        batch = order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]
         mine = batch[dist_info.rank * local_bs:(dist_info.rank + 1) * local_bs]  # this rank's share
         ids, mask, labels = collate(tok, [train.examples[i] for i in mine], n_image, cfg.system_prompt, max_len)
         loss = net(ids.to(device), train.pictures(mine, cfg.blind).to(device), mask.to(device),
@@ -331,19 +349,24 @@ def run(cfg: StageConfig, model: LlavaModel, tok, train: Split, valid: Split, st
     # the trained weights, gathered where they are sharded: a collective under FSDP2 and ZeRO-3, every rank
     state = zero3_state(trainable) if zero3 else model_state(trainable)
     # under ZeRO-3 every layer gathers its weights as it runs: every rank decodes alongside rank 0
-    if zero3 and not dist_info.is_main:
+    if zero3 and not dist_info.is_main and cfg.eval_final:
         evaluate(model, tok, valid, cfg.eval_examples, cfg.system_prompt, cfg.blind, cfg.eval_batch_size)
     if full_weights(net, dist_info):
-        final = evaluate(model, tok, valid, cfg.eval_examples, cfg.system_prompt, cfg.blind, cfg.eval_batch_size)
-        logger.log({"step": cfg.max_iters, **{k: v for k, v in final.items() if k.startswith("exact_match")}})
+        final = {"line": "no held-out evaluation (--no-eval-final)", "examples": []}
+        if cfg.eval_final:
+            final = evaluate(model, tok, valid, cfg.eval_examples, cfg.system_prompt, cfg.blind, cfg.eval_batch_size)
+            logger.log({"step": cfg.max_iters, **{k: v for k, v in final.items() if k.startswith("exact_match")}})
         final_dir = save_final(out, trainable, meta, state)
         summary = {"steps": cfg.max_iters, "train_wall_s": wall, "s_per_step": wall / max(1, cfg.max_iters - start),
                    "trainable_params": trainable.num_parameters(), "initial": first, "final": final,
                    "peak_rss_mb": peak_rss_mb(), **meta_extra}
         atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=2) + "\n")
         cmd = command_line(f"llava.train_{stage}")
-        base = "before_stage2" if first else "none"
-        records = [make_record("llava", run_name, k, v, base, first[k] if first else None, wall, cmd)
+        # the baseline beside each figure: the question-prior ceiling on the same held-out questions (what a model
+        # that reads the question and not the picture can reach)
+        subset = [valid.examples[i] for i in evenly_spaced(len(valid.examples), cfg.eval_examples)]
+        prior = {f"exact_match_{k.replace('/', '_')}": v for k, v in question_prior(train.examples, subset).items()}
+        records = [make_record("llava", run_name, k, v, "question_prior", prior.get(k), wall, cmd)
                    for k, v in final.items() if k.startswith("exact_match")]
         atomic_write_text(out / "results.json", json.dumps(records, indent=2) + "\n")
         logger.write(f"done: {cfg.max_iters} steps in {wall:.0f} s | {final['line']} | {final_dir}")

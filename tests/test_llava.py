@@ -305,6 +305,20 @@ def test_baselines_that_never_see_a_picture():
     assert question_prior(train, test)["overall"] == 1.0  # each question's own most common answer
 
 
+def test_answer_balance_makes_each_question_say_yes_and_no_equally_often():
+    """With the weights, a question whose training answer is "no" 7 times in 8 is drawn with "yes" as often as
+    with "no", so its wording alone predicts nothing; without them the order is a shuffle (each example once)."""
+    from llava.dataset import Example
+    from llava.training import answer_balance, epoch_order
+
+    ex = [Example(i, [("is there a red shape?", "yes" if i % 8 == 0 else "no")], "yes/no") for i in range(800)]
+    ex += [Example(800 + i, [("what shape?", ("circle", "triangle")[i % 2])], "shape") for i in range(200)]
+    order = epoch_order(len(ex), 0, 0, answer_balance(ex))
+    red = [ex[i].turns[0][1] for i in order if ex[i].turns[0][0] == "is there a red shape?"]
+    assert abs(red.count("yes") / len(red) - 0.5) < 0.05
+    assert sorted(epoch_order(len(ex), 0, 0)) == list(range(len(ex)))
+
+
 # --------------------------------------------------------------------------------------------------------
 # training on tiny models: the loss falls, resume, LoRA/QLoRA, the export
 # --------------------------------------------------------------------------------------------------------
