@@ -280,13 +280,25 @@ def question_prior(train: list[Example], test: list[Example]) -> dict[str, float
     return score(preds, test)
 
 
-def score(predictions: list[str], examples: list[Example]) -> dict[str, float]:
-    """Exact match (after strip and lower-case) overall and per question type."""
+def prior_answers(train: list[Example]) -> dict[str, str]:
+    """Each training question's most common answer: what the question alone suggests."""
+    by_q = collections.defaultdict(collections.Counter)
+    for e in train:
+        by_q[e.turns[0][0]][e.turns[0][1]] += 1
+    return {q: c.most_common(1)[0][0] for q, c in by_q.items()}
+
+
+def score(predictions: list[str], examples: list[Example], prior: dict[str, str] | None = None) -> dict[str, float]:
+    """Exact match (after strip and lower-case) overall and per question type; with ``prior`` (prior_answers) also
+    on the questions whose answer is not the one their wording suggests ("against_prior"): a model that does not
+    look scores 0 there, one that looks scores as well as anywhere."""
     hits = collections.defaultdict(list)
     for p, e in zip(predictions, examples):
         ok = p.strip().lower().rstrip(".") == e.turns[0][1].lower()
         hits["overall"].append(ok)
         hits[e.kind].append(ok)
+        if prior and prior.get(e.turns[0][0], e.turns[0][1]) != e.turns[0][1]:
+            hits["against_prior"].append(ok)
     return {k: sum(v) / len(v) for k, v in hits.items()}
 
 

@@ -100,11 +100,12 @@ def main(cfg: InferConfig) -> dict:
             print(f"> {a}", flush=True)
         result["history"] = history
     if cfg.eval:
-        from .dataset import easy_vqa_questions
+        from .dataset import easy_vqa_questions, prior_answers
         from .training import easy_vqa_split, evaluate
 
         valid = easy_vqa_split("test", easy_vqa_questions("test"), processor)
-        ev = evaluate(model, tok, valid, cfg.eval_examples, system, cfg.blind)
+        ev = evaluate(model, tok, valid, cfg.eval_examples, system, cfg.blind,
+                      prior=prior_answers(easy_vqa_questions("train")))
         print(ev["line"])
         for q, a in ev["examples"]:
             print(f"  {q} -> {a}")
@@ -115,6 +116,7 @@ def main(cfg: InferConfig) -> dict:
             out = Path(cfg.ckpt).parent / f"eval_{cfg.run_name}"  # make results collects */results.json
             out.mkdir(parents=True, exist_ok=True)
             (out / "results.json").write_text(json.dumps(recs, indent=2) + "\n")
+            (out / "eval.json").write_text(json.dumps({k: v for k, v in ev.items() if k != "examples"}) + "\n")
     return result
 
 

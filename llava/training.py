@@ -36,6 +36,7 @@ from .dataset import (
     pad_left,
     pad_right,
     pixel_values,
+    prior_answers,
     question_prior,
     read_image,
     score,
@@ -178,7 +179,7 @@ def end_of_turn(tok) -> int:
 
 
 def evaluate(model: LlavaModel, tok, split: Split, k: int, system: str, blind: bool, batch: int = 32,
-             max_new_tokens: int = 5) -> dict:
+             max_new_tokens: int = 5, prior: dict[str, str] | None = None) -> dict:
     """Exact match on ``k`` evenly spread held-out questions (all when k is 0): overall and per type. Every
     easy-VQA answer is at most 3 tokens and its end of turn: a longer reply is wrong whatever follows, so
     decoding stops at ``max_new_tokens``."""
@@ -191,7 +192,7 @@ def evaluate(model: LlavaModel, tok, split: Split, k: int, system: str, blind: b
         preds += answer(model, tok, [split.examples[i].turns[0][0] for i in chunk], split.pictures(chunk, blind),
                         system, max_new_tokens=max_new_tokens)
     model.train(was)
-    res = score(preds, [split.examples[i] for i in idx])
+    res = score(preds, [split.examples[i] for i in idx], prior)
     res = {f"exact_match_{k_.replace('/', '_')}": v for k_, v in res.items()}
     line = " | ".join(f"{k_[12:]} {100 * v:.1f} %" for k_, v in res.items())
     return {**res, "n": len(idx), "line": f"exact match {subset_note(len(idx), len(split.examples), 'questions')}: "
@@ -295,9 +296,11 @@ def run(cfg: StageConfig, model: LlavaModel, tok, train: Split, valid: Split, st
     n_image = model.num_image_tokens()
     max_len = getattr(model.language_model.config, "max_position_embeddings", 8192)
     meta = stage_meta(cfg, model, meta_extra)
+    prior = prior_answers(train.examples)  # scores the held-out questions the wording alone would get wrong
     first = None
     if start == 0 and dist_info.is_main and cfg.eval_first:
-        first = evaluate(model, tok, valid, cfg.eval_examples, cfg.system_prompt, cfg.blind, cfg.eval_batch_size)
+        first = evaluate(model, tok, valid, cfg.eval_examples, cfg.system_prompt, cfg.blind, cfg.eval_batch_size,
+                          prior=prior)
         logger.write(f"step 0 | {first['line']}")
     local_bs = cfg.batch_size // dist_info.world_size
     steps_per_epoch = len(train.examples) // cfg.batch_size
@@ -333,7 +336,8 @@ def run(cfg: StageConfig, model: LlavaModel, tok, train: Split, valid: Split, st
         done = step + 1
         logger.step(done, loss.item(), scheduler.get_last_lr()[0], int(mask.sum()) * dist_info.world_size)
         if done % cfg.eval_every == 0 and done < cfg.max_iters and full_weights(net, dist_info):
-            ev = evaluate(model, tok, valid, cfg.eval_examples, cfg.system_prompt, cfg.blind, cfg.eval_batch_size)
+            ev = evaluate(model, tok, valid, cfg.eval_examples, cfg.system_prompt, cfg.blind, cfg.eval_batch_size,
+                          prior=prior)
             logger.log({"step": done, **{k: v for k, v in ev.items() if k.startswith("exact_match")}})
             logger.write(f"step {done}/{cfg.max_iters} | {ev['line']}")
         if cfg.distributed == "fsdp" and dist_info.enabled:
@@ -350,11 +354,13 @@ def run(cfg: StageConfig, model: LlavaModel, tok, train: Split, valid: Split, st
     state = zero3_state(trainable) if zero3 else model_state(trainable)
     # under ZeRO-3 every layer gathers its weights as it runs: every rank decodes alongside rank 0
     if zero3 and not dist_info.is_main and cfg.eval_final:
-        evaluate(model, tok, valid, cfg.eval_examples, cfg.system_prompt, cfg.blind, cfg.eval_batch_size)
+        evaluate(model, tok, valid, cfg.eval_examples, cfg.system_prompt, cfg.blind, cfg.eval_batch_size,
+                          prior=prior)
     if full_weights(net, dist_info):
         final = {"line": "no held-out evaluation (--no-eval-final)", "examples": []}
         if cfg.eval_final:
-            final = evaluate(model, tok, valid, cfg.eval_examples, cfg.system_prompt, cfg.blind, cfg.eval_batch_size)
+            final = evaluate(model, tok, valid, cfg.eval_examples, cfg.system_prompt, cfg.blind, cfg.eval_batch_size,
+                          prior=prior)
             logger.log({"step": cfg.max_iters, **{k: v for k, v in final.items() if k.startswith("exact_match")}})
         final_dir = save_final(out, trainable, meta, state)
         summary = {"steps": cfg.max_iters, "train_wall_s": wall, "s_per_step": wall / max(1, cfg.max_iters - start),

@@ -565,3 +565,14 @@ def test_infer_answers_a_picture_file_and_refuses_a_question_past_the_context(ti
     assert isinstance(res["answer"], str)
     with pytest.raises(UserError, match="the model's context is 160"):
         main(InferConfig(ckpt=str(stage1_run[0] / "final"), image=picture, question="is it red? " * 60))
+
+
+def test_chat_keeps_the_conversation_and_an_empty_line_ends_it(tiny_dirs, stage1_run, monkeypatch):
+    import io
+
+    from llava.infer import InferConfig, main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("what color is it?\nand the shape?\n\nnot read\n"))
+    picture = str(Path(tiny_dirs["data"]).parent / "1.png")
+    res = main(InferConfig(ckpt=str(stage1_run[0] / "final"), image=picture, chat=True, max_new_tokens=2))
+    assert [q for q, _ in res["history"]] == ["what color is it?", "and the shape?"]
