@@ -71,8 +71,9 @@ def main(cfg: BenchConfig) -> dict:
     if cfg.run:
         for name in wanted:
             out, flags = RUNS[name]
-            if flags is None:  # stage 1 alone, scored by infer.py on the same held-out questions
-                if (Path(out) / "final").is_dir() and not (Path(out) / f"eval_{ALONE}" / "eval.json").is_file():
+            if flags is None:  # stage 1 alone: its own final evaluation, else infer.py on the same questions
+                r = row(name, out)
+                if (Path(out) / "final").is_dir() and (r is None or r["overall"] is None):
                     cmd = [sys.executable, "-m", "llava.infer", "--ckpt", f"{out}/final", "--eval", "--run-name", ALONE]
                     print("$", " ".join(cmd[1:]), flush=True)
                     subprocess.run(cmd, check=True)

@@ -37,10 +37,10 @@ class Stage2Config(StageConfig):
     bits: int = 4  # the qlora base: 4 (NF4 with double quantization) or 8 (LLM.int8())
     lora_r: int = 16  # adapter rank (>= 1)
     lora_alpha: int = 32  # the update is scaled by alpha / r
-    lora_dropout: float = 0.0  # (< 1)
-    balance_answers: bool = True  # each (question, answer) pair drawn equally often (training.py:answer_balance)
+    lora_dropout: float = 0.05  # (< 1)
+    balance_answers: bool = False  # draw each (question, answer) pair equally often (README: the language prior)
     max_iters: int = 300  # optimizer steps (2,400 of the 38,575 questions at batch 8)
-    lr: float = 1e-3  # LoRA's (adapters and projector); --mode full wants about 1e-4
+    lr: float = 5e-4  # LoRA's (adapters and projector); --mode full wants about 1e-4
     warmup_iters: int = 20
     save_every: int = 50
     out_dir: str = "runs/llava/stage2"

@@ -300,7 +300,7 @@ def run(cfg: StageConfig, model: LlavaModel, tok, train: Split, valid: Split, st
     first = None
     if start == 0 and dist_info.is_main and cfg.eval_first:
         first = evaluate(model, tok, valid, cfg.eval_examples, cfg.system_prompt, cfg.blind, cfg.eval_batch_size,
-                          prior=prior)
+                         prior=prior)
         logger.write(f"step 0 | {first['line']}")
     local_bs = cfg.batch_size // dist_info.world_size
     steps_per_epoch = len(train.examples) // cfg.batch_size
@@ -355,12 +355,12 @@ def run(cfg: StageConfig, model: LlavaModel, tok, train: Split, valid: Split, st
     # under ZeRO-3 every layer gathers its weights as it runs: every rank decodes alongside rank 0
     if zero3 and not dist_info.is_main and cfg.eval_final:
         evaluate(model, tok, valid, cfg.eval_examples, cfg.system_prompt, cfg.blind, cfg.eval_batch_size,
-                          prior=prior)
+                 prior=prior)
     if full_weights(net, dist_info):
         final = {"line": "no held-out evaluation (--no-eval-final)", "examples": []}
         if cfg.eval_final:
             final = evaluate(model, tok, valid, cfg.eval_examples, cfg.system_prompt, cfg.blind, cfg.eval_batch_size,
-                          prior=prior)
+                             prior=prior)
             logger.log({"step": cfg.max_iters, **{k: v for k, v in final.items() if k.startswith("exact_match")}})
         final_dir = save_final(out, trainable, meta, state)
         summary = {"steps": cfg.max_iters, "train_wall_s": wall, "s_per_step": wall / max(1, cfg.max_iters - start),
