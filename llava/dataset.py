@@ -299,6 +299,7 @@ def score(predictions: list[str], examples: list[Example], prior: dict[str, str]
         hits[e.kind].append(ok)
         if prior and prior.get(e.turns[0][0], e.turns[0][1]) != e.turns[0][1]:
             hits["against_prior"].append(ok)
+            hits[f"{e.kind} against_prior"].append(ok)
     return {k: sum(v) / len(v) for k, v in hits.items()}
 
 
@@ -315,6 +316,10 @@ def main() -> None:
     fmt = lambda d: " | ".join(f"{k} {100 * v:.1f} %" for k, v in d.items())  # noqa: E731
     print(f"majority answer per type:   {fmt(majority_per_type(train, test))}")
     print(f"question-prior ceiling:     {fmt(question_prior(train, test))}")
+    from common.data import evenly_spaced
+
+    subset = [test[i] for i in evenly_spaced(len(test), 1000)]  # the questions the training runs score
+    print(f"  on the 1,000 scored:      {fmt(question_prior(train, subset))}")
     print(f"language model: {smollm2_dir()}")
 
 

@@ -193,7 +193,7 @@ def evaluate(model: LlavaModel, tok, split: Split, k: int, system: str, blind: b
                         system, max_new_tokens=max_new_tokens)
     model.train(was)
     res = score(preds, [split.examples[i] for i in idx], prior)
-    res = {f"exact_match_{k_.replace('/', '_')}": v for k_, v in res.items()}
+    res = {f"exact_match_{k_.replace('/', '_').replace(' ', '_')}": v for k_, v in res.items()}
     line = " | ".join(f"{k_[12:]} {100 * v:.1f} %" for k_, v in res.items())
     return {**res, "n": len(idx), "line": f"exact match {subset_note(len(idx), len(split.examples), 'questions')}: "
             f"{line}", "examples": [(split.examples[i].turns[0][0], p) for i, p in zip(idx[:5], preds[:5])]}
