@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 from common.cli import run_main
 
-from .dataset import easy_vqa_captions, easy_vqa_questions, load_conversations
+from .dataset import easy_vqa_captions, load_conversations
 from .loading import build, smollm2_dir
-from .training import StageConfig, easy_vqa_split, own_split, run, setup
+from .training import StageConfig, load_splits, run, setup
 
 
 @dataclass
@@ -41,12 +41,7 @@ def main(cfg: Stage1Config) -> dict:
     model, tok, processor = build(cfg.vision, cfg.llm or str(smollm2_dir()), cfg.model)
     model.requires_grad_(False)
     model.multi_modal_projector.requires_grad_(True)
-    if own:
-        train = own_split(own[0], processor, cfg.data_file)
-        valid = own_split(own[1], processor, cfg.valid_file)
-    else:
-        train = easy_vqa_split("train", easy_vqa_captions("train"), processor)
-        valid = easy_vqa_split("test", easy_vqa_questions("test"), processor)
+    train, valid = load_splits(cfg, own, processor, lambda: easy_vqa_captions("train"))
     if dist_info.is_main:
         print(f"stage 1: {len(train.examples)} captions | {model.num_image_tokens()} visual words per picture | "
               f"projector {cfg.model.projector_type} | trainable "

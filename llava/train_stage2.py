@@ -25,7 +25,7 @@ from common.errors import UserError
 from .dataset import easy_vqa_questions, load_conversations
 from .loading import build, smollm2_dir
 from .model import LlavaConfig
-from .training import StageConfig, add_lora, easy_vqa_split, load_trainable, own_split, read_meta, run, setup
+from .training import StageConfig, add_lora, load_splits, load_trainable, read_meta, run, setup
 
 
 @dataclass
@@ -71,12 +71,7 @@ def main(cfg: Stage2Config) -> dict:
     else:
         add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)  # peft freezes the base, adapters train
     model.multi_modal_projector.requires_grad_(True)
-    if own:
-        train = own_split(own[0], processor, cfg.data_file)
-        valid = own_split(own[1], processor, cfg.valid_file)
-    else:
-        train = easy_vqa_split("train", easy_vqa_questions("train"), processor)
-        valid = easy_vqa_split("test", easy_vqa_questions("test"), processor)
+    train, valid = load_splits(cfg, own, processor, lambda: easy_vqa_questions("train"))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if dist_info.is_main:
         print(f"stage 2: {len(train.examples)} conversations | {model.num_image_tokens()} visual words | mode "

@@ -30,6 +30,7 @@ from common.schedule import clip_grad
 from .dataset import (
     SYSTEM_PROMPT,
     Example,
+    easy_vqa_questions,
     encode,
     encode_prompt,
     load_images,
@@ -123,6 +124,16 @@ def own_split(examples: list[Example], processor, path: str) -> Split:
     where = {f: i for i, f in enumerate(files)}
     pixels = pixel_values([read_image(f, f"{path}: {f}") for f in files], processor)
     return Split([replace(e, image=where[e.image]) for e in examples], pixels)
+
+
+def load_splits(cfg: StageConfig, own: tuple[list[Example], list[Example]] | None, processor, train_examples
+                ) -> tuple[Split, Split]:
+    """(train, held-out): your conversations (read before the model was loaded, so a bad row fails fast) with
+    their pictures, or easy-VQA's ``train_examples()`` on the training pictures and its test questions."""
+    if own:
+        return own_split(own[0], processor, cfg.data_file), own_split(own[1], processor, cfg.valid_file)
+    return (easy_vqa_split("train", train_examples(), processor),
+            easy_vqa_split("test", easy_vqa_questions("test"), processor))
 
 
 def epoch_order(n: int, seed: int, epoch: int, weights: list[float] | None = None) -> list[int]:
