@@ -70,7 +70,7 @@ demo-llava: data
 	$(PY) -m llava.train_stage1
 	$(PY) -m llava.train_stage2
 	$(PY) -m llava.infer --image $$($(PY) -c "from llava.dataset import easy_vqa_files; print(easy_vqa_files() / 'test/images/0.png')") \
-		--question "what is the color of the shape?"
+		--question "what is the red shape?"
 
 # the appendix: every building block's checks and measurements (about 9 minutes on 2 cores; the figures go to doc/)
 demo-appendix: data
