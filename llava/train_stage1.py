@@ -7,7 +7,7 @@ language model's words for it live. Tower and language model stay frozen.
     torchrun --nproc_per_node 2 -m llava.train_stage1      # data parallel (DDP; --distributed fsdp for FSDP2)
 
 The objective is next-token cross-entropy on the caption only: "<image> x N  Describe the image briefly." ->
-"a red triangle". LLaVA trains this stage at lr 1e-3 with no weight decay (Liu et al. 2023, sec. 5).
+"a red triangle". LLaVA trains this stage at lr 1e-3 with no weight decay (its scripts/v1_5/pretrain.sh).
 Writes to ``--out-dir``: checkpoints/, final/ (the projector, llava.json), metrics.jsonl, loss.png,
 train_summary.json and results.json (the held-out questions answered by this stage alone).
 """

@@ -68,7 +68,6 @@ class StageConfig:
     grad_clip: float = 1.0
     eval_examples: int = 1000  # held-out questions scored at each evaluation (evenly spread; 0 = all)
     eval_batch_size: int = 32  # prompts decoded together
-    dtype: str = "fp32"  # fp32 (bf16 autocast is slower on a CPU without bf16 instructions)
     device: str = "auto"
     threads: int = 0
     distributed: str = "ddp"  # ddp or fsdp, under torchrun / accelerate launch
@@ -177,7 +176,8 @@ def answer(model: LlavaModel, tok, prompts: list[str], pixels: torch.Tensor, sys
     """Greedy answers to one question per picture (a batch: prompts left-padded)."""
     ids, mask = pad_left([encode_prompt(tok, q, model.num_image_tokens(), system) for q in prompts],
                          tok.pad_token_id)
-    out = model.generate(ids, mask, pixels, max_new_tokens, eos_token_id=end_of_turn(tok))
+    dev = model.multi_modal_projector.linear_1.weight.device if hasattr(model, "multi_modal_projector") else "cpu"
+    out = model.generate(ids.to(dev), mask.to(dev), pixels.to(dev), max_new_tokens, eos_token_id=end_of_turn(tok))
     return [tok.decode(o, skip_special_tokens=True).strip() for o in out]
 
 
@@ -292,6 +292,7 @@ def run(cfg: StageConfig, model: LlavaModel, tok, train: Split, valid: Split, st
     device = pick_device(cfg.device)
     out = Path(cfg.out_dir)
     engine = None
+    model.to(device)
     if not cfg.deepspeed:
         net = wrap(model, dist_info, cfg.distributed, ())  # FSDP2 swaps the parameters for shards: wrap first
     trainable = Trainable(model)
