@@ -466,6 +466,10 @@ def setup(cfg: StageConfig):
     seed_everything(cfg.seed)
     if cfg.batch_size % dist_info.world_size:
         raise UserError(f"--batch-size {cfg.batch_size}: expected a multiple of the {dist_info.world_size} processes")
+    if cfg.model.anyres:
+        raise UserError("--anyres: the stages feed one view per picture (easy-VQA's pictures are the tower's size); "
+                        "the anyres path is model.py's LlavaModel.anyres_features, tested against LLaVA-NeXT but not "
+                        "trained by these scripts")
     if cfg.data_file and not cfg.valid_file:
         raise UserError("--data-file needs --valid-file: held-out conversations to score")
     check_dir(cfg.vision, "--vision", "a CLIP directory (the clip chapter's `python -m clip.export_hf` writes "
