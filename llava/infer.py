@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.cli import run_main
+from common.data import evenly_spaced
 from common.errors import UserError
 from common.results import command_line, make_record
 
@@ -100,18 +102,24 @@ def main(cfg: InferConfig) -> dict:
             print(f"> {a}", flush=True)
         result["history"] = history
     if cfg.eval:
-        from .dataset import easy_vqa_questions, prior_answers
+        from .dataset import easy_vqa_questions, prior_answers, question_prior
         from .training import easy_vqa_split, evaluate
 
         valid = easy_vqa_split("test", easy_vqa_questions("test"), processor)
-        ev = evaluate(model, tok, valid, cfg.eval_examples, system, cfg.blind,
-                      prior=prior_answers(easy_vqa_questions("train")))
+        train_q = easy_vqa_questions("train")
+        t0 = time.perf_counter()
+        ev = evaluate(model, tok, valid, cfg.eval_examples, system, cfg.blind, prior=prior_answers(train_q))
+        eval_wall = time.perf_counter() - t0
         print(ev["line"])
         for q, a in ev["examples"]:
             print(f"  {q} -> {a}")
         result["eval"] = ev
         if cfg.run_name:
-            recs = [make_record("llava", cfg.run_name, k, v, "none", None, 0.0, command_line("llava.infer"))
+            # the same baseline as the training records: the question prior on the same held-out questions
+            subset = [valid.examples[i] for i in evenly_spaced(len(valid.examples), cfg.eval_examples)]
+            prior = {f"exact_match_{k.replace('/', '_')}": v for k, v in question_prior(train_q, subset).items()}
+            recs = [make_record("llava", cfg.run_name, k, v, "question_prior", prior.get(k), eval_wall,
+                                command_line("llava.infer"))
                     for k, v in ev.items() if k.startswith("exact_match")]
             out = Path(cfg.ckpt).parent / f"eval_{cfg.run_name}"  # make results collects */results.json
             out.mkdir(parents=True, exist_ok=True)
