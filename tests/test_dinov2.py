@@ -342,3 +342,65 @@ def test_export_loads_in_transformers_with_our_features_and_imports_back(tmp_pat
     back, _ = import_hf(hub)
     for k, v in ours.state_dict().items():
         torch.testing.assert_close(back.state_dict()[k], v)
+
+
+@pytest.mark.parametrize("koleo", [0.0, 0.1], ids=["no-koleo", "koleo"])
+def test_two_processes_train_what_one_process_trains(tmp_path, image_dir, koleo):
+    """torchrun, 2 CPU processes of 4 images each against one process of 8. Views and masks are drawn per image
+    of the global batch, the centres and Sinkhorn-Knopp sum over both ranks and the DINO and iBOT losses are
+    means over equal shares, so without KoLeo the weights equal one process's. KoLeo finds each feature's
+    nearest neighbour within the rank's own images (as the reference does), so with it the ranks still agree
+    with each other (DDP) but no longer with one process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from dinov2.train_dino import main
+
+    flags = dict(max_iters=3, eval_every=10, save_every=3, koleo_weight=koleo, freeze_last_layer_iters=0)
+    main(tiny_cfg(tmp_path / "one", image_dir, **flags))
+    argv = ["--data-dir", str(image_dir), "--batch-size", "8", "--max-iters", "3", "--warmup-iters", "1",
+            "--eval-every", "10", "--save-every", "3", "--log-every", "1", "--threads", "1", "--n-local", "2",
+            "--koleo-weight", str(koleo), "--freeze-last-layer-iters", "0", "--out-dir", str(tmp_path / "two")]
+    argv += [f"--{k.replace('_', '-')}={v}" for k, v in {**TINY, **TINY_HEAD}.items()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "dinov2.train_dino", *argv], cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = load_file(str(tmp_path / "one" / "checkpoints" / "step_000003" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "checkpoints" / "step_000003" / "model.safetensors"))
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    if koleo == 0:
+        assert diff < 2e-5
+    else:
+        assert diff > 1e-4  # a different objective: the test above is not passing by accident
+
+
+def test_linear_probe_search_and_pca_run_on_a_trained_run(tmp_path, image_dir):
+    from dinov2.eval_linear import LinearConfig, fit_probe
+    from dinov2.eval_linear import main as linear
+    from dinov2.infer import InferConfig, patch_pca
+    from dinov2.infer import main as infer
+    from dinov2.train_dino import main
+
+    # the probe separates what a plane separates
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 5, generator=g)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    assert (fit_probe(x, y, 2, 1e-4)(x).argmax(1) == y).float().mean() > 0.97
+    main(tiny_cfg(tmp_path / "run", image_dir, max_iters=2, eval_every=10, save_every=10))
+    ckpt = str(tmp_path / "run" / "final")
+    rows = linear(LinearConfig(ckpt=ckpt, data_dir=str(image_dir), threads=1))
+    assert set(rows) == {"ours", "raw_pixels", "random_init"}
+    assert rows["raw_pixels"]["linear_top1"] > 0.6  # bears against elephants by pixels, 51 training images: above chance
+    found = infer(InferConfig(ckpt=ckpt, data_dir=str(image_dir), query=3, k=4, out=str(tmp_path / "s.png")))
+    assert len(found["neighbours"]) == 4 and (tmp_path / "s.png").is_file()
+    assert found["similarity"] == sorted(found["similarity"], reverse=True)
+    pca = infer(InferConfig(ckpt=ckpt, data_dir=str(image_dir), pca=True, pca_images=3, out=str(tmp_path / "p.png")))
+    assert pca["pca"].shape == (3, 7, 7, 3) and (tmp_path / "p.png").is_file()
+    rgb = patch_pca(torch.randn(2, 9, 16, generator=g))
+    assert rgb.min() >= 0 and rgb.max() <= 1
