@@ -1,11 +1,11 @@
 # Two commands do all the set-up:  make demo  (the GPT chapter end to end on the CPU)  and  make test.
 # the chapters, in reading order: registering a new one means adding it here (doc/new_chapter.md)
-CHAPTERS := transformer_basics gpt_minimind bert_address_cls t5_summarization clip llava appendix
+CHAPTERS := transformer_basics gpt_minimind bert_address_cls t5_summarization clip llava dinov2 appendix
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: setup data demo demo-finetune demo-distill demo-translate demo-address demo-summarize demo-clip demo-llava demo-appendix test lint results bench gpu-check clean
+.PHONY: setup data demo demo-finetune demo-distill demo-translate demo-address demo-summarize demo-clip demo-llava demo-dino demo-appendix test lint results bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -71,6 +71,14 @@ demo-llava: data
 	$(PY) -m llava.train_stage2
 	$(PY) -m llava.infer --image $$($(PY) -c "from llava.dataset import easy_vqa_files; print(easy_vqa_files() / 'test/images/0.png')") \
 		--question "what is the red shape?"
+
+# DINOv2 from scratch on animal-mnist (about 15 minutes on 2 cores), then its features judged: k-NN and a linear
+# probe against raw pixels and random weights, search by image
+demo-dino: data
+	$(PY) -m dinov2.train_dino
+	$(PY) -m dinov2.eval_linear
+	$(PY) -m dinov2.infer --retrieval
+	$(PY) -m dinov2.infer --query 0
 
 # the appendix: every building block's checks and measurements (about 9 minutes on 2 cores; the figures go to doc/)
 demo-appendix: data

@@ -180,8 +180,10 @@ class CropConfig:
     global_size: int = 28  # the global crops' side; the backbone's image_size
     local_size: int = 12  # the local crops' side: a 3 x 3 grid of 4 px patches
     n_local: int = 6  # local crops per image (DINOv2: 8)
-    global_scale: tuple[float, float] = (0.32, 1.0)  # area range of a global crop (DINOv2's)
-    local_scale: tuple[float, float] = (0.05, 0.32)  # area range of a local crop (DINOv2's)
+    global_scale_min: float = 0.32  # a global crop covers 32-100 % of the image's area (DINOv2's)
+    global_scale_max: float = 1.0
+    local_scale_min: float = 0.05  # a local crop covers 5-32 % (DINOv2's)
+    local_scale_max: float = 0.32
     flip: bool = True  # random horizontal flips: an animal facing left is the same animal (off for digits)
     jitter: float = 0.4  # brightness and contrast jitter strength, applied with p 0.8 (0 = off). Saturation and
     # hue are dropped: the images are grey
@@ -210,10 +212,10 @@ def view_transforms(cfg: CropConfig, mean: list[float], std: list[float]):
         return [v2.RandomApply([v2.GaussianBlur(3, sigma=(0.1, cfg.blur_sigma))], p=p)]
 
     tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    g1 = v2.Compose(common(cfg.global_size, cfg.global_scale) + blur(1.0) + tail)
-    g2 = v2.Compose(common(cfg.global_size, cfg.global_scale) + blur(0.1)
+    g1 = v2.Compose(common(cfg.global_size, (cfg.global_scale_min, cfg.global_scale_max)) + blur(1.0) + tail)
+    g2 = v2.Compose(common(cfg.global_size, (cfg.global_scale_min, cfg.global_scale_max)) + blur(0.1)
                     + ([v2.RandomSolarize(128, p=0.2)] if cfg.solarize else []) + tail)
-    local = v2.Compose(common(cfg.local_size, cfg.local_scale) + blur(0.5) + tail)
+    local = v2.Compose(common(cfg.local_size, (cfg.local_scale_min, cfg.local_scale_max)) + blur(0.5) + tail)
     return g1, g2, local
 
 

@@ -65,6 +65,9 @@ def _files(d: Path) -> dict[str, str]:
                                 b'{"from": "gpt", "value": "red"}]}\n')
     w["missing"] = str(d / "does_not_exist.jsonl")
     w["missing_dir"] = str(d / "no_such_run")
+    (d / "no_images").mkdir()
+    (d / "no_images" / "notes.png").write_bytes(b"a text file with a picture's name\n")
+    w["no_images"] = str(d / "no_images")
     w["out"] = str(d / "out")
     return w
 
@@ -195,6 +198,21 @@ def _cases(w: dict[str, str], base: str) -> list[tuple[str, list[str], str]]:
         ("llava_infer_no_image", ["llava.infer", "--question", "what is it?"], "--question and --chat need --image"),
         ("llava_infer_ckpt_missing", ["llava.infer", "--eval", "--ckpt", w["missing_dir"]],
          "expected a final/ directory"),
+        # --- dinov2 ---------------------------------------------------------------------------------------
+        ("dinov2_train_data_dir_missing", ["dinov2.train_dino", "--data-dir", w["missing_dir"], *out],
+         "no_such_run: not a directory"),
+        ("dinov2_train_no_readable_image", ["dinov2.train_dino", "--data-dir", w["no_images"], *out],
+         "no readable image"),
+        ("dinov2_train_dataset_unknown", ["dinov2.train_dino", "--dataset", "cifar", *out],
+         "--dataset cifar: expected one of animal-mnist, mnist, textile"),
+        ("dinov2_train_centering_unknown", ["dinov2.train_dino", "--centering", "mean", *out],
+         "--centering mean: expected centering or sinkhorn_knopp"),
+        ("dinov2_train_local_size", ["dinov2.train_dino", "--local-size", "10", *out],
+         "--local-size 10: expected a multiple of --patch-size 4"),
+        ("dinov2_knn_ckpt_missing", ["dinov2.eval_knn", "--ckpt", w["missing_dir"]], "no config.json there"),
+        ("dinov2_linear_not_dinov2", ["dinov2.eval_linear", "--ckpt", w["broken_model"]],
+         "expected dinov2 or dinov2_with_registers"),
+        ("dinov2_export_ckpt_missing", ["dinov2.export_hf", "--ckpt", w["missing_dir"]], "train first"),
         # --- appendix -------------------------------------------------------------------------------------
         ("appendix_rnn_batch_0", ["appendix.rnn", "--batch-size", "0"], "--batch-size 0: expected >= 1"),
         ("appendix_positions_lr_0", ["appendix.positions", "--lr", "0"], "--lr 0.0: expected > 0"),

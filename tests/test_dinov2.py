@@ -396,7 +396,7 @@ def test_linear_probe_search_and_pca_run_on_a_trained_run(tmp_path, image_dir):
     ckpt = str(tmp_path / "run" / "final")
     rows = linear(LinearConfig(ckpt=ckpt, data_dir=str(image_dir), threads=1))
     assert set(rows) == {"ours", "raw_pixels", "random_init"}
-    assert rows["raw_pixels"]["linear_top1"] > 0.6  # bears against elephants by pixels, 51 training images: above chance
+    assert rows["raw_pixels"]["linear_top1"] > 0.6  # bears against elephants by pixels, 51 images: above chance
     found = infer(InferConfig(ckpt=ckpt, data_dir=str(image_dir), query=3, k=4, out=str(tmp_path / "s.png")))
     assert len(found["neighbours"]) == 4 and (tmp_path / "s.png").is_file()
     assert found["similarity"] == sorted(found["similarity"], reverse=True)
@@ -404,3 +404,20 @@ def test_linear_probe_search_and_pca_run_on_a_trained_run(tmp_path, image_dir):
     assert pca["pca"].shape == (3, 7, 7, 3) and (tmp_path / "p.png").is_file()
     rgb = patch_pca(torch.randn(2, 9, 16, generator=g))
     assert rgb.min() >= 0 and rgb.max() <= 1
+
+
+def test_teacher_is_the_ema_of_the_student():
+    from common.config import apply_overrides
+    from dinov2.train_dino import DinoPair, cosine
+
+    pair = DinoPair(apply_overrides(TrainConfig(), {**TINY, **TINY_HEAD}))
+    t0 = [p.detach().clone() for p in pair.teacher.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(t0, pair.student.parameters()))  # the same start
+    with torch.no_grad():
+        for p in pair.student.parameters():
+            p.add_(1.0)
+    pair.update_teacher(0.9)
+    for a, t, s in zip(t0, pair.teacher.parameters(), pair.student.parameters()):
+        torch.testing.assert_close(t, 0.9 * a + 0.1 * s)
+    assert not any(p.requires_grad for p in pair.teacher.parameters())
+    assert cosine(0.992, 1.0, 0, 100) == 0.992 and cosine(0.992, 1.0, 100, 100) == 1.0
