@@ -42,13 +42,14 @@ import torch.nn.functional as F
 from common.checkpoint import atomic_write_text, resume_or_start, resume_point, save_checkpoint, save_pretrained
 from common.cli import run_main
 from common.config import to_flat_dict
+from common.data import evenly_spaced
 from common.distributed import all_reduce_mean, cleanup, init_distributed, wrap
 from common.errors import UserError
 from common.results import command_line, make_record
 from common.runtime import autocast, pick_device, pick_dtype, seed_everything, set_threads
 from common.schedule import clip_grad
 
-from .dataset import CropConfig, batch_masks, load_data, multi_crop, pixel_stats, view_transforms
+from .dataset import CropConfig, ImageSet, batch_masks, load_data, multi_crop, pixel_stats, view_transforms
 from .eval_knn import evaluate_backbone, extract_features, knn_accuracy, labelled, pixel_features
 from .model import MODEL_PRESETS, DinoHeadConfig, DinoStudent, Dinov2Config, Dinov2Model
 
@@ -98,6 +99,7 @@ class TrainConfig:
     threads: int = 0
     seed: int = 1234
     eval_every: int = 100  # steps between k-NN evaluations and collapse monitors
+    eval_images: int = 0  # score k-NN on this many evenly spaced images of each split (0 = all)
     save_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -366,6 +368,8 @@ def main(cfg: TrainConfig) -> dict:
                         f"images; pass --num-channels {train.images.shape[1]}")
     mean, std = pixel_stats(train.images)
     transforms = view_transforms(cfg.crops, mean, std)
+    ev_train, ev_test = (train, test) if not cfg.eval_images else (subset(train, cfg.eval_images),
+                                                                   subset(test, cfg.eval_images))
     pair = DinoPair(cfg).to(device)
     if dist_info.is_main:
         print(f"data: {name}, {len(train)} train / {len(test)} held-out images {tuple(train.images.shape[1:])} | "
@@ -380,7 +384,7 @@ def main(cfg: TrainConfig) -> dict:
                                                is_main=dist_info.is_main)
     first = None
     if start == 0 and dist_info.is_main:
-        first = evaluate(pair, train, test, mean, std, cfg, 0, device)
+        first = evaluate(pair, ev_train, ev_test, mean, std, cfg, 0, device)
         logger.log({"step": 0, **{k: v for k, v in first.items() if k != "line"}})
         logger.write(f"step 0 | {first['line']}")
     local_bs = cfg.batch_size // dist_info.world_size
@@ -465,7 +469,7 @@ def main(cfg: TrainConfig) -> dict:
                     **parts, teacher_temp=t_temp, momentum=momentum, weight_decay=wd,
                     batch_teacher_entropy=batch_entropy)
         if dist_info.is_main and (done % cfg.eval_every == 0 or done == cfg.max_iters):
-            ev = evaluate(pair, train, test, mean, std, cfg, done, device)
+            ev = evaluate(pair, ev_train, ev_test, mean, std, cfg, done, device)
             logger.log({"step": done, **{k: v for k, v in ev.items() if k != "line"}})
             logger.write(f"step {done}/{cfg.max_iters} | {ev['line']}")
         if done % cfg.save_every == 0 or done == cfg.max_iters:
@@ -474,12 +478,12 @@ def main(cfg: TrainConfig) -> dict:
     wall = time.perf_counter() - t_train
     result: dict = {"pair": pair}
     if dist_info.is_main:
-        final = evaluate(pair, train, test, mean, std, cfg, cfg.max_iters, device)
+        final = evaluate(pair, ev_train, ev_test, mean, std, cfg, cfg.max_iters, device)
         final_dir = out / "final"
         # the teacher's backbone (what DINO evaluates) as a transformers Dinov2 directory, with the data's stats
         config = {**cfg.model.to_hf_dict(), "pixel_mean": mean, "pixel_std": std, "data_image_size": data_size}
         save_pretrained(pair.teacher.backbone, config, final_dir)
-        baselines = baseline_knn(train, test, mean, std, cfg) if labelled(train, test) else {}
+        baselines = baseline_knn(ev_train, ev_test, mean, std, cfg) if labelled(train, test) else {}
         summary = {"steps": cfg.max_iters, "train_wall_s": wall, "s_per_step": wall / max(1, cfg.max_iters - start),
                    "dataset": name, "backbone_params": pair.student.backbone.num_parameters(),
                    "initial": first and {k: v for k, v in first.items() if k != "line"},
@@ -502,6 +506,12 @@ def main(cfg: TrainConfig) -> dict:
         plot_monitors(read_metrics(out / "metrics.jsonl"), out / "monitors.png")
     cleanup()
     return result
+
+
+def subset(images: ImageSet, n: int) -> ImageSet:
+    """n evenly spaced images of a split (all of them when n >= its size)."""
+    idx = evenly_spaced(len(images), n)
+    return ImageSet(images.images[idx], images.labels[idx], images.classes)
 
 
 def baseline_knn(train, test, mean, std, cfg: TrainConfig) -> dict[str, dict[str, float]]:

@@ -73,6 +73,10 @@ SMOKE = {
         "--vision", "{llava_vision}", "--llm", "{llava_llm}", "--data-file", "{llava_conv}", "--valid-file",
         "{llava_conv}", "--batch-size", "4", "--max-iters", "4", "--warmup-iters", "1", "--eval-every", "2",
         "--save-every", "2", "--log-every", "2", "--eval-examples", "4", "--threads", "1"]),
+    "dinov2": ("dinov2.train_dino", [
+        "--hidden-size", "32", "--num-hidden-layers", "2", "--num-attention-heads", "2", "--hidden-dim", "32",
+        "--bottleneck-dim", "16", "--num-prototypes", "64", "--n-local", "2", "--batch-size", "8", "--max-iters", "4",
+        "--warmup-iters", "1", "--eval-every", "2", "--save-every", "2", "--log-every", "2", "--threads", "1"]),
     "appendix": ("appendix.rnn", [
         "--n-chars", "60000", "--hidden-size", "32", "--embed-dim", "16", "--seq-len", "32", "--batch-size", "8",
         "--max-iters", "4", "--warmup-iters", "1", "--eval-every", "2", "--eval-batches", "2", "--log-every", "2",
