@@ -47,26 +47,24 @@ def init_diversity(values=(1e-5, 0.1, 1.0), n: int = 512) -> list[dict]:
 
     import torch.nn.functional as F
 
-    from common.config import apply_overrides
-
     from .dataset import load_data, pixel_stats
     from .eval_knn import extract_features
-    from .train_dino import DinoPair, TrainConfig, softmax_center
+    from .model import DinoHeadConfig, DinoStudent
 
     train, test = load_data("animal-mnist")
     mean, std = pixel_stats(train.images)
     rows = []
     for v in values:
         torch.manual_seed(0)
-        pair = DinoPair(apply_overrides(TrainConfig(), {"layerscale_value": v}))
-        cls = extract_features(pair.teacher.backbone, test.images[:n], mean, std, 28)["cls"]
+        net = DinoStudent(Dinov2Config(**MODEL_PRESETS["cpu"], layerscale_value=v), DinoHeadConfig())  # as train_dino
+        cls = extract_features(net.backbone, test.images[:n], mean, std, 28)["cls"]
         with torch.no_grad():
-            z = F.normalize(pair.teacher.dino_head.mlp(cls), dim=1)
-            t = pair.teacher.dino_head(cls)
+            z = F.normalize(net.dino_head.mlp(cls), dim=1)
+            t = net.dino_head(cls)
         c = F.normalize(cls, dim=1)
         row = {"layerscale": v, "cls_cos": (c @ c.t()).mean().item(), "head_cos": (z @ z.t()).mean().item()}
         for tau in (0.04, 0.07):
-            p = softmax_center(t, t.mean(0, keepdim=True), tau)
+            p = F.softmax((t - t.mean(0, keepdim=True)) / tau, dim=-1)  # train_dino.py:softmax_center
             row[f"entropy_{tau}"] = -(p * p.clamp_min(1e-12).log()).sum(-1).mean().item()
         rows.append(row)
     print(f"at initialisation, {n} held-out animal-mnist images (ln K = {math.log(1024):.3f} is uniform)")
