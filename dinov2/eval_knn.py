@@ -91,6 +91,14 @@ def evaluate_backbone(backbone: Dinov2Model, train: ImageSet, test: ImageSet, me
     return {f"knn_top1_k{k}": v for k, v in acc.items()}
 
 
+def check_channels(backbone: Dinov2Model, images: ImageSet, ckpt: str, name: str) -> None:
+    """One line, not a convolution's shape error, when the model and the images disagree on channels."""
+    have, want = images.images.shape[1], backbone.config.num_channels
+    if have != want:
+        raise UserError(f"--ckpt {ckpt}: the model takes {want}-channel images, {name} has {have}-channel ones; "
+                        f"pick a dataset of its kind (--dataset / --data-dir)")
+
+
 def load_backbone(path: str | Path) -> tuple[Dinov2Model, dict]:
     """A backbone from a training run's final/ directory (ours: the teacher's backbone and the data stats), or
     from a transformers Dinov2 directory (imported by export_hf.import_hf)."""
@@ -122,6 +130,7 @@ def main(cfg: KnnConfig) -> dict:
     backbone.to(device)
     size, ch = backbone.config.image_size, backbone.config.num_channels
     train, test = load_data(cfg.dataset, cfg.data_dir, meta.get("data_image_size", size), ch)
+    check_channels(backbone, train, cfg.ckpt, cfg.data_dir or cfg.dataset)
     if not labelled(train, test):
         raise UserError(f"--data-dir {cfg.data_dir}: the images need class sub-folders for a k-NN score")
     mean, std = meta.get("pixel_mean"), meta.get("pixel_std")

@@ -25,7 +25,7 @@ from common.errors import UserError
 from common.runtime import pick_device, set_threads
 
 from .dataset import load_data, pixel_stats
-from .eval_knn import extract_features, labelled, load_backbone
+from .eval_knn import check_channels, extract_features, labelled, load_backbone
 from .model import Dinov2Model
 
 L2_GRID = (1e-4, 1e-3, 1e-2)
@@ -92,6 +92,7 @@ def main(cfg: LinearConfig) -> dict:
     backbone.to(pick_device(cfg.device))
     size, ch = backbone.config.image_size, backbone.config.num_channels
     train, test = load_data(cfg.dataset, cfg.data_dir, meta.get("data_image_size", size), ch)
+    check_channels(backbone, train, cfg.ckpt, cfg.data_dir or cfg.dataset)
     if not labelled(train, test):
         raise UserError(f"--data-dir {cfg.data_dir}: the images need class sub-folders for a linear probe")
     mean, std = meta.get("pixel_mean"), meta.get("pixel_std")

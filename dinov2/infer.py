@@ -26,7 +26,7 @@ from common.errors import UserError
 from common.runtime import set_threads
 
 from .dataset import load_data, pixel_stats
-from .eval_knn import extract_features, load_backbone, pixel_features
+from .eval_knn import check_channels, extract_features, load_backbone, pixel_features
 
 
 @dataclass
@@ -95,6 +95,9 @@ def main(cfg: InferConfig) -> dict:
     backbone, meta = load_backbone(cfg.ckpt)
     size, ch = backbone.config.image_size, backbone.config.num_channels
     train, test = load_data(cfg.dataset, cfg.data_dir, meta.get("data_image_size", size), ch)
+    check_channels(backbone, train, cfg.ckpt, cfg.data_dir or cfg.dataset)
+    if not 1 <= cfg.k <= len(train):
+        raise UserError(f"--k {cfg.k}: expected 1 .. {len(train)} (the training images to search)")
     mean, std = meta.get("pixel_mean"), meta.get("pixel_std")
     if mean is None:
         mean, std = pixel_stats(train.images)

@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.errors import UserError
+
 
 @dataclass
 class Dinov2Config:
@@ -47,10 +49,17 @@ class Dinov2Config:
     # start gives every image the same [CLS], centering turns the same into uniform targets and the run stays
     # there (README, lesson 1; python -m dinov2.bench --init-diversity). 1.0 is transformers' default
     drop_path_rate: float = 0.0  # stochastic depth, the same rate for every layer (DINOv2's "uniform");
-    # 0 here: a 6-layer net trained for minutes underfits, it does not overfit
+    # 0 here: a 4-layer net trained for minutes underfits, it does not overfit
     num_register_tokens: int = 0  # 0 exports as transformers' Dinov2Model, > 0 as Dinov2WithRegistersModel
     initializer_range: float = 0.02
     hidden_act: str = "gelu"
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise UserError(f"--hidden-size {self.hidden_size}: expected a multiple of --num-attention-heads "
+                             f"{self.num_attention_heads}")
+        if self.image_size % self.patch_size:
+            raise UserError(f"--image-size {self.image_size}: expected a multiple of --patch-size {self.patch_size}")
 
     def to_hf_dict(self) -> dict:
         d = asdict(self)
@@ -266,7 +275,7 @@ class Dinov2Model(nn.Module):
 class DinoHeadConfig:
     """The projection head: MLP (in -> hidden -> hidden -> bottleneck), L2 norm, K prototypes."""
 
-    hidden_dim: int = 512  # DINOv2's is 2048: scaled to the 192-wide backbone
+    hidden_dim: int = 512  # DINOv2's is 2048: scaled to the 128-wide backbone
     bottleneck_dim: int = 128  # DINOv2's 256 (iBOT's 256 too)
     num_prototypes: int = 1024  # K; DINOv2 uses 65,536 for 142 M images, here 10 classes and 8,000 images
     nlayers: int = 3

@@ -148,11 +148,12 @@ def update_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: 
     """c <- m c + (1 - m) mean_n t_n, the mean over the whole (global) batch: the centre is the same on every
     rank. In place."""
     total = teacher_logits.float().sum(0, keepdim=True)
-    count = torch.tensor(float(len(teacher_logits)))
+    count = torch.tensor(float(len(teacher_logits)), device=teacher_logits.device)  # on the logits' device: NCCL
     if dist_info is not None and dist_info.enabled:
         torch.distributed.all_reduce(total)
         torch.distributed.all_reduce(count)
-    center.mul_(momentum).add_(total / count, alpha=1 - momentum)
+    if count > 0:  # a step where no image drew a mask has no patch to average (the centre stays)
+        center.mul_(momentum).add_(total / count, alpha=1 - momentum)
 
 
 @torch.no_grad()
@@ -163,7 +164,7 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temp: float, n_iters: int = 3, 
     sums run over the global batch."""
     Q = torch.exp(teacher_logits.float() / temp).t()  # (K, N)
     K = Q.shape[0]
-    N = torch.tensor(float(Q.shape[1]))
+    N = torch.tensor(float(Q.shape[1]), device=Q.device)
     enabled = dist_info is not None and dist_info.enabled
     if enabled:
         torch.distributed.all_reduce(N)
@@ -242,7 +243,8 @@ class DinoPair(nn.Module):
 
     def __init__(self, cfg: TrainConfig):
         super().__init__()
-        self.student = DinoStudent(cfg.model, cfg.head, cfg.separate_ibot_head)
+        # no iBOT head when iBOT is off: an unused head would stall DDP, whose reducer waits for every gradient
+        self.student = DinoStudent(cfg.model, cfg.head, cfg.separate_ibot_head and cfg.ibot_weight > 0)
         self.teacher = copy.deepcopy(self.student)  # same architecture, same start (DINO sec. 3.1)
         self.teacher.requires_grad_(False)
         self.register_buffer("dino_center", torch.zeros(1, cfg.head.num_prototypes))
@@ -349,6 +351,9 @@ def main(cfg: TrainConfig) -> dict:
     cfg = dataset_defaults(cfg)
     if cfg.centering not in ("centering", "sinkhorn_knopp"):
         raise UserError(f"--centering {cfg.centering}: expected centering or sinkhorn_knopp")
+    if not 0 <= cfg.mask_probability <= 1 or not 0 <= cfg.mask_ratio_min <= cfg.mask_ratio_max <= 1:
+        raise UserError(f"--mask-probability {cfg.mask_probability}, --mask-ratio-min {cfg.mask_ratio_min}, "
+                        f"--mask-ratio-max {cfg.mask_ratio_max}: expected values in [0, 1] with min <= max")
     if cfg.batch_size % dist_info.world_size:
         raise UserError(f"--batch-size {cfg.batch_size}: expected a multiple of the {dist_info.world_size} processes")
     for name in ("global_size", "local_size"):
@@ -366,6 +371,9 @@ def main(cfg: TrainConfig) -> dict:
     if train.images.shape[1] != cfg.model.num_channels:
         raise UserError(f"--num-channels {cfg.model.num_channels}: {name} has {train.images.shape[1]}-channel "
                         f"images; pass --num-channels {train.images.shape[1]}")
+    if len(train) < cfg.batch_size:
+        raise UserError(f"--batch-size {cfg.batch_size}: {name} has only {len(train)} training images; expected "
+                        f"at least one batch (lower --batch-size)")
     mean, std = pixel_stats(train.images)
     transforms = view_transforms(cfg.crops, mean, std)
     ev_train, ev_test = (train, test) if not cfg.eval_images else (subset(train, cfg.eval_images),

@@ -32,7 +32,7 @@ TINY_HEAD = dict(hidden_dim=32, bottleneck_dim=16, num_prototypes=64)
 
 
 def _randomised(model: torch.nn.Module, seed: int = 0) -> dict:
-    """Every tensor random (LayerScale and the mask token too, which start at 1e-5 and 0), so no path hides."""
+    """Every tensor random (LayerScale and the mask token too, which start at constants), so no path hides."""
     g = torch.Generator().manual_seed(seed)
     return {k: torch.randn(v.shape, generator=g) * 0.2 for k, v in model.state_dict().items()}
 
@@ -274,16 +274,22 @@ def test_training_runs_logs_every_loss_and_resumes_to_the_same_weights(tmp_path,
                                                                                 "koleo_loss"))
     assert any("teacher_entropy" in r and "knn_top1_k20" in r for r in rows)
     pair = full["pair"]
-    # the teacher moved towards the student, but is not the student (EMA with momentum near 1)
-    moved = [(t - s).abs().max().item() for t, s in zip(pair.teacher.parameters(), pair.student.parameters())]
-    assert max(moved) > 0
+    # the teacher moved from its start (the EMA ran), and is not the student (momentum near 1)
+    from dinov2.train_dino import DinoPair
+
+    torch.manual_seed(1234)
+    start = DinoPair(tiny_cfg(tmp_path / "x", image_dir))
+    assert max((t - t0).abs().max().item() for t, t0 in zip(pair.teacher.parameters(), start.teacher.parameters())) > 0
+    assert max((t - s).abs().max().item() for t, s in zip(pair.teacher.parameters(), pair.student.parameters())) > 0
     assert (tmp_path / "full" / "monitors.png").is_file()
     # interrupted after step 2, resumed: the same final weights
     main(tiny_cfg(tmp_path / "cut", image_dir, max_iters=4, save_every=2))
     import shutil
     shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step_000004")
     (tmp_path / "cut" / "checkpoints" / "latest").write_text("step_000002\n")
+    capsys.readouterr()
     main(tiny_cfg(tmp_path / "cut", image_dir, resume=True))
+    assert "at step 2" in capsys.readouterr().out  # it did continue from the checkpoint, not from scratch
     a = load_file(str(tmp_path / "full" / "checkpoints" / "step_000004" / "model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "checkpoints" / "step_000004" / "model.safetensors"))
     for k in a:
@@ -291,17 +297,25 @@ def test_training_runs_logs_every_loss_and_resumes_to_the_same_weights(tmp_path,
 
 
 def test_prototypes_stay_frozen_for_the_first_epoch(tmp_path, image_dir):
+    """51 images / batch 8 = 6 steps an epoch: both heads' prototypes are the initial ones at step 6 and have
+    moved by step 8; with --freeze-last-layer-iters 0 they move at once."""
+    from safetensors.torch import load_file
+
     from dinov2.train_dino import DinoPair, main
 
-    cfg = tiny_cfg(tmp_path, image_dir, max_iters=2, eval_every=10, save_every=10)
+    cfg = tiny_cfg(tmp_path / "a", image_dir, max_iters=8, eval_every=100, save_every=6, keep_checkpoints=3)
     torch.manual_seed(cfg.seed)
-    start = DinoPair(cfg).student.dino_head.prototypes.detach().clone()
-    out = main(cfg)
-    end = out["pair"].student.dino_head.prototypes
-    torch.testing.assert_close(end, start)  # same init (seeded), not trained yet
-    moved = main(tiny_cfg(tmp_path / "b", image_dir, max_iters=2, eval_every=10, save_every=10,
+    init = DinoPair(cfg).student
+    main(cfg)
+    at6 = load_file(str(tmp_path / "a" / "checkpoints" / "step_000006" / "model.safetensors"))
+    at8 = load_file(str(tmp_path / "a" / "checkpoints" / "step_000008" / "model.safetensors"))
+    for head in ("dino_head", "ibot_head"):
+        start = getattr(init, head).prototypes.detach()
+        torch.testing.assert_close(at6[f"student.{head}.prototypes"], start)
+        assert (at8[f"student.{head}.prototypes"] - start).abs().max() > 1e-5
+    moved = main(tiny_cfg(tmp_path / "b", image_dir, max_iters=2, eval_every=100, save_every=100,
                           freeze_last_layer_iters=0))["pair"].student.dino_head.prototypes
-    assert (moved - start).abs().max() > 1e-5
+    assert (moved - init.dino_head.prototypes).abs().max() > 1e-5
 
 
 def test_export_loads_in_transformers_with_our_features_and_imports_back(tmp_path, image_dir):
@@ -344,13 +358,14 @@ def test_export_loads_in_transformers_with_our_features_and_imports_back(tmp_pat
         torch.testing.assert_close(back.state_dict()[k], v)
 
 
-@pytest.mark.parametrize("koleo", [0.0, 0.1], ids=["no-koleo", "koleo"])
-def test_two_processes_train_what_one_process_trains(tmp_path, image_dir, koleo):
+@pytest.mark.parametrize("koleo, centering", [(0.0, "centering"), (0.0, "sinkhorn_knopp"), (0.1, "centering")],
+                         ids=["no-koleo", "sinkhorn-no-koleo", "koleo"])
+def test_two_processes_train_what_one_process_trains(tmp_path, image_dir, koleo, centering):
     """torchrun, 2 CPU processes of 4 images each against one process of 8. Views and masks are drawn per image
     of the global batch, the centres and Sinkhorn-Knopp sum over both ranks and the DINO and iBOT losses are
-    means over equal shares, so without KoLeo the weights equal one process's. KoLeo finds each feature's
-    nearest neighbour within the rank's own images (as the reference does), so with it the ranks still agree
-    with each other (DDP) but no longer with one process."""
+    means over equal shares, so without KoLeo the weights equal one process's (with either centring). KoLeo finds
+    each feature's nearest neighbour within the rank's own images (as the reference does), so with it the two
+    runs differ."""
     import os
     import subprocess
     import sys
@@ -360,11 +375,13 @@ def test_two_processes_train_what_one_process_trains(tmp_path, image_dir, koleo)
 
     from dinov2.train_dino import main
 
-    flags = dict(max_iters=3, eval_every=10, save_every=3, koleo_weight=koleo, freeze_last_layer_iters=0)
+    flags = dict(max_iters=3, eval_every=10, save_every=3, koleo_weight=koleo, freeze_last_layer_iters=0,
+                 centering=centering)
     main(tiny_cfg(tmp_path / "one", image_dir, **flags))
     argv = ["--data-dir", str(image_dir), "--batch-size", "8", "--max-iters", "3", "--warmup-iters", "1",
             "--eval-every", "10", "--save-every", "3", "--log-every", "1", "--threads", "1", "--n-local", "2",
-            "--koleo-weight", str(koleo), "--freeze-last-layer-iters", "0", "--out-dir", str(tmp_path / "two")]
+            "--koleo-weight", str(koleo), "--freeze-last-layer-iters", "0", "--centering", centering,
+            "--out-dir", str(tmp_path / "two")]
     argv += [f"--{k.replace('_', '-')}={v}" for k, v in {**TINY, **TINY_HEAD}.items()]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
