@@ -126,7 +126,7 @@ def main(cfg: InferConfig) -> dict:
             patches = backbone((x - m) / s)["patches"]
         g = size // backbone.config.patch_size
         rgb = patch_pca(patches).reshape(len(imgs), g, g, 3)
-        fig, axes = plt.subplots(2, len(imgs), figsize=(1.6 * len(imgs), 3.4), dpi=100, squeeze=False)
+        fig, axes = plt.subplots(2, len(imgs), figsize=(1.6 * len(imgs), 3.4), dpi=72, squeeze=False)
         for i in range(len(imgs)):
             axes[0, i].imshow(show(imgs[i]), cmap="gray")
             axes[1, i].imshow(rgb[i].numpy(), interpolation="nearest")
