@@ -99,6 +99,26 @@ def check_channels(backbone: Dinov2Model, images: ImageSet, ckpt: str, name: str
                         f"pick a dataset of its kind (--dataset / --data-dir)")
 
 
+def load_for_eval(ckpt: str, dataset: str, data_dir: str, device: str = "auto", labels_for: str = ""
+                  ) -> tuple[Dinov2Model, ImageSet, ImageSet, list[float], list[float]]:
+    """(backbone on its device, train, held-out, pixel mean, pixel std): the set-up every evaluation shares. The
+    images are read at the size the run trained on, in the model's channels; the statistics are the run's
+    (a transformers directory has none: the training images' own). ``labels_for`` names what needs labels."""
+    from .dataset import pixel_stats
+
+    backbone, meta = load_backbone(ckpt)
+    backbone.to(pick_device(device))
+    size, ch = backbone.config.image_size, backbone.config.num_channels
+    train, test = load_data(dataset, data_dir, meta.get("data_image_size", size), ch)
+    check_channels(backbone, train, ckpt, data_dir or dataset)
+    if labels_for and not labelled(train, test):
+        raise UserError(f"--data-dir {data_dir}: the images need class sub-folders for {labels_for}")
+    mean, std = meta.get("pixel_mean"), meta.get("pixel_std")
+    if mean is None:
+        mean, std = pixel_stats(train.images)
+    return backbone, train, test, mean, std
+
+
 def load_backbone(path: str | Path) -> tuple[Dinov2Model, dict]:
     """A backbone from a training run's final/ directory (ours: the teacher's backbone and the data stats), or
     from a transformers Dinov2 directory (imported by export_hf.import_hf)."""
@@ -125,18 +145,8 @@ class KnnConfig:
 
 def main(cfg: KnnConfig) -> dict:
     set_threads(cfg.threads)
-    backbone, meta = load_backbone(cfg.ckpt)
-    device = pick_device(cfg.device)
-    backbone.to(device)
-    size, ch = backbone.config.image_size, backbone.config.num_channels
-    train, test = load_data(cfg.dataset, cfg.data_dir, meta.get("data_image_size", size), ch)
-    check_channels(backbone, train, cfg.ckpt, cfg.data_dir or cfg.dataset)
-    if not labelled(train, test):
-        raise UserError(f"--data-dir {cfg.data_dir}: the images need class sub-folders for a k-NN score")
-    mean, std = meta.get("pixel_mean"), meta.get("pixel_std")
-    if mean is None:
-        from .dataset import pixel_stats
-        mean, std = pixel_stats(train.images)
+    backbone, train, test, mean, std = load_for_eval(cfg.ckpt, cfg.dataset, cfg.data_dir, cfg.device, "a k-NN score")
+    device, size = next(backbone.parameters()).device, backbone.config.image_size
     rows = {"ours": evaluate_backbone(backbone, train, test, mean, std, size)}
     if cfg.baselines:
         n = len(train.classes)

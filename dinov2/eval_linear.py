@@ -21,11 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from common.cli import run_main
-from common.errors import UserError
-from common.runtime import pick_device, set_threads
+from common.runtime import set_threads
 
-from .dataset import load_data, pixel_stats
-from .eval_knn import check_channels, extract_features, labelled, load_backbone
+from .eval_knn import extract_features, load_for_eval
 from .model import Dinov2Model
 
 L2_GRID = (1e-4, 1e-3, 1e-2)
@@ -88,16 +86,9 @@ class LinearConfig:
 
 def main(cfg: LinearConfig) -> dict:
     set_threads(cfg.threads)
-    backbone, meta = load_backbone(cfg.ckpt)
-    backbone.to(pick_device(cfg.device))
-    size, ch = backbone.config.image_size, backbone.config.num_channels
-    train, test = load_data(cfg.dataset, cfg.data_dir, meta.get("data_image_size", size), ch)
-    check_channels(backbone, train, cfg.ckpt, cfg.data_dir or cfg.dataset)
-    if not labelled(train, test):
-        raise UserError(f"--data-dir {cfg.data_dir}: the images need class sub-folders for a linear probe")
-    mean, std = meta.get("pixel_mean"), meta.get("pixel_std")
-    if mean is None:
-        mean, std = pixel_stats(train.images)
+    backbone, train, test, mean, std = load_for_eval(cfg.ckpt, cfg.dataset, cfg.data_dir, cfg.device,
+                                                     "a linear probe")
+    size = backbone.config.image_size
     n = len(train.classes)
     rows = {"ours": probe_accuracy(backbone_features(backbone, train.images, mean, std, size), train.labels,
                                    backbone_features(backbone, test.images, mean, std, size), test.labels, n)}

@@ -25,8 +25,7 @@ from common.cli import run_main
 from common.errors import UserError
 from common.runtime import set_threads
 
-from .dataset import load_data, pixel_stats
-from .eval_knn import check_channels, extract_features, load_backbone, pixel_features
+from .eval_knn import extract_features, load_for_eval, pixel_features
 
 
 @dataclass
@@ -92,15 +91,10 @@ def main(cfg: InferConfig) -> dict:
     import matplotlib.pyplot as plt
 
     set_threads(cfg.threads)
-    backbone, meta = load_backbone(cfg.ckpt)
+    backbone, train, test, mean, std = load_for_eval(cfg.ckpt, cfg.dataset, cfg.data_dir, "cpu")
     size, ch = backbone.config.image_size, backbone.config.num_channels
-    train, test = load_data(cfg.dataset, cfg.data_dir, meta.get("data_image_size", size), ch)
-    check_channels(backbone, train, cfg.ckpt, cfg.data_dir or cfg.dataset)
     if not 1 <= cfg.k <= len(train):
         raise UserError(f"--k {cfg.k}: expected 1 .. {len(train)} (the training images to search)")
-    mean, std = meta.get("pixel_mean"), meta.get("pixel_std")
-    if mean is None:
-        mean, std = pixel_stats(train.images)
     name = cfg.data_dir or cfg.dataset
     result: dict = {}
     if cfg.retrieval:
@@ -140,7 +134,7 @@ def main(cfg: InferConfig) -> dict:
         print(f"wrote {out}")
         return {"out": out, "pca": rgb}
     if cfg.image:
-        q = read_query(cfg.image, meta.get("data_image_size", size), ch)
+        q = read_query(cfg.image, train.images.shape[-1], ch)  # the size the run read its images at
         q_label = None
     else:
         if not 0 <= cfg.query < len(test):
