@@ -1,0 +1,334 @@
+"""Masked-autoencoder pretraining of Hiera: hide 60 % of the mask units, reconstruct their pixels.
+
+    python -m hiera_mae.train_mae                           # animal-mnist, about 10 minutes on 2 CPU cores
+    python -m hiera_mae.train_mae --dataset mnist
+    python -m hiera_mae.train_mae --dataset textile          # 64 px photos: 4 px tokens (dataset defaults)
+    python -m hiera_mae.train_mae --dataset moving-mnist     # clips: space-time mask units (train_video.py runs it)
+    python -m hiera_mae.train_mae --data-dir photos/ --num-channels 3 --image-size 64 64
+    torchrun --nproc_per_node 2 -m hiera_mae.train_mae      # DDP: each rank takes its share of the batch
+
+The objective (MAE sec. 3; Hiera sec. 3.3): for each image draw which mask units stay visible (the same count for
+every image, so the batch stays a rectangle), run the encoder on the visible units only, decode every position
+with a mask token where a unit was dropped, and score the MSE between the predicted and the true pixels of each
+dropped final-stride patch (8 x 8 px here), each patch normalised to mean 0 and variance 1. Predicting 0 for every
+patch scores about 1.0; the held-out loss below that is what the encoder has learned about shapes.
+
+Writes to ``--out-dir``: checkpoints/, final/ (HieraForPreTraining weights + config.json with the pixel
+statistics), metrics.jsonl (train loss, held-out loss), loss.png, reconstructions.png, train_summary.json and
+results.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from common.checkpoint import atomic_write_text, resume_or_start, resume_point, save_checkpoint, save_pretrained
+from common.cli import run_main
+from common.config import apply_overrides, to_flat_dict
+from common.data import evenly_spaced
+from common.distributed import all_reduce_mean, cleanup, init_distributed, wrap
+from common.errors import UserError
+from common.results import command_line, make_record
+from common.runtime import autocast, pick_device, pick_dtype, seed_everything, set_threads
+from common.schedule import clip_grad
+
+from .dataset import ClipConfig, ImageSet, augment, load_any, normalize, pixel_stats
+from .model import HieraConfig, HieraForPreTraining, patchify, unpatchify
+
+# what a dataset changes of the defaults (a flag given on the command line wins)
+DATASET_DEFAULTS = {
+    "mnist": {"flip": False},  # a mirrored 2 is not a 2
+    # 64 px photos: Hiera's own stem (7 x 7 conv, stride 4) gives the same 16 x 16 token grid
+    "textile": {"image_size": [64, 64], "num_channels": 3, "patch_size": [7, 7], "patch_stride": [4, 4],
+                "patch_padding": [3, 3]},
+    # clips of 8 x 32 x 32: 2 frames x 4 x 4 px per token (4 x 8 x 8 tokens), no pooling in time, mask units of
+    # 1 x 4 x 4 tokens (16 units), 75 % of them dropped (Hiera's video MAE drops 90 % of many more units)
+    "moving-mnist": {"image_size": [8, 32, 32], "patch_size": [3, 7, 7], "patch_stride": [2, 4, 4],
+                     "patch_padding": [1, 3, 3], "query_stride": [1, 2, 2], "masked_unit_size": [1, 4, 4],
+                     "mask_ratio": 0.75, "num_labels": 8, "flip": False},
+}
+
+
+@dataclass
+class TrainConfig:
+    """MAE pretraining from random weights. MAE's recipe (AdamW, betas 0.9/0.95, wd 0.05, warm-up + cosine,
+    normalised-pixel targets) at a CPU's scale."""
+
+    model: HieraConfig = field(default_factory=HieraConfig)
+    clips: ClipConfig = field(default_factory=ClipConfig)
+    dataset: str = "animal-mnist"  # animal-mnist, mnist, textile or moving-mnist (dataset.py)
+    data_dir: str = ""  # your own image folder instead (labels are not used here)
+    flip: bool = True  # random horizontal flips (off for digits and motions: dataset defaults)
+    shift: int = 2  # random translation by up to this many pixels
+    batch_size: int = 128  # images per step (summed over ranks)
+    max_iters: int = 2000  # optimizer steps (about 10 minutes on 2 cores for animal-mnist)
+    lr: float = 2e-3  # peak learning rate (MAE: 1.5e-4 x batch / 256 for 800 epochs of ImageNet; small data and
+    # a short run want more)
+    min_lr_ratio: float = 0.01
+    warmup_iters: int = 100
+    weight_decay: float = 0.05  # on matrices only (MAE's)
+    beta2: float = 0.95  # AdamW's second beta (MAE's)
+    grad_clip: float = 1.0
+    # runtime
+    dtype: str = "auto"
+    device: str = "auto"
+    threads: int = 0
+    seed: int = 1234
+    eval_every: int = 250  # steps between held-out reconstruction losses
+    eval_images: int = 1000  # held-out images scored (evenly spaced; 0 = all)
+    save_every: int = 250
+    keep_checkpoints: int = 2
+    log_every: int = 25
+    out_dir: str = "runs/hiera_mae/mae"
+    resume: bool = False
+    run_name: str = ""  # names the records in doc/results.json ("" = mae_<dataset>_cpu)
+
+
+PRESETS = {
+    "cpu": {},
+    "gpu4gb": {"embed_dim": 96, "num_heads": [1, 2, 4], "depths": [1, 2, 7], "decoder_hidden_size": 256,
+               "decoder_depth": 4, "decoder_num_heads": 8, "batch_size": 256, "max_iters": 20000,
+               "warmup_iters": 1000, "lr": 1.5e-3, "eval_every": 1000, "save_every": 1000},
+}
+
+
+def dataset_defaults(cfg, table: dict = DATASET_DEFAULTS):
+    """cfg with its dataset's defaults applied to the fields still at their default (a value changed on the
+    command line wins). Works for any of the chapter's training configs."""
+    base, mine = to_flat_dict(type(cfg)()), to_flat_dict(cfg)
+    todo = {k: v for k, v in table.get("" if cfg.data_dir else cfg.dataset, {}).items()
+            if k in mine and mine[k] == base[k]}
+    return apply_overrides(cfg, todo) if todo else cfg
+
+
+def load_for(cfg) -> tuple[ImageSet, ImageSet, list[float], list[float]]:
+    """The data a config asks for, checked against the model's input size, and its pixel statistics."""
+    m = cfg.model
+    train, test = load_any(cfg.dataset, cfg.data_dir, m.image_size[-1], m.num_channels, cfg.clips, cfg.seed)
+    shape = tuple(train.images.shape[1:])
+    want = (m.num_channels, *m.image_size)
+    if shape != want:
+        name = cfg.data_dir or cfg.dataset
+        raise UserError(f"--image-size {' '.join(map(str, m.image_size))} --num-channels {m.num_channels}: {name} "
+                        f"gives inputs of {shape} (channels, size); expected {want}")
+    if len(train) < cfg.batch_size:
+        raise UserError(f"--batch-size {cfg.batch_size}: {cfg.data_dir or cfg.dataset} has only {len(train)} "
+                        "training images; expected at least one batch (lower --batch-size)")
+    mean, std = pixel_stats(train.images)
+    return train, test, mean, std
+
+
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices and conv kernels; none on biases, norms, tables and the mask token."""
+    decay, rest = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and "position_embeddings" not in name and "mask_token" not in name else rest).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def heldout_loss(model: HieraForPreTraining, images: torch.Tensor, mean, std, seed: int, device,
+                 batch_size: int = 256) -> dict[str, float]:
+    """Held-out reconstruction scores, with masks drawn from ``seed`` (the same masks at every evaluation, so the
+    curve shows the model, not the luck of the masks). All over the hidden patches only:
+
+    - ``heldout_loss``: the training objective (MSE on normalised pixels), as transformers and Hiera define it;
+    - ``zero_loss``: what predicting 0 scores on the same patches. About 1.0 on photos, but far less on
+      silhouettes: an all-black patch has no variance, its normalised target is 0, and 0 is a perfect guess;
+    - ``content_loss`` / ``content_share``: the MSE on the hidden patches that have content (pixel variance > 0),
+      where predicting 0 scores (n - 1) / n, about 0.98, and their share of the hidden patches. The fair reading
+      of "below 0.75, where predicting zero scores about 1.0" for data with a black background."""
+    was = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    n_units = math.prod(model.config.mask_spatial_shape)
+    sums = {"heldout_loss": 0.0, "zero_loss": 0.0, "content_loss": 0.0}
+    n_hidden = n_content = 0
+    for i in range(0, len(images), batch_size):
+        x = normalize(images[i:i + batch_size], mean, std).to(device)
+        noise = torch.rand(len(x), n_units, generator=g).to(device)
+        out = model(x, noise=noise)
+        hidden = ~out["token_mask"]
+        target = model.targets(x)[hidden]
+        err = (out["logits"][hidden] - target).pow(2).mean(-1)  # per hidden patch
+        content = patchify(x, model.config.pred_stride)[hidden].var(-1) > 1e-8
+        sums["heldout_loss"] += err.sum().item()
+        sums["zero_loss"] += target.pow(2).mean(-1).sum().item()
+        sums["content_loss"] += err[content].sum().item()
+        n_hidden += len(err)
+        n_content += int(content.sum())
+    model.train(was)
+    return {"heldout_loss": sums["heldout_loss"] / n_hidden, "zero_loss": sums["zero_loss"] / n_hidden,
+            "content_loss": sums["content_loss"] / max(1, n_content), "content_share": n_content / n_hidden}
+
+
+def score_line(h: dict[str, float]) -> str:
+    return (f"held-out masked-unit loss {h['heldout_loss']:.4f} (predicting 0: {h['zero_loss']:.4f}) | on patches "
+            f"with content {h['content_loss']:.4f} ({100 * h['content_share']:.0f} % of them; predicting 0: ~0.98)")
+
+
+@torch.no_grad()
+def draw_reconstructions(model: HieraForPreTraining, images: torch.Tensor, mean, std, path: Path, seed: int = 0,
+                         title: str = "") -> Path:
+    """Rows of input / masked input / reconstruction (the visible patches pasted back) for a few held-out
+    images; a clip shows its frames side by side."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    x = normalize(images, mean, std).to(device)
+    noise = torch.rand(len(x), math.prod(model.config.mask_spatial_shape),
+                       generator=torch.Generator().manual_seed(seed)).to(device)
+    out = model(x, noise=noise)
+    recon = model.reconstruct(x, out["logits"], out["token_mask"]).cpu()
+    cfg = model.config
+    per_patch = out["token_mask"][..., None].expand_as(out["logits"]).float()  # 1 on a visible patch's pixels
+    visible = unpatchify(per_patch, cfg.pred_stride, model.decoder.final_grid, cfg.num_channels).cpu().bool()
+    model.train(was)
+    s = torch.tensor(std).view(1, -1, *[1] * (x.ndim - 2))
+    m = torch.tensor(mean).view(1, -1, *[1] * (x.ndim - 2))
+
+    def show(t: torch.Tensor):  # (ch, [T,] H, W) normalised -> (H, T * W [, 3]) in [0, 1]
+        t = (t * s[0] + m[0]).clamp(0, 1)
+        if t.ndim == 4:  # a clip: frames side by side
+            t = torch.cat(list(t.unbind(1)), dim=-1)
+        return t[0].numpy() if t.shape[0] == 1 else t.permute(1, 2, 0).numpy()
+
+    grey = (0.5 - m) / s  # hidden patches drawn mid-grey
+    rows = [("input", x.cpu()), ("masked", torch.where(visible, x.cpu(), grey.expand_as(x).cpu())),
+            ("reconstruction", recon)]
+    n = len(x)
+    wide = x.ndim == 5
+    fig, axes = plt.subplots(3, n, figsize=(1.4 * n * (images.shape[2] if wide else 1) / (2 if wide else 1),
+                                            4.4), squeeze=False)
+    for r, (label, batch) in enumerate(rows):
+        for c in range(n):
+            ax = axes[r][c]
+            ax.imshow(show(batch[c]), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(label, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def main(cfg: TrainConfig) -> dict:
+    dist_info = init_distributed(pick_device(cfg.device).type)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    set_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    cfg = dataset_defaults(cfg)
+    if not 0 < cfg.model.mask_ratio < 1:
+        raise UserError(f"--mask-ratio {cfg.model.mask_ratio}: expected a share in (0, 1)")
+    if cfg.batch_size % dist_info.world_size:
+        raise UserError(f"--batch-size {cfg.batch_size}: expected a multiple of the {dist_info.world_size} processes")
+    n_units = math.prod(cfg.model.mask_spatial_shape)
+    if int(n_units * (1 - cfg.model.mask_ratio)) < 1:
+        raise UserError(f"--mask-ratio {cfg.model.mask_ratio}: with {n_units} mask units no unit stays visible; "
+                        "expected a lower ratio or smaller --masked-unit-size")
+    out = Path(cfg.out_dir)
+    name = cfg.data_dir or cfg.dataset
+    run_name = cfg.run_name or f"mae_{Path(name).name.replace('-', '_')}_cpu"
+    train, test, mean, std = load_for(cfg)
+    ev = test.images[evenly_spaced(len(test), cfg.eval_images)] if cfg.eval_images else test.images
+    model = HieraForPreTraining(cfg.model).to(device)
+    if dist_info.is_main:
+        print(f"data: {name}, {len(train)} train / {len(test)} held-out inputs {tuple(train.images.shape[1:])} | "
+              f"encoder {model.hiera.num_parameters() / 1e6:.2f} M, MAE total "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M | {n_units} mask units, "
+              f"{int(n_units * (1 - cfg.model.mask_ratio))} kept | {device} {dtype}", flush=True)
+    net = wrap(model, dist_info, "ddp", ())
+    optimizer = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2))
+    ckpt_root = out / "checkpoints"
+    resume_from = resume_point(ckpt_root, cfg.resume, dist_info.is_main)
+    scheduler, start, logger = resume_or_start(model, optimizer, cfg, out, resume_from, device, cfg.min_lr_ratio,
+                                               is_main=dist_info.is_main)
+    eval_seed = cfg.seed + 99
+    first = None
+    if start == 0 and dist_info.is_main:
+        first = heldout_loss(model, ev, mean, std, eval_seed, device)
+        logger.log({"step": 0, **first})
+        logger.write(f"step 0 | {score_line(first)}")
+    local_bs = cfg.batch_size // dist_info.world_size
+    steps_per_epoch = max(1, len(train) // cfg.batch_size)
+    tokens_per_input = int(math.prod(cfg.model.tokens_spatial_shape) * (1 - cfg.model.mask_ratio))
+    t_train = time.perf_counter()
+    for step in range(start, cfg.max_iters):
+        # 1) the batch and its augmentation depend on (seed, step) only: a resumed run sees the same data
+        epoch, pos = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        batch = order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]
+        own = batch[dist_info.rank * local_bs:(dist_info.rank + 1) * local_bs]
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 16 + dist_info.rank)
+        x = normalize(augment(train.images[own], cfg.shift, cfg.flip, g), mean, std).to(device)
+        noise = torch.rand(len(x), n_units, generator=g).to(device)
+        # 2) MAE forward: the masks come from the noise (smallest noise = kept)
+        with autocast(device, dtype):
+            loss = net(x, noise=noise)["loss"]
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower --lr")
+        loss.backward()
+        clip_grad(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        done = step + 1
+        logger.step(done, all_reduce_mean(loss.item(), dist_info), scheduler.get_last_lr()[0],
+                    tokens_per_input * cfg.batch_size)
+        if dist_info.is_main and (done % cfg.eval_every == 0 or done == cfg.max_iters):
+            h = heldout_loss(model, ev, mean, std, eval_seed, device)
+            logger.log({"step": done, **h})
+            logger.write(f"step {done}/{cfg.max_iters} | {score_line(h)}")
+        if done % cfg.save_every == 0 or done == cfg.max_iters:
+            save_checkpoint(ckpt_root, done, model, to_flat_dict(cfg), optimizer, scheduler,
+                            keep=cfg.keep_checkpoints, is_main=dist_info.is_main)
+    wall = time.perf_counter() - t_train
+    result: dict = {"model": model}
+    if dist_info.is_main:
+        final = heldout_loss(model, test.images, mean, std, eval_seed, device)  # every held-out image
+        final_dir = out / "final"
+        config = {**cfg.model.to_hf_dict(), "architectures": ["HieraForPreTraining"], "pixel_mean": mean,
+                  "pixel_std": std, "dataset": name}
+        save_pretrained(model, config, final_dir)
+        pics = draw_reconstructions(model, test.images[evenly_spaced(len(test), 4 if len(cfg.model.image_size) == 3
+                                                                     else 8)], mean, std,
+                                    out / "reconstructions.png", seed=eval_seed,
+                                    title=f"{name}: held-out, {100 * cfg.model.mask_ratio:.0f} % of the mask units "
+                                          f"hidden (step {cfg.max_iters})")
+        summary = {"steps": cfg.max_iters, "train_wall_s": wall, "s_per_step": wall / max(1, cfg.max_iters - start),
+                   "dataset": name, "encoder_params": model.hiera.num_parameters(),
+                   "initial": first, "final": final}
+        atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=2) + "\n")
+        cmd = command_line("hiera_mae.train_mae")
+        records = [make_record("hiera_mae", run_name, "heldout_masked_unit_loss", final["heldout_loss"],
+                               "predict_zero", final["zero_loss"], wall, cmd),
+                   make_record("hiera_mae", run_name, "heldout_content_patch_loss", final["content_loss"],
+                               "predict_zero", 0.98, wall, cmd)]
+        atomic_write_text(out / "results.json", json.dumps(records, indent=2) + "\n")
+        logger.write(f"done: {cfg.max_iters} steps in {wall:.0f} s | {score_line(final)} | {final_dir} | {pics}")
+        result.update(summary=summary, final_dir=final_dir)
+    logger.close()
+    cleanup()
+    return result
+
+
+if __name__ == "__main__":
+    run_main(main, TrainConfig, presets=PRESETS)
