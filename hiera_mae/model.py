@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.errors import UserError
+
 
 @dataclass
 class HieraConfig:
@@ -64,22 +66,26 @@ class HieraConfig:
     num_labels: int = 10
 
     def __post_init__(self):
+        # bad sizes fail here with the flags to change, not later inside a reshape
+        def flag(name: str) -> str:
+            v = getattr(self, name)
+            return f"--{name.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+
         n = len(self.image_size)
         for name in ("patch_size", "patch_stride", "patch_padding", "query_stride", "masked_unit_size"):
             if len(getattr(self, name)) != n:
-                raise ValueError(f"{name} {getattr(self, name)}: expected {n} entries, like image_size "
-                                 f"{self.image_size}")
+                raise UserError(f"{flag(name)}: expected {n} entries, one per axis of {flag('image_size')}")
         for name in ("num_heads", "masked_unit_attention"):
             if len(getattr(self, name)) != len(self.depths):
-                raise ValueError(f"{name} {getattr(self, name)}: expected one entry per stage ({len(self.depths)})")
+                raise UserError(f"{flag(name)}: expected one entry per stage of {flag('depths')}")
         if not 0 <= self.num_query_pool < len(self.depths):
-            raise ValueError(f"num_query_pool {self.num_query_pool}: expected 0 .. {len(self.depths) - 1}")
+            raise UserError(f"{flag('num_query_pool')}: expected 0 .. {len(self.depths) - 1} (stages - 1)")
         grid = self.tokens_spatial_shape
         for g, mu, q, s, i in zip(grid, self.masked_unit_size, self.query_stride, self.patch_stride, self.image_size):
             if i % s or g % mu or mu % q ** self.num_query_pool:
-                raise ValueError(f"image_size {self.image_size}, patch_stride {self.patch_stride}, masked_unit_size "
-                                 f"{self.masked_unit_size}, query_stride {self.query_stride}: expected the token grid "
-                                 f"{grid} to tile by mask units, and mask units by query_stride^num_query_pool")
+                raise UserError(f"{flag('image_size')}, {flag('patch_stride')}, {flag('masked_unit_size')}, "
+                                f"{flag('query_stride')}: expected the token grid {grid} to tile by mask units, and "
+                                f"mask units by query_stride^num_query_pool")
 
     @property
     def tokens_spatial_shape(self) -> list[int]:

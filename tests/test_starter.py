@@ -77,6 +77,10 @@ SMOKE = {
         "--hidden-size", "32", "--num-hidden-layers", "2", "--num-attention-heads", "2", "--hidden-dim", "32",
         "--bottleneck-dim", "16", "--num-prototypes", "64", "--n-local", "2", "--batch-size", "8", "--max-iters", "4",
         "--warmup-iters", "1", "--eval-every", "2", "--save-every", "2", "--log-every", "2", "--threads", "1"]),
+    "hiera_mae": ("hiera_mae.train_mae", [
+        "--embed-dim", "16", "--depths", "1", "1", "2", "--num-heads", "1", "2", "2", "--decoder-hidden-size", "16",
+        "--decoder-depth", "1", "--batch-size", "8", "--max-iters", "4", "--warmup-iters", "1", "--eval-every", "2",
+        "--eval-images", "16", "--save-every", "2", "--log-every", "2", "--threads", "1"]),
     "appendix": ("appendix.rnn", [
         "--n-chars", "60000", "--hidden-size", "32", "--embed-dim", "16", "--seq-len", "32", "--batch-size", "8",
         "--max-iters", "4", "--warmup-iters", "1", "--eval-every", "2", "--eval-batches", "2", "--log-every", "2",
