@@ -27,6 +27,7 @@ from common.errors import UserError
 
 from .dataset import ClipConfig, load_any, normalize
 from .model import HieraConfig, HieraForImageClassification, HieraForPreTraining
+from .training import accuracy, draw_reconstructions, heldout_loss
 
 
 @dataclass
@@ -101,8 +102,6 @@ def main(cfg: InferConfig) -> dict:
             if idx >= len(test):
                 raise UserError(f"--index {cfg.index}: the held-out split has {len(test)} items")
             x = test.images[idx:idx + 1]
-        from .train_mae import draw_reconstructions, heldout_loss
-
         path = draw_reconstructions(model, x, saved["pixel_mean"], saved["pixel_std"], Path(cfg.out), cfg.seed,
                                     title=f"{100 * mcfg.mask_ratio:.0f} % of the mask units hidden")
         score = heldout_loss(model, x, saved["pixel_mean"], saved["pixel_std"], cfg.seed, "cpu")
@@ -114,8 +113,6 @@ def main(cfg: InferConfig) -> dict:
     classes = [labels.get(str(i), str(i)) for i in range(mcfg.num_labels)]
     mean, std = saved["pixel_mean"], saved["pixel_std"]
     if cfg.eval:
-        from .train_finetune import accuracy
-
         test = heldout(saved, mcfg)
         acc, preds = accuracy(model, test.images, test.labels, mean, std, "cpu")
         print(f"held-out accuracy {100 * acc:.2f} % over {len(test)} items ({saved.get('dataset')})")

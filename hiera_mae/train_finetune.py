@@ -29,7 +29,6 @@ import torch.nn.functional as F
 
 from common.checkpoint import (
     atomic_write_text,
-    load_pretrained,
     read_config,
     resume_or_start,
     resume_point,
@@ -37,7 +36,7 @@ from common.checkpoint import (
     save_pretrained,
 )
 from common.cli import run_main
-from common.config import from_flat_dict, to_flat_dict
+from common.config import to_flat_dict
 from common.distributed import all_reduce_mean, cleanup, init_distributed, wrap
 from common.errors import UserError
 from common.results import command_line, make_record
@@ -45,8 +44,8 @@ from common.runtime import autocast, pick_device, pick_dtype, seed_everything, s
 from common.schedule import clip_grad
 
 from .dataset import ClipConfig, augment, normalize
-from .model import HieraConfig, HieraForImageClassification, HieraForPreTraining
-from .train_mae import DATASET_DEFAULTS, dataset_defaults, load_for
+from .model import HieraConfig, HieraForImageClassification
+from .training import DATASET_DEFAULTS, accuracy, dataset_defaults, load_encoder, load_for, model_config
 
 
 @dataclass
@@ -91,35 +90,10 @@ PRESETS = {
 }
 FINETUNE_DEFAULTS = {**DATASET_DEFAULTS, "textile": {**DATASET_DEFAULTS["textile"], "num_labels": 3},
                      "moving-mnist": {**DATASET_DEFAULTS["moving-mnist"], "init": "runs/hiera_mae/video/mae/final"}}
-ARCHITECTURE = ("image_size", "num_channels", "embed_dim", "patch_size", "patch_stride", "patch_padding",
-                "mlp_ratio", "depths", "num_heads", "embed_dim_multiplier", "num_query_pool", "query_stride",
-                "masked_unit_size", "masked_unit_attention", "layer_norm_eps")
 
 
-def model_config(cfg: TrainConfig, n_classes: int) -> HieraConfig:
-    """The classifier's config: the architecture from --init's config.json (unless --scratch), the head from
-    the data."""
-    values = to_flat_dict(cfg.model)
-    if not cfg.scratch:
-        saved = read_config(cfg.init) if Path(cfg.init, "config.json").is_file() else None
-        if saved is None:
-            raise UserError(f"--init {cfg.init}: no config.json there; run train_mae.py first (or pass --scratch)")
-        values.update({k: saved[k] for k in ARCHITECTURE if k in saved})
-    values["num_labels"] = n_classes
-    return from_flat_dict(HieraConfig, values)
 
 
-def load_encoder(model: HieraForImageClassification, init: str) -> None:
-    """Copy the MAE's encoder (``hiera.*``) into the classifier; the decoder, the fusion heads and the encoder
-    norm are left behind, the pooler's norm and the classifier start fresh: exactly those keys, or an error."""
-    mae = HieraForPreTraining(model.config)
-    load_pretrained(mae, init)
-    state = {k: v for k, v in mae.state_dict().items() if k.startswith("hiera.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    fresh = {k for k in model.state_dict() if k.startswith(("hiera.pooler.", "classifier."))}
-    if set(missing) != fresh or unexpected:
-        raise UserError(f"--init {init}: the encoder does not fit (missing {sorted(set(missing) - fresh)[:3]}, "
-                        f"unexpected {sorted(unexpected)[:3]})")
 
 
 def layer_groups(model: HieraForImageClassification, cfg: TrainConfig, decay: float) -> list[dict]:
@@ -149,16 +123,6 @@ def layer_groups(model: HieraForImageClassification, cfg: TrainConfig, decay: fl
     return list(groups.values())
 
 
-@torch.no_grad()
-def accuracy(model: HieraForImageClassification, images: torch.Tensor, labels: torch.Tensor, mean, std, device,
-             batch_size: int = 256) -> tuple[float, torch.Tensor]:
-    """Top-1 accuracy over a split, and the predictions."""
-    was = model.training
-    model.eval()
-    preds = torch.cat([model(normalize(images[i:i + batch_size], mean, std).to(device)).argmax(-1).cpu()
-                       for i in range(0, len(images), batch_size)])
-    model.train(was)
-    return (preds == labels).float().mean().item(), preds
 
 
 def main(cfg: TrainConfig) -> dict:

@@ -30,7 +30,7 @@ import torch
 
 from common.checkpoint import atomic_write_text, resume_or_start, resume_point, save_checkpoint, save_pretrained
 from common.cli import run_main
-from common.config import apply_overrides, to_flat_dict
+from common.config import to_flat_dict
 from common.data import evenly_spaced
 from common.distributed import all_reduce_mean, cleanup, init_distributed, wrap
 from common.errors import UserError
@@ -38,21 +38,9 @@ from common.results import command_line, make_record
 from common.runtime import autocast, pick_device, pick_dtype, seed_everything, set_threads
 from common.schedule import clip_grad
 
-from .dataset import ClipConfig, ImageSet, augment, load_any, normalize, pixel_stats
-from .model import HieraConfig, HieraForPreTraining, patchify, unpatchify
-
-# what a dataset changes of the defaults (a flag given on the command line wins)
-DATASET_DEFAULTS = {
-    "mnist": {"flip": False},  # a mirrored 2 is not a 2
-    # 64 px photos: Hiera's own stem (7 x 7 conv, stride 4) gives the same 16 x 16 token grid
-    "textile": {"image_size": [64, 64], "num_channels": 3, "patch_size": [7, 7], "patch_stride": [4, 4],
-                "patch_padding": [3, 3]},
-    # clips of 8 x 32 x 32: 2 frames x 4 x 4 px per token (4 x 8 x 8 tokens), no pooling in time, mask units of
-    # 1 x 4 x 4 tokens (16 units), 75 % of them dropped (Hiera's video MAE drops 90 % of many more units)
-    "moving-mnist": {"image_size": [8, 32, 32], "patch_size": [3, 7, 7], "patch_stride": [2, 4, 4],
-                     "patch_padding": [1, 3, 3], "query_stride": [1, 2, 2], "masked_unit_size": [1, 4, 4],
-                     "mask_ratio": 0.75, "num_labels": 8, "flip": False},
-}
+from .dataset import ClipConfig, augment, normalize
+from .model import HieraConfig, HieraForPreTraining
+from .training import dataset_defaults, decay_groups, draw_reconstructions, heldout_loss, load_for, score_line
 
 
 @dataclass
@@ -98,135 +86,16 @@ PRESETS = {
 }
 
 
-def dataset_defaults(cfg, table: dict = DATASET_DEFAULTS):
-    """cfg with its dataset's defaults applied to the fields still at their default (a value changed on the
-    command line wins). Works for any of the chapter's training configs."""
-    base, mine = to_flat_dict(type(cfg)()), to_flat_dict(cfg)
-    todo = {k: v for k, v in table.get("" if cfg.data_dir else cfg.dataset, {}).items()
-            if k in mine and mine[k] == base[k]}
-    return apply_overrides(cfg, todo) if todo else cfg
 
 
-def load_for(cfg) -> tuple[ImageSet, ImageSet, list[float], list[float]]:
-    """The data a config asks for, checked against the model's input size, and its pixel statistics."""
-    m = cfg.model
-    train, test = load_any(cfg.dataset, cfg.data_dir, m.image_size[-1], m.num_channels, cfg.clips, cfg.seed)
-    shape = tuple(train.images.shape[1:])
-    want = (m.num_channels, *m.image_size)
-    if shape != want:
-        name = cfg.data_dir or cfg.dataset
-        raise UserError(f"--image-size {' '.join(map(str, m.image_size))} --num-channels {m.num_channels}: {name} "
-                        f"gives inputs of {shape} (channels, size); expected {want}")
-    if len(train) < cfg.batch_size:
-        raise UserError(f"--batch-size {cfg.batch_size}: {cfg.data_dir or cfg.dataset} has only {len(train)} "
-                        "training images; expected at least one batch (lower --batch-size)")
-    mean, std = pixel_stats(train.images)
-    return train, test, mean, std
 
 
-def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on matrices and conv kernels; none on biases, norms, tables and the mask token."""
-    decay, rest = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.ndim >= 2 and "position_embeddings" not in name and "mask_token" not in name else rest).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-@torch.no_grad()
-def heldout_loss(model: HieraForPreTraining, images: torch.Tensor, mean, std, seed: int, device,
-                 batch_size: int = 256) -> dict[str, float]:
-    """Held-out reconstruction scores, with masks drawn from ``seed`` (the same masks at every evaluation, so the
-    curve shows the model, not the luck of the masks). All over the hidden patches only:
-
-    - ``heldout_loss``: the training objective (MSE on normalised pixels), as transformers and Hiera define it;
-    - ``zero_loss``: what predicting 0 scores on the same patches. About 1.0 on photos, but far less on
-      silhouettes: an all-black patch has no variance, its normalised target is 0, and 0 is a perfect guess;
-    - ``content_loss`` / ``content_share``: the MSE on the hidden patches that have content (pixel variance > 0),
-      where predicting 0 scores (n - 1) / n, about 0.98, and their share of the hidden patches. The fair reading
-      of "below 0.75, where predicting zero scores about 1.0" for data with a black background."""
-    was = model.training
-    model.eval()
-    g = torch.Generator().manual_seed(seed)
-    n_units = math.prod(model.config.mask_spatial_shape)
-    sums = {"heldout_loss": 0.0, "zero_loss": 0.0, "content_loss": 0.0}
-    n_hidden = n_content = 0
-    for i in range(0, len(images), batch_size):
-        x = normalize(images[i:i + batch_size], mean, std).to(device)
-        noise = torch.rand(len(x), n_units, generator=g).to(device)
-        out = model(x, noise=noise)
-        hidden = ~out["token_mask"]
-        target = model.targets(x)[hidden]
-        err = (out["logits"][hidden] - target).pow(2).mean(-1)  # per hidden patch
-        content = patchify(x, model.config.pred_stride)[hidden].var(-1) > 1e-8
-        sums["heldout_loss"] += err.sum().item()
-        sums["zero_loss"] += target.pow(2).mean(-1).sum().item()
-        sums["content_loss"] += err[content].sum().item()
-        n_hidden += len(err)
-        n_content += int(content.sum())
-    model.train(was)
-    return {"heldout_loss": sums["heldout_loss"] / n_hidden, "zero_loss": sums["zero_loss"] / n_hidden,
-            "content_loss": sums["content_loss"] / max(1, n_content), "content_share": n_content / n_hidden}
 
 
-def score_line(h: dict[str, float]) -> str:
-    return (f"held-out masked-unit loss {h['heldout_loss']:.4f} (predicting 0: {h['zero_loss']:.4f}) | on patches "
-            f"with content {h['content_loss']:.4f} ({100 * h['content_share']:.0f} % of them; predicting 0: ~0.98)")
 
 
-@torch.no_grad()
-def draw_reconstructions(model: HieraForPreTraining, images: torch.Tensor, mean, std, path: Path, seed: int = 0,
-                         title: str = "") -> Path:
-    """Rows of input / masked input / reconstruction (the visible patches pasted back) for a few held-out
-    images; a clip shows its frames side by side."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    was = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    x = normalize(images, mean, std).to(device)
-    noise = torch.rand(len(x), math.prod(model.config.mask_spatial_shape),
-                       generator=torch.Generator().manual_seed(seed)).to(device)
-    out = model(x, noise=noise)
-    recon = model.reconstruct(x, out["logits"], out["token_mask"]).cpu()
-    cfg = model.config
-    per_patch = out["token_mask"][..., None].expand_as(out["logits"]).float()  # 1 on a visible patch's pixels
-    visible = unpatchify(per_patch, cfg.pred_stride, model.decoder.final_grid, cfg.num_channels).cpu().bool()
-    model.train(was)
-    s = torch.tensor(std).view(1, -1, *[1] * (x.ndim - 2))
-    m = torch.tensor(mean).view(1, -1, *[1] * (x.ndim - 2))
-
-    def show(t: torch.Tensor):  # (ch, [T,] H, W) normalised -> (H, T * W [, 3]) in [0, 1]
-        t = (t * s[0] + m[0]).clamp(0, 1)
-        if t.ndim == 4:  # a clip: frames side by side
-            t = torch.cat(list(t.unbind(1)), dim=-1)
-        return t[0].numpy() if t.shape[0] == 1 else t.permute(1, 2, 0).numpy()
-
-    grey = (0.5 - m) / s  # hidden patches drawn mid-grey
-    rows = [("input", x.cpu()), ("masked", torch.where(visible, x.cpu(), grey.expand_as(x).cpu())),
-            ("reconstruction", recon)]
-    n = len(x)
-    wide = x.ndim == 5
-    fig, axes = plt.subplots(3, n, figsize=(1.4 * n * (images.shape[2] if wide else 1) / (2 if wide else 1),
-                                            4.4), squeeze=False)
-    for r, (label, batch) in enumerate(rows):
-        for c in range(n):
-            ax = axes[r][c]
-            ax.imshow(show(batch[c]), cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c == 0:
-                ax.set_ylabel(label, fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
 
 
 def main(cfg: TrainConfig) -> dict:

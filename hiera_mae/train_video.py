@@ -21,14 +21,15 @@ Then ``<out>/video_summary.json`` holds the three summaries (each stage writes i
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.checkpoint import atomic_write_text
 from common.cli import run_main
-from common.config import apply_overrides
+from common.errors import UserError
 
-from . import train_finetune, train_mae
 from .dataset import ClipConfig
 
 
@@ -51,33 +52,40 @@ class VideoConfig:
     resume: bool = False
 
 
+def run_stage(module: str, flags: dict) -> dict:
+    """One stage as the user would run it (python -m ...); its train_summary.json back."""
+    argv = [sys.executable, "-m", module]
+    for k, v in flags.items():
+        name = "--" + k.replace("_", "-")
+        argv += ([name] if v is True else [f"--no-{k.replace('_', '-')}"] if v is False else [name, str(v)])
+    print("$ " + " ".join(argv[1:]), flush=True)
+    if subprocess.run(argv).returncode:
+        raise UserError(f"the stage `{' '.join(argv[2:])}` failed (its error is above)")
+    return json.loads((Path(flags["out_dir"]) / "train_summary.json").read_text())
+
+
 def main(cfg: VideoConfig) -> dict:
     out = Path(cfg.out_dir)
     common = {"dataset": "moving-mnist", "batch_size": cfg.batch_size, "dtype": cfg.dtype, "device": cfg.device,
-              "threads": cfg.threads, "seed": cfg.seed, "resume": cfg.resume}
-    clips = {k: getattr(cfg.clips, k) for k in ("frames", "clip_size", "digit_size", "clips_per_digit", "speed",
-                                                 "degrees")}
-    mae_cfg = apply_overrides(train_mae.TrainConfig(), {**common, **clips, "max_iters": cfg.mae_iters,
-                                                        "lr": cfg.mae_lr, "out_dir": str(out / "mae"),
-                                                        "run_name": "video_mae_moving_mnist_cpu"})
-    mae = train_mae.main(mae_cfg)
-    runs = {"mae": mae["summary"]}
-    fine = {}
+              "threads": cfg.threads, "seed": cfg.seed, "resume": cfg.resume,
+              **{k: getattr(cfg.clips, k) for k in ("frames", "clip_size", "digit_size", "clips_per_digit", "speed",
+                                                     "degrees")}}
+    runs = {"mae": run_stage("hiera_mae.train_mae", {
+        **common, "max_iters": cfg.mae_iters, "lr": cfg.mae_lr, "out_dir": out / "mae",
+        "run_name": "video_mae_moving_mnist_cpu"})}
     for start in (["mae", "scratch"] if cfg.scratch_control else ["mae"]):
-        ft_cfg = apply_overrides(train_finetune.TrainConfig(), {
-            **common, **clips, "max_iters": cfg.finetune_iters, "lr": cfg.finetune_lr, "init": str(mae["final_dir"]),
-            "scratch": start == "scratch", "out_dir": str(out / f"finetune_{start}"),
+        runs[f"finetune_{start}"] = run_stage("hiera_mae.train_finetune", {
+            **common, "max_iters": cfg.finetune_iters, "lr": cfg.finetune_lr, "init": out / "mae" / "final",
+            "scratch": start == "scratch", "out_dir": out / f"finetune_{start}",
             "run_name": f"video_finetune_moving_mnist_{start}_cpu"})
-        fine[start] = train_finetune.main(ft_cfg)
-        runs[f"finetune_{start}"] = fine[start]["summary"]
     atomic_write_text(out / "video_summary.json", json.dumps(runs, indent=2) + "\n")
-    scratch = fine.get("scratch", {}).get("accuracy")
-    line = f"video: MAE held-out loss {mae['summary']['final']['heldout_loss']:.4f} | fine-tuned from MAE " \
-           f"{100 * fine['mae']['accuracy']:.2f} %"
-    if scratch is not None:
-        line += f" | from scratch {100 * scratch:.2f} % (same {cfg.finetune_iters} steps)"
+    acc = {k.removeprefix("finetune_"): v["heldout_accuracy"] for k, v in runs.items() if k.startswith("finetune_")}
+    line = (f"video: MAE held-out loss {runs['mae']['final']['heldout_loss']:.4f} | fine-tuned from MAE "
+            f"{100 * acc['mae']:.2f} %")
+    if "scratch" in acc:
+        line += f" | from scratch {100 * acc['scratch']:.2f} % (same {cfg.finetune_iters} steps)"
     print(line)
-    return {"runs": runs, "accuracy": {k: v["accuracy"] for k, v in fine.items()}, "mae": mae}
+    return {"runs": runs, "accuracy": acc}
 
 
 if __name__ == "__main__":

@@ -340,7 +340,8 @@ def test_mae_trains_resumes_and_hands_its_encoder_to_the_finetuning(tmp_path, im
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
     # fine-tuning starts from exactly the MAE's encoder; --scratch does not
-    from hiera_mae.train_finetune import layer_groups, load_encoder, model_config
+    from hiera_mae.train_finetune import layer_groups
+    from hiera_mae.training import load_encoder, model_config
 
     cfg = ft_cfg(tmp_path / "ft", image_dir, tmp_path / "mae" / "final")
     model = HieraForImageClassification(model_config(cfg, 2))
