@@ -43,7 +43,7 @@ from common.results import command_line, make_record
 from common.runtime import autocast, pick_device, pick_dtype, seed_everything, set_threads
 from common.schedule import clip_grad
 
-from .dataset import ClipConfig, augment, normalize
+from .dataset import ClipConfig, ImageSet, augment, normalize
 from .model import HieraConfig, HieraForImageClassification
 from .training import DATASET_DEFAULTS, accuracy, dataset_defaults, load_encoder, load_for, model_config
 
@@ -58,6 +58,8 @@ class TrainConfig:
     data_dir: str = ""  # your own image folder (class sub-folders give the labels)
     init: str = "runs/hiera_mae/mae/final"  # the MAE directory whose encoder starts the run
     scratch: bool = False  # the control: random weights instead of --init (and layer decay 1.0)
+    labels_per_class: int = 0  # fine-tune on only the first N training images of each class (0 = all): the
+    # low-label regime, where pretraining should matter most
     flip: bool = True  # random horizontal flips (off for digits and motions: dataset defaults)
     shift: int = 2  # random translation by up to this many pixels
     batch_size: int = 128
@@ -94,6 +96,12 @@ FINETUNE_DEFAULTS = {**DATASET_DEFAULTS, "textile": {**DATASET_DEFAULTS["textile
 
 
 
+
+
+def few_labels(data: ImageSet, n: int) -> ImageSet:
+    """The first n images of each class, in their order in the split (the same subset on every run)."""
+    idx = torch.cat([torch.nonzero(data.labels == c).flatten()[:n] for c in range(len(data.classes))]).sort().values
+    return ImageSet(data.images[idx], data.labels[idx], data.classes)
 
 
 def layer_groups(model: HieraForImageClassification, cfg: TrainConfig, decay: float) -> list[dict]:
@@ -139,7 +147,8 @@ def main(cfg: TrainConfig) -> dict:
     out = Path(cfg.out_dir)
     name = cfg.data_dir or cfg.dataset
     start_from = "scratch" if cfg.scratch else "mae"
-    run_name = cfg.run_name or f"finetune_{Path(name).name.replace('-', '_')}_{start_from}_cpu"
+    few = f"_{cfg.labels_per_class}_per_class" if cfg.labels_per_class else ""
+    run_name = cfg.run_name or f"finetune_{Path(name).name.replace('-', '_')}{few}_{start_from}_cpu"
     # the architecture first (from --init), then the data it must fit
     probe = model_config(cfg, 1)
     cfg.model = probe
@@ -147,6 +156,11 @@ def main(cfg: TrainConfig) -> dict:
     if (train.labels < 0).any():
         raise UserError(f"--data-dir {cfg.data_dir}: images outside class sub-folders have no label; fine-tuning "
                         "needs DIR/<class>/image files")
+    if cfg.labels_per_class:
+        train = few_labels(train, cfg.labels_per_class)
+        if len(train) < cfg.batch_size:
+            raise UserError(f"--labels-per-class {cfg.labels_per_class}: {len(train)} images; expected at least "
+                            f"--batch-size {cfg.batch_size}")
     cfg.model = model_config(cfg, len(train.classes))
     if not cfg.scratch:  # fine-tune on the data the MAE normalised with: keep its statistics
         saved = read_config(cfg.init)
@@ -210,7 +224,8 @@ def main(cfg: TrainConfig) -> dict:
                   "pixel_std": std, "dataset": name, "init": start_from}
         save_pretrained(model, config, final_dir)
         summary = {"steps": cfg.max_iters, "train_wall_s": wall, "s_per_step": wall / max(1, cfg.max_iters - start),
-                   "dataset": name, "init": start_from, "heldout_accuracy": acc, "classes": train.classes,
+                   "dataset": name, "init": start_from, "train_images": len(train), "heldout_accuracy": acc,
+                   "classes": train.classes,
                    "per_class_accuracy": {c: (preds[test.labels == i] == i).float().mean().item()
                                           for i, c in enumerate(train.classes) if (test.labels == i).any()}}
         atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=2) + "\n")
