@@ -414,3 +414,14 @@ def test_two_processes_train_what_one_process_trains(tmp_path, image_dir):
     a = load_file(str(tmp_path / "one" / "checkpoints" / "step_000003" / "model.safetensors"))
     b = load_file(str(tmp_path / "two" / "checkpoints" / "step_000003" / "model.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 2e-5
+
+
+def test_few_labels_takes_the_first_n_of_each_class_in_order():
+    from hiera_mae.dataset import ImageSet
+    from hiera_mae.train_finetune import few_labels
+
+    labels = torch.tensor([2, 0, 1, 0, 2, 1, 0, 2])
+    data = ImageSet(torch.arange(8).view(8, 1, 1, 1), labels, ["a", "b", "c"])
+    few = few_labels(data, 2)
+    assert few.images.flatten().tolist() == [0, 1, 2, 3, 4, 5]  # the first two of each class, order kept
+    assert torch.bincount(few.labels).tolist() == [2, 2, 2]
