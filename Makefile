@@ -80,8 +80,8 @@ demo-dino: data
 	$(PY) -m dinov2.infer --retrieval
 	$(PY) -m dinov2.infer --query 0
 
-# Hiera pretrained as a masked autoencoder on animal-mnist (about 12 minutes on 2 cores), then fine-tuned, and the
-# same fine-tuning from random weights (about 5 minutes each); a reconstruction and a classified held-out image
+# Hiera pretrained as a masked autoencoder on animal-mnist (about 14 minutes on 2 cores), then fine-tuned, and the
+# same fine-tuning from random weights (about 4 minutes each); a reconstruction and a classified held-out image
 demo-hiera: data
 	$(PY) -m hiera_mae.train_mae
 	$(PY) -m hiera_mae.train_finetune

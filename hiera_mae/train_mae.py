@@ -14,8 +14,8 @@ dropped final-stride patch (8 x 8 px here), each patch normalised to mean 0 and 
 patch scores about 1.0; the held-out loss below that is what the encoder has learned about shapes.
 
 Writes to ``--out-dir``: checkpoints/, final/ (HieraForPreTraining weights + config.json with the pixel
-statistics), metrics.jsonl (train loss, held-out loss), loss.png, reconstructions.png, train_summary.json and
-results.json.
+statistics), metrics.jsonl (train loss, held-out losses), loss.png, heldout.png, reconstructions.png,
+train_summary.json and results.json.
 """
 
 from __future__ import annotations
@@ -40,7 +40,15 @@ from common.schedule import clip_grad
 
 from .dataset import ClipConfig, augment, normalize
 from .model import HieraConfig, HieraForPreTraining
-from .training import dataset_defaults, decay_groups, draw_reconstructions, heldout_loss, load_for, score_line
+from .training import (
+    dataset_defaults,
+    decay_groups,
+    draw_reconstructions,
+    heldout_loss,
+    load_for,
+    plot_heldout,
+    score_line,
+)
 
 
 @dataclass
@@ -196,6 +204,9 @@ def main(cfg: TrainConfig) -> dict:
         logger.write(f"done: {cfg.max_iters} steps in {wall:.0f} s | {score_line(final)} | {final_dir} | {pics}")
         result.update(summary=summary, final_dir=final_dir)
     logger.close()
+    if dist_info.is_main:
+        from common.log import read_metrics
+        plot_heldout(read_metrics(out / "metrics.jsonl"), out / "heldout.png")
     cleanup()
     return result
 

@@ -202,3 +202,31 @@ def accuracy(model: HieraForImageClassification, images: torch.Tensor, labels: t
                        for i in range(0, len(images), batch_size)])
     model.train(was)
     return (preds == labels).float().mean().item(), preds
+
+
+def plot_heldout(rows: list[dict], png: Path) -> Path:
+    """The MAE's curves: the training loss, the held-out loss on all hidden patches and on those with content, and
+    what predicting zero scores on each."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    held = [r for r in rows if "heldout_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    if train:
+        ax.plot(*zip(*train), lw=0.8, alpha=0.6, label="training loss (hidden patches)")
+    if held:
+        steps = [r["step"] for r in held]
+        ax.plot(steps, [r["heldout_loss"] for r in held], "o-", label="held-out, all hidden patches")
+        ax.plot(steps, [r["content_loss"] for r in held], "s-", label="held-out, patches with content")
+        ax.axhline(held[-1]["zero_loss"], ls="--", c="gray", lw=0.8, label="predicting 0, all hidden patches")
+        ax.axhline(0.98, ls=":", c="gray", lw=0.8, label="predicting 0, patches with content")
+    ax.set_xlabel("step")
+    ax.set_ylabel("MSE on normalised pixels")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=80)
+    plt.close(fig)
+    return png
