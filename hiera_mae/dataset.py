@@ -222,6 +222,7 @@ class ClipConfig:
     clips_per_digit: int = 2  # training clips made from each training digit (each a random motion and start)
     speed: float = 2.0  # pixels per frame for the moves
     degrees: float = 15.0  # degrees per frame for the rotations
+    digits: int = 0  # make clips from only the first N training digits and N / 4 held-out ones (0 = all; quick runs)
 
 
 def motion_path(motion: int, cfg: ClipConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -283,8 +284,11 @@ def load_clips(cfg: ClipConfig, seed: int = 0) -> tuple[ImageSet, ImageSet]:
     """(train, held-out) moving-digit clips: training clips from the subset's training digits, held-out clips (one
     per digit) from the held-out digits. ``ImageSet.images`` holds (n, 1, frames, H, W)."""
     digits_train, digits_test = load_data("mnist")
-    xa, ya = make_clips(digits_train.images[:, 0], cfg.clips_per_digit, cfg, seed)
-    xb, yb = make_clips(digits_test.images[:, 0], 1, cfg, seed + 1)
+    a, b = digits_train.images[:, 0], digits_test.images[:, 0]
+    if cfg.digits:
+        a, b = a[:cfg.digits], b[:max(1, cfg.digits // 4)]
+    xa, ya = make_clips(a, cfg.clips_per_digit, cfg, seed)
+    xb, yb = make_clips(b, 1, cfg, seed + 1)
     return ImageSet(xa, ya, list(MOTIONS)), ImageSet(xb, yb, list(MOTIONS))
 
 

@@ -185,7 +185,6 @@ def main(cfg: TrainConfig) -> dict:
     local_bs = cfg.batch_size // dist_info.world_size
     steps_per_epoch = max(1, len(train) // cfg.batch_size)
     tokens_per_input = math.prod(cfg.model.tokens_spatial_shape)
-    best = 0.0
     t_train = time.perf_counter()
     for step in range(start, cfg.max_iters):
         epoch, pos = divmod(step, steps_per_epoch)
@@ -209,9 +208,8 @@ def main(cfg: TrainConfig) -> dict:
         done = step + 1
         logger.step(done, all_reduce_mean(loss.item(), dist_info), scheduler.get_last_lr()[-1],
                     tokens_per_input * cfg.batch_size)
-        if dist_info.is_main and (done % cfg.eval_every == 0 or done == cfg.max_iters):
+        if dist_info.is_main and done % cfg.eval_every == 0 and done != cfg.max_iters:  # the last: below
             acc, _ = accuracy(model, test.images, test.labels, mean, std, device)
-            best = max(best, acc)
             logger.log({"step": done, "heldout_accuracy": acc})
             logger.write(f"step {done}/{cfg.max_iters} | held-out accuracy {100 * acc:.2f} %")
         if done % cfg.save_every == 0 or done == cfg.max_iters:
@@ -221,6 +219,8 @@ def main(cfg: TrainConfig) -> dict:
     result: dict = {"model": model}
     if dist_info.is_main:
         acc, preds = accuracy(model, test.images, test.labels, mean, std, device)
+        logger.log({"step": cfg.max_iters, "heldout_accuracy": acc})
+        logger.write(f"step {cfg.max_iters}/{cfg.max_iters} | held-out accuracy {100 * acc:.2f} %")
         final_dir = out / "final"
         config = {**cfg.model.to_hf_dict(), "id2label": dict(enumerate(train.classes)), "pixel_mean": mean,
                   "pixel_std": std, "dataset": name, "init": start_from}

@@ -69,7 +69,7 @@ def main(cfg: VideoConfig) -> dict:
     common = {"dataset": "moving-mnist", "batch_size": cfg.batch_size, "dtype": cfg.dtype, "device": cfg.device,
               "threads": cfg.threads, "seed": cfg.seed, "resume": cfg.resume,
               **{k: getattr(cfg.clips, k) for k in ("frames", "clip_size", "digit_size", "clips_per_digit", "speed",
-                                                     "degrees")}}
+                                                     "degrees", "digits")}}
     runs = {"mae": run_stage("hiera_mae.train_mae", {
         **common, "max_iters": cfg.mae_iters, "lr": cfg.mae_lr, "out_dir": out / "mae",
         "run_name": "video_mae_moving_mnist_cpu"})}

@@ -187,7 +187,9 @@ def model_config(cfg, n_classes: int) -> HieraConfig:
 def load_encoder(model: HieraForImageClassification, init: str) -> None:
     """Copy the MAE's encoder (``hiera.*``) into the classifier; the decoder, the fusion heads and the encoder
     norm are left behind, the pooler's norm and the classifier start fresh: exactly those keys, or an error."""
-    mae = HieraForPreTraining(model.config)
+    saved = read_config(init)  # the MAE as it was built: its decoder's sizes are not the classifier's business
+    fields = set(to_flat_dict(HieraConfig()))
+    mae = HieraForPreTraining(from_flat_dict(HieraConfig, {k: v for k, v in saved.items() if k in fields}))
     load_pretrained(mae, init)
     state = {k: v for k, v in mae.state_dict().items() if k.startswith("hiera.")}
     missing, unexpected = model.load_state_dict(state, strict=False)

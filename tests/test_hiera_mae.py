@@ -343,8 +343,8 @@ def test_mae_trains_resumes_and_hands_its_encoder_to_the_finetuning(tmp_path, im
     from hiera_mae.train_finetune import layer_groups
     from hiera_mae.training import load_encoder, model_config
 
-    cfg = ft_cfg(tmp_path / "ft", image_dir, tmp_path / "mae" / "final")
-    model = HieraForImageClassification(model_config(cfg, 2))
+    cfg = ft_cfg(tmp_path / "ft", image_dir, tmp_path / "mae" / "final", decoder_depth=3)  # not the MAE's 1:
+    model = HieraForImageClassification(model_config(cfg, 2))  # the MAE is rebuilt from its own config.json
     load_encoder(model, str(tmp_path / "mae" / "final"))
     saved = load_file(str(tmp_path / "mae" / "final" / "model.safetensors"))
     for k, v in model.state_dict().items():
@@ -381,7 +381,7 @@ def test_video_pipeline_runs_all_three_stages(tmp_path):
     from hiera_mae.train_video import VideoConfig, main
 
     cfg = VideoConfig(mae_iters=2, finetune_iters=2, batch_size=8, threads=1, out_dir=str(tmp_path / "v"))
-    cfg.clips.clips_per_digit = 1
+    cfg.clips.clips_per_digit, cfg.clips.digits = 1, 64
     out = main(cfg)
     assert set(out["accuracy"]) == {"mae", "scratch"}
     summary = json.loads((tmp_path / "v" / "video_summary.json").read_text())
