@@ -22,12 +22,11 @@ import torch
 
 from common.checkpoint import load_pretrained, read_config
 from common.cli import run_main
-from common.config import from_flat_dict, to_flat_dict
 from common.errors import UserError
 
-from .dataset import ClipConfig, load_any, normalize
+from .dataset import DATASETS, ClipConfig, load_any, normalize
 from .model import HieraConfig, HieraForImageClassification, HieraForPreTraining
-from .training import accuracy, draw_reconstructions, heldout_loss
+from .training import accuracy, config_from_dir, draw_reconstructions, heldout_loss
 
 
 @dataclass
@@ -51,8 +50,7 @@ def load_model(path: str, cls):
     saved = read_config(path)
     if saved.get("model_type") != "hiera":
         raise UserError(f"{path}/config.json: model_type {saved.get('model_type')!r}; expected hiera")
-    fields = set(to_flat_dict(HieraConfig()))
-    model = cls(from_flat_dict(HieraConfig, {k: v for k, v in saved.items() if k in fields}))
+    model = cls(config_from_dir(path))
     load_pretrained(model, path)
     return model.eval(), saved
 
@@ -84,7 +82,7 @@ def read_input(path: str, cfg: HieraConfig) -> torch.Tensor:
 
 def heldout(saved: dict, cfg: HieraConfig):
     name = saved.get("dataset", "animal-mnist")
-    data_dir = name if name not in ("animal-mnist", "mnist", "textile", "moving-mnist") else ""
+    data_dir = "" if name in DATASETS else name
     return load_any(name, data_dir, cfg.image_size[-1], cfg.num_channels, ClipConfig())[1]
 
 

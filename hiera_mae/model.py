@@ -557,11 +557,10 @@ class HieraForPreTraining(nn.Module):
         targets were normalised, as MAE's figures do), the visible patches kept as they were."""
         cfg = self.config
         grid = self.decoder.final_grid
+        true = patchify(pixel_values, cfg.pred_stride)
         pred = logits
         if cfg.normalize_pixel_loss:
-            t = patchify(pixel_values, cfg.pred_stride)
-            pred = pred * (t.var(-1, keepdim=True) + 1e-6) ** 0.5 + t.mean(-1, keepdim=True)
-        true = patchify(pixel_values, cfg.pred_stride)
+            pred = pred * (true.var(-1, keepdim=True) + 1e-6) ** 0.5 + true.mean(-1, keepdim=True)
         mixed = torch.where(token_mask[..., None], true, pred)
         return unpatchify(mixed, cfg.pred_stride, grid, cfg.num_channels)
 

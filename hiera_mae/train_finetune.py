@@ -46,7 +46,7 @@ from common.schedule import clip_grad
 
 from .dataset import ClipConfig, ImageSet, augment, normalize
 from .model import HieraConfig, HieraForImageClassification
-from .training import DATASET_DEFAULTS, accuracy, dataset_defaults, load_encoder, load_for, model_config
+from .training import DATASET_DEFAULTS, accuracy, dataset_defaults, load_encoder, load_for, model_config, step_batch
 
 
 @dataclass
@@ -182,17 +182,10 @@ def main(cfg: TrainConfig) -> dict:
     resume_from = resume_point(ckpt_root, cfg.resume, dist_info.is_main)
     scheduler, start, logger = resume_or_start(model, optimizer, cfg, out, resume_from, device, cfg.min_lr_ratio,
                                                is_main=dist_info.is_main)
-    local_bs = cfg.batch_size // dist_info.world_size
-    steps_per_epoch = max(1, len(train) // cfg.batch_size)
     tokens_per_input = math.prod(cfg.model.tokens_spatial_shape)
     t_train = time.perf_counter()
     for step in range(start, cfg.max_iters):
-        epoch, pos = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-        batch = order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]
-        own = slice(dist_info.rank * local_bs, (dist_info.rank + 1) * local_bs)  # this rank's share
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # drawn for the whole batch, then sliced:
-        # the same shifts, flips and masks whatever the number of processes
+        batch, own, g = step_batch(len(train), cfg, step, dist_info.rank, dist_info.world_size)
         x = normalize(augment(train.images[batch], cfg.shift, cfg.flip, g)[own], mean, std).to(device)
         y = train.labels[batch][own].to(device)
         with autocast(device, dtype):

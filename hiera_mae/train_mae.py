@@ -48,6 +48,7 @@ from .training import (
     load_for,
     plot_heldout,
     score_line,
+    step_batch,
 )
 
 
@@ -144,18 +145,11 @@ def main(cfg: TrainConfig) -> dict:
         first = heldout_loss(model, ev, mean, std, eval_seed, device)
         logger.log({"step": 0, **first})
         logger.write(f"step 0 | {score_line(first)}")
-    local_bs = cfg.batch_size // dist_info.world_size
-    steps_per_epoch = max(1, len(train) // cfg.batch_size)
     tokens_per_input = int(math.prod(cfg.model.tokens_spatial_shape) * (1 - cfg.model.mask_ratio))
     t_train = time.perf_counter()
     for step in range(start, cfg.max_iters):
-        # 1) the batch and its augmentation depend on (seed, step) only: a resumed run sees the same data
-        epoch, pos = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-        batch = order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]
-        own = slice(dist_info.rank * local_bs, (dist_info.rank + 1) * local_bs)  # this rank's share
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # drawn for the whole batch, then sliced:
-        # the same shifts, flips and masks whatever the number of processes
+        # 1) the batch, its augmentation and its masks depend on (seed, step) only (training.py:step_batch)
+        batch, own, g = step_batch(len(train), cfg, step, dist_info.rank, dist_info.world_size)
         x = normalize(augment(train.images[batch], cfg.shift, cfg.flip, g)[own], mean, std).to(device)
         noise = torch.rand(len(batch), n_units, generator=g)[own].to(device)
         # 2) MAE forward: the masks come from the noise (smallest noise = kept)

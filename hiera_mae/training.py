@@ -187,9 +187,7 @@ def model_config(cfg, n_classes: int) -> HieraConfig:
 def load_encoder(model: HieraForImageClassification, init: str) -> None:
     """Copy the MAE's encoder (``hiera.*``) into the classifier; the decoder, the fusion heads and the encoder
     norm are left behind, the pooler's norm and the classifier start fresh: exactly those keys, or an error."""
-    saved = read_config(init)  # the MAE as it was built: its decoder's sizes are not the classifier's business
-    fields = set(to_flat_dict(HieraConfig()))
-    mae = HieraForPreTraining(from_flat_dict(HieraConfig, {k: v for k, v in saved.items() if k in fields}))
+    mae = HieraForPreTraining(config_from_dir(init))  # as it was built: its decoder is not the classifier's business
     load_pretrained(mae, init)
     state = {k: v for k, v in mae.state_dict().items() if k.startswith("hiera.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -239,3 +237,23 @@ def plot_heldout(rows: list[dict], png: Path) -> Path:
     fig.savefig(png, dpi=80)
     plt.close(fig)
     return png
+
+
+def step_batch(n: int, cfg, step: int, rank: int, world: int) -> tuple[torch.Tensor, slice, torch.Generator]:
+    """Step ``step``'s batch of a split of ``n`` items: the indices (a fresh permutation each epoch, from the seed),
+    this rank's slice of them, and the generator its shifts, flips and masks are drawn from. All depend on
+    (seed, step) only, drawn for the whole batch and then sliced: a resumed run sees the same data, and so does
+    any number of processes."""
+    steps_per_epoch = max(1, n // cfg.batch_size)
+    epoch, pos = divmod(step, steps_per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+    batch = order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]
+    local = cfg.batch_size // world
+    return batch, slice(rank * local, (rank + 1) * local), torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+
+
+def config_from_dir(path: str) -> HieraConfig:
+    """The HieraConfig a final/ directory's config.json describes (its other entries ignored)."""
+    saved = read_config(path)
+    fields = set(to_flat_dict(HieraConfig()))
+    return from_flat_dict(HieraConfig, {k: v for k, v in saved.items() if k in fields})
