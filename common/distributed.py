@@ -53,16 +53,17 @@ def cleanup() -> None:
 
 
 def wrap(model: torch.nn.Module, info: DistInfo, strategy: str = "ddp",
-         layer_cls: tuple[type[torch.nn.Module], ...] = ()) -> torch.nn.Module:
+         layer_cls: tuple[type[torch.nn.Module], ...] = (), find_unused: bool = False) -> torch.nn.Module:
     """Wrap for data parallel training. ``strategy``: ``ddp`` or ``fsdp`` (FSDP2, each module of
-    type ``layer_cls`` sharded as its own unit, then the root)."""
+    type ``layer_cls`` sharded as its own unit, then the root). ``find_unused``: some parameters may get no
+    gradient in a step (an MoE expert no token chose): DDP must look for them instead of waiting."""
     if not info.enabled:
         return model
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         device_ids = [info.local_rank] if next(model.parameters()).is_cuda else None
-        return DDP(model, device_ids=device_ids)
+        return DDP(model, device_ids=device_ids, find_unused_parameters=find_unused)
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 

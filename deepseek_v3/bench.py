@@ -1,0 +1,163 @@
+"""Measurements that are not training: the KV cache per token of MLA against MHA and GQA at equal width (from
+the real caches: ours, and transformers' Llama cache for the others), and decoding speed: plain greedy with
+the latent cache (naive and absorbed MLA) against MTP speculative decoding, with the draft acceptance rate.
+
+    python -m deepseek_v3.bench --ckpt runs/deepseek_v3/train/final
+    python -m deepseek_v3.bench --fp8 --device cuda     # the triton kernels against torch._scaled_mm (GPU)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from common.checkpoint import load_pretrained, read_config
+from common.cli import run_main
+from common.errors import UserError
+from common.runtime import set_threads
+
+from .model import DeepseekV3Config, DeepseekV3ForCausalLM, MLACache, speculative_generate
+
+
+def kv_cache_bytes(cfg: DeepseekV3Config, tokens: int = 64, gqa_groups: int = 4) -> list[dict]:
+    """Bytes per token of the caches that decoding keeps, fp32, measured on filled caches: MLA (ours: the latent
+    + the shared RoPE key), and transformers' LlamaForCausalLM at the same width, layers and heads with
+    head_dim = Dn + Dr (MHA) or with a quarter of the key/value heads (GQA)."""
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    ids = torch.randint(0, cfg.vocab_size, (1, tokens))
+    ours = DeepseekV3ForCausalLM(replace(cfg, num_nextn_predict_layers=0)).eval()
+    cache = MLACache()
+    with torch.no_grad():
+        ours(ids, cache=cache)
+    rows = [{"attention": "MLA", "bytes_per_token": cache.nbytes() // tokens,
+             "values_per_token_per_layer": cfg.kv_lora_rank + cfg.qk_rope_head_dim}]
+    H = cfg.num_attention_heads
+    for name, kv_heads in (("MHA", H), ("GQA", max(H // gqa_groups, 1))):
+        lcfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                           num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=H,
+                           num_key_value_heads=kv_heads, head_dim=cfg.qk_head_dim,
+                           intermediate_size=cfg.intermediate_size)
+        llama = LlamaForCausalLM(lcfg).eval()
+        kv = DynamicCache(config=lcfg)
+        with torch.no_grad():
+            llama(ids, cache=kv, use_cache=True)
+        total = sum(t.numel() * t.element_size() for layer in kv.layers for t in (layer.keys, layer.values))
+        rows.append({"attention": name, "kv_heads": kv_heads, "bytes_per_token": total // tokens,
+                     "values_per_token_per_layer": 2 * kv_heads * cfg.qk_head_dim})
+    return rows
+
+
+def decode_speed(model: DeepseekV3ForCausalLM, prompts: list[torch.Tensor], new_tokens: int, repeats: int = 3) -> dict:
+    """Tokens/s of plain greedy decoding (naive MLA, absorbed MLA) and of speculative decoding, best of `repeats`,
+    run side by side; the acceptance rate of the MTP draft; and whether every output is the same."""
+    def timed(fn):
+        best, outs = float("inf"), None
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            outs = [fn(p) for p in prompts]
+            best = min(best, time.perf_counter() - t0)
+        return best, outs
+
+    t_naive, naive = timed(lambda p: model.generate(p, new_tokens, absorb=False))
+    t_absorb, absorbed = timed(lambda p: model.generate(p, new_tokens, absorb=True))
+    stats = {"drafted": 0, "accepted": 0, "forward_passes": 0}
+    result = {}
+    if model.mtp:
+        def spec(p):
+            out, s = speculative_generate(model, p, new_tokens)
+            for k in stats:
+                stats[k] += s[k]
+            return out
+        t_spec, specs = timed(spec)
+        n_tok = sum(o.shape[1] for o in specs)
+        result = {"speculative_tok_per_s": n_tok / t_spec, "acceptance_rate": stats["accepted"] / stats["drafted"],
+                  "speculative_same_as_greedy": all(a.tolist() == b.tolist() for a, b in zip(specs, absorbed)),
+                  "tokens_per_forward": n_tok * repeats / stats["forward_passes"]}
+    n_tok = sum(o.shape[1] for o in absorbed)
+    return {"naive_tok_per_s": n_tok / t_naive, "absorbed_tok_per_s": n_tok / t_absorb,
+            "absorbed_same_as_naive": all(a.tolist() == b.tolist() for a, b in zip(naive, absorbed)), **result}
+
+
+def fp8_speed(device: str = "cuda", sizes=((4096, 4096, 4096), (128, 7168, 2048))) -> list[dict]:
+    """GPU only: the triton block-wise GEMM against torch._scaled_mm (per-row x per-column scales; the closest
+    built-in) and the bf16 GEMM, with the relative error of each against the fp32 product."""
+    from . import fp8, kernels
+
+    rows = []
+    for M, N, K in sizes:
+        a = torch.randn(M, K, device=device)
+        b = torch.randn(N, K, device=device) * 0.05
+        exact = a @ b.T
+        qa, sa = kernels.act_quant(a)
+        qb, sb = kernels.weight_quant(b)
+
+        def bench(fn, *args, **kw):
+            fn(*args, **kw)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(20):
+                out = fn(*args, **kw)
+            torch.cuda.synchronize()
+            return (time.perf_counter() - t0) / 20, out
+
+        t_tri, c_tri = bench(kernels.fp8_gemm, qa, sa, qb, sb)
+        ra = a.abs().amax(1, keepdim=True) / 448
+        rb = b.abs().amax(1, keepdim=True) / 448
+        a8, b8 = (a / ra).to(fp8.FP8), (b / rb).to(fp8.FP8)
+        t_sm, c_sm = bench(torch._scaled_mm, a8, b8.T, scale_a=ra, scale_b=rb.T, out_dtype=torch.float32)
+        ab, bb = a.bfloat16(), b.bfloat16()
+        t_bf, c_bf = bench(torch.matmul, ab, bb.T)
+        flops = 2 * M * N * K
+        rows.append({"shape": f"{M}x{N}x{K}", "triton_tflops": flops / t_tri / 1e12,
+                     "scaled_mm_tflops": flops / t_sm / 1e12, "bf16_tflops": flops / t_bf / 1e12,
+                     "triton_rel_err": fp8.relative_error(c_tri, exact),
+                     "scaled_mm_rel_err": fp8.relative_error(c_sm, exact),
+                     "bf16_rel_err": fp8.relative_error(c_bf.float(), exact)})
+    return rows
+
+
+@dataclass
+class BenchConfig:
+    """KV cache bytes and decoding speed of a trained checkpoint; --fp8 for the GPU kernel comparison."""
+
+    ckpt: str = "runs/deepseek_v3/train/final"  # a train.py output directory
+    tokenizer_dir: str = "runs/deepseek_v3/tokenizer"  # its tokenizer and token cache (the held-out prompts)
+    prompts: int = 8  # held-out prompts of prompt_tokens each
+    prompt_tokens: int = 32
+    new_tokens: int = 64
+    repeats: int = 3  # best of this many
+    threads: int = 1  # one thread: a steadier ratio on a shared machine
+    fp8: bool = False  # also the FP8 GEMM comparison (CUDA only)
+    device: str = "cpu"
+    out: str = "runs/deepseek_v3/bench.json"
+
+
+def main(cfg: BenchConfig) -> dict:
+    set_threads(cfg.threads)
+    ckpt = Path(cfg.ckpt)
+    if not (ckpt / "config.json").is_file():
+        raise UserError(f"--ckpt {ckpt}: no config.json there; train first (python -m deepseek_v3.train)")
+    mcfg = DeepseekV3Config.from_dict(read_config(ckpt))
+    model = load_pretrained(DeepseekV3ForCausalLM(mcfg), ckpt).eval().to(cfg.device)
+    from .dataset import as_long, load_tokens
+
+    streams, _ = load_tokens(cfg.tokenizer_dir, vocab_size=mcfg.vocab_size)
+    valid = as_long(streams)["valid"]
+    step = len(valid) // cfg.prompts
+    prompts = [valid[i * step:i * step + cfg.prompt_tokens][None].to(cfg.device) for i in range(cfg.prompts)]
+    result = {"kv_cache": kv_cache_bytes(mcfg), **decode_speed(model, prompts, cfg.new_tokens, cfg.repeats)}
+    if cfg.fp8:
+        result["fp8_gemm"] = fp8_speed(cfg.device)
+    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(cfg.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    run_main(main, BenchConfig)
