@@ -1,11 +1,11 @@
 # Two commands do all the set-up:  make demo  (the GPT chapter end to end on the CPU)  and  make test.
 # the chapters, in reading order: registering a new one means adding it here (doc/new_chapter.md)
-CHAPTERS := transformer_basics gpt_minimind bert_address_cls t5_summarization clip llava dinov2 hiera_mae appendix
+CHAPTERS := transformer_basics gpt_minimind bert_address_cls t5_summarization clip llava dinov2 hiera_mae deepseek_v3 appendix
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: setup data demo demo-finetune demo-distill demo-translate demo-address demo-summarize demo-clip demo-llava demo-dino demo-hiera demo-video demo-appendix test lint results bench gpu-check clean
+.PHONY: setup data demo demo-finetune demo-distill demo-translate demo-address demo-summarize demo-clip demo-llava demo-dino demo-hiera demo-video demo-deepseek demo-appendix test lint results bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -93,6 +93,19 @@ demo-hiera: data
 demo-video: data
 	$(PY) -m hiera_mae.train_video
 	$(PY) -m hiera_mae.infer --ckpt runs/hiera_mae/video/finetune_mae/final --eval
+
+# DeepSeek-V3 small on the Chinese corpus (about 7 minutes on 2 cores), then the controls: no balancing, a balance
+# loss, no MTP, simulated FP8 (about 7 minutes each); decoding speed and the KV cache; a speculative generation
+demo-deepseek: data
+	$(PY) -m deepseek_v3.train
+	$(PY) -m deepseek_v3.train --balance none --run-name balance_none_cpu --out-dir runs/deepseek_v3/none
+	$(PY) -m deepseek_v3.train --balance aux --run-name balance_aux_cpu --out-dir runs/deepseek_v3/aux
+	$(PY) -m deepseek_v3.train --num-nextn-predict-layers 0 --run-name no_mtp_cpu --out-dir runs/deepseek_v3/no_mtp
+	$(PY) -m deepseek_v3.train --fp8-sim --run-name fp8_sim_cpu --out-dir runs/deepseek_v3/fp8
+	$(PY) -m deepseek_v3.compare
+	$(PY) -m deepseek_v3.bench
+	$(PY) -m deepseek_v3.export_hf
+	$(PY) -m deepseek_v3.infer --speculative
 
 # the appendix: every building block's checks and measurements (about 9 minutes on 2 cores; the figures go to doc/)
 demo-appendix: data

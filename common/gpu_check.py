@@ -144,6 +144,15 @@ JOBS: list[Job] = [
     Job("hiera_mae_finetune", "hiera_mae.train_finetune", needs=["hiera_mae"],
         what="Hiera fine-tuning from that MAE's encoder, batch 256",
         args=["--init", "{out}/hiera_mae/final"], dry=["--batch-size", "2", "--labels-per-class", "1"]),
+    Job("deepseek_v3", "deepseek_v3.train",
+        what="DeepSeek-V3 small: width 512, 8 layers (7 MoE, 32 experts, top 4), MLA, MTP, batch 32 x 512",
+        args=["--tokenizer-dir", "{out}/ds_tokenizer", "--eval-batches", "2"],
+        dry=["--batch-size", "2", "--data-file", "{out}/tiny_text.jsonl", "--tokenizer-vocab", "300",
+             "--max-position-embeddings", "32", "--original-max-position-embeddings", "32", "--eval-batches", "1"],
+        gpu=["--max-documents", "3000"]),
+    Job("deepseek_fp8_speed", "deepseek_v3.bench", measure=False, cuda_only=True,
+        what="deepseek_v3's triton FP8 GEMM against torch._scaled_mm and bf16: TFLOP/s and error",
+        args=["--ckpt", "", "--fp8", "--device", "cuda", "--out", "{out}/deepseek_fp8_speed/bench.json"]),
     Job("translate", "transformer_basics.train_translate",
         what="the 2017 Transformer, 6+6 layers of width 512, batch 64 pairs",
         args=["--eval-batches", "4"], dry=["--batch-size", "2", "--eval-batches", "1"]),
@@ -332,11 +341,32 @@ def check_bnb_adam8bit(device) -> dict[str, Any]:
             "loss_start": initial, "loss_adam32": l32, "loss_adam8bit": l8}
 
 
+def check_deepseek_fp8_triton(device) -> dict[str, Any]:
+    """deepseek_v3's triton kernels (act_quant 1x128, weight_quant / weight_dequant 128x128, the FP8 GEMM) against
+    its plain-torch reference (deepseek_v3/fp8.py). A subprocess: on the CPU triton needs TRITON_INTERPRET=1 set
+    before it is imported."""
+    on_cuda = str(device).startswith("cuda")
+    env = {**os.environ, **({} if on_cuda else {"TRITON_INTERPRET": "1"})}
+    proc = subprocess.run([sys.executable, "-m", "deepseek_v3.kernels"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(last_error_line(proc.stdout + proc.stderr))
+    values = {ln.split()[0]: float(ln.split()[1]) for ln in proc.stdout.splitlines()
+              if ln.strip() and not ln.startswith("device")}
+    # fp8 values may differ by one rounding step where the GPU's division rounds differently: a tiny share
+    ok = (values["act_quant_values"] < 1e-3 and values["weight_quant_values"] < 1e-3
+          and max(values["act_quant_scales"], values["weight_quant_scales"], values["weight_dequant"]) < 1e-5
+          and values["fp8_gemm_relative"] < 1e-3)
+    return {"max_rel_err": values["fp8_gemm_relative"], "tolerance": 1e-3, "ok": ok, **values}
+
+
 # name -> (what, function(device) -> dict with "ok"); chapters with triton kernels add theirs here
 KERNEL_CHECKS: dict[str, tuple[str, Callable[[Any], dict[str, Any]]]] = {
     "bnb_linear4bit_nf4": ("bitsandbytes Linear4bit (NF4, bf16 compute) vs x @ dequantized W", check_bnb_linear4bit),
     "bnb_linear8bit": ("bitsandbytes Linear8bitLt (LLM.int8(), threshold 6) vs x @ W", check_bnb_linear8bit),
     "bnb_adam8bit": ("bitsandbytes Adam8bit vs torch Adam, 50 steps of least squares", check_bnb_adam8bit),
+    "deepseek_fp8_triton": ("deepseek_v3's triton FP8 kernels (block-wise quantisation, FP8 GEMM) vs plain torch",
+                            check_deepseek_fp8_triton),
 }
 
 

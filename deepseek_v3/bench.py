@@ -125,7 +125,7 @@ def fp8_speed(device: str = "cuda", sizes=((4096, 4096, 4096), (128, 7168, 2048)
 class BenchConfig:
     """KV cache bytes and decoding speed of a trained checkpoint; --fp8 for the GPU kernel comparison."""
 
-    ckpt: str = "runs/deepseek_v3/train/final"  # a train.py output directory
+    ckpt: str = "runs/deepseek_v3/train/final"  # a train.py output directory ("" = no decoding benchmark)
     tokenizer_dir: str = "runs/deepseek_v3/tokenizer"  # its tokenizer and token cache (the held-out prompts)
     prompts: int = 8  # held-out prompts of prompt_tokens each
     prompt_tokens: int = 32
@@ -139,6 +139,21 @@ class BenchConfig:
 
 def main(cfg: BenchConfig) -> dict:
     set_threads(cfg.threads)
+    result = {}
+    if cfg.ckpt:
+        result.update(decoding(cfg))
+    if cfg.fp8:
+        if not torch.cuda.is_available():
+            raise UserError("--fp8: needs a CUDA GPU with FP8 support (sm_89 or newer); the CPU check is "
+                            "TRITON_INTERPRET=1 python -m deepseek_v3.kernels")
+        result["fp8_gemm"] = fp8_speed(cfg.device)
+    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(cfg.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return result
+
+
+def decoding(cfg: BenchConfig) -> dict:
     ckpt = Path(cfg.ckpt)
     if not (ckpt / "config.json").is_file():
         raise UserError(f"--ckpt {ckpt}: no config.json there; train first (python -m deepseek_v3.train)")
@@ -150,13 +165,7 @@ def main(cfg: BenchConfig) -> dict:
     valid = as_long(streams)["valid"]
     step = len(valid) // cfg.prompts
     prompts = [valid[i * step:i * step + cfg.prompt_tokens][None].to(cfg.device) for i in range(cfg.prompts)]
-    result = {"kv_cache": kv_cache_bytes(mcfg), **decode_speed(model, prompts, cfg.new_tokens, cfg.repeats)}
-    if cfg.fp8:
-        result["fp8_gemm"] = fp8_speed(cfg.device)
-    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(cfg.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    return result
+    return {"kv_cache": kv_cache_bytes(mcfg), **decode_speed(model, prompts, cfg.new_tokens, cfg.repeats)}
 
 
 if __name__ == "__main__":

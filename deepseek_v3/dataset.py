@@ -189,6 +189,8 @@ def load_tokens(tokenizer_dir: str | Path, data_file: str = "", max_documents: i
     beside it (safetensors) so that every later run starts in seconds."""
     from transformers import AutoTokenizer
 
+    if data_file and not Path(data_file).is_file():
+        raise UserError(f"--data-file {data_file}: no such file; expected a JSONL file with a 'text' field per line")
     tdir = Path(tokenizer_dir)
     key = corpus_key(data_file, max_documents, vocab_size)
     cache = tdir / f"tokens_{key}.safetensors"

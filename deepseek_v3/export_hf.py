@@ -168,6 +168,9 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     if not cfg_path.is_file():
         raise UserError(f"--import-dir {hf_dir}: no config.json there; expected a transformers model directory")
     d = json.loads(cfg_path.read_text())
+    if d.get("model_type") != "deepseek_v3":
+        raise UserError(f"--import-dir {hf_dir}: config.json has model_type {d.get('model_type')!r}; expected "
+                        "'deepseek_v3'")
     has_mtp = (hf_dir / "mtp.safetensors").is_file()
     cfg = replace(config_from_hf(d), num_nextn_predict_layers=d.get("num_nextn_predict_layers", 0) if has_mtp else 0)
     files = sorted(hf_dir.glob("*.safetensors"))

@@ -30,14 +30,14 @@ class DeepseekV3Config:
     one shared expert, routed_scaling_factor 2.5, one MTP module."""
 
     vocab_size: int = 4096  # tokens (the tokenizer's)
-    hidden_size: int = 192  # C: the residual stream's width
-    intermediate_size: int = 512  # the dense MLP's width (the first first_k_dense_replace layers)
-    moe_intermediate_size: int = 64  # one routed (or shared) expert's width: fine-grained = narrow
+    hidden_size: int = 128  # C: the residual stream's width
+    intermediate_size: int = 384  # the dense MLP's width (the first first_k_dense_replace layers)
+    moe_intermediate_size: int = 48  # one routed (or shared) expert's width: fine-grained = narrow
     num_hidden_layers: int = 4  # decoder layers
     first_k_dense_replace: int = 1  # the first layers keep a dense MLP (V3: 3), the rest are MoE
-    num_attention_heads: int = 6  # H
-    q_lora_rank: int = 96  # the query's low-rank bottleneck; 0 = a full q_proj (V2-Lite does this)
-    kv_lora_rank: int = 64  # R: the compressed KV latent, the only per-head-free thing cached besides k_pe
+    num_attention_heads: int = 4  # H
+    q_lora_rank: int = 64  # the query's low-rank bottleneck; 0 = a full q_proj (V2-Lite does this)
+    kv_lora_rank: int = 32  # R: the compressed KV latent, the only per-head-free thing cached besides k_pe
     qk_nope_head_dim: int = 32  # Dn: the query/key part without position
     qk_rope_head_dim: int = 16  # Dr: the decoupled RoPE part; its key is one vector shared by all heads
     v_head_dim: int = 32  # Dv
@@ -50,10 +50,10 @@ class DeepseekV3Config:
     norm_topk_prob: bool = True  # normalise the K gate values to sum to 1 (before the scale)
     aux_loss_alpha: float = 0.0  # > 0: the sequence-wise balance loss (V3 eq. 17-20) with this weight
     num_nextn_predict_layers: int = 1  # D: MTP modules, each predicting one token further (0 = none)
-    max_position_embeddings: int = 256  # the context length trained at
+    max_position_embeddings: int = 128  # the context length trained at
     rope_theta: float = 10000.0  # RoPE base
     rope_factor: float = 1.0  # > 1: YaRN, the context stretched this many times past the original
-    original_max_position_embeddings: int = 256  # YaRN: the context the model was trained at
+    original_max_position_embeddings: int = 128  # YaRN: the context the model was trained at
     beta_fast: int = 32  # YaRN: rotations per context above which a frequency is left alone
     beta_slow: int = 1  # YaRN: below which it is fully interpolated
     mscale: float = 1.0  # YaRN: the attention-temperature factor 0.1 * mscale * ln(factor) + 1, squared

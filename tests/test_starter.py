@@ -81,6 +81,13 @@ SMOKE = {
         "--embed-dim", "16", "--depths", "1", "1", "2", "--num-heads", "1", "2", "2", "--decoder-hidden-size", "16",
         "--decoder-depth", "1", "--batch-size", "8", "--max-iters", "4", "--warmup-iters", "1", "--eval-every", "2",
         "--eval-images", "16", "--save-every", "2", "--log-every", "2", "--threads", "1"]),
+    "deepseek_v3": ("deepseek_v3.train", [
+        "--data-file", "{addresses}", "--tokenizer-vocab", "300", "--hidden-size", "32", "--intermediate-size", "64",
+        "--moe-intermediate-size", "16", "--num-hidden-layers", "2", "--num-attention-heads", "2", "--q-lora-rank",
+        "16", "--kv-lora-rank", "16", "--qk-nope-head-dim", "8", "--qk-rope-head-dim", "8", "--v-head-dim", "8",
+        "--n-routed-experts", "8", "--max-position-embeddings", "32", "--batch-size", "8", "--max-iters", "4",
+        "--warmup-iters", "1", "--eval-every", "2", "--eval-batches", "2", "--save-every", "2", "--log-every", "2",
+        "--threads", "1"]),
     "appendix": ("appendix.rnn", [
         "--n-chars", "60000", "--hidden-size", "32", "--embed-dim", "16", "--seq-len", "32", "--batch-size", "8",
         "--max-iters", "4", "--warmup-iters", "1", "--eval-every", "2", "--eval-batches", "2", "--log-every", "2",

@@ -1,0 +1,134 @@
+"""The controls side by side: bias balancing against none and against a balance loss, MTP against none, simulated
+FP8 against fp32, all at the same budget (`make demo-deepseek` trains them). Prints the README's table, draws the
+expert loads of every MoE layer over training for each balancing mode (doc/deepseek_v3_loads.png) and the
+held-out MaxVio and loss curves (doc/deepseek_v3_balance.png), and writes the records for doc/results.json.
+
+    python -m deepseek_v3.compare
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.cli import run_main
+from common.errors import UserError
+from common.log import read_metrics
+from common.results import command_line, make_record
+
+RUNS = {"bias": "train", "none": "none", "aux": "aux", "no_mtp": "no_mtp", "fp8_sim": "fp8"}
+
+
+@dataclass
+class CompareConfig:
+    """Compare the runs under --root (train.py's output folders)."""
+
+    root: str = "runs/deepseek_v3"  # holds train/ (bias, MTP, fp32), none/, aux/, no_mtp/, fp8/
+    doc: str = "doc"  # where the two pictures go
+    out: str = "runs/deepseek_v3/compare"  # the table and results.json
+
+
+def load_run(path: Path) -> dict:
+    summary = path / "train_summary.json"
+    if not summary.is_file():
+        raise UserError(f"{path}: no train_summary.json; train it first (make demo-deepseek lists the commands)")
+    return {"summary": json.loads(summary.read_text()), "metrics": read_metrics(path / "metrics.jsonl")}
+
+
+def draw_loads(runs: dict[str, dict], png: Path) -> None:
+    """Rows: balancing modes; columns: MoE layers; each panel: expert (y) by evaluation step (x), load / mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [m for m in ("none", "aux", "bias") if m in runs]
+    evals = {m: [r for r in runs[m]["metrics"] if "loads" in r] for m in modes}
+    layers = [k for k in evals[modes[0]][0]["loads"] if k.startswith("layer")]
+    fig, axes = plt.subplots(len(modes), len(layers), figsize=(2.3 * len(layers) + 1, 1.9 * len(modes)), dpi=100,
+                             squeeze=False)
+    for i, mode in enumerate(modes):
+        steps = [r["step"] for r in evals[mode]]
+        for j, layer in enumerate(layers):
+            shares = torch.tensor([r["loads"][layer] for r in evals[mode]]).T  # (E, evaluations)
+            ax = axes[i][j]
+            im = ax.imshow(shares * shares.shape[0], aspect="auto", cmap="magma", vmin=0, vmax=3, origin="lower",
+                           extent=(steps[0], steps[-1], -0.5, shares.shape[0] - 0.5))
+            ax.set_title(f"{mode}, {layer}: MaxVio {evals[mode][-1]['maxvio'][layer]:.2f}", fontsize=7)
+            ax.tick_params(labelsize=6)
+            if j == 0:
+                ax.set_ylabel("expert", fontsize=7)
+            if i == len(modes) - 1:
+                ax.set_xlabel("step", fontsize=7)
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="load / mean load")
+    fig.savefig(png)
+    plt.close(fig)
+
+
+def draw_curves(runs: dict[str, dict], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3), dpi=100)
+    for mode in ("none", "aux", "bias"):
+        if mode not in runs:
+            continue
+        ev = [r for r in runs[mode]["metrics"] if "maxvio_mean" in r]
+        a.plot([r["step"] for r in ev], [r["maxvio_mean"] for r in ev], marker="o", ms=3, label=mode)
+        b.plot([r["step"] for r in ev][1:], [r["valid_loss"] for r in ev][1:], marker="o", ms=3, label=mode)
+    a.set(xlabel="step", ylabel="held-out MaxVio (mean of layers)", title="expert load imbalance")
+    b.set(xlabel="step", ylabel="held-out loss (nats/token)", title="main-head loss")
+    for ax in (a, b):
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
+def main(cfg: CompareConfig) -> dict:
+    root = Path(cfg.root)
+    runs = {name: load_run(root / folder) for name, folder in RUNS.items() if (root / folder).is_dir()}
+    if "bias" not in runs:
+        raise UserError(f"{root / 'train'}: the default run is missing; python -m deepseek_v3.train first")
+    s = {k: v["summary"] for k, v in runs.items()}
+    rows = ["| run | held-out loss | MTP depth-1 loss | MaxVio (mean of layers) | per layer | train s |",
+            "|---|---|---|---|---|---|"]
+    for name, x in s.items():
+        per = ", ".join(f"{v:.2f}" for k, v in x["maxvio"].items() if k.startswith("layer"))
+        mtp = f"{x['valid_mtp_losses'][0]:.3f}" if x["valid_mtp_losses"] else "-"
+        rows.append(f"| {name} | {x['valid_loss']:.3f} | {mtp} | {x['maxvio_mean']:.2f} | {per} | "
+                    f"{x['train_wall_s']:.0f} |")
+    table = "\n".join(rows)
+    print(table)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(table + "\n")
+    doc = Path(cfg.doc)
+    draw_loads(runs, doc / "deepseek_v3_loads.png")
+    draw_curves(runs, doc / "deepseek_v3_balance.png")
+    cmd, b = command_line("deepseek_v3.compare"), s["bias"]
+    records = []
+    if "none" in s:
+        records.append(make_record("deepseek_v3", "balance_bias_vs_none_cpu", "maxvio_ratio_none_over_bias",
+                                   s["none"]["maxvio_mean"] / max(b["maxvio_mean"], 1e-9), "goal", 3.0,
+                                   b["train_wall_s"], cmd))
+    if "no_mtp" in s:
+        records.append(make_record("deepseek_v3", "mtp_vs_no_mtp_cpu", "valid_loss_change_with_mtp_pct",
+                                   100 * (b["valid_loss"] / s["no_mtp"]["valid_loss"] - 1), "goal", 2.0,
+                                   b["train_wall_s"], cmd))
+    if "fp8_sim" in s:
+        records.append(make_record("deepseek_v3", "fp8_sim_vs_fp32_cpu", "valid_loss_change_with_fp8_pct",
+                                   100 * (s["fp8_sim"]["valid_loss"] / b["valid_loss"] - 1), "goal", 1.0,
+                                   s["fp8_sim"]["train_wall_s"], cmd))
+    (out / "results.json").write_text(json.dumps(records, indent=2) + "\n")
+    return {"table": table, "summaries": s, "records": records}
+
+
+if __name__ == "__main__":
+    run_main(main, CompareConfig)
