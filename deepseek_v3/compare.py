@@ -110,6 +110,7 @@ def main(cfg: CompareConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(table + "\n")
     doc = Path(cfg.doc)
+    doc.mkdir(parents=True, exist_ok=True)
     draw_loads(runs, doc / "deepseek_v3_loads.png")
     draw_curves(runs, doc / "deepseek_v3_balance.png")
     cmd, b = command_line("deepseek_v3.compare"), s["bias"]

@@ -421,3 +421,25 @@ def test_config_errors_name_the_flag():
     with pytest.raises(UserError, match="--num-experts-per-tok"):
         tiny(num_experts_per_tok=7)
     assert replace(tiny(), num_nextn_predict_layers=0).num_nextn_predict_layers == 0
+
+
+def test_compare_tabulates_the_controls_and_infer_generates(tmp_path, corpus, capsys):
+    from deepseek_v3.compare import CompareConfig
+    from deepseek_v3.compare import main as compare
+    from deepseek_v3.infer import InferConfig
+    from deepseek_v3.infer import main as infer
+    from deepseek_v3.train import main as train
+
+    root = tmp_path / "runs"
+    for balance, folder in (("bias", "train"), ("none", "none")):
+        train(train_cfg(root / folder, corpus, balance=balance, max_iters=6, eval_every=3, save_every=6))
+    r = compare(CompareConfig(root=str(root), doc=str(tmp_path / "doc"), out=str(tmp_path / "cmp")))
+    assert "| bias |" in r["table"] and "| none |" in r["table"]
+    assert all((tmp_path / "doc" / f"deepseek_v3_{n}.png").exists() for n in ("loads", "balance"))
+    rec = {x["metric"]: x for x in json.loads((tmp_path / "cmp" / "results.json").read_text())}
+    ratio = r["summaries"]["none"]["maxvio_mean"] / r["summaries"]["bias"]["maxvio_mean"]
+    assert rec["maxvio_ratio_none_over_bias"]["value"] == pytest.approx(ratio, abs=1e-3)
+    out = infer(InferConfig(ckpt=str(root / "train" / "final"), prompt="北京", max_new_tokens=8, speculative=True))
+    plain = infer(InferConfig(ckpt=str(root / "train" / "final"), prompt="北京", max_new_tokens=8))
+    assert out["text"] == plain["text"] and out["text"].startswith("北京") and out["stats"]["drafted"] > 0
+    assert "drafts accepted" in capsys.readouterr().out
