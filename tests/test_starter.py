@@ -4,15 +4,16 @@ For each chapter the starter is written into a temporary folder; then, in subpro
 that folder, with it first on PYTHONPATH and the repository made unimportable (a sitecustomize drops the editable
 install's finder; the subprocess checks that every other chapter fails to import and that `common` is the copy):
   1. every script of the copied chapter (a module with `if __name__ == "__main__"`) that has a command line
-     renders --help (the data fetchers too: common.config.parse_no_flags answers --help before any work); one
-     interpreter runs them all through runpy, so torch is imported once. A script without options is imported.
-  2. the chapter's main training script runs a few steps from the command line, with the tiny settings its
-     tests use (SMOKE below), and writes its metrics;
+     renders --help (the data fetchers too: common.config.parse_no_flags answers --help before any work). A
+     script without options is imported.
+  2. the chapter's main training script runs a few steps as `python -m` would run it (runpy, sys.argv), with
+     the tiny settings its tests use (SMOKE below), and writes its metrics;
   3. the copied tests: all of them run for transformer_basics (the fastest, ~10 s); for the other chapters
      pytest collects them (imports every copied test file and what it imports, and builds every
      parametrisation) without running them. The copied tests are the repository's own tests, which the suite
      runs anyway: what copying can break is imports and paths, which collection catches, and running them
      again would add ~100 s to the suite. The smoke run of step 2 trains in the copy instead.
+  All three run in one interpreter, so torch, transformers and the chapter are imported once per chapter.
 It also checks that the derived pyproject.toml lists a distribution for every third-party import of the copied
 files (walked here with ast, module and function level), that pip reads it, the starter's errors (DEST not empty,
 not a chapter), and the rules that deselect a copied test needing the rest of the repository.
@@ -82,7 +83,7 @@ SMOKE = {
         "--decoder-depth", "1", "--batch-size", "8", "--max-iters", "4", "--warmup-iters", "1", "--eval-every", "2",
         "--eval-images", "16", "--save-every", "2", "--log-every", "2", "--threads", "1"]),
     "deepseek_v3": ("deepseek_v3.train", [
-        "--data-file", "{addresses}", "--tokenizer-vocab", "300", "--hidden-size", "32", "--intermediate-size", "64",
+        "--data-file", "{text_jsonl}", "--tokenizer-vocab", "300", "--hidden-size", "32", "--intermediate-size", "64",
         "--moe-intermediate-size", "16", "--num-hidden-layers", "2", "--num-attention-heads", "2", "--q-lora-rank",
         "16", "--kv-lora-rank", "16", "--qk-nope-head-dim", "8", "--qk-rope-head-dim", "8", "--v-head-dim", "8",
         "--n-routed-experts", "8", "--max-position-embeddings", "32", "--batch-size", "8", "--max-iters", "4",
@@ -108,27 +109,53 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _repo
 
 # run in the starter: the isolation checks, then every script's --help (or an import), results as JSON to argv[1]
 HELP_DRIVER = """
-import contextlib, importlib, importlib.util, io, json, runpy, sys, warnings
+import contextlib, importlib, importlib.util, io, json, re, runpy, sys, warnings
 warnings.simplefilter("ignore")
-out_file, dest, others, with_cli, without_cli = sys.argv[1], sys.argv[2], *(json.loads(a) for a in sys.argv[3:])
+out_file, dest, others, with_cli, without_cli, then = sys.argv[1], sys.argv[2], *(json.loads(a) for a in sys.argv[3:])
 import common
 res = {"common": common.__file__, "importable_others": [m for m in others if importlib.util.find_spec(m)],
        "help": {}, "imported": []}
-for module in with_cli:
-    sys.argv = [module, "--help"]
-    out = io.StringIO()
+
+
+def run_module(module, argv):
+    sys.argv = [module, *argv]
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-            runpy.run_module(module, run_name="__main__", alter_sys=True)
-        code = "returned without exiting"
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        return 0
     except SystemExit as e:
-        code = e.code
+        return e.code
     except Exception as e:
-        code = repr(e)
+        return repr(e)
+
+
+for module in with_cli:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        code = run_module(module, ["--help"])
     res["help"][module] = {"code": code, "text": out.getvalue()}
 for module in without_cli:
     importlib.import_module(module)
     res["imported"].append(module)
+# the smoke run: the main script with the flags that its --help lists (a list is the choice among renamed spellings)
+module, argv = then["module"], []
+text = res["help"].get(module, {}).get("text", "")
+for a in then["argv"]:
+    if isinstance(a, list):
+        found = [f for f in a if re.search(r"(^|\\s)" + re.escape(f) + r"[\\s,]", text)]
+        a = found[0] if found else a[0]
+    argv.append(a)
+if "--tokenizer-dir" in text:
+    argv += ["--tokenizer-dir", then["tokenizer_dir"]]
+out, err = io.StringIO(), io.StringIO()
+with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    code = run_module(module, argv + ["--out-dir", then["out_dir"]])
+res["smoke"] = {"code": code, "argv": argv, "tail": (out.getvalue() + err.getvalue())[-3000:]}
+# the copied tests, in the same interpreter (torch and the chapter are imported once)
+import pytest
+out = io.StringIO()
+with contextlib.redirect_stdout(out):
+    code = pytest.main(["-p", "no:cacheprovider", *then["pytest"]])
+res["pytest"] = {"code": int(code), "tail": out.getvalue()[-3000:]}
 with open(out_file, "w") as f:
     json.dump(res, f)
 """
@@ -196,11 +223,15 @@ def smoke_data(tmp: Path) -> dict[str, str]:
     text = tmp / "input.txt"
     text.write_text("\n".join("".join(rng.choice(subjects) + rng.choice(verbs) + rng.choice(objects)
                                       for _ in range(rng.randint(3, 8))) for _ in range(300)), encoding="utf-8")
+    text_jsonl = tmp / "text.jsonl"  # the same lines as documents
+    text_jsonl.write_text("".join(json.dumps({"text": ln}, ensure_ascii=False) + "\n"
+                                  for ln in text.read_text(encoding="utf-8").splitlines()), encoding="utf-8")
     addresses = tmp / "addresses.jsonl"
     places = ["浙江省杭州市西湖区文三路90号", "北京市海淀区中关村大街1号", "广东省深圳市南山区科技园", "上海市浦东新区"]
     addresses.write_text("".join(json.dumps({"text": rng.choice(places) + "。" + rng.choice(places)},
                                             ensure_ascii=False) + "\n" for _ in range(200)), encoding="utf-8")
-    return {"digits": str(digits), "text": str(text), "addresses": str(addresses), **llava_dirs(tmp)}
+    return {"digits": str(digits), "text": str(text), "text_jsonl": str(text_jsonl), "addresses": str(addresses),
+            **llava_dirs(tmp)}
 
 
 def llava_dirs(tmp: Path) -> dict[str, str]:
@@ -289,35 +320,34 @@ def test_a_chapter_copied_out_runs_on_its_own(chapter, tmp_path, isolated):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(dest), str(isolated)]), "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
 
+    # one interpreter in the copy (torch, transformers and the chapter imported once) does three things:
     # 1. isolation, and --help of every script (an import for those without a command line)
+    # 2. a few training steps of the main script, as `python -m <script> <flags>` would run it
+    # 3. the copied tests: run (RUN_ALL_TESTS), else collected
     mods = starter.scripts(dest / chapter)
     assert mods, chapter
     cli = [m for m in mods if starter.has_command_line((dest / Path(*m.split("."))).with_suffix(".py"))]
+    module, argv = SMOKE[chapter]
+    data = smoke_data(tmp_path)
+    out_dir = dest / "runs" / "smoke"
+    then = {"module": module, "argv": [a.format(**data) if isinstance(a, str) else list(a) for a in argv],
+            "out_dir": str(out_dir), "tokenizer_dir": str(dest / "runs" / "tokenizer"),
+            "pytest": [] if chapter in RUN_ALL_TESTS else ["--collect-only"]}
     report = tmp_path / "help.json"
     run([sys.executable, str(isolated / "starter_help_driver.py"), str(report), str(dest), json.dumps(others),
-         json.dumps(cli), json.dumps([m for m in mods if m not in cli])], dest, env)
+         json.dumps(cli), json.dumps([m for m in mods if m not in cli]), json.dumps(then)], dest, env)
     res = json.loads(report.read_text())
     assert res["importable_others"] == [], "the repository is importable from the starter"
     assert Path(res["common"]).resolve().is_relative_to(dest.resolve())
     bad = {m: r["code"] for m, r in res["help"].items() if r["code"] != 0 or "usage:" not in r["text"]}
     assert not bad, bad
-
-    # 2. a few training steps of the main script, from the command line
-    module, argv = SMOKE[chapter]
-    data = smoke_data(tmp_path)
-    out_dir = dest / "runs" / "smoke"
-    argv = [a.format(**data) if isinstance(a, str) else a for a in argv]
-    argv = pick_flags(argv, res["help"][module]["text"]) + ["--out-dir", str(out_dir)]
-    if "--tokenizer-dir" in res["help"][module]["text"]:
-        argv += ["--tokenizer-dir", str(dest / "runs" / "tokenizer")]
-    run([sys.executable, "-m", module, *argv], dest, env)
-    assert (out_dir / "metrics.jsonl").exists(), sorted(p.name for p in out_dir.iterdir())
-
-    # 3. the copied tests, in the copy: run (RUN_ALL_TESTS), else collected
-    collect = [] if chapter in RUN_ALL_TESTS else ["--collect-only"]
-    proc = run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *collect], dest, env)
-    summary = proc.stdout.strip().splitlines()[-1]
-    assert re.search(r"\d+ (passed|tests? collected)", summary) and "error" not in summary, proc.stdout[-2000:]
+    assert module in cli, f"{module}: the smoke run's script has no command line"
+    pick_flags(argv, res["help"][module]["text"])  # every smoke flag (one spelling of each) is in its --help
+    assert res["smoke"]["code"] in (0, None), res["smoke"]
+    assert (out_dir / "metrics.jsonl").exists(), (sorted(p.name for p in out_dir.iterdir()), res["smoke"]["tail"])
+    assert res["pytest"]["code"] == 0, res["pytest"]["tail"]
+    summary = [ln for ln in res["pytest"]["tail"].splitlines() if re.search(r"\d+ (passed|tests? collected)", ln)]
+    assert summary and "error" not in summary[-1], res["pytest"]["tail"]
 
 
 def test_starter_refuses_a_non_empty_dest_and_an_unknown_chapter(tmp_path):
