@@ -83,6 +83,33 @@ def decode_speed(model: DeepseekV3ForCausalLM, prompts: list[torch.Tensor], new_
             "absorbed_same_as_naive": all(a.tolist() == b.tolist() for a, b in zip(naive, absorbed)), **result}
 
 
+def fp8_error_table(M: int = 256, N: int = 512, K: int = 1024, seed: int = 0) -> list[dict]:
+    """Relative error of a @ w^T through E4M3, block-wise (1 x 128 activation tiles, 128 x 128 weight blocks) against
+    one scale per tensor, on random activations and on activations whose token scales span 1e8 (1e-4 .. 1e4).
+    'worst token' is the largest per-row relative error: where one scale per tensor flushes small tokens to 0."""
+    from . import fp8
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) * 0.05
+    rows = []
+    token_scales = torch.logspace(-4, 4, M)[torch.randperm(M, generator=g)][:, None]
+    for name, a in (("random", torch.randn(M, K, generator=g)),
+                    ("outliers (token scales 1e-4 .. 1e4)", torch.randn(M, K, generator=g) * token_scales)):
+        exact = a @ w.T
+        qa, sa = fp8.act_quant_ref(a)
+        qw, sw = fp8.weight_quant_ref(w)
+        block = fp8.fp8_gemm_ref(qa, sa, qw, sw)
+        pa, psa = fp8.per_tensor_quant(a)
+        pw, psw = fp8.per_tensor_quant(w)
+        tensor = (pa.float() * psa) @ (pw.float() * psw).T
+        for scaling, approx in (("block-wise", block), ("per-tensor", tensor)):
+            per_row = (approx - exact).norm(dim=1) / exact.norm(dim=1)
+            rows.append({"activations": name, "scaling": scaling, "relative_error": fp8.relative_error(approx, exact),
+                         "worst_token_relative_error": per_row.max().item(),
+                         "tokens_flushed_to_zero": int((approx.abs().sum(1) == 0).sum())})
+    return rows
+
+
 def fp8_speed(device: str = "cuda", sizes=((4096, 4096, 4096), (128, 7168, 2048))) -> list[dict]:
     """GPU only: the triton block-wise GEMM against torch._scaled_mm (per-row x per-column scales; the closest
     built-in) and the bf16 GEMM, with the relative error of each against the fp32 product."""
@@ -139,7 +166,7 @@ class BenchConfig:
 
 def main(cfg: BenchConfig) -> dict:
     set_threads(cfg.threads)
-    result = {}
+    result = {"fp8_error": fp8_error_table()}
     if cfg.ckpt:
         result.update(decoding(cfg))
     if cfg.fp8:
