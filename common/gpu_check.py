@@ -145,7 +145,7 @@ JOBS: list[Job] = [
         what="Hiera fine-tuning from that MAE's encoder, batch 256",
         args=["--init", "{out}/hiera_mae/final"], dry=["--batch-size", "2", "--labels-per-class", "1"]),
     Job("deepseek_v3", "deepseek_v3.train",
-        what="DeepSeek-V3 small: width 512, 8 layers (7 MoE, 32 experts, top 4), MLA, MTP, batch 32 x 512",
+        what="DeepSeek-V3 small (57 M, 29 M active): width 512, 6 layers (5 MoE, 16 experts, top 4), batch 16 x 512",
         args=["--tokenizer-dir", "{out}/ds_tokenizer", "--eval-batches", "2"],
         dry=["--batch-size", "2", "--data-file", "{out}/tiny_text.jsonl", "--tokenizer-vocab", "300",
              "--max-position-embeddings", "32", "--original-max-position-embeddings", "32", "--eval-batches", "1"],

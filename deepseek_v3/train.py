@@ -79,12 +79,13 @@ class TrainConfig:
 
 PRESETS = {
     "cpu": {},
-    # ~60 M parameters (~25 M active); bf16 autocast; about 1.5 GB at batch 32 x 512
-    "gpu4gb": {"hidden_size": 512, "intermediate_size": 1408, "moe_intermediate_size": 256, "num_hidden_layers": 8,
+    # 57 M parameters (29 M active per token), bf16 autocast, batch 16 x 512: weights, gradients and Adam ~0.9 GB,
+    # activations ~1.5 GB (an estimate: make gpu-check measures it against a 3.5 GB cap)
+    "gpu4gb": {"hidden_size": 512, "intermediate_size": 1408, "moe_intermediate_size": 256, "num_hidden_layers": 6,
                "num_attention_heads": 8, "q_lora_rank": 256, "kv_lora_rank": 128, "qk_nope_head_dim": 64,
-               "qk_rope_head_dim": 32, "v_head_dim": 64, "n_routed_experts": 32, "num_experts_per_tok": 4,
+               "qk_rope_head_dim": 32, "v_head_dim": 64, "n_routed_experts": 16, "num_experts_per_tok": 4,
                "n_group": 4, "topk_group": 2, "max_position_embeddings": 512, "original_max_position_embeddings": 512,
-               "batch_size": 32, "max_iters": 8000, "lr": 1.5e-3, "warmup_iters": 400, "eval_every": 500,
+               "batch_size": 16, "max_iters": 8000, "lr": 1.5e-3, "warmup_iters": 400, "eval_every": 500,
                "save_every": 1000, "dtype": "bf16", "tokenizer_vocab": 8192,
                "tokenizer_dir": "runs/deepseek_v3/tokenizer8k"},
 }
