@@ -29,6 +29,28 @@ class CompareConfig:
     root: str = "runs/deepseek_v3"  # holds train/ (bias, MTP, fp32), none/, aux/, no_mtp/, fp8/
     doc: str = "doc"  # where the two pictures go
     out: str = "runs/deepseek_v3/compare"  # the table and results.json
+    tokenizer_dir: str = "runs/deepseek_v3/tokenizer"  # the runs' tokens: the counting baselines read them
+    data_file: str = ""  # the runs' --data-file (empty: the default corpus)
+    baselines: bool = True  # also score unigram and bigram tables on the same held-out blocks
+
+
+def counting_baselines(tokenizer_dir: str, data_file: str, block: int, n_blocks: int, vocab: int,
+                       alpha: float = 0.1) -> dict:
+    """Held-out loss (nats/token) of counting tables built on the training tokens, on the blocks the runs are
+    scored on: unigram (add-0.01), and bigram smoothed towards the unigram (add alpha * V * p_unigram)."""
+    from .dataset import as_long, eval_blocks, load_tokens
+
+    streams, _ = load_tokens(tokenizer_dir, data_file, vocab_size=vocab)
+    streams = as_long(streams)
+    train = streams["train"]
+    x, y = (t.flatten() for t in eval_blocks(streams["valid"], block, n_blocks))
+    uni = torch.bincount(train, minlength=vocab).double() + 0.01
+    uni /= uni.sum()
+    pairs = torch.zeros(vocab * vocab, dtype=torch.float64)
+    pairs.index_add_(0, train[:-1] * vocab + train[1:], torch.ones(len(train) - 1, dtype=torch.float64))
+    pairs = pairs.view(vocab, vocab)
+    bigram = (pairs[x, y] + alpha * vocab * uni[y]) / (pairs[x].sum(1) + alpha * vocab)
+    return {"unigram": -uni[y].log().mean().item(), "bigram": -bigram.log().mean().item()}
 
 
 def load_run(path: Path) -> dict:
@@ -93,7 +115,11 @@ def draw_curves(runs: dict[str, dict], png: Path) -> None:
 
 def main(cfg: CompareConfig) -> dict:
     root = Path(cfg.root)
-    runs = {name: load_run(root / folder) for name, folder in RUNS.items() if (root / folder).is_dir()}
+    done = {name: root / folder for name, folder in RUNS.items() if (root / folder / "train_summary.json").is_file()}
+    for name, folder in RUNS.items():
+        if name not in done:
+            print(f"note: {root / folder}: no finished run there; left out of the table")
+    runs = {name: load_run(path) for name, path in done.items()}
     if "bias" not in runs:
         raise UserError(f"{root / 'train'}: the default run is missing; python -m deepseek_v3.train first")
     s = {k: v["summary"] for k, v in runs.items()}
@@ -104,6 +130,15 @@ def main(cfg: CompareConfig) -> dict:
         mtp = f"{x['valid_mtp_losses'][0]:.3f}" if x["valid_mtp_losses"] else "-"
         rows.append(f"| {name} | {x['valid_loss']:.3f} | {mtp} | {x['maxvio_mean']:.2f} | {per} | "
                     f"{x['train_wall_s']:.0f} |")
+    if cfg.baselines and not Path(cfg.tokenizer_dir).is_dir():
+        print(f"note: --tokenizer-dir {cfg.tokenizer_dir}: not there; no counting baselines")
+    elif cfg.baselines:
+        model = json.loads((root / RUNS["bias"] / "final" / "config.json").read_text())  # the scored blocks' size
+        block = model["max_position_embeddings"]
+        counts = counting_baselines(cfg.tokenizer_dir, cfg.data_file, block, s["bias"]["valid_tokens"] // block,
+                                    model["vocab_size"])
+        for name, v in counts.items():
+            rows.append(f"| {name} counts (reference) | {v:.3f} | | | | |")
     table = "\n".join(rows)
     print(table)
     out = Path(cfg.out)

@@ -433,8 +433,11 @@ def test_compare_tabulates_the_controls_and_infer_generates(tmp_path, corpus, ca
     root = tmp_path / "runs"
     for balance, folder in (("bias", "train"), ("none", "none")):
         train(train_cfg(root / folder, corpus, balance=balance, max_iters=6, eval_every=3, save_every=6))
-    r = compare(CompareConfig(root=str(root), doc=str(tmp_path / "doc"), out=str(tmp_path / "cmp")))
+    r = compare(CompareConfig(root=str(root), doc=str(tmp_path / "doc"), out=str(tmp_path / "cmp"),
+                              tokenizer_dir=str(root / "tok"), data_file=str(corpus)))
     assert "| bias |" in r["table"] and "| none |" in r["table"]
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in r["table"].splitlines()[2:]}
+    assert 0 < float(rows["bigram counts (reference)"]) < float(rows["unigram counts (reference)"])
     assert all((tmp_path / "doc" / f"deepseek_v3_{n}.png").exists() for n in ("loads", "balance"))
     rec = {x["metric"]: x for x in json.loads((tmp_path / "cmp" / "results.json").read_text())}
     ratio = r["summaries"]["none"]["maxvio_mean"] / r["summaries"]["bias"]["maxvio_mean"]
