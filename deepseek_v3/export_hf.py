@@ -145,7 +145,7 @@ def export(ckpt: str | Path, out: str | Path) -> Path:
     bos = eos = None
     if (ckpt / "tokenizer").is_dir():
         tok = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
-        bos, eos = tok.bos_token_id, tok.eos_token_id
+        bos, eos = tok.bos_token_id, tok.pad_token_id  # documents end with <|endoftext|> (the pad token) in training
     state, mtp = to_hf_state(model)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -289,7 +289,8 @@ class DeepseekV3TopkRouter(nn.Module):
         """x (N, C) -> chosen experts (N, K), their weights (N, K), all sigmoid scores (N, E)."""
         cfg = self.cfg
         N, E, G = x.shape[0], cfg.n_routed_experts, cfg.n_group
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # (N, E), in fp32 as the reference
+        with torch.autocast(x.device.type, enabled=False):  # in fp32, as the reference, even under autocast
+            scores = F.linear(x.float(), self.weight.float()).sigmoid()  # (N, E)
         biased = scores + self.e_score_correction_bias
         if G > 1:  # node-limited routing: keep the topk_group groups whose two best biased scores sum highest
             group_scores = biased.view(N, G, E // G).topk(2, dim=-1).values.sum(-1)  # (N, G)
@@ -511,15 +512,19 @@ class DeepseekV3ForCausalLM(nn.Module):
         cache = MLACache() if use_cache else None
         ids, new = input_ids, []
         step_in = input_ids
+        done = torch.zeros(input_ids.shape[0], 1, dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
             h = self.hidden(step_in if use_cache else ids, cache, absorb and use_cache)
             nxt = self.lm_head(h[:, -1]).argmax(-1, keepdim=True)
+            if eos_token_id is not None:  # a row that has ended keeps emitting eos
+                nxt = nxt.masked_fill(done, eos_token_id)
+                done = done | (nxt == eos_token_id)
             new.append(nxt)
             ids = torch.cat([ids, nxt], dim=1)
             step_in = nxt
-            if eos_token_id is not None and bool((nxt == eos_token_id).all()):
+            if bool(done.all()):
                 break
-        return torch.cat(new, dim=1)
+        return torch.cat(new, dim=1) if new else input_ids.new_zeros(input_ids.shape[0], 0)
 
 
 @torch.no_grad()
@@ -531,10 +536,15 @@ def speculative_generate(model: DeepseekV3ForCausalLM, input_ids: torch.Tensor, 
     Each step feeds [t, d] (the token just chosen and the draft after it) to the main model:
       the prediction at t is the true next token n; if n == d the draft is accepted and the prediction at d
       is a second token for free; otherwise d's cache entry is dropped. Either way the MTP module then
-      drafts from the last accepted position. Output = plain greedy decoding (the test checks it).
+      drafts from the last accepted position. Output = plain greedy decoding (the test checks it), up to float
+      rounding: the verify step runs two positions in one forward, so a near-tie could break the other way.
     -> (new tokens (1, <= max_new_tokens), {"drafted", "accepted", "forward_passes"})."""
     if not model.mtp:
         raise ValueError("speculative decoding needs an MTP module: num_nextn_predict_layers >= 1")
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"speculative decoding takes one sequence; got a batch of {input_ids.shape[0]}")
+    if max_new_tokens <= 0:
+        return input_ids.new_zeros(1, 0), {"drafted": 0, "accepted": 0, "forward_passes": 0}
     L = model.config.num_hidden_layers
     main_layers = list(range(L))  # the MTP module's cache slot (L) only ever holds accepted positions
     cache = MLACache()

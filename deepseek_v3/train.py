@@ -160,6 +160,9 @@ def draw_loads(metrics_path: Path, png: Path) -> Path | None:
 def main(cfg: TrainConfig) -> dict:
     if cfg.balance not in ("bias", "aux", "none"):
         raise UserError(f"--balance {cfg.balance}: expected bias, aux or none")
+    if cfg.fp8_sim and cfg.dtype != "fp32":
+        raise UserError(f"--fp8-sim with --dtype {cfg.dtype}: the simulation rounds fp32 values through E4M3 and "
+                        "keeps fp32 masters and outputs; use --dtype fp32")
     dist_info = init_distributed(pick_device(cfg.device).type)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
@@ -225,8 +228,9 @@ def main(cfg: TrainConfig) -> dict:
             o = ddp_model(x, labels=y, mtp_loss_weight=cfg.mtp_loss_weight)
         optimizer.zero_grad(set_to_none=True)
         o["loss"].backward()
-        if not math.isfinite(o["loss"].item()):
-            raise FloatingPointError(f"loss is {o['loss'].item()} at step {step}; lower --lr")
+        total = all_reduce_mean(o["loss"].item(), dist_info)  # every rank sees the same value and stops together
+        if not math.isfinite(total):
+            raise FloatingPointError(f"loss is {total} at step {step}; lower --lr")
         clip_grad(model.parameters(), cfg.grad_clip)
         optimizer.step()
         scheduler.step()

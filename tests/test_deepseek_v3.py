@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -57,25 +56,30 @@ def randomised(model: DeepseekV3ForCausalLM, seed: int = 0) -> DeepseekV3ForCaus
 
 @pytest.mark.parametrize("q_lora_rank,rope_factor", [(24, 1.0), (0, 1.0), (24, 4.0)])
 def test_logits_equal_transformers(q_lora_rank, rope_factor):
+    """Every weight random (norm gains and the routing bias too), ours exported into transformers' layout and loaded
+    there, then back: the same logits. The YaRN case uses a small rope_theta so that its ramp has several
+    partly-interpolated frequencies."""
     from transformers import DeepseekV3ForCausalLM as HF
 
-    from deepseek_v3.export_hf import hf_config, load_from_hf_model
+    from deepseek_v3.export_hf import hf_config, load_from_hf_model, to_hf_state
 
-    cfg = tiny(q_lora_rank=q_lora_rank, rope_factor=rope_factor, num_nextn_predict_layers=0)
+    cfg = tiny(q_lora_rank=q_lora_rank, rope_factor=rope_factor, num_nextn_predict_layers=0, qk_rope_head_dim=16,
+               rope_theta=100.0 if rope_factor > 1 else 10000.0)
+    ours = randomised(DeepseekV3ForCausalLM(cfg))
     hcfg = hf_config(cfg)
     hcfg._attn_implementation = "eager"
-    torch.manual_seed(0)
     hf = HF(hcfg).eval()
+    missing, unexpected = hf.load_state_dict(to_hf_state(ours)[0], strict=False)
+    assert not unexpected and not missing, (missing, unexpected)
+    ids = torch.randint(0, cfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        for name, b in hf.named_buffers():
-            if name.endswith("e_score_correction_bias"):  # biased routing must pick the same experts
-                b.copy_(0.5 * torch.rand_like(b))
-    ours = load_from_hf_model(hf).eval()
-    ids = torch.randint(0, cfg.vocab_size, (2, 20))
-    with torch.no_grad():
-        torch.testing.assert_close(ours(ids)["logits"], hf(ids).logits, atol=1e-4, rtol=0)
+        want = hf(ids).logits
+        torch.testing.assert_close(ours(ids)["logits"], want, atol=1e-4, rtol=0)
+        torch.testing.assert_close(load_from_hf_model(hf).eval()(ids)["logits"], want, atol=1e-4, rtol=0)
     if rope_factor > 1:
         assert ours.layers[0].self_attn.scale > cfg.qk_head_dim ** -0.5  # YaRN's mscale entered the softmax
+        ramp = ours.rope_freqs / (1.0 / 100.0 ** (torch.arange(0, 16, 2) / 16))
+        assert ((ramp > 0.26) & (ramp < 0.99)).sum() >= 2  # partly interpolated frequencies exist
 
 
 def test_absorbed_mla_equals_naive_and_the_cache_equals_the_full_forward():
@@ -122,11 +126,15 @@ def test_group_limited_routing_keeps_the_chosen_experts_inside_topk_groups():
     cfg = tiny(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
     router = DeepseekV3TopkRouter(cfg)
     torch.nn.init.normal_(router.weight, std=1.0)
+    router.e_score_correction_bias.copy_(torch.rand(16) * 0.5)
     idx, _, scores = router(torch.randn(200, cfg.hidden_size))
     groups = idx // 4
     assert all(len(set(g.tolist())) <= 2 for g in groups)
-    # the kept groups are those whose two best scores sum highest
-    best = scores.view(200, 4, 4).topk(2, -1).values.sum(-1).topk(2, -1).indices
+    # the kept groups are those whose two best BIASED scores sum highest
+    biased = scores + router.e_score_correction_bias
+    best = biased.view(200, 4, 4).topk(2, -1).values.sum(-1).topk(2, -1).indices
+    unbiased_best = scores.view(200, 4, 4).topk(2, -1).values.sum(-1).topk(2, -1).indices
+    assert any(set(a.tolist()) != set(b.tolist()) for a, b in zip(best, unbiased_best))  # the bias matters here
     assert all(set(g.tolist()) <= set(b.tolist()) for g, b in zip(groups, best))
 
 
@@ -171,12 +179,18 @@ def test_mtp_loss_is_the_cross_entropy_of_the_token_two_ahead():
 def test_speculative_decoding_with_the_mtp_draft_equals_plain_greedy():
     from deepseek_v3.model import speculative_generate
 
-    model = randomised(DeepseekV3ForCausalLM(tiny(num_nextn_predict_layers=1)), seed=5)
-    ids = torch.randint(0, 97, (1, 6))
-    plain = model.generate(ids, 20)
-    spec, stats = speculative_generate(model, ids, 20)
-    assert spec.tolist() == plain.tolist()
-    assert stats["drafted"] > 0 and 0 <= stats["accepted"] <= stats["drafted"]
+    """A random model over 3 tokens: some drafts are accepted and some rejected, so both branches (two tokens from
+    one verify step; the rejected draft cropped from the cache) run, over several seeds."""
+    accepted = rejected = 0
+    for seed in range(4):
+        model = randomised(DeepseekV3ForCausalLM(tiny(num_nextn_predict_layers=1, vocab_size=3)), seed=seed)
+        ids = torch.randint(0, 3, (1, 6), generator=torch.Generator().manual_seed(seed))
+        plain = model.generate(ids, 20)
+        spec, stats = speculative_generate(model, ids, 20)
+        assert spec.tolist() == plain.tolist(), seed
+        accepted += stats["accepted"]
+        rejected += stats["drafted"] - stats["accepted"]
+    assert accepted > 0 and rejected > 0, (accepted, rejected)
 
 
 def test_speculative_decoding_accepts_when_the_draft_is_right():
@@ -224,8 +238,10 @@ def test_quantisation_round_trips_and_scales():
     x = torch.randn(5, 300) * 3
     q, s = fp8.act_quant_ref(x)
     assert q.dtype == torch.float8_e4m3fn and s.shape == (5, 3)
-    assert q.float().abs().amax() <= 448
     torch.testing.assert_close(s[:, 0], x[:, :128].abs().amax(1) / 448)
+    # each tile's largest value maps to exactly +-448 (E4M3's largest), so it dequantises back to itself
+    deq = fp8.act_dequant_ref(q, s)
+    torch.testing.assert_close(deq[:, :128].abs().amax(1), x[:, :128].abs().amax(1))
     assert fp8.relative_error(fp8.act_dequant_ref(q, s), x) < 0.04  # 3 mantissa bits: ~2-3 % relative
     w = torch.randn(200, 260)
     qw, sw = fp8.weight_quant_ref(w)
@@ -266,6 +282,12 @@ def test_simulated_fp8_linear_is_close_to_fp32_in_both_directions():
     y8.square().sum().backward()
     assert 0 < fp8.relative_error(y8, y) < 0.05
     assert 0 < fp8.relative_error(x.grad, gx) < 0.08 and 0 < fp8.relative_error(lin.weight.grad, gw) < 0.08
+    # the backward GEMMs exactly: dgrad with dy in tiles along channels, wgrad with both inputs in tiles along tokens
+    dy = (2 * y8).detach().view(-1, 192)
+    x2 = x.detach().view(-1, 256)
+    w = lin.weight.detach()
+    torch.testing.assert_close(x.grad.view(-1, 256), fp8.fake_quant_tiles(dy) @ fp8.fake_quant_blocks(w))
+    torch.testing.assert_close(lin.weight.grad, fp8.fake_quant_tiles(dy, dim=0).T @ fp8.fake_quant_tiles(x2, dim=0))
     # the forward is exactly the block-wise GEMM of the reference
     qa, sa = fp8.act_quant_ref(x.detach().view(-1, 256))
     qw, sw = fp8.weight_quant_ref(lin.weight.detach())
@@ -319,7 +341,7 @@ def test_training_lowers_the_loss_and_the_bias_moves_only_with_bias_balancing(tm
     assert all(m.e_score_correction_bias.abs().sum() == 0 for m in r2["model"].modules()
                if isinstance(m, DeepseekV3TopkRouter))
     logged = [json.loads(line) for line in (tmp_path / "aux" / "metrics.jsonl").read_text().splitlines()]
-    assert any("balance_loss" in rec and rec["balance_loss"] >= 0.99 for rec in logged)  # >= 1: its minimum
+    assert any("balance_loss" in rec and rec["balance_loss"] > 0 for rec in logged)
 
 
 def test_resume_gives_the_uninterrupted_run(tmp_path, corpus):
@@ -332,7 +354,8 @@ def test_resume_gives_the_uninterrupted_run(tmp_path, corpus):
     main(train_cfg(tmp_path / "a", corpus, max_iters=20, eval_every=10, save_every=10))
     # a run stopped after step 10: only that checkpoint exists
     shutil.copytree(tmp_path / "a" / "checkpoints" / "step_000010", tmp_path / "b" / "checkpoints" / "step_000010")
-    main(train_cfg(tmp_path / "b", corpus, max_iters=20, eval_every=10, save_every=10, resume=True))
+    r = main(train_cfg(tmp_path / "b", corpus, max_iters=20, eval_every=10, save_every=10, resume=True))
+    assert len(r["losses"]) == 10  # it went on from step 10: it did not start again
     a = load_file(str(tmp_path / "a" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "final" / "model.safetensors"))
     assert a.keys() == b.keys() and any(k.endswith("e_score_correction_bias") for k in a)
@@ -420,7 +443,8 @@ def test_config_errors_name_the_flag():
         tiny(n_routed_experts=8, n_group=8)
     with pytest.raises(UserError, match="--num-experts-per-tok"):
         tiny(num_experts_per_tok=7)
-    assert replace(tiny(), num_nextn_predict_layers=0).num_nextn_predict_layers == 0
+    with pytest.raises(UserError, match="--qk-rope-head-dim"):
+        tiny(qk_rope_head_dim=7)
 
 
 def test_compare_tabulates_the_controls_and_infer_generates(tmp_path, corpus, capsys):
@@ -440,7 +464,8 @@ def test_compare_tabulates_the_controls_and_infer_generates(tmp_path, corpus, ca
     assert 0 < float(rows["bigram counts (reference)"]) < float(rows["unigram counts (reference)"])
     assert all((tmp_path / "doc" / f"deepseek_v3_{n}.png").exists() for n in ("loads", "balance"))
     rec = {x["metric"]: x for x in json.loads((tmp_path / "cmp" / "results.json").read_text())}
-    ratio = r["summaries"]["none"]["maxvio_mean"] / r["summaries"]["bias"]["maxvio_mean"]
+    maxvio = {f: json.loads((root / f / "train_summary.json").read_text())["maxvio_mean"] for f in ("train", "none")}
+    ratio = maxvio["none"] / maxvio["train"]
     assert rec["maxvio_ratio_none_over_bias"]["value"] == pytest.approx(ratio, abs=1e-3)
     out = infer(InferConfig(ckpt=str(root / "train" / "final"), prompt="北京", max_new_tokens=8, speculative=True))
     plain = infer(InferConfig(ckpt=str(root / "train" / "final"), prompt="北京", max_new_tokens=8))
