@@ -18,6 +18,7 @@ import torch
 from common.checkpoint import load_pretrained, read_config
 from common.cli import run_main
 from common.errors import UserError
+from common.results import command_line, make_record
 from common.runtime import set_threads
 
 from .model import DeepseekV3Config, DeepseekV3ForCausalLM, MLACache, speculative_generate
@@ -154,6 +155,7 @@ class BenchConfig:
 
     ckpt: str = "runs/deepseek_v3/train/final"  # a train.py output directory ("" = no decoding benchmark)
     tokenizer_dir: str = "runs/deepseek_v3/tokenizer"  # its tokenizer and token cache (the held-out prompts)
+    data_file: str = ""  # the run's --data-file (empty: the default corpus)
     prompts: int = 8  # held-out prompts of prompt_tokens each
     prompt_tokens: int = 32
     new_tokens: int = 64
@@ -161,7 +163,7 @@ class BenchConfig:
     threads: int = 1  # one thread: a steadier ratio on a shared machine
     fp8: bool = False  # also the FP8 GEMM comparison (CUDA only)
     device: str = "cpu"
-    out: str = "runs/deepseek_v3/bench.json"
+    out: str = "runs/deepseek_v3/bench/bench.json"  # everything; results.json beside it holds the headline records
 
 
 def main(cfg: BenchConfig) -> dict:
@@ -176,6 +178,18 @@ def main(cfg: BenchConfig) -> dict:
         result["fp8_gemm"] = fp8_speed(cfg.device)
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     Path(cfg.out).write_text(json.dumps(result, indent=2) + "\n")
+    if cfg.ckpt:
+        cmd = command_line("deepseek_v3.bench")
+        kv = {r["attention"]: r["bytes_per_token"] for r in result["kv_cache"]}
+        records = [make_record("deepseek_v3", "kv_cache_cpu_preset", "mla_cache_bytes_per_token", kv["MLA"],
+                               "mha_equal_width", kv["MHA"], 0.0, cmd)]
+        if "acceptance_rate" in result:
+            records += [make_record("deepseek_v3", "speculative_mtp_cpu", "draft_acceptance_rate",
+                                    result["acceptance_rate"], "report_full_model_low", 0.85, 0.0, cmd),
+                        make_record("deepseek_v3", "speculative_mtp_cpu", "speculative_speedup_over_greedy",
+                                    result["speculative_tok_per_s"] / result["absorbed_tok_per_s"], "plain_greedy",
+                                    1.0, 0.0, cmd)]
+        (Path(cfg.out).parent / "results.json").write_text(json.dumps(records, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return result
 
@@ -188,7 +202,7 @@ def decoding(cfg: BenchConfig) -> dict:
     model = load_pretrained(DeepseekV3ForCausalLM(mcfg), ckpt).eval().to(cfg.device)
     from .dataset import as_long, load_tokens
 
-    streams, _ = load_tokens(cfg.tokenizer_dir, vocab_size=mcfg.vocab_size)
+    streams, _ = load_tokens(cfg.tokenizer_dir, cfg.data_file, vocab_size=mcfg.vocab_size)
     valid = as_long(streams)["valid"]
     step = len(valid) // cfg.prompts
     prompts = [valid[i * step:i * step + cfg.prompt_tokens][None].to(cfg.device) for i in range(cfg.prompts)]

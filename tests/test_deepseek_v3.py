@@ -471,3 +471,13 @@ def test_compare_tabulates_the_controls_and_infer_generates(tmp_path, corpus, ca
     plain = infer(InferConfig(ckpt=str(root / "train" / "final"), prompt="北京", max_new_tokens=8))
     assert out["text"] == plain["text"] and out["text"].startswith("北京") and out["stats"]["drafted"] > 0
     assert "drafts accepted" in capsys.readouterr().out
+    from deepseek_v3.bench import BenchConfig
+    from deepseek_v3.bench import main as bench
+
+    b = bench(BenchConfig(ckpt=str(root / "train" / "final"), tokenizer_dir=str(root / "tok"), data_file=str(corpus),
+                          prompts=2, prompt_tokens=8, new_tokens=6, repeats=1, out=str(tmp_path / "bench" / "b.json")))
+    assert b["speculative_same_as_greedy"] and b["absorbed_same_as_naive"] and 0 <= b["acceptance_rate"] <= 1
+    flushed = {(r["activations"][:6], r["scaling"]): r["tokens_flushed_to_zero"] for r in b["fp8_error"]}
+    assert flushed[("outlie", "per-tensor")] > 0 and flushed[("outlie", "block-wise")] == 0
+    metrics = {r["metric"] for r in json.loads((tmp_path / "bench" / "results.json").read_text())}
+    assert metrics == {"mla_cache_bytes_per_token", "draft_acceptance_rate", "speculative_speedup_over_greedy"}
