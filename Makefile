@@ -122,9 +122,11 @@ demo-translate: data
 	$(PY) -m transformer_basics.train_translate
 	$(PY) -m transformer_basics.infer --attention-png runs/transformer_basics/translate/attention.png
 
+# the tests run one thread each (tests/conftest.py), so one worker per core (pytest-xdist); a file's tests stay
+# on one worker, so its module fixtures are built once
 test: data
 	$(PY) -m ruff check .
-	HF_HUB_OFFLINE=1 $(PY) -m pytest tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -n auto --dist loadfile
 
 lint: setup
 	$(PY) -m ruff check .
