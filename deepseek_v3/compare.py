@@ -113,6 +113,42 @@ def draw_curves(runs: dict[str, dict], png: Path) -> None:
     plt.close(fig)
 
 
+def seed_table(root: Path, s: dict[str, dict]) -> str:
+    """The runs repeated with other seeds (root/seeds/<run>_<seed>/, same flags plus --seed), beside the default
+    seed's run: held-out loss and MaxVio per seed, the mean, and each run's difference from the bias run of the
+    same seed (paired: same initialisation, same batches)."""
+    folder = {"bias": "bias", "none": "none", "no_mtp": "no_mtp", "fp8_sim": "fp8"}
+    found: dict[str, dict[str, dict]] = {}
+    for name, prefix in folder.items():
+        if name in s:
+            found[name] = {"default": s[name]}
+        for d in sorted((root / "seeds").glob(f"{prefix}_*")):
+            seed = d.name[len(prefix) + 1:]
+            if (d / "train_summary.json").is_file() and seed.isdigit():
+                found.setdefault(name, {})[seed] = json.loads((d / "train_summary.json").read_text())
+    seeds = sorted({k for runs in found.values() for k in runs if k != "default"})
+    if not seeds:
+        return ""
+    cols = ["default", *seeds]
+    names = ["the default seed" if c == "default" else f"seed {c}" for c in cols]
+    head = "| run | " + " | ".join(f"loss, {c}" for c in names) + " | mean loss | mean diff. from bias | " \
+           + " | ".join(f"MaxVio, {c}" for c in names) + " | mean MaxVio |"
+    rows = [head, "|" + "---|" * (2 * len(cols) + 4)]
+    bias = found.get("bias", {})
+    for name, runs in found.items():
+        loss = [runs[c]["valid_loss"] if c in runs else None for c in cols]
+        vio = [runs[c]["maxvio_mean"] if c in runs else None for c in cols]
+        have = [x for x in loss if x is not None]
+        diffs = [runs[c]["valid_loss"] - bias[c]["valid_loss"] for c in cols if c in runs and c in bias]
+        fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
+        rows.append(f"| {name} | " + " | ".join(fmt(x, ".3f") for x in loss)
+                    + f" | {sum(have) / len(have):.3f} | "
+                    + (f"{sum(diffs) / len(diffs):+.3f} ({len(diffs)} seeds)" if name != "bias" and diffs else "")
+                    + " | " + " | ".join(fmt(x, ".2f") for x in vio)
+                    + f" | {sum(v for v in vio if v is not None) / len(have):.2f} |")
+    return "\n".join(rows)
+
+
 def main(cfg: CompareConfig) -> dict:
     root = Path(cfg.root)
     done = {name: root / folder for name, folder in RUNS.items() if (root / folder / "train_summary.json").is_file()}
@@ -140,6 +176,9 @@ def main(cfg: CompareConfig) -> dict:
         for name, v in counts.items():
             rows.append(f"| {name} counts (reference) | {v:.3f} | | | | |")
     table = "\n".join(rows)
+    seeds = seed_table(root, s)
+    if seeds:
+        table += "\n\nOther seeds (the same flags plus --seed):\n\n" + seeds
     print(table)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
