@@ -457,11 +457,19 @@ def test_compare_tabulates_the_controls_and_infer_generates(tmp_path, corpus, ca
     root = tmp_path / "runs"
     for balance, folder in (("bias", "train"), ("none", "none")):
         train(train_cfg(root / folder, corpus, balance=balance, max_iters=6, eval_every=3, save_every=6))
+    for run, folder, loss in (("bias", "train", 5.0), ("none", "none", 5.5)):  # a second seed, made up
+        summary = json.loads((root / folder / "train_summary.json").read_text())
+        (root / "seeds" / f"{run}_7").mkdir(parents=True)
+        (root / "seeds" / f"{run}_7" / "train_summary.json").write_text(json.dumps({**summary, "valid_loss": loss}))
     r = compare(CompareConfig(root=str(root), doc=str(tmp_path / "doc"), out=str(tmp_path / "cmp"),
                               tokenizer_dir=str(root / "tok"), data_file=str(corpus)))
     assert "| bias |" in r["table"] and "| none |" in r["table"]
-    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in r["table"].splitlines()[2:]}
+    main_table = r["table"].split("\n\n")[0].splitlines()[2:]
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in main_table}
     assert 0 < float(rows["bigram counts (reference)"]) < float(rows["unigram counts (reference)"])
+    s = {f: json.loads((root / f / "train_summary.json").read_text())["valid_loss"] for f in ("train", "none")}
+    none_row = next(line for line in r["table"].split("Other seeds")[1].splitlines() if line.startswith("| none |"))
+    assert f"{((s['none'] - s['train']) + 0.5) / 2:+.3f} (2 seeds)" in none_row  # paired: same seed minus bias
     assert all((tmp_path / "doc" / f"deepseek_v3_{n}.png").exists() for n in ("loads", "balance"))
     rec = {x["metric"]: x for x in json.loads((tmp_path / "cmp" / "results.json").read_text())}
     maxvio = {f: json.loads((root / f / "train_summary.json").read_text())["maxvio_mean"] for f in ("train", "none")}
