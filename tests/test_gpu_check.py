@@ -131,6 +131,13 @@ def test_kernel_checks_catch_a_wrong_kernel(name, monkeypatch):
     elif "linear8bit" in name:
         real = bnb.nn.Linear8bitLt.forward
         monkeypatch.setattr(bnb.nn.Linear8bitLt, "forward", lambda self, x: real(self, x) * 1.1)
+    elif name == "deepseek_fp8_triton":  # the kernels run in a subprocess: what a wrong GEMM would print there
+        import subprocess
+
+        report = ("act_quant_values 0\nact_quant_scales 0\nweight_quant_values 0\nweight_quant_scales 0\n"
+                  "weight_dequant 0\nfp8_gemm_relative 0.08\ndevice cpu\n")
+        monkeypatch.setattr(gpu_check.subprocess, "run",
+                            lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, report, ""))
     else:
         real = bnb.optim.Adam8bit.step
         monkeypatch.setattr(bnb.optim.Adam8bit, "step", lambda self, *a, **k: None)  # a step that does nothing
