@@ -32,3 +32,13 @@ def digits_file(tmp_path):
     path = tmp_path / "digits.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in synthetic_pairs(600)))
     return path
+
+
+# the longest files first: with one pytest-xdist worker per core (`make test`), a long file that starts last keeps
+# one core busy alone at the end; started first, the short files fill the other core around it
+SLOW_FIRST = ["test_gpu_check.py", "test_starter.py", "test_bad_inputs.py"]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: the rest keep their order
