@@ -34,11 +34,9 @@ def digits_file(tmp_path):
     return path
 
 
-# the longest files first: with one pytest-xdist worker per core (`make test`), a long file that starts last keeps
-# one core busy alone at the end; started first, the short files fill the other core around it
-SLOW_FIRST = ["test_gpu_check.py", "test_starter.py", "test_bad_inputs.py"]
-
 
 def pytest_collection_modifyitems(session, config, items):
-    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: the rest keep their order
+    """The longest files first (they set ``RUN_FIRST = n``, the larger the earlier): with one pytest-xdist worker
+    per core (`make test`) a long file that starts last keeps one core busy alone at the end; started first, the
+    short files fill the other core around it. A stable sort: the rest keep their order."""
+    items.sort(key=lambda item: -getattr(getattr(item, "module", None), "RUN_FIRST", 0))

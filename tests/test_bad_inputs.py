@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+RUN_FIRST = 1  # a long file: collected early (tests/conftest.py; the larger, the earlier)
 ROOT = Path(__file__).resolve().parents[1]
 
 

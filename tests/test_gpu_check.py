@@ -14,6 +14,7 @@ import pytest
 from common import gpu_check
 from common.gpu_check import GIB, JOBS, Job, job_chains, job_command, last_error_line, summarize_metrics
 
+RUN_FIRST = 3  # a long file: collected early (tests/conftest.py; the larger, the earlier)
 ROOT = Path(__file__).resolve().parent.parent
 
 

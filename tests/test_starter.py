@@ -36,6 +36,7 @@ import pytest
 
 from common import starter
 
+RUN_FIRST = 2  # a long file: collected early (tests/conftest.py; the larger, the earlier)
 ROOT = Path(__file__).resolve().parents[1]
 RUN_ALL_TESTS = {"transformer_basics"}
 
