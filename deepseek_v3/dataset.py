@@ -251,15 +251,24 @@ def eval_blocks(stream: torch.Tensor, block: int, max_blocks: int = 0) -> tuple[
 
 
 def main() -> None:
-    """Fetch the default corpus, train the 4,096-token BPE if missing, cache the token streams, print what they hold."""
+    """Fetch and check the default corpus (documents and characters per split); once train.py has built the
+    tokenizer and the token cache, also show what they hold and a held-out sample (`make data` runs this: no
+    tokenizer is trained here)."""
     parse_no_flags(__doc__)
+    splits = load_documents()
+    print(f"documents: { {k: len(v) for k, v in splits.items()} } | characters: "
+          f"{ {k: sum(map(len, v)) for k, v in splits.items()} }")
     tdir = Path("runs/deepseek_v3/tokenizer")
+    stats_file = tdir / f"tokens_{corpus_key('', 0, 4096)}.json"
+    if not stats_file.is_file():
+        print(f"no tokenizer in {tdir} yet: python -m deepseek_v3.train builds it (about a minute) and caches "
+              "the tokens")
+        return
     streams, tok = load_tokens(tdir)
-    stats = json.loads(next(tdir.glob(f"tokens_{corpus_key('', 0, 4096)}.json")).read_text())
-    print(f"documents: {stats['documents']} | characters: {stats['characters']} | tokens: {stats['tokens']} | "
-          f"{sum(stats['characters'].values()) / sum(stats['tokens'].values()):.2f} characters per token")
-    sample = tok.decode(streams["valid"][:40].tolist())
-    print(f"held-out sample: {sample!r}")
+    stats = json.loads(stats_file.read_text())
+    print(f"tokens: {stats['tokens']} | {sum(stats['characters'].values()) / sum(stats['tokens'].values()):.2f} "
+          "characters per token")
+    print(f"held-out sample: {tok.decode(streams['valid'][:40].tolist())!r}")
     print("its tokens:", [tok.decode([int(i)]) for i in streams["valid"][:20]])
 
 
