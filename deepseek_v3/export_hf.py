@@ -142,9 +142,9 @@ def export(ckpt: str | Path, out: str | Path) -> Path:
     ckpt, out = Path(ckpt), Path(out)
     cfg = DeepseekV3Config.from_dict(read_config(ckpt))
     model = load_pretrained(DeepseekV3ForCausalLM(cfg), ckpt)
+    tok = AutoTokenizer.from_pretrained(ckpt / "tokenizer") if (ckpt / "tokenizer").is_dir() else None
     bos = eos = None
-    if (ckpt / "tokenizer").is_dir():
-        tok = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
+    if tok is not None:
         bos, eos = tok.bos_token_id, tok.pad_token_id  # documents end with <|endoftext|> (the pad token) in training
     state, mtp = to_hf_state(model)
     tmp = out.with_name(out.name + ".tmp")
@@ -154,8 +154,8 @@ def export(ckpt: str | Path, out: str | Path) -> Path:
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     if mtp:
         save_file(mtp, str(tmp / "mtp.safetensors"), metadata={"format": "pt"})
-    if (ckpt / "tokenizer").is_dir():
-        AutoTokenizer.from_pretrained(ckpt / "tokenizer").save_pretrained(tmp)
+    if tok is not None:
+        tok.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out

@@ -106,7 +106,8 @@ def evaluate(model: DeepseekV3ForCausalLM, x: torch.Tensor, y: torch.Tensor, bat
              mtp_weight: float) -> dict:
     """Held-out: the main head's loss, each MTP depth's loss, and each MoE layer's expert loads."""
     model.eval()
-    for r in routers(model).values():
+    named = routers(model)
+    for r in named.values():
         r.load.zero_()
     lm, mtp, n = 0.0, None, 0
     for i in range(0, len(x), batch_size):
@@ -118,8 +119,8 @@ def evaluate(model: DeepseekV3ForCausalLM, x: torch.Tensor, y: torch.Tensor, bat
             vals = [v.item() * len(xb) for v in out["mtp_losses"]]
             mtp = vals if mtp is None else [a + b for a, b in zip(mtp, vals)]
         n += len(xb)
-    loads = {name: r.load.clone() for name, r in routers(model).items()}
-    for r in routers(model).values():
+    loads = {name: r.load.clone() for name, r in named.items()}
+    for r in named.values():
         r.load.zero_()
     model.train()
     maxvio = {name: max_violation(v) for name, v in loads.items()}
