@@ -1,0 +1,237 @@
+"""Measure every compression method on one model: held-out perplexity, stored bits per weight, model bytes.
+
+    python -m compression.evaluate --model smollm2 --methods quant          # the formats, round-to-nearest
+    python -m compression.evaluate --model smollm2 --methods gptq           # GPTQ int4 / int3 vs RTN
+    python -m compression.evaluate --model smollm2 --methods prune          # magnitude vs Wanda, 2:4, the curve
+    python -m compression.evaluate --model subject --methods all            # the never-quantised subject
+
+Each method starts from a fresh copy of the fp32 model, compresses the decoder's linear layers (the embedding,
+tied to the output head, stays fp32 in every row: the convention of bitsandbytes, GPTQ and Wanda), and is
+scored on the same held-out windows (the two held-out plays, or the last 10 % of --text-file). Quantized
+methods run through QuantLinear (the packed tensors, dequantised in forward) and are saved as packed
+safetensors under out_dir/<model>/<method>/, which infer.py and bench.py load. Writes results.json, one
+table per model (table.md) and the sparsity curve (sparsity.png).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.cli import run_main
+from common.errors import UserError
+from common.results import command_line, make_record
+from common.runtime import seed_everything, set_threads
+
+from .dataset import load_splits, token_windows
+from .gptq import gptq_model
+from .loading import decoder_linears, load_model, resolve_model
+from .model import QuantLinear, replace_linears
+from .packed import save_quantized_model
+from .prune import prune_magnitude, prune_wanda, sparsity_of
+from .quantize import FORMATS, nbytes
+
+GROUPS = ("quant", "gptq", "prune")
+
+
+@dataclass
+class EvaluateConfig:
+    """Compress one model every way and measure it."""
+
+    model: str = "smollm2"  # smollm2, subject (train_subject.py), or a transformers Llama-family directory
+    methods: str = "all"  # comma list of quant, gptq, prune (or all)
+    formats: str = ",".join(FORMATS)  # --methods quant: which formats (quantize.py:FORMATS)
+    text_file: str = ""  # your own UTF-8 text (last 10 % held out); empty: the Shakespeare plays
+    seq_len: int = 512  # tokens per window (>= 16)
+    eval_windows: int = 12  # held-out windows scored (>= 1)
+    calib_windows: int = 16  # calibration windows from the training side, for GPTQ and Wanda (>= 1)
+    batch: int = 4  # windows per forward (>= 1)
+    sparsity: float = 0.5  # the headline unstructured sparsity (<= 1)
+    curve: str = "0.1,0.3,0.5,0.7"  # sparsities of the magnitude-vs-Wanda curve
+    save_packed: bool = True  # write the quantized models as packed safetensors (infer.py, bench.py load them)
+    threads: int = 0  # CPU threads (0 = torch's default)
+    seed: int = 1234
+    out_dir: str = "runs/compression/eval"
+    run_name: str = ""  # names this run's records in doc/results.json (default: the model's name)
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor, batch: int) -> float:
+    """exp(mean next-token cross-entropy) over the windows (each scored on its own, no overlap)."""
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch):
+        x = windows[i:i + batch]
+        logits = model(x, use_cache=False).logits[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                                                 reduction="sum")
+        total += loss.item()
+        count += x[:, 1:].numel()
+    return math.exp(total / count)
+
+
+def model_bytes(model) -> tuple[int, float]:
+    """(bytes of every stored tensor, bits per weight of the decoder's linear layers)."""
+    lin_bytes, lin_weights, rest = 0, 0, 0
+    seen = set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            lin_bytes += nbytes(mod.stored())
+            lin_weights += mod.in_features * mod.out_features
+            seen |= {f"{name}.{k}" for k in mod.names}
+    for name, lin in decoder_linears(model).items():
+        lin_bytes += lin.weight.numel() * lin.weight.element_size()
+        lin_weights += lin.weight.numel()
+        seen.add(f"{name}.weight")
+    ptrs = set()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if name in seen or t is None or t.data_ptr() in ptrs or "rotary" in name:
+            continue
+        ptrs.add(t.data_ptr())  # a tied embedding / head is stored once
+        rest += t.numel() * t.element_size()
+    return lin_bytes + rest, 8 * lin_bytes / max(lin_weights, 1)
+
+
+def draw_curve(rows: list[dict], dense_ppl: float, title: str, png: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.2, 3.0), dpi=100)
+    for method, colour in (("magnitude", "tab:red"), ("wanda", "tab:blue")):
+        pts = sorted((r["sparsity"], r["ppl"]) for r in rows if r.get("pruner") == method and r["pattern"] == "u")
+        if pts:
+            ax.plot([0] + [p[0] * 100 for p in pts], [dense_ppl] + [p[1] for p in pts], "o-", color=colour,
+                    label=method, ms=4)
+    ax.set_yscale("log")
+    ax.set_xlabel("unstructured sparsity of the decoder linears (%)")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return png
+
+
+def main(cfg: EvaluateConfig) -> dict:
+    groups = GROUPS if cfg.methods == "all" else tuple(g.strip() for g in cfg.methods.split(","))
+    for g in groups:
+        if g not in GROUPS:
+            raise UserError(f"--methods {cfg.methods}: unknown {g!r}; expected a comma list of {', '.join(GROUPS)}")
+    formats = [f.strip() for f in cfg.formats.split(",") if f.strip()]
+    for f in formats:
+        if f not in FORMATS:
+            raise UserError(f"--formats: unknown {f!r}; expected a comma list of {', '.join(FORMATS)}")
+    try:
+        curve = sorted({float(s) for s in cfg.curve.split(",") if s.strip()} | {cfg.sparsity})
+    except ValueError:
+        raise UserError(f"--curve {cfg.curve}: expected comma-separated fractions such as 0.1,0.3,0.5") from None
+    if not all(0 < s < 1 for s in curve):
+        raise UserError(f"--curve {cfg.curve} / --sparsity {cfg.sparsity}: every sparsity must lie in (0, 1)")
+    set_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    src = resolve_model(cfg.model)  # one error line before the text is read
+    train_text, held_text = load_splits(cfg.text_file)
+    base, tok = load_model(cfg.model)
+    name = cfg.run_name or ("smollm2" if cfg.model == "smollm2" else Path(src).name if cfg.model != "subject"
+                            else "subject")
+    out = Path(cfg.out_dir) / name
+    out.mkdir(parents=True, exist_ok=True)
+    vx = token_windows(tok, held_text, cfg.seq_len, cfg.eval_windows, "the held-out text")
+    cx = token_windows(tok, train_text, cfg.seq_len, cfg.calib_windows, "the calibration text")
+    rows: list[dict] = []
+
+    def score(method: str, model, seconds: float, **extra) -> dict:
+        t0 = time.perf_counter()
+        ppl = perplexity(model, vx, cfg.batch)
+        total, bits = model_bytes(model)
+        row = {"method": method, "ppl": ppl, "bits_per_weight": bits, "model_mb": total / 1e6,
+               "compress_s": seconds, "eval_s": time.perf_counter() - t0, **extra}
+        rows.append(row)
+        dense = rows[0]["ppl"]
+        print(f"{method:>22} | ppl {ppl:9.3f} ({100 * (ppl / dense - 1):+7.2f} %) | {bits:6.3f} bits/weight | "
+              f"{total / 1e6:7.1f} MB | {seconds:5.1f} s", flush=True)
+        (out / "rows.json").write_text(json.dumps(rows, indent=2) + "\n")
+        return row
+
+    print(f"{name}: {base.num_parameters() / 1e6:.1f} M parameters, {len(decoder_linears(base))} decoder linears | "
+          f"held out {vx.numel():,} tokens, calibration {cx.numel():,} tokens", flush=True)
+    score("fp32", base, 0.0, group="dense")
+
+    def quantized(method: str, layers: dict[str, tuple[str, tuple, dict]], seconds: float, **extra):
+        model = copy.deepcopy(base)
+        replace_linears(model, lambda n, lin: QuantLinear(*layers[n], bias=lin.bias))
+        row = score(method, model, seconds, **extra)
+        if cfg.save_packed:
+            d = out / method
+            row["file_mb"] = save_quantized_model(model, tok, d) / 1e6
+        return row
+
+    if "quant" in groups:
+        for fmt in formats:
+            t0 = time.perf_counter()
+            layers = {n: (fmt, tuple(lin.weight.shape), QuantLinear.from_linear(lin, fmt).stored())
+                      for n, lin in decoder_linears(base).items()}
+            quantized(f"rtn_{fmt}", layers, time.perf_counter() - t0, group="quant", format=fmt)
+    if "gptq" in groups:
+        for bits in (4, 3):
+            fmt = f"int{bits}_g128"
+            if "quant" not in groups:  # the round-to-nearest baseline of the same format
+                layers = {n: (fmt, tuple(lin.weight.shape), QuantLinear.from_linear(lin, fmt).stored())
+                          for n, lin in decoder_linears(base).items()}
+                quantized(f"rtn_{fmt}", layers, 0.0, group="quant", format=fmt)
+            work = copy.deepcopy(base)
+            t0 = time.perf_counter()
+            stored = gptq_model(work, cx, bits, batch=cfg.batch)
+            seconds = time.perf_counter() - t0
+            shapes = {n: tuple(lin.weight.shape) for n, lin in decoder_linears(base).items()}
+            quantized(f"gptq_{fmt}", {n: (fmt, shapes[n], t) for n, t in stored.items()}, seconds, group="gptq",
+                      format=fmt)
+            del work
+    if "prune" in groups:
+        for s in curve:
+            for pruner in ("magnitude", "wanda"):
+                model = copy.deepcopy(base)
+                t0 = time.perf_counter()
+                if pruner == "magnitude":
+                    prune_magnitude(model, s)
+                else:
+                    prune_wanda(model, cx, s, batch=cfg.batch)
+                score(f"{pruner}_{round(s * 100)}", model, time.perf_counter() - t0, group="prune", pruner=pruner,
+                      sparsity=sparsity_of(model), pattern="u")
+        for pruner in ("magnitude", "wanda"):
+            model = copy.deepcopy(base)
+            t0 = time.perf_counter()
+            if pruner == "magnitude":
+                prune_magnitude(model, 0.5, "2:4")
+            else:
+                prune_wanda(model, cx, 0.5, "2:4", batch=cfg.batch)
+            score(f"{pruner}_2:4", model, time.perf_counter() - t0, group="prune", pruner=pruner,
+                  sparsity=sparsity_of(model), pattern="2:4")
+        draw_curve(rows, rows[0]["ppl"], f"{name}: pruning without retraining", out / "sparsity.png")
+
+    # the table and the records
+    dense = rows[0]["ppl"]
+    lines = [f"| method | bits/weight (linears) | model MB | perplexity | vs fp32 |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['bits_per_weight']:.3f} | {r['model_mb']:.1f} | {r['ppl']:.3f} | "
+                     f"{100 * (r['ppl'] / dense - 1):+.2f} % |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    cmd = command_line("compression.evaluate")
+    records = [make_record("compression", f"{name}_{r['method']}".replace(":", "_"), "heldout_ppl", r["ppl"], "fp32",
+                           dense, r["compress_s"], cmd) for r in rows]
+    (out / "results.json").write_text(json.dumps(records, indent=2) + "\n")
+    print("\n".join(lines))
+    return {"rows": rows, "out_dir": out, "dense_ppl": dense}
+
+
+if __name__ == "__main__":
+    run_main(main, EvaluateConfig)
