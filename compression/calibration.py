@@ -77,7 +77,7 @@ def layer_by_layer(model: nn.Module, samples: torch.Tensor, batch: int,
         layer = layers[i]
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
         see = observe(i, linears)
-        handles = [m.register_forward_hook(lambda mod, args, out, n=n: see(n, args[0]))
+        handles = [m.register_forward_hook(lambda mod, args, out, n=n, see=see: see(n, args[0]))
                    for n, m in linears.items()]
         try:
             run_layer(layer, xs, kwargs)

@@ -141,8 +141,8 @@ def main(cfg: EvaluateConfig) -> dict:
     src = resolve_model(cfg.model)  # one error line before the text is read
     train_text, held_text = load_splits(cfg.text_file)
     base, tok = load_model(cfg.model)
-    name = cfg.run_name or ("smollm2" if cfg.model == "smollm2" else Path(src).name if cfg.model != "subject"
-                            else "subject")
+    name = cfg.run_name or (cfg.model if cfg.model in ("smollm2", "subject") else
+                            src.parent.name if src.name == "final" else src.name)
     out = Path(cfg.out_dir) / name
     out.mkdir(parents=True, exist_ok=True)
     vx = token_windows(tok, held_text, cfg.seq_len, cfg.eval_windows, "the held-out text")
@@ -220,7 +220,7 @@ def main(cfg: EvaluateConfig) -> dict:
 
     # the table and the records
     dense = rows[0]["ppl"]
-    lines = [f"| method | bits/weight (linears) | model MB | perplexity | vs fp32 |", "|---|---|---|---|---|"]
+    lines = ["| method | bits/weight (linears) | model MB | perplexity | vs fp32 |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['bits_per_weight']:.3f} | {r['model_mb']:.1f} | {r['ppl']:.3f} | "
                      f"{100 * (r['ppl'] / dense - 1):+.2f} % |")

@@ -10,10 +10,9 @@ methods that choose the codes (GPTQ) or the zeros (pruning) in gptq.py and prune
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn

@@ -149,8 +149,8 @@ def test_every_format_round_trips_through_its_file_bit_for_bit(fmt, tmp_path):
 
 
 def test_quantized_model_saves_and_loads_with_equal_logits(tmp_path):
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
     model = tiny_llama()
     replace_linears(model, lambda n, lin: QuantLinear.from_linear(lin, "nf4_dq"))
