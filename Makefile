@@ -1,11 +1,11 @@
 # Two commands do all the set-up:  make demo  (the GPT chapter end to end on the CPU)  and  make test.
 # the chapters, in reading order: registering a new one means adding it here (doc/new_chapter.md)
-CHAPTERS := transformer_basics gpt_minimind bert_address_cls t5_summarization clip llava dinov2 hiera_mae deepseek_v3 appendix
+CHAPTERS := transformer_basics gpt_minimind bert_address_cls t5_summarization clip llava dinov2 hiera_mae deepseek_v3 compression appendix
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: setup data demo demo-finetune demo-distill demo-translate demo-address demo-summarize demo-clip demo-llava demo-dino demo-hiera demo-video demo-deepseek demo-appendix test lint results bench gpu-check clean
+.PHONY: setup data demo demo-finetune demo-distill demo-translate demo-address demo-summarize demo-clip demo-llava demo-dino demo-hiera demo-video demo-deepseek demo-compress demo-appendix test lint results bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -106,6 +106,22 @@ demo-deepseek: data
 	$(PY) -m deepseek_v3.bench
 	$(PY) -m deepseek_v3.export_hf
 	$(PY) -m deepseek_v3.infer --speculative
+
+# compression on SmolLM2-135M and on a never-quantised small Llama trained here (~8 min): every format, GPTQ,
+# pruning (each evaluate.py run under 10 minutes on 2 cores), distillation (3 runs of ~6 min), QLoRA ours vs
+# bitsandbytes + peft, structured pruning with recovery, the CPU speed and memory bench, one generation
+demo-compress: data
+	$(PY) -m compression.train_subject
+	$(PY) -m compression.evaluate --model smollm2 --methods quant,gptq
+	$(PY) -m compression.evaluate --model smollm2 --methods prune --no-save-packed --run-name smollm2_prune
+	$(PY) -m compression.evaluate --model subject
+	$(PY) -m compression.train_distill --mode ce
+	$(PY) -m compression.train_distill --mode kd
+	$(PY) -m compression.train_distill --mode kd_feat
+	$(PY) -m compression.train_qlora
+	$(PY) -m compression.train_structured
+	$(PY) -m compression.bench
+	$(PY) -m compression.infer --packed runs/compression/eval/smollm2/rtn_nf4_dq
 
 # the appendix: every building block's checks and measurements (about 9 minutes on 2 cores; the figures go to doc/)
 demo-appendix: data

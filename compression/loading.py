@@ -81,6 +81,14 @@ def resolve_model(name: str) -> Path:
     return p
 
 
+def model_name(name: str) -> str:
+    """A short name for output folders: smollm2, subject, or the directory's name (its parent's for .../final)."""
+    if name in ("smollm2", "subject"):
+        return name
+    p = Path(name)
+    return p.parent.name if p.name == "final" else p.name
+
+
 def load_model(name: str):
     """(causal LM in fp32 and eval mode, tokenizer) for ``--model``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

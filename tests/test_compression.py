@@ -6,6 +6,7 @@ scripts run end to end on a tiny model."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import bitsandbytes.functional as BF
@@ -144,6 +145,8 @@ def test_every_format_round_trips_through_its_file_bit_for_bit(fmt, tmp_path):
         assert v.dtype == tensors[k].dtype and torch.equal(v.view(torch.uint8), tensors[k].view(torch.uint8))
     assert size >= Q.nbytes(q.stored()) and size < Q.nbytes(q.stored()) + 2048  # the file is the counted bytes
     x = torch.randn(3, 320)
+    plain = torch.nn.functional.linear(x, q.weight_fp32(), lin.bias)
+    assert torch.equal(q(x), plain)  # evaluate.py scores through plain Linears holding weight_fp32()
     rel = ((q(x) - lin(x)).norm() / lin(x).norm()).item()
     assert rel < {"int8": 0.015, "fp8_": 0.04, "int3": 0.25}.get(fmt[:4], 0.13)
 
@@ -275,3 +278,137 @@ def test_lora_linear_equals_peft_forward_and_gradients():
     b.pow(2).sum().backward()
     torch.testing.assert_close(ours.lora_A.grad, layer.lora_A["default"].weight.grad)
     torch.testing.assert_close(ours.lora_B.grad, layer.lora_B["default"].weight.grad)
+
+
+def test_smaller_blocks_give_smaller_errors_on_weights_with_outliers():
+    """Q3: one scale for the whole matrix lets one outlier flatten every other weight to a few levels."""
+    torch.manual_seed(12)
+    w = torch.randn(256, 512) * 0.02
+    w[3, 7] = 2.0  # one outlier
+    err = {f: (Q.fake_quantize(w, f) - w).norm().item() for f in ("int8_tensor", "int8_channel", "int8_block")}
+    assert err["int8_block"] < err["int8_channel"] < 0.5 * err["int8_tensor"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# distillation
+# ---------------------------------------------------------------------------------------------------------
+
+def test_kd_loss_is_t_squared_times_the_token_mean_kl():
+    from compression.distill import kd_loss
+
+    torch.manual_seed(13)
+    s, t = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    T = 2.0
+    p_t = torch.softmax(t / T, -1)
+    by_hand = (p_t * (torch.log(p_t) - torch.log_softmax(s / T, -1))).sum(-1).mean() * T * T
+    torch.testing.assert_close(kd_loss(s, t, T), by_hand)
+    assert kd_loss(t, t, T).abs() < 1e-6
+
+
+def test_student_keeps_evenly_spaced_teacher_layers_and_saves_as_plain_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from compression.distill import FeatureProjector, kept_layers, student_from_teacher
+
+    assert kept_layers(30, 10) == [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]
+    teacher = tiny_llama(4)
+    teacher.model.layers.append(tiny_llama(5).model.layers[1])
+    teacher.config.num_hidden_layers = 3
+    student, keep = student_from_teacher(teacher, 2)
+    assert keep == [0, 2]
+    assert torch.equal(student.model.layers[1].mlp.up_proj.weight, teacher.model.layers[2].mlp.up_proj.weight)
+    student.save_pretrained(str(tmp_path / "s"))
+    again = AutoModelForCausalLM.from_pretrained(str(tmp_path / "s")).eval()
+    x = torch.randint(0, 300, (1, 12))
+    torch.testing.assert_close(again(x).logits, student.eval()(x).logits)
+    proj = FeatureProjector(128, 128, 2)
+    h = [torch.randn(1, 4, 128), torch.randn(1, 4, 128)]
+    assert proj(h, h).item() == 0.0  # identity at the start
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the scripts, end to end on a tiny never-quantised Llama
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def subject(tmp_path_factory):
+    """train_subject.main at a tiny size on a slice of the plays; returns (its summary, losses, a text file)."""
+    from compression.dataset import shakespeare_splits
+    from compression.train_subject import SubjectTrainConfig, main
+
+    root = tmp_path_factory.mktemp("compression")
+    train, held = shakespeare_splits()
+    text = root / "plays.txt"
+    text.write_text(train[:120_000] + held[:30_000], encoding="utf-8")
+    cfg = SubjectTrainConfig(tokenizer_vocab=512, text_file=str(text), batch_size=8, max_iters=40, lr=3e-3,
+                             warmup_iters=5, eval_windows=4, eval_every=20, save_every=20, log_every=10,
+                             out_dir=str(root / "subject"))
+    cfg.model.hidden_size, cfg.model.intermediate_size, cfg.model.num_hidden_layers = 128, 256, 2
+    cfg.model.num_attention_heads, cfg.model.num_key_value_heads, cfg.model.max_position_embeddings = 2, 1, 64
+    out = main(cfg)
+    return out, text, root
+
+
+def test_train_subject_loss_falls_and_writes_a_transformers_directory(subject):
+    from transformers import AutoModelForCausalLM
+
+    out, _, _ = subject
+    losses = out["losses"]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+    assert out["summary"]["valid_ppl"] < 512
+    AutoModelForCausalLM.from_pretrained(str(out["final"]))
+
+
+def test_evaluate_runs_every_group_and_saves_loadable_packed_models(subject, capsys):
+    from compression.evaluate import EvaluateConfig, main
+
+    out, text, root = subject
+    res = main(EvaluateConfig(model=str(out["final"]), methods="all", formats="int8_channel,nf4_dq,int4_g128",
+                              text_file=str(text), seq_len=64, eval_windows=4, calib_windows=4, curve="0.5",
+                              out_dir=str(root / "eval")))
+    rows = {r["method"]: r for r in res["rows"]}
+    assert {"fp32", "rtn_nf4_dq", "gptq_int4_g128", "gptq_int3_g128", "wanda_50", "magnitude_2:4"} <= set(rows)
+    assert rows["rtn_nf4_dq"]["bits_per_weight"] == pytest.approx(4.127, abs=0.01)
+    assert rows["rtn_int8_channel"]["ppl"] < rows["fp32"]["ppl"] * 1.05
+    assert rows["wanda_50"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert (res["out_dir"] / "sparsity.png").is_file()
+    model, _ = load_quantized_model(res["out_dir"] / "gptq_int4_g128")
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
+
+
+def test_distill_modes_run_and_the_student_learns(subject):
+    from compression.train_distill import DistillConfig, main
+
+    out, text, root = subject
+    runs = {m: main(DistillConfig(model=str(out["final"]), mode=m, student_layers=1, text_file=str(text),
+                                  seq_len=32, max_iters=6, lr=1e-3, warmup_iters=1, eval_windows=2, eval_seq_len=64,
+                                  eval_every=3, save_every=3, out_dir=str(root / f"distill_{m}")))
+            for m in ("ce", "kd_feat")}
+    for r in runs.values():
+        assert math.isfinite(r["summary"]["valid_loss"])
+    kd = [json.loads(line) for line in (root / "distill_kd_feat" / "metrics.jsonl").read_text().splitlines()]
+    assert any("kd" in r and "feat" in r for r in kd)
+
+
+def test_our_qlora_tracks_bitsandbytes_and_peft(subject):
+    from compression.train_qlora import QLoRAConfig, main
+
+    out, text, root = subject
+    s = main(QLoRAConfig(model=str(out["final"]), text_file=str(text), seq_len=32, max_iters=4, lr=1e-3,
+                         out_dir=str(root / "qlora")))
+    assert s["max_relative_gap"] < 0.02
+    assert s["ours"]["losses"][0] == pytest.approx(s["bnb"]["losses"][0], rel=1e-4)  # the same start
+
+
+def test_structured_pruning_script_and_infer(subject, capsys):
+    from compression.infer import InferConfig
+    from compression.infer import main as infer
+    from compression.train_structured import StructuredConfig, main
+
+    out, text, root = subject
+    s = main(StructuredConfig(model=str(out["final"]), mlp_keep=0.5, text_file=str(text), calib_windows=2,
+                              seq_len=32, max_iters=3, eval_windows=2, eval_seq_len=64,
+                              out_dir=str(root / "structured")))
+    assert s["intermediate_after"] == 128 and s["params_after"] < s["params_before"]
+    r = infer(InferConfig(model=str(root / "structured" / "subject" / "final"), max_new_tokens=5))
+    assert r["new_tokens"] == 5
