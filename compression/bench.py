@@ -44,8 +44,8 @@ class BenchConfig:
     model: str = "smollm2"  # smollm2, subject, or a transformers Llama-family directory
     formats: str = "int8_channel,nf4_dq,int4_g128"  # our QuantLinear formats to time
     prompt_len: int = 256  # tokens of the prefill prompt (>= 8)
-    new_tokens: int = 16  # decoded tokens per timed call (>= 1)
-    repeats: int = 5  # timed rounds (best and spread reported) (>= 1)
+    new_tokens: int = 8  # decoded tokens per timed call (>= 1)
+    repeats: int = 3  # timed rounds (best and spread reported) (>= 1)
     threads: int = 1  # CPU threads (1: the guide's rule for stable timing)
     eval_dir: str = "runs/compression/eval"  # where evaluate.py saved the packed models (memory section)
     memory: bool = True  # measure peak RSS in fresh processes

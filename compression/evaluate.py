@@ -34,6 +34,7 @@ from .gptq import gptq_model
 from .loading import decoder_linears, load_model, model_name, resolve_model
 from .model import QuantLinear, replace_linears
 from .packed import save_quantized_model
+from .plots import draw_curve
 from .prune import prune_magnitude, prune_wanda, sparsity_of
 from .quantize import FORMATS, nbytes
 
@@ -52,6 +53,8 @@ class EvaluateConfig:
     eval_windows: int = 12  # held-out windows scored (>= 1)
     calib_windows: int = 16  # calibration windows from the training side, for GPTQ and Wanda (>= 1)
     batch: int = 4  # windows per forward (>= 1)
+    act_order: bool = False  # GPTQ: columns in order of decreasing Hessian diagonal, static groups (gptq.py)
+    damp: float = 0.01  # GPTQ: damping added to the Hessian's diagonal, as a fraction of its mean (> 0)
     sparsity: float = 0.5  # the headline unstructured sparsity (<= 1)
     curve: str = "0.1,0.3,0.5,0.7"  # sparsities of the magnitude-vs-Wanda curve
     save_packed: bool = True  # write the quantized models as packed safetensors (infer.py, bench.py load them)
@@ -95,30 +98,6 @@ def model_bytes(model) -> tuple[int, float]:
         ptrs.add(t.data_ptr())  # a tied embedding / head is stored once
         rest += t.numel() * t.element_size()
     return lin_bytes + rest, 8 * lin_bytes / max(lin_weights, 1)
-
-
-def draw_curve(rows: list[dict], dense_ppl: float, title: str, png: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.2, 3.0), dpi=100)
-    for method, colour in (("magnitude", "tab:red"), ("wanda", "tab:blue")):
-        pts = sorted((r["sparsity"], r["ppl"]) for r in rows if r.get("pruner") == method and r["pattern"] == "u")
-        if pts:
-            ax.plot([0] + [p[0] * 100 for p in pts], [dense_ppl] + [p[1] for p in pts], "o-", color=colour,
-                    label=method, ms=4)
-    ax.set_yscale("log")
-    ax.set_xlabel("unstructured sparsity of the decoder linears (%)")
-    ax.set_ylabel("held-out perplexity")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)
-    return png
 
 
 def main(cfg: EvaluateConfig) -> dict:
@@ -194,7 +173,7 @@ def main(cfg: EvaluateConfig) -> dict:
                 quantized(f"rtn_{fmt}", layers, 0.0, group="quant", format=fmt)
             work = copy.deepcopy(base)
             t0 = time.perf_counter()
-            stored = gptq_model(work, cx, bits, batch=cfg.batch)
+            stored = gptq_model(work, cx, bits, batch=cfg.batch, damp=cfg.damp, act_order=cfg.act_order)
             seconds = time.perf_counter() - t0
             shapes = {n: tuple(lin.weight.shape) for n, lin in decoder_linears(base).items()}
             quantized(f"gptq_{fmt}", {n: (fmt, shapes[n], t) for n, t in stored.items()}, seconds, group="gptq",
@@ -220,7 +199,7 @@ def main(cfg: EvaluateConfig) -> dict:
                 prune_wanda(model, cx, 0.5, "2:4", batch=cfg.batch)
             score(f"{pruner}_2:4", model, time.perf_counter() - t0, group="prune", pruner=pruner,
                   sparsity=sparsity_of(model), pattern="2:4")
-        draw_curve(rows, rows[0]["ppl"], f"{name}: pruning without retraining", out / "sparsity.png")
+        draw_curve(rows, rows[0]["ppl"], f"{model_name(cfg.model)}: pruning without retraining", out / "sparsity.png")
 
     # the table and the records
     dense = rows[0]["ppl"]

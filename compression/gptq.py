@@ -44,31 +44,43 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
 
 @torch.no_grad()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group: int = 128, block: int = 128,
-                  damp: float = 0.01) -> tuple[dict, torch.Tensor]:
+                  damp: float = 0.01, act_order: bool = False) -> tuple[dict, torch.Tensor]:
     """W (N, K) and its Hessian H (K, K) -> (the stored int<bits>_g<group> tensors, the dequantised W).
-    ``block`` is the lazy-update width (a multiple of ``group`` or equal to it keeps groups inside blocks)."""
+    ``block`` is the lazy-update width (a multiple of ``group`` or equal to it keeps groups inside blocks).
+
+    act_order: visit the columns in order of decreasing H_jj (the inputs with the most energy first, while many
+    columns are left to absorb their error; the reference's --act-order). Each group's scale and zero are then
+    fixed up front from the original weights ("static groups"), so the stored format stays contiguous groups."""
     W = W.detach().float().clone()
     H = H.float().clone()
     N, K = W.shape
     dead = torch.diag(H) == 0  # an input that never fired: its weights cannot matter, zero them
     H[dead, dead] = 1
     W[:, dead] = 0
+
+    n_groups = -(K // -group)
+    scales, zeros = torch.zeros(N, n_groups), torch.zeros(N, n_groups)
+    if act_order:
+        for g in range(n_groups):
+            scales[:, g], zeros[:, g] = minmax_scale_zero(W[:, g * group:(g + 1) * group], bits)
+        perm = torch.argsort(torch.diag(H), descending=True)
+    else:
+        perm = torch.arange(K)
+    W, H = W[:, perm], H[perm][:, perm]
+    group_of = perm // group  # the (natural-order) group of each visited column
     Hinv = inverse_hessian_factor(H, damp)
 
     codes = torch.zeros(N, K)
-    n_groups = -(K // -group)
-    scales, zeros = torch.zeros(N, n_groups), torch.zeros(N, n_groups)
     for b0 in range(0, K, block):
         b1 = min(b0 + block, K)
         W1, Hinv1 = W[:, b0:b1].clone(), Hinv[b0:b1, b0:b1]
         Err1 = torch.zeros_like(W1)
         for j in range(b1 - b0):
             col = b0 + j
-            if col % group == 0:  # a new group: its scale from the weights as they stand now
-                g = col // group
-                s, z = minmax_scale_zero(torch.cat([W1[:, j:], W[:, b1:]], 1)[:, :group].float(), bits)
-                scales[:, g], zeros[:, g] = s, z
-            s, z = scales[:, col // group], zeros[:, col // group]
+            g = int(group_of[col])
+            if not act_order and col % group == 0:  # a new group: its scale from the weights as they stand now
+                scales[:, g], zeros[:, g] = minmax_scale_zero(torch.cat([W1[:, j:], W[:, b1:]], 1)[:, :group], bits)
+            s, z = scales[:, g], zeros[:, g]
             w = W1[:, j]
             q_code = minmax_quantize(w[:, None], s, z, bits)[:, 0]
             q = (q_code - z) * s
@@ -77,14 +89,16 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group: int = 128,
             W1[:, j:] -= err[:, None] * Hinv1[j, j:][None, :]  # 1) inside the block, column by column
             Err1[:, j] = err
         W[:, b1:] -= Err1 @ Hinv[b0:b1, b1:]  # 2) the lazy batch update of everything to the right
-    stored = pack_grouped(codes, scales, zeros, bits)
-    deq = (codes - zeros.repeat_interleave(group, 1)[:, :K]) * scales.repeat_interleave(group, 1)[:, :K]
+    natural = torch.empty_like(codes)
+    natural[:, perm] = codes  # back to the input order
+    stored = pack_grouped(natural, scales, zeros, bits)
+    deq = (natural - zeros.repeat_interleave(group, 1)[:, :K]) * scales.repeat_interleave(group, 1)[:, :K]
     return stored, deq
 
 
 @torch.no_grad()
 def gptq_model(model: nn.Module, samples: torch.Tensor, bits: int, group: int = 128, batch: int = 4,
-               damp: float = 0.01) -> dict[str, dict]:
+               damp: float = 0.01, act_order: bool = False) -> dict[str, dict]:
     """Quantize every decoder linear of ``model`` with GPTQ, layer by layer on the calibration ``samples``
     (B, T); the weights are replaced by their dequantised values in place (so the next layer calibrates on what
     the quantized one produces). Returns {full linear name: stored tensors} for QuantLinear / save_packed."""
@@ -124,7 +138,7 @@ def gptq_model(model: nn.Module, samples: torch.Tensor, bits: int, group: int = 
             by_site.setdefault(site[name], []).append(name)
         for key, names in by_site.items():
             W = torch.cat([linears[n].weight for n in names], 0)
-            s, deq = gptq_quantize(W, hessians[key], bits, group, damp=damp)
+            s, deq = gptq_quantize(W, hessians[key], bits, group, damp=damp, act_order=act_order)
             row = 0
             for n in names:
                 lin = linears[n]

@@ -30,7 +30,7 @@ from common.schedule import clip_grad
 
 from .dataset import encode, load_splits, random_windows, token_windows
 from .distill import FeatureProjector, kd_loss, student_from_teacher
-from .loading import load_model
+from .loading import load_model, resolve_model
 
 
 @dataclass
@@ -80,6 +80,7 @@ def heldout(model, x: torch.Tensor, batch: int = 4) -> float:
 def main(cfg: DistillConfig) -> dict:
     if cfg.mode not in ("ce", "kd", "kd_feat"):
         raise UserError(f"--mode {cfg.mode}: expected ce, kd or kd_feat")
+    resolve_model(cfg.model)  # one error line before anything is read
     device = pick_device(cfg.device)
     set_threads(cfg.threads)
     seed_everything(cfg.seed)

@@ -90,6 +90,11 @@ SMOKE = {
         "--n-routed-experts", "8", "--max-position-embeddings", "32", "--batch-size", "8", "--max-iters", "4",
         "--warmup-iters", "1", "--eval-every", "2", "--eval-batches", "2", "--save-every", "2", "--log-every", "2",
         "--threads", "1"]),
+    "compression": ("compression.train_subject", [
+        "--text-file", "{text}", "--tokenizer-vocab", "300", "--hidden-size", "32", "--intermediate-size", "64",
+        "--num-hidden-layers", "1", "--num-attention-heads", "2", "--num-key-value-heads", "1",
+        "--max-position-embeddings", "32", "--batch-size", "8", "--max-iters", "4", "--warmup-iters", "1",
+        "--eval-every", "2", "--eval-windows", "2", "--save-every", "2", "--log-every", "2", "--threads", "1"]),
     "appendix": ("appendix.rnn", [
         "--n-chars", "60000", "--hidden-size", "32", "--embed-dim", "16", "--seq-len", "32", "--batch-size", "8",
         "--max-iters", "4", "--warmup-iters", "1", "--eval-every", "2", "--eval-batches", "2", "--log-every", "2",
