@@ -112,7 +112,10 @@ demo-deepseek: data
 # bitsandbytes + peft, structured pruning with recovery, the CPU speed and memory bench, one generation
 demo-compress: data
 	$(PY) -m compression.train_subject
-	$(PY) -m compression.evaluate --model smollm2 --methods quant,gptq
+	$(PY) -m compression.evaluate --model smollm2 --methods quant
+	$(PY) -m compression.evaluate --model smollm2 --methods gptq --no-save-packed --run-name smollm2_gptq
+	$(PY) -m compression.evaluate --model smollm2 --methods gptq --no-act-order --no-save-packed \
+		--run-name smollm2_gptq_natural
 	$(PY) -m compression.evaluate --model smollm2 --methods prune --no-save-packed --run-name smollm2_prune
 	$(PY) -m compression.evaluate --model subject
 	$(PY) -m compression.train_distill --mode ce
@@ -121,6 +124,7 @@ demo-compress: data
 	$(PY) -m compression.train_qlora
 	$(PY) -m compression.train_structured
 	$(PY) -m compression.bench
+	$(PY) -m compression.report --figure doc/compression_sparsity.png
 	$(PY) -m compression.infer --packed runs/compression/eval/smollm2/rtn_nf4_dq
 
 # the appendix: every building block's checks and measurements (about 9 minutes on 2 cores; the figures go to doc/)

@@ -53,7 +53,7 @@ class EvaluateConfig:
     eval_windows: int = 12  # held-out windows scored (>= 1)
     calib_windows: int = 16  # calibration windows from the training side, for GPTQ and Wanda (>= 1)
     batch: int = 4  # windows per forward (>= 1)
-    act_order: bool = False  # GPTQ: columns in order of decreasing Hessian diagonal, static groups (gptq.py)
+    act_order: bool = True  # GPTQ: columns in order of decreasing Hessian diagonal, static groups (gptq.py)
     damp: float = 0.01  # GPTQ: damping added to the Hessian's diagonal, as a fraction of its mean (> 0)
     sparsity: float = 0.5  # the headline unstructured sparsity (<= 1)
     curve: str = "0.1,0.3,0.5,0.7"  # sparsities of the magnitude-vs-Wanda curve
@@ -176,8 +176,9 @@ def main(cfg: EvaluateConfig) -> dict:
             stored = gptq_model(work, cx, bits, batch=cfg.batch, damp=cfg.damp, act_order=cfg.act_order)
             seconds = time.perf_counter() - t0
             shapes = {n: tuple(lin.weight.shape) for n, lin in decoder_linears(base).items()}
-            quantized(f"gptq_{fmt}", {n: (fmt, shapes[n], t) for n, t in stored.items()}, seconds, group="gptq",
-                      format=fmt)
+            method = f"gptq_{fmt}" + ("" if cfg.act_order else "_natural_order")
+            quantized(method, {n: (fmt, shapes[n], t) for n, t in stored.items()}, seconds, group="gptq",
+                      format=fmt, act_order=cfg.act_order)
             del work
     if "prune" in groups:
         for s in curve:

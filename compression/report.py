@@ -23,7 +23,7 @@ class ReportConfig:
 
     eval_dir: str = "runs/compression/eval"  # evaluate.py's output
     bench_file: str = "runs/compression/bench/smollm2.json"  # bench.py's output for SmolLM2 (optional)
-    main: str = "smollm2,smollm2_prune"  # the runs of the real model (rows.json folders, merged)
+    main: str = "smollm2,smollm2_gptq_natural,smollm2_gptq,smollm2_prune"  # the real model's runs (merged)
     subjects: str = "subject,subject_1500"  # the never-quantised subjects' runs (each its own column)
     figure: str = ""  # also draw SmolLM2's sparsity curve here (e.g. doc/compression_sparsity.png)
     out_dir: str = "runs/compression/report"
