@@ -4,7 +4,8 @@
     python -m compression.bench --model subject
 
 1) Speed, in rounds (fp32, int8 kernel, ours int8, ours nf4_dq, ...) so a slow spell of the machine hits all:
-   - prefill: ms per token of one 256-token prompt;  decode: ms per generated token (batch 1, KV cache).
+   - prefill: ms per token of one 256-token prompt;  decode: ms per generated token (batch 1, KV cache), from
+     the time of n tokens minus the time of 1 (which is the 32-token prompt's prefill), divided by n - 1.
    - "torch int8": torch.ao's dynamic quantization, per-channel int8 weights and per-token int8 activations,
      the matmul in integers (fbgemm): the CPU path with real int8 arithmetic.
    - "ours": QuantLinear, which dequantises its weight to fp32 in every forward (weight-only quantization: on a
@@ -44,7 +45,7 @@ class BenchConfig:
     model: str = "smollm2"  # smollm2, subject, or a transformers Llama-family directory
     formats: str = "int8_channel,nf4_dq,int4_g128"  # our QuantLinear formats to time
     prompt_len: int = 256  # tokens of the prefill prompt (>= 8)
-    new_tokens: int = 8  # decoded tokens per timed call (>= 1)
+    new_tokens: int = 8  # decoded tokens per timed call (>= 2)
     repeats: int = 3  # timed rounds (best and spread reported) (>= 1)
     threads: int = 1  # CPU threads (1: the guide's rule for stable timing)
     eval_dir: str = "runs/compression/eval"  # where evaluate.py saved the packed models (memory section)
@@ -145,8 +146,13 @@ def main(cfg: BenchConfig) -> dict:
     with torch.no_grad():
         prefill = time_rounds({k: (lambda m=m: m(prompt, use_cache=False)) for k, m in models.items()},
                               repeats=cfg.repeats)
-        dec = time_rounds({k: (lambda m=m: decode(m, prompt[:, :32], cfg.new_tokens)) for k, m in models.items()},
-                          repeats=cfg.repeats)
+        fns = {}
+        for k, m in models.items():
+            fns[k] = lambda m=m: decode(m, prompt[:, :32], cfg.new_tokens)
+            fns[k + " (prefill only)"] = lambda m=m: decode(m, prompt[:, :32], 1)
+        both = time_rounds(fns, repeats=cfg.repeats)
+        dec = {k: [(a - b) / (cfg.new_tokens - 1) * cfg.new_tokens for a, b in
+                   zip(both[k], both[k + " (prefill only)"])] for k in models}
     speed = {}
     for k in models:
         speed[k] = {"prefill_ms_per_token": 1e3 * min(prefill[k]) / cfg.prompt_len,
@@ -171,7 +177,10 @@ def main(cfg: BenchConfig) -> dict:
         for kind, path in kinds:
             arg = f"{kind}:{cfg.model if kind != 'packed' else path}"
             r = subprocess.run([sys.executable, "-m", "compression.bench", "--child", arg], capture_output=True,
-                               text=True, check=True)
+                               text=True)
+            if r.returncode != 0:
+                raise UserError(f"bench: measuring {arg} in a fresh process failed: "
+                                f"{(r.stderr.strip().splitlines() or ['no message'])[-1]}")
             memory.append(json.loads(r.stdout.strip().splitlines()[-1]))
         print("| model | peak RSS MB | RSS after decoding MB | load s |\n|---|---|---|---|")
         for m in memory:

@@ -27,15 +27,18 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 @torch.no_grad()
-def first_layer_inputs(model: nn.Module, samples: torch.Tensor, batch: int) -> tuple[list[torch.Tensor], dict]:
-    """(hidden states entering layer 0, one tensor per batch of samples; the layer's keyword arguments)."""
+def first_layer_inputs(model: nn.Module, samples: torch.Tensor,
+                       batch: int) -> tuple[list[torch.Tensor], list[dict]]:
+    """(hidden states entering layer 0, one tensor per batch of samples; each batch's keyword arguments: rotary
+    cos/sin and the mask, whose shapes follow the batch's)."""
     layer0 = decoder_layers(model)[0]
     caught: list[torch.Tensor] = []
-    kwargs: dict = {}
+    kwargs: list[dict] = []
 
     def catch(module, args, kw):
         caught.append(args[0] if args else kw["hidden_states"])
-        kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
+        kw = {k: v for k, v in kw.items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
+        kwargs.append(kw | {"use_cache": False})
         raise _Stop
 
     handle = layer0.register_forward_pre_hook(catch, with_kwargs=True)
@@ -47,16 +50,16 @@ def first_layer_inputs(model: nn.Module, samples: torch.Tensor, batch: int) -> t
                 pass
     finally:
         handle.remove()
-    kwargs.pop("past_key_values", None)
-    kwargs["use_cache"] = False
     return caught, kwargs
 
 
-def run_layer(layer: nn.Module, xs: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
-    """The layer's output for each batch (transformers layers return a tensor or a tuple led by it)."""
+def run_layer(layer: nn.Module, xs: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
+    """The layer's output for each batch (transformers layers return a tensor or a tuple led by it). One caveat:
+    layer 0's arguments serve every layer, so models that mix attention types per layer (sliding windows in some
+    layers) would need each layer's own mask; the Llama family has one type."""
     outs = []
-    for x in xs:
-        y = layer(x, **kwargs)
+    for x, kw in zip(xs, kwargs, strict=True):
+        y = layer(x, **kw)
         outs.append(y[0] if isinstance(y, tuple) else y)
     return outs
 

@@ -2,7 +2,7 @@
 
     loss = alpha * T^2 * KL(softmax(z_teacher / T) || softmax(z_student / T))      (Hinton et al. 2015)
          + (1 - alpha) * CE(z_student, next token)
-         + beta * sum over mapped layers of MSE(P h_student, h_teacher)            (FitNets, Romero et al. 2015)
+         + beta * mean over mapped layers of MSE(P h_student, h_teacher)           (FitNets, Romero et al. 2015)
 
 The KL is averaged over tokens ("batchmean" over the flattened tokens: the sum over the vocabulary, the mean over
 positions), and multiplied by T^2 because the gradient of the softened KL scales as 1 / T^2: without it, raising T

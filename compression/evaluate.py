@@ -167,7 +167,7 @@ def main(cfg: EvaluateConfig) -> dict:
     if "gptq" in groups:
         for bits in (4, 3):
             fmt = f"int{bits}_g128"
-            if "quant" not in groups:  # the round-to-nearest baseline of the same format
+            if f"rtn_{fmt}" not in {r["method"] for r in rows}:  # the round-to-nearest baseline of the same format
                 layers = {n: (fmt, tuple(lin.weight.shape), QuantLinear.from_linear(lin, fmt).stored())
                           for n, lin in decoder_linears(base).items()}
                 quantized(f"rtn_{fmt}", layers, 0.0, group="quant", format=fmt)

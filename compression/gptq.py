@@ -13,8 +13,11 @@ GPTQ's three practical points (section 4): all rows share one order of columns (
 computed once; the inverse comes from a Cholesky factor (the rows of the upper factor are exactly the
 [H^-1]_{j, j:} / sqrt([H^-1]_jj) the loop needs, numerically stable with damping); and updates are applied
 lazily: inside a block of 128 columns at once, to the rest of the matrix once per block (one matmul).
-Groups: every ``group`` columns get their own min-max scale and zero, chosen from the weights *as updated so
-far* when the loop reaches the group's first column, stored in the int4_g128 / int3_g128 format of quantize.py.
+Groups: every ``group`` columns get their own min-max scale and zero, stored in the int4_g128 / int3_g128 format
+of quantize.py. In natural order they are chosen from the weights *as updated so far* when the loop reaches the
+group's first column. With act_order (the default of evaluate.py: columns visited by decreasing H_jj, the
+reference's --act-order) they are fixed up front from the original weights ("static groups"), so the groups stay
+contiguous in storage; on SmolLM2 act-order is what makes GPTQ worth it (README).
 """
 
 from __future__ import annotations
@@ -124,7 +127,8 @@ def gptq_model(model: nn.Module, samples: torch.Tensor, bits: int, group: int = 
             x = x.reshape(-1, x.shape[-1]).float()
             n = counts.get(key, 0)
             H = hessians.get(key, torch.zeros(x.shape[1], x.shape[1]))
-            # running mean of 2 x x^T over tokens (the reference's scaling; only H's shape matters to GPTQ)
+            # running mean of 2 x x^T over tokens (the reference averages over sequences: a constant factor, and
+            # GPTQ's updates and the relative damping do not depend on H's scale)
             H.mul_(n / (n + len(x))).add_(2 / (n + len(x)) * (x.T @ x))
             hessians[key], counts[key] = H, n + len(x)
 

@@ -62,6 +62,7 @@ def load_quantized_model(path: str | os.PathLike):
         if name not in layers:
             raise UserError(f"--packed {path}: {FILE} has no packed tensors for {name}")
         fmt, shape, tensors = layers[name]
+        tensors = dict(tensors)  # the file's bias stays listed among the layer's keys (checked below)
         bias = tensors.pop("bias", None)
         return QuantLinear(fmt, shape, tensors, bias)
 

@@ -50,12 +50,15 @@ def row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 
 def n_m_mask(score: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
-    """Keep-mask with exactly n kept in every m consecutive inputs of a row (2:4 by default)."""
+    """Keep-mask with exactly n kept in every m consecutive inputs of a row (2:4 by default); when the width is
+    not a multiple of m, the last K mod m inputs are kept."""
     N, K = score.shape
-    groups = score.reshape(N, K // m, m)
+    full = K - K % m
+    groups = score[:, :full].reshape(N, full // m, m)
     keep = groups.topk(n, dim=2).indices
-    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, keep, True)
-    return mask.reshape(N, K)
+    mask = torch.ones_like(score, dtype=torch.bool)
+    mask[:, :full] = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, keep, True).reshape(N, full)
+    return mask
 
 
 def wanda_score(W: torch.Tensor, x_norm: torch.Tensor) -> torch.Tensor:
@@ -137,6 +140,8 @@ def prune_mlp_channels(model: nn.Module, samples: torch.Tensor, keep_ratio: floa
             old = getattr(mlp, name)
             new = nn.Linear(old.in_features, keep_n, bias=old.bias is not None)
             new.weight.data = old.weight.data[keep].clone()
+            if old.bias is not None:
+                new.bias.data = old.bias.data[keep].clone()
             setattr(mlp, name, new)
         old = mlp.down_proj  # columns = channels
         new = nn.Linear(keep_n, old.out_features, bias=old.bias is not None)

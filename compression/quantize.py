@@ -40,7 +40,7 @@ import torch.nn.functional as F
 # ---------------------------------------------------------------------------------------------------------
 
 # NormalFloat4 (QLoRA, Dettmers et al. 2023, section 3): 2^4 values that are quantiles of N(0, 1), so that each
-# level is used equally often by normally distributed weights; 8 negative and 7 positive quantiles plus an exact 0,
+# level is used equally often by normally distributed weights; 7 negative and 8 positive quantiles plus an exact 0,
 # normalised to [-1, 1]. These are bitsandbytes' values (test: its create_normal_map), sorted.
 NF4_LEVELS = torch.tensor([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -52,7 +52,7 @@ NF4_LEVELS = torch.tensor([
 FP4_LEVELS = torch.tensor([0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0,
                            -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0]) / 12.0
 
-# the naive 4-bit baseline: evenly spaced, symmetric, 15 levels (code 0 unused, so that 0 is exact)
+# the naive 4-bit baseline: evenly spaced, symmetric, 15 levels so that 0 is exact (codes 0 and 1 both mean -1)
 INT4_LEVELS = torch.arange(-8, 8).clamp(min=-7).float() / 7.0
 
 E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
@@ -88,7 +88,8 @@ def nearest_level(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
 
 def blockwise_absmax(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(x flattened and scaled into [-1, 1] block by block, each block's absmax). The last block may be short.
-    Scaling multiplies by 1 / absmax, as bitsandbytes does (x / absmax can differ in the last bit)."""
+    Scaling multiplies by 1 / absmax, as bitsandbytes does for full blocks (x / absmax can differ in the last
+    bit; for a short last block bitsandbytes divides, and the tests check that case equal too)."""
     flat = x.reshape(-1).float()
     n = flat.numel()
     padded = F.pad(flat, (0, -n % block)).view(-1, block)
@@ -162,7 +163,9 @@ def minmax_scale_zero(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.T
     qmax = 2 ** bits - 1
     lo = w.amin(dim=1).clamp(max=0)
     hi = w.amax(dim=1).clamp(min=0)
-    scale = ((hi - lo) / qmax).clamp(min=1e-8).half().float()
+    empty = hi == lo  # an all-zero group (pruned, or dead inputs): any range works, use [-1, 1] as the reference
+    lo, hi = torch.where(empty, -1.0, lo), torch.where(empty, 1.0, hi)
+    scale = ((hi - lo) / qmax).half().float()
     zero = torch.round(-lo / scale).clamp(0, qmax)
     return scale, zero
 

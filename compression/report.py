@@ -40,10 +40,10 @@ def load_rows(eval_dir: Path, names: list[str]) -> dict[str, dict]:
 
 def main(cfg: ReportConfig) -> dict:
     eval_dir = Path(cfg.eval_dir)
-    main_rows = load_rows(eval_dir, cfg.main.split(","))
+    main_rows = load_rows(eval_dir, [n.strip() for n in cfg.main.split(",") if n.strip()])
     if not main_rows:
         raise UserError(f"--eval-dir {cfg.eval_dir}: no rows.json for {cfg.main}; run compression.evaluate first")
-    subjects = {s: load_rows(eval_dir, [s]) for s in cfg.subjects.split(",") if s}
+    subjects = {s.strip(): load_rows(eval_dir, [s.strip()]) for s in cfg.subjects.split(",") if s.strip()}
     subjects = {s: r for s, r in subjects.items() if r}
     speed = {}
     if Path(cfg.bench_file).is_file():
@@ -53,7 +53,8 @@ def main(cfg: ReportConfig) -> dict:
 
     dense = main_rows["fp32"]["ppl"]
     head = ["method", "bits/weight", "SmolLM2 MB", "SmolLM2 ppl", "vs fp32"]
-    head += [f"{s} ppl (vs fp32)" for s in subjects] + ["decode ms/token (1 thread)"]
+    threads = json.loads(Path(cfg.bench_file).read_text()).get("threads", 1) if speed else 1
+    head += [f"{s} ppl (vs fp32)" for s in subjects] + [f"decode ms/token ({threads} thread{'s' * (threads > 1)})"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, r in main_rows.items():
         cells = [method, f"{r['bits_per_weight']:.3f}", f"{r['model_mb']:.0f}", f"{r['ppl']:.2f}",

@@ -5,7 +5,7 @@ text alone for the same steps.
     python -m compression.train_distill --mode kd             # + logit distillation (KL at temperature T)
     python -m compression.train_distill --mode kd_feat        # + feature distillation through a projection
 
-Each run: about 6 minutes on 2 cores (the cpu preset). All three start from the same student (distill.py:
+Each run: about 6 minutes on 2 cores at the defaults. All three start from the same student (distill.py:
 student_from_teacher), see the same batches in the same order, and freeze the same parameters (the embedding,
 tied to the output head: 28 M of SmolLM2's 135 M parameters, and not what a layer-dropped student lacks).
 Writes runs/compression/distill/<mode>/: metrics.jsonl, loss.png, final/ (a transformers directory).

@@ -45,7 +45,7 @@ class QLoRAConfig:
     text_file: str = ""  # your own UTF-8 text; empty: the Shakespeare training plays
     seq_len: int = 128  # tokens per window (>= 16)
     batch_size: int = 4  # windows per step
-    max_iters: int = 30  # optimizer steps per implementation
+    max_iters: int = 30  # optimizer steps per implementation (>= 1)
     lr: float = 2e-4  # AdamW learning rate (constant)
     threads: int = 0  # CPU threads (0 = torch's default)
     seed: int = 1234

@@ -1,6 +1,6 @@
 """Train the never-quantised subject: a small Llama on the fourteen training plays, in fp32 from random weights.
 
-    python -m compression.train_subject          # the cpu preset, about 8 minutes on 2 cores (500 steps)
+    python -m compression.train_subject          # 500 steps, about 8 minutes on 2 cores
     python -m compression.train_subject --resume
 
 Writes runs/compression/subject/final as a transformers directory (config.json, model.safetensors, tokenizer),
@@ -37,13 +37,13 @@ class SubjectTrainConfig:
     tokenizer_vocab: int = 4096  # byte-level BPE trained on the training plays (>= 260)
     text_file: str = ""  # your own UTF-8 text (last 10 % held out); empty: the Shakespeare plays
     batch_size: int = 8  # sequences per step
-    max_iters: int = 500  # optimizer steps (the cpu preset: about 8 minutes on 2 cores)
+    max_iters: int = 500  # optimizer steps (about 8 minutes on 2 cores) (>= 1)
     lr: float = 2e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # the cosine ends at lr * this
     warmup_iters: int = 60
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    eval_windows: int = 16  # held-out windows per evaluation
+    eval_windows: int = 16  # held-out windows per evaluation (>= 1)
     device: str = "auto"
     threads: int = 0  # CPU threads (0 = torch's default)
     seed: int = 1234
