@@ -343,6 +343,8 @@ def test_student_keeps_evenly_spaced_teacher_layers_and_saves_as_plain_transform
     proj = FeatureProjector(128, 128, 2)
     h = [torch.randn(1, 4, 128), torch.randn(1, 4, 128)]
     assert proj(h, h).item() == 0.0  # identity at the start
+    t = [torch.randn(1, 4, 128), torch.randn(1, 4, 128)]
+    torch.testing.assert_close(proj([x * 100 for x in h], [x * 100 for x in t]), proj(h, t))  # scale-free
 
 
 # ---------------------------------------------------------------------------------------------------------
