@@ -4,8 +4,11 @@ training plays to win some of the loss back.
 
     python -m compression.train_structured                       # SmolLM2, keep 75 % of channels, 60 steps
     python -m compression.train_structured --model subject --mlp-keep 0.5
+    python -m compression.train_structured --dense-control     # the same recovery steps on the unpruned model
 
-Held-out perplexity is measured three times: the dense model, right after pruning, after the recovery steps.
+Held-out perplexity is measured three times: the dense model, right after pruning, after the recovery steps. The
+recovery text is Shakespeare too, so fine-tuning alone lowers the held-out perplexity of any model: --dense-control
+runs the same steps on the unpruned model, and the honest figure is the gap between the two.
 Writes runs/compression/structured/<model>/: metrics.jsonl, loss.png, final/ (a transformers directory that
 AutoModelForCausalLM loads with no custom code) and summary.json.
 """
@@ -38,6 +41,7 @@ class StructuredConfig:
 
     model: str = "smollm2"  # smollm2, subject, or a transformers Llama-family directory
     mlp_keep: float = 0.75  # fraction of SwiGLU channels each layer keeps (<= 1)
+    dense_control: bool = False  # skip the pruning: the same fine-tune on the dense model (the control)
     text_file: str = ""  # your own UTF-8 text (last 10 % held out); empty: the Shakespeare plays
     calib_windows: int = 16  # calibration windows for the channel scores (>= 1)
     seq_len: int = 128  # tokens per recovery training window (>= 16)
@@ -71,7 +75,7 @@ def main(cfg: StructuredConfig) -> dict:
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
     resolve_model(cfg.model)
-    name = model_name(cfg.model)
+    name = model_name(cfg.model) + ("_dense_control" if cfg.dense_control else "")
     out = Path(cfg.out_dir) / name
     train_text, held_text = load_splits(cfg.text_file)
     model, tok = load_model(cfg.model)
@@ -83,7 +87,7 @@ def main(cfg: StructuredConfig) -> dict:
 
     # 1) prune: score channels on the calibration text, cut the weights, shrink the config
     t0 = time.perf_counter()
-    keep = prune_mlp_channels(model, cx, cfg.mlp_keep)
+    keep = inter if cfg.dense_control else prune_mlp_channels(model, cx, cfg.mlp_keep)
     prune_s = time.perf_counter() - t0
     ppl_pruned = perplexity(model, vx)
     print(f"{name}: intermediate {inter} -> {keep} | parameters {n_dense / 1e6:.1f} M -> "
