@@ -123,6 +123,7 @@ demo-compress: data
 	$(PY) -m compression.train_distill --mode kd_feat
 	$(PY) -m compression.train_qlora
 	$(PY) -m compression.train_structured
+	$(PY) -m compression.train_structured --dense-control
 	$(PY) -m compression.bench
 	$(PY) -m compression.report --figure doc/compression_sparsity.png
 	$(PY) -m compression.infer --packed runs/compression/eval/smollm2/rtn_nf4_dq

@@ -8,6 +8,8 @@
      the time of n tokens minus the time of 1 (which is the 32-token prompt's prefill), divided by n - 1.
    - "torch int8": torch.ao's dynamic quantization, per-channel int8 weights and per-token int8 activations,
      the matmul in integers (fbgemm): the CPU path with real int8 arithmetic.
+   - accuracy: the held-out perplexity of fp32 and of torch's int8 (evaluate.py's windows), since int8
+     activations change the numbers too.
    - "ours": QuantLinear, which dequantises its weight to fp32 in every forward (weight-only quantization: on a
      GPU the win is fewer bytes read per token; on a CPU the unpacking is extra work).
 2) Memory: peak resident set (VmHWM) of a fresh process that loads the model and decodes 16 tokens, for fp32
@@ -33,6 +35,7 @@ from common.cli import run_main
 from common.errors import UserError
 from common.runtime import set_threads
 
+from .dataset import load_splits, perplexity, token_windows
 from .loading import decoder_linears, load_model, model_name, resolve_model
 from .model import QuantLinear, replace_linears
 from .prune import magnitude_mask, n_m_mask
@@ -49,6 +52,7 @@ class BenchConfig:
     repeats: int = 3  # timed rounds (best and spread reported) (>= 1)
     threads: int = 1  # CPU threads (1: the guide's rule for stable timing)
     eval_dir: str = "runs/compression/eval"  # where evaluate.py saved the packed models (memory section)
+    eval_windows: int = 12  # held-out windows of 512 tokens for the int8 kernel's perplexity (>= 1)
     memory: bool = True  # measure peak RSS in fresh processes
     out_dir: str = "runs/compression/bench"
     child: str = ""  # internal: KIND:PATH measured in a child process
@@ -63,7 +67,9 @@ def int8_dynamic(model):
     names = set(decoder_linears(model))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return quantize_dynamic(model, {n: per_channel_dynamic_qconfig for n in names}, dtype=torch.qint8)
+        # in place: a copy would keep the fp32 weights alive beside the int8 ones
+        return quantize_dynamic(model, {n: per_channel_dynamic_qconfig for n in names}, dtype=torch.qint8,
+                                inplace=True)
 
 
 @torch.no_grad()
@@ -167,6 +173,14 @@ def main(cfg: BenchConfig) -> dict:
         print(f"| {k} | {v['prefill_ms_per_token']:.2f} (±{v['prefill_spread_ms']:.2f}) | "
               f"{v['decode_ms_per_token']:.1f} (±{v['decode_spread_ms']:.1f}) | {v['prefill_speedup']:.2f}x | "
               f"{v['decode_speedup']:.2f}x |")
+
+    # the int8 kernel's accuracy: its activations are int8 too, so it is not the int8_channel row of evaluate.py
+    _, held = load_splits("")
+    vx = token_windows(tok, held, 512, cfg.eval_windows, "the held-out text")
+    ppl = {k: perplexity(models[k], vx, 4) for k in ("fp32", "torch int8 (dynamic, fbgemm)")}
+    print(f"held-out perplexity: fp32 {ppl['fp32']:.3f}, torch int8 dynamic {ppl['torch int8 (dynamic, fbgemm)']:.3f}")
+    for k, v in ppl.items():
+        speed[k]["heldout_ppl"] = v
 
     # 2) memory, each in a fresh process
     memory = []

@@ -12,6 +12,7 @@ Own text: ``--text-file`` (UTF-8); its last 10 % (by characters, cut at a line b
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -76,6 +77,21 @@ def random_windows(tokens: torch.Tensor, seq_len: int, n: int, seed: int) -> tor
 def encode(tokenizer, text: str) -> torch.Tensor:
     """The whole text as one 1-D LongTensor of token ids."""
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor, batch: int) -> float:
+    """exp(mean next-token cross-entropy) over the windows (each scored on its own, no overlap)."""
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch):
+        x = windows[i:i + batch]
+        logits = model(x, use_cache=False).logits[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                                                 reduction="sum")
+        total += loss.item()
+        count += x[:, 1:].numel()
+    return math.exp(total / count)
+
 
 
 if __name__ == "__main__":

@@ -17,19 +17,16 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from common.cli import run_main
 from common.errors import UserError
 from common.results import command_line, make_record
 from common.runtime import seed_everything, set_threads
 
-from .dataset import load_splits, token_windows
+from .dataset import load_splits, perplexity, token_windows
 from .gptq import gptq_model
 from .loading import decoder_linears, load_model, model_name, resolve_model
 from .model import QuantLinear, replace_linears
@@ -62,20 +59,6 @@ class EvaluateConfig:
     seed: int = 1234
     out_dir: str = "runs/compression/eval"
     run_name: str = ""  # names this run's records in doc/results.json (default: the model's name)
-
-
-@torch.no_grad()
-def perplexity(model, windows: torch.Tensor, batch: int) -> float:
-    """exp(mean next-token cross-entropy) over the windows (each scored on its own, no overlap)."""
-    total, count = 0.0, 0
-    for i in range(0, len(windows), batch):
-        x = windows[i:i + batch]
-        logits = model(x, use_cache=False).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
-                                                 reduction="sum")
-        total += loss.item()
-        count += x[:, 1:].numel()
-    return math.exp(total / count)
 
 
 def model_bytes(model) -> tuple[int, float]:

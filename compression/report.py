@@ -68,8 +68,11 @@ def main(cfg: ReportConfig) -> dict:
         lines.append("| " + " | ".join(cells) + " |")
     if speed.get("torch_int8"):
         t = speed["torch_int8"]
-        lines.append("| torch int8 dynamic (fbgemm kernels; measured by bench.py) | 8 | - | - | - | "
-                     + " | ".join("-" for _ in subjects) + f" | {t['decode_ms_per_token']:.0f} |")
+        tp = t.get("heldout_ppl")
+        cells = [f"{tp:.2f}", f"{100 * (tp / dense - 1):+.1f} %"] if tp else ["-", "-"]
+        lines.append("| torch int8 dynamic: int8 weights per channel, int8 activations (bench.py) | 8 | - | "
+                     + " | ".join(cells) + " | " + " | ".join("-" for _ in subjects)
+                     + f" | {t['decode_ms_per_token']:.0f} |")
     table = "\n".join(lines)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
