@@ -193,7 +193,8 @@ def main(cfg: EvaluateConfig) -> dict:
                      f"{100 * (r['ppl'] / dense - 1):+.2f} % |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     cmd = command_line("compression.evaluate")
-    records = [make_record("compression", f"{name}_{r['method']}".replace(":", "_"), "heldout_ppl", r["ppl"], "fp32",
+    short = model_name(cfg.model)  # records are named by model and method, whatever folder the run wrote to
+    records = [make_record("compression", f"{short}_{r['method']}".replace(":", "_"), "heldout_ppl", r["ppl"], "fp32",
                            dense, r["compress_s"], cmd) for r in rows]
     (out / "results.json").write_text(json.dumps(records, indent=2) + "\n")
     print("\n".join(lines))
