@@ -6,8 +6,8 @@
 1) Speed, in rounds (fp32, int8 kernel, ours int8, ours nf4_dq, ...) so a slow spell of the machine hits all:
    - prefill: ms per token of one 256-token prompt;  decode: ms per generated token (batch 1, KV cache), from
      the time of n tokens minus the time of 1 (which is the 32-token prompt's prefill), divided by n - 1.
-   - "torch int8": torch.ao's dynamic quantization, per-channel int8 weights and per-token int8 activations,
-     the matmul in integers (fbgemm): the CPU path with real int8 arithmetic.
+   - "torch int8": torch.ao's dynamic quantization, per-channel int8 weights and int8 activations with one scale
+     per tensor computed on the fly, the matmul in integers (fbgemm): the CPU path with real int8 arithmetic.
    - accuracy: the held-out perplexity of fp32 and of torch's int8 (evaluate.py's windows), since int8
      activations change the numbers too.
    - "ours": QuantLinear, which dequantises its weight to fp32 in every forward (weight-only quantization: on a

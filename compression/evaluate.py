@@ -131,7 +131,7 @@ def main(cfg: EvaluateConfig) -> dict:
         model = copy.deepcopy(base)
         replace_linears(model, lambda n, lin: QuantLinear(*layers[n], bias=lin.bias))
         # perplexity through plain Linear layers holding the dequantised weights: the same numbers as QuantLinear's
-        # forward (tests/test_compression.py), without unpacking every weight again for every batch
+        # forward (which is F.linear on weight_fp32()), without unpacking every weight again for every batch
         fast = copy.deepcopy(base)
         for n, lin in decoder_linears(fast).items():
             lin.weight.data = model.get_submodule(n).weight_fp32()

@@ -396,6 +396,14 @@ def test_evaluate_runs_every_group_and_saves_loadable_packed_models(subject, cap
     model, _ = load_quantized_model(res["out_dir"] / "gptq_int4_g128")
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
 
+    from compression.report import ReportConfig
+    from compression.report import main as report
+
+    table = report(ReportConfig(eval_dir=str(root / "eval"), main=res["out_dir"].name, subjects="",
+                                bench_file=str(root / "no_bench.json"), out_dir=str(root / "report")))
+    assert "| rtn_nf4_dq | 4.1" in table["table"] and "| wanda_50 |" in table["table"]
+    assert any(r["metric"] == "wanda_over_magnitude_ppl_increase" for r in table["records"])
+
 
 def test_distill_modes_run_and_the_student_learns(subject):
     from compression.train_distill import DistillConfig, main
