@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from common.checkpoint import model_state, resume_or_start, resume_point, save_checkpoint
+from common.checkpoint import resume_or_start, resume_point, save_checkpoint
 from common.cli import run_main
 from common.errors import UserError
 from common.results import command_line, make_record
@@ -148,7 +148,6 @@ def main(cfg: SubjectTrainConfig) -> dict:
     valid = heldout_loss(model, vx) if valid is None else valid
     final = out / "final"
     tmp = out / "final.tmp"
-    model.load_state_dict(model_state(model), strict=False)
     model.save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))
     if final.exists():
