@@ -21,6 +21,7 @@ Writes runs/compression/bench/<model>.json and prints the tables BENCHMARKS.md s
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -135,9 +136,9 @@ def main(cfg: BenchConfig) -> dict:
     name = model_name(cfg.model)
     base, tok = load_model(cfg.model)
     formats = [f for f in cfg.formats.split(",") if f]
-    models = {"fp32": base, "torch int8 (dynamic, fbgemm)": int8_dynamic(load_model(cfg.model)[0])}
+    models = {"fp32": base, "torch int8 (dynamic, fbgemm)": int8_dynamic(copy.deepcopy(base))}
     for fmt in formats:
-        m = load_model(cfg.model)[0]
+        m = copy.deepcopy(base)
         try:
             replace_linears(m, lambda n, lin, fmt=fmt: QuantLinear.from_linear(lin, fmt))
         except ValueError as e:

@@ -80,18 +80,27 @@ def encode(tokenizer, text: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def perplexity(model, windows: torch.Tensor, batch: int) -> float:
-    """exp(mean next-token cross-entropy) over the windows (each scored on its own, no overlap)."""
+def heldout_loss(model, windows: torch.Tensor, batch: int = 4) -> float:
+    """Mean next-token cross-entropy (nats/token) over the windows, each scored on its own (no overlap), in eval
+    mode; the model's training mode is restored afterwards. Every script's held-out figure is this one."""
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     for i in range(0, len(windows), batch):
-        x = windows[i:i + batch]
+        x = windows[i:i + batch].to(device)
         logits = model(x, use_cache=False).logits[:, :-1].float()
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
                                                  reduction="sum")
         total += loss.item()
         count += x[:, 1:].numel()
-    return math.exp(total / count)
+    model.train(was)
+    return total / count
 
+
+def perplexity(model, windows: torch.Tensor, batch: int = 4) -> float:
+    """exp(heldout_loss): the figure evaluate.py's table shows."""
+    return math.exp(heldout_loss(model, windows, batch))
 
 
 if __name__ == "__main__":

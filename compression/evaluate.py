@@ -33,7 +33,7 @@ from .model import QuantLinear, replace_linears
 from .packed import save_quantized_model
 from .plots import draw_curve
 from .prune import prune_magnitude, prune_wanda, sparsity_of
-from .quantize import FORMATS, nbytes
+from .quantize import FORMATS, nbytes, quantize
 
 GROUPS = ("quant", "gptq", "prune")
 
@@ -141,48 +141,46 @@ def main(cfg: EvaluateConfig) -> dict:
             row["file_mb"] = save_quantized_model(model, tok, d) / 1e6
         return row
 
+    shapes = {n: tuple(lin.weight.shape) for n, lin in decoder_linears(base).items()}
+
+    def rtn(fmt: str) -> None:
+        t0 = time.perf_counter()
+        layers = {n: (fmt, shapes[n], quantize(lin.weight, fmt)) for n, lin in decoder_linears(base).items()}
+        quantized(f"rtn_{fmt}", layers, time.perf_counter() - t0, group="quant", format=fmt)
+
+    def pruned(pruner: str, sparsity: float, pattern: str) -> None:
+        model = copy.deepcopy(base)
+        t0 = time.perf_counter()
+        if pruner == "magnitude":
+            prune_magnitude(model, sparsity, pattern)
+        else:
+            prune_wanda(model, cx, sparsity, pattern, batch=cfg.batch)
+        name = f"{pruner}_{pattern if pattern == '2:4' else round(sparsity * 100)}"
+        score(name, model, time.perf_counter() - t0, group="prune", pruner=pruner, sparsity=sparsity_of(model),
+              pattern="u" if pattern == "unstructured" else pattern)
+
     if "quant" in groups:
         for fmt in formats:
-            t0 = time.perf_counter()
-            layers = {n: (fmt, tuple(lin.weight.shape), QuantLinear.from_linear(lin, fmt).stored())
-                      for n, lin in decoder_linears(base).items()}
-            quantized(f"rtn_{fmt}", layers, time.perf_counter() - t0, group="quant", format=fmt)
+            rtn(fmt)
     if "gptq" in groups:
         for bits in (4, 3):
             fmt = f"int{bits}_g128"
             if f"rtn_{fmt}" not in {r["method"] for r in rows}:  # the round-to-nearest baseline of the same format
-                layers = {n: (fmt, tuple(lin.weight.shape), QuantLinear.from_linear(lin, fmt).stored())
-                          for n, lin in decoder_linears(base).items()}
-                quantized(f"rtn_{fmt}", layers, 0.0, group="quant", format=fmt)
+                rtn(fmt)
             work = copy.deepcopy(base)
             t0 = time.perf_counter()
             stored = gptq_model(work, cx, bits, batch=cfg.batch, damp=cfg.damp, act_order=cfg.act_order)
             seconds = time.perf_counter() - t0
-            shapes = {n: tuple(lin.weight.shape) for n, lin in decoder_linears(base).items()}
+            del work
             method = f"gptq_{fmt}" + ("" if cfg.act_order else "_natural_order")
             quantized(method, {n: (fmt, shapes[n], t) for n, t in stored.items()}, seconds, group="gptq",
                       format=fmt, act_order=cfg.act_order)
-            del work
     if "prune" in groups:
         for s in curve:
             for pruner in ("magnitude", "wanda"):
-                model = copy.deepcopy(base)
-                t0 = time.perf_counter()
-                if pruner == "magnitude":
-                    prune_magnitude(model, s)
-                else:
-                    prune_wanda(model, cx, s, batch=cfg.batch)
-                score(f"{pruner}_{round(s * 100)}", model, time.perf_counter() - t0, group="prune", pruner=pruner,
-                      sparsity=sparsity_of(model), pattern="u")
+                pruned(pruner, s, "unstructured")
         for pruner in ("magnitude", "wanda"):
-            model = copy.deepcopy(base)
-            t0 = time.perf_counter()
-            if pruner == "magnitude":
-                prune_magnitude(model, 0.5, "2:4")
-            else:
-                prune_wanda(model, cx, 0.5, "2:4", batch=cfg.batch)
-            score(f"{pruner}_2:4", model, time.perf_counter() - t0, group="prune", pruner=pruner,
-                  sparsity=sparsity_of(model), pattern="2:4")
+            pruned(pruner, 0.5, "2:4")
         draw_curve(rows, rows[0]["ppl"], f"{model_name(cfg.model)}: pruning without retraining", out / "sparsity.png")
 
     # the table and the records

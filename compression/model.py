@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .loading import decoder_linears
 from .quantize import dequantize, quantize
 
 
@@ -99,12 +100,9 @@ class LoRALinear(nn.Module):
         return self.base(x) + (self.dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scaling
 
 
-def replace_linears(model: nn.Module, make: Callable[[str, nn.Linear], nn.Module],
-                    names: list[str] | None = None) -> int:
-    """Replace each decoder nn.Linear (or each of ``names``) by ``make(name, linear)``, in place; the count."""
-    from .loading import decoder_linears
-
-    targets = decoder_linears(model) if names is None else {n: model.get_submodule(n) for n in names}
+def replace_linears(model: nn.Module, make: Callable[[str, nn.Linear], nn.Module]) -> int:
+    """Replace each decoder nn.Linear by ``make(name, linear)``, in place; the count."""
+    targets = decoder_linears(model)
     for name, linear in targets.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, make(name, linear))

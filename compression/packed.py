@@ -9,7 +9,6 @@ of a loaded model is the packed size plus the full-precision embedding (bench.py
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -78,11 +77,3 @@ def load_quantized_model(path: str | os.PathLike):
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # its inv_freq is computed, not stored
     tok = AutoTokenizer.from_pretrained(str(d))
     return model.eval(), tok
-
-
-def layer_formats(path: str | os.PathLike) -> dict[str, str]:
-    """{layer: format} from a packed file's metadata (without reading the tensors)."""
-    from safetensors import safe_open
-
-    with safe_open(str(Path(path) / FILE), framework="pt") as f:
-        return {k: v["format"] for k, v in json.loads(f.metadata()["quantized_layers"]).items()}

@@ -27,6 +27,7 @@ GPTQ (gptq.py) fills the int4_g128 / int3_g128 formats with better codes; the fo
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -59,11 +60,13 @@ E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
 FP8 = torch.float8_e4m3fn
 
 
+@functools.cache
 def dynamic_map() -> torch.Tensor:
     """The 256 levels of bitsandbytes' signed 8-bit "dynamic" type (Dettmers 2015), which double quantization
     stores the NF4 scales in: a sign, then a run of zero bits whose length is a decimal exponent (10^-6 .. 10^0),
     then a linear fraction in the remaining bits. Dense near 0, sparse near 1: a float with a variable split.
-    Returns the levels sorted (test: equal to bitsandbytes.functional.create_dynamic_map())."""
+    Returns the levels sorted (test: equal to bitsandbytes.functional.create_dynamic_map()); built once and shared
+    (every nf4_dq forward dequantises its scales with it), so callers must not modify it."""
     values = []
     for e in range(7):  # exponent 10^(e - 6); the fraction gets e bits, so 2^e levels per sign
         edges = torch.linspace(0.1, 1, 2 ** e + 1, dtype=torch.float32)

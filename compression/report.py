@@ -45,15 +45,15 @@ def main(cfg: ReportConfig) -> dict:
         raise UserError(f"--eval-dir {cfg.eval_dir}: no rows.json for {cfg.main}; run compression.evaluate first")
     subjects = {s.strip(): load_rows(eval_dir, [s.strip()]) for s in cfg.subjects.split(",") if s.strip()}
     subjects = {s: r for s, r in subjects.items() if r}
-    speed = {}
+    speed, threads = {}, 1
     if Path(cfg.bench_file).is_file():
-        b = json.loads(Path(cfg.bench_file).read_text())["speed"]
+        bench = json.loads(Path(cfg.bench_file).read_text())
+        b, threads = bench["speed"], bench.get("threads", 1)
         speed = {"fp32": b.get("fp32")} | {k.split()[1]: v for k, v in b.items() if k.startswith("ours ")}
         speed["torch_int8"] = b.get("torch int8 (dynamic, fbgemm)")
 
     dense = main_rows["fp32"]["ppl"]
     head = ["method", "bits/weight", "SmolLM2 MB", "SmolLM2 ppl", "vs fp32"]
-    threads = json.loads(Path(cfg.bench_file).read_text()).get("threads", 1) if speed else 1
     head += [f"{s} ppl (vs fp32)" for s in subjects] + [f"decode ms/token ({threads} thread{'s' * (threads > 1)})"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, r in main_rows.items():

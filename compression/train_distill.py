@@ -28,7 +28,7 @@ from common.results import command_line, make_record
 from common.runtime import pick_device, seed_everything, set_threads
 from common.schedule import clip_grad
 
-from .dataset import encode, load_splits, random_windows, token_windows
+from .dataset import encode, heldout_loss, load_splits, random_windows, token_windows
 from .distill import FeatureProjector, kd_loss, student_from_teacher
 from .loading import load_model, resolve_model
 
@@ -65,18 +65,6 @@ class DistillConfig:
     run_name: str = ""  # names this run's records in doc/results.json (default: distill_<mode>)
 
 
-@torch.no_grad()
-def heldout(model, x: torch.Tensor, batch: int = 4) -> float:
-    """Mean next-token cross-entropy over the held-out windows."""
-    was = model.training
-    model.eval()
-    total = 0.0
-    for i in range(0, len(x), batch):
-        total += model(x[i:i + batch], labels=x[i:i + batch], use_cache=False).loss.item() * len(x[i:i + batch])
-    model.train(was)
-    return total / len(x)
-
-
 def main(cfg: DistillConfig) -> dict:
     if cfg.mode not in ("ce", "kd", "kd_feat"):
         raise UserError(f"--mode {cfg.mode}: expected ce, kd or kd_feat")
@@ -110,7 +98,7 @@ def main(cfg: DistillConfig) -> dict:
     logger.write(f"student: layers {keep} of {n_teacher} | {sum(p.numel() for p in trainable) / 1e6:.1f} M trainable "
                  f"of {student.num_parameters() / 1e6:.1f} M | mode {cfg.mode} | T {cfg.temperature}")
     if start == 0:
-        logger.log({"step": 0, "valid_loss": heldout(student, vx)})
+        logger.log({"step": 0, "valid_loss": heldout_loss(student, vx)})
 
     # 2) the loop: batch = f(seed, step), the same in every mode
     t0, losses, valid = time.perf_counter(), [], None
@@ -141,7 +129,7 @@ def main(cfg: DistillConfig) -> dict:
         logger.step(step + 1, s_out.loss.item(), scheduler.get_last_lr()[0], x.numel(),
                     **{k: v.item() for k, v in terms.items() if k != "ce"})
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_iters:
-            valid = heldout(student, vx)
+            valid = heldout_loss(student, vx)
             logger.log({"step": step + 1, "valid_loss": valid})
             logger.write(f"step {step + 1}/{cfg.max_iters} | held-out loss {valid:.4f} | ppl {math.exp(valid):.2f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_iters:
@@ -150,11 +138,11 @@ def main(cfg: DistillConfig) -> dict:
     wall = time.perf_counter() - t0
 
     # 3) the student as a transformers directory; the teacher's held-out loss for reference
-    valid = heldout(student, vx) if valid is None else valid
+    valid = heldout_loss(student, vx) if valid is None else valid
     final = out / "final"
     student.save_pretrained(str(final))
     tok.save_pretrained(str(final))
-    teacher_loss = heldout(teacher, vx)
+    teacher_loss = heldout_loss(teacher, vx)
     summary = {"mode": cfg.mode, "steps": cfg.max_iters, "train_wall_s": wall, "valid_loss": valid,
                "valid_ppl": math.exp(valid), "teacher_valid_loss": teacher_loss, "student_layers": keep,
                "student_params": student.num_parameters(), "teacher_params": teacher.num_parameters()}

@@ -28,7 +28,7 @@ from common.results import command_line, make_record
 from common.runtime import seed_everything, set_threads
 
 from .dataset import encode, load_splits, random_windows
-from .loading import load_model, resolve_model
+from .loading import _quiet_transformers, load_model, resolve_model
 from .model import LoRALinear, QuantLinear, replace_linears
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -83,8 +83,6 @@ def build_bnb(cfg: QLoRAConfig):
     path = resolve_model(cfg.model)
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                            bnb_4bit_compute_dtype=torch.float32)
-    from .loading import _quiet_transformers
-
     quiet = _quiet_transformers()
     try:
         base = AutoModelForCausalLM.from_pretrained(str(path), quantization_config=q, dtype=torch.float32)

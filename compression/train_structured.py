@@ -30,7 +30,7 @@ from common.results import command_line, make_record
 from common.runtime import seed_everything, set_threads
 from common.schedule import clip_grad, make_scheduler
 
-from .dataset import encode, load_splits, random_windows, token_windows
+from .dataset import encode, load_splits, perplexity, random_windows, token_windows
 from .loading import load_model, model_name, resolve_model
 from .prune import prune_mlp_channels
 
@@ -57,16 +57,6 @@ class StructuredConfig:
     log_every: int = 10
     out_dir: str = "runs/compression/structured"
     run_name: str = ""  # names this run's records in doc/results.json (default: structured_<model>)
-
-
-@torch.no_grad()
-def perplexity(model, x: torch.Tensor, batch: int = 4) -> float:
-    was = model.training
-    model.eval()
-    total = sum(model(x[i:i + batch], labels=x[i:i + batch], use_cache=False).loss.item() * len(x[i:i + batch])
-                for i in range(0, len(x), batch))
-    model.train(was)
-    return math.exp(total / len(x))
 
 
 def main(cfg: StructuredConfig) -> dict:

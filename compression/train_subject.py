@@ -25,7 +25,7 @@ from common.results import command_line, make_record
 from common.runtime import pick_device, seed_everything, set_threads
 from common.schedule import clip_grad
 
-from .dataset import encode, load_splits, random_windows, token_windows
+from .dataset import encode, heldout_loss, load_splits, random_windows, token_windows
 from .model import SubjectConfig
 
 
@@ -69,17 +69,6 @@ def train_tokenizer(text: str, vocab: int):
     tok.train_from_iterator(text.split("\n\n"), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
                                    bos_token="<|endoftext|>")
-
-
-@torch.no_grad()
-def heldout_loss(model, x: torch.Tensor, batch: int = 8) -> float:
-    """Mean next-token cross-entropy over the held-out windows."""
-    model.eval()
-    total = 0.0
-    for i in range(0, len(x), batch):
-        total += model(x[i:i + batch], labels=x[i:i + batch]).loss.item() * len(x[i:i + batch])
-    model.train()
-    return total / len(x)
 
 
 def main(cfg: SubjectTrainConfig) -> dict:

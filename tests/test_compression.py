@@ -287,7 +287,7 @@ def test_lora_linear_equals_peft_forward_and_gradients():
     ref = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, target_modules=["0"], lora_dropout=0.0))
     layer = ref.base_model.model[0]
     torch.nn.init.normal_(layer.lora_B["default"].weight)  # a trained-looking B, so the update is not zero
-    ours = LoRALinear(net[0].base_layer if hasattr(net[0], "base_layer") else layer.base_layer, r=4, alpha=8)
+    ours = LoRALinear(layer.base_layer, r=4, alpha=8)
     ours.lora_A.data.copy_(layer.lora_A["default"].weight)
     ours.lora_B.data.copy_(layer.lora_B["default"].weight)
     x = torch.randn(5, 64)
