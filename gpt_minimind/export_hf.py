@@ -23,7 +23,7 @@ from common.checkpoint import load_pretrained, read_config, save_pretrained
 from common.cli import run_main
 from common.data import SMOLLM2, SMOLLM2_GGUF, fetch_package
 
-from .model import MiniMindConfig, MiniMindForCausalLM
+from .model import MiniMindConfig, MiniMindForCausalLM, MiniMindForSequenceClassification
 
 
 def rope_parameters(cfg: MiniMindConfig) -> dict:
@@ -150,6 +150,25 @@ def export(ckpt: str | Path, out: str | Path) -> MiniMindForCausalLM:
         for f in tok_dir.iterdir():
             shutil.copy2(f, out / f.name)
     return model
+
+
+def export_reward_model(model: MiniMindForSequenceClassification, out: str | Path,
+                        tokenizer_dir: str | Path | None = None):
+    """A reward model -> a ``LlamaForSequenceClassification`` directory (num_labels 1) that
+    ``AutoModelForSequenceClassification`` loads with no custom code and that gives our scores."""
+    from transformers import AutoModelForSequenceClassification
+
+    if model.config.use_moe:
+        raise ValueError("the reward-model export covers the dense model (LlamaForSequenceClassification)")
+    hf = hf_config(model.config)
+    hf.num_labels, hf.tie_word_embeddings = 1, False  # one score; the head is not the embedding
+    hf_model = AutoModelForSequenceClassification.from_config(hf)
+    hf_model.load_state_dict({k: v.detach().clone() for k, v in model.state_dict().items()}, strict=True)
+    hf_model.save_pretrained(out)
+    if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
+        for f in Path(tokenizer_dir).iterdir():
+            shutil.copy2(f, Path(out) / f.name)
+    return hf_model
 
 
 def import_hf(src: str | Path, gguf_file: str | None = None) -> tuple[MiniMindForCausalLM, object]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from common.checkpoint import load_pretrained, read_config
 
 from .lora import apply_adapter, read_adapter_config
-from .model import MiniMindConfig, MiniMindForCausalLM
+from .model import MiniMindConfig, MiniMindForCausalLM, MiniMindForSequenceClassification
 
 
 def load_model(ckpt: str | Path, device) -> tuple[MiniMindForCausalLM, object]:
@@ -44,3 +44,13 @@ def policy_and_reference(init_from: str | Path, device) -> tuple[MiniMindForCaus
     reference, _ = load_model(init_from, device)
     reference.requires_grad_(False)  # never trained, only read
     return policy, reference, tok
+
+
+def load_reward_model(ckpt: str | Path, device) -> MiniMindForSequenceClassification:
+    """A reward (or value) model directory as train_reward.py writes it, in eval mode and frozen."""
+    ckpt = Path(ckpt)
+    if not (ckpt / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{ckpt}: no reward model there; train one first (python -m gpt_minimind.train_reward)")
+    config = read_config(ckpt)
+    model = MiniMindForSequenceClassification(MiniMindConfig.from_dict(config))
+    return load_pretrained(model, ckpt).to(device).eval().requires_grad_(False)

@@ -529,6 +529,45 @@ class MiniMindForCausalLM(nn.Module):
                 return
 
 
+class MiniMindForSequenceClassification(nn.Module):
+    """The decoder with a scalar head instead of the vocabulary head: the reward model of RLHF and the
+    value model of PPO (Ouyang et al. 2022, InstructGPT, sec. 3.5; Stiennon et al. 2020).
+
+    ``score`` maps every position's hidden state to one number. A reward model reads it at the last
+    non-padding token, after the whole prompt and answer; a value model reads it at every position, as
+    the expected return from there. The names and the pooling rule are transformers'
+    ``LlamaForSequenceClassification`` with ``num_labels=1`` (``model.*`` + ``score.weight``, no bias;
+    the last position whose token is not ``pad_token_id``), so the export is an identity map."""
+
+    def __init__(self, cfg: MiniMindConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = MiniMindModel(cfg)
+        self.score = nn.Linear(cfg.hidden_size, 1, bias=False)
+        self.apply(MiniMindForCausalLM._init_weights)
+
+    @classmethod
+    def from_causal_lm(cls, lm: MiniMindForCausalLM) -> MiniMindForSequenceClassification:
+        """The language model's body (a copy) under a new, zero-initialised head: every score starts at 0."""
+        out = cls(lm.config).to(lm.lm_head.weight.device)
+        out.model.load_state_dict(lm.model.state_dict())
+        nn.init.zeros_(out.score.weight)
+        return out
+
+    def forward(self, input_ids: torch.Tensor) -> dict:
+        """input_ids (B, T), right-padded with pad_token_id -> {"values": (B, T) the head at every position,
+        "scores": (B,) the head at each row's last non-padding token}."""
+        values = self.score(self.model(input_ids)).squeeze(-1).float()  # (B, T)
+        return {"values": values, "scores": values.gather(1, last_token_index(input_ids, self.config.pad_token_id))
+                .squeeze(1)}
+
+
+def last_token_index(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """(B, 1) index of the rightmost token that is not padding (transformers' rule; 0 for an all-pad row)."""
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    return (positions * (input_ids != pad_token_id)).argmax(-1, keepdim=True)
+
+
 def end_rows(nxt: torch.Tensor, done: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
     """Rows that have produced EOS keep emitting it (B,); ``done`` (B,) is updated in place."""
     if eos_token_id is None:

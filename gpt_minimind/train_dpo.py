@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,20 +31,14 @@ import torch
 import torch.nn.functional as F
 
 from common.checkpoint import resume_or_start, resume_point, save_checkpoint, save_pretrained
-from common.cli import UserError, run_main
-from common.data import iter_jsonl
+from common.cli import run_main
 from common.results import command_line, make_record
 from common.runtime import pick_device, seed_everything, set_threads
 from common.schedule import clip_grad
 
-from . import engine
 from .dataset import epoch_order
-from .finetune import encode_chat
 from .loading import copy_tokenizer, policy_and_reference
-from .model import MiniMindForCausalLM
-from .tasks import EXACT_TASKS, NEWS_LABELS, Example, build_examples, exact_match
-
-Pair = tuple[list[dict], str, str]  # (prompt turns, chosen answer, rejected answer)
+from .preference import PairData, all_logps, preference_pairs, sequence_logps
 
 
 @dataclass
@@ -80,14 +73,6 @@ class DPOConfig:
 # The loss
 # ---------------------------------------------------------------------------------------------------
 
-def sequence_logps(model: MiniMindForCausalLM, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """(B,) sum over the answer positions (label != -100) of log p(label | prefix)."""
-    logp = model(x)["logits"].float().log_softmax(-1)
-    mask = y != -100
-    picked = logp.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)  # (B, T)
-    return (picked * mask).sum(-1)
-
-
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
              ref_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean DPO loss over the batch, and the implicit rewards beta * log(pi / pi_ref) of both answers."""
@@ -95,110 +80,6 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     rejected_reward = beta * (policy_rejected - ref_rejected)
     loss = -F.logsigmoid(chosen_reward - rejected_reward).mean()
     return loss, chosen_reward.detach(), rejected_reward.detach()
-
-
-# ---------------------------------------------------------------------------------------------------
-# Pairs
-# ---------------------------------------------------------------------------------------------------
-
-def plausible_wrong(ex: Example, pool: dict[str, list[str]], rng: random.Random) -> str:
-    """A wrong answer of the kind the model might give: another label, a near-miss, another word's gloss."""
-    if ex.task == "news_sentiment":
-        return rng.choice([a for a in NEWS_LABELS if a != ex.answer])
-    if ex.task == "review_sentiment":
-        return "差评" if ex.answer == "好评" else "好评"
-    if ex.task == "arithmetic":
-        return str(int(ex.answer) + rng.choice([-10, -2, -1, 1, 2, 10]))
-    while True:
-        other = rng.choice(pool[ex.task])
-        if not exact_match(other, ex.answer):
-            return other
-
-
-@torch.no_grad()
-def sample_answer(model: MiniMindForCausalLM, tok, messages: list[dict], generator: torch.Generator,
-                  max_new_tokens: int = 24) -> str:
-    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    out, prompt = [], torch.tensor([ids], device=model.lm_head.weight.device)
-    for t in engine.generate(model, prompt, max_new_tokens, temperature=1.0, top_k=20, eos_token_id=tok.eos_token_id,
-                             generator=generator):
-        if int(t) == tok.eos_token_id:
-            break
-        out.append(int(t))
-    return tok.decode(out, skip_special_tokens=True).strip()
-
-
-def build_pairs(split: str, n: int, n_own: int, model, tok, seed: int) -> tuple[list[Pair], dict]:
-    """``n`` pairs from ``split``'s checkable questions; the first ``n_own`` questions are answered by
-    ``model`` itself and, where it is wrong, its answer is the rejected one."""
-    rng = random.Random(seed)
-    examples = [ex for ex in build_examples(split, {t: -1 for t in EXACT_TASKS}, seed) if ex.task in EXACT_TASKS]
-    pool: dict[str, list[str]] = {}
-    for ex in examples:
-        pool.setdefault(ex.task, []).append(ex.answer)
-    examples = examples[:n]
-    gen = torch.Generator().manual_seed(seed)
-    pairs, own_wrong, own_tried = [], 0, 0
-    for i, ex in enumerate(examples):
-        rejected = None
-        if i < n_own:
-            own_tried += 1
-            guess = sample_answer(model, tok, ex.prompt, gen)
-            if guess and not exact_match(guess, ex.answer):
-                rejected, own_wrong = guess, own_wrong + 1
-        pairs.append((ex.prompt, ex.answer, rejected or plausible_wrong(ex, pool, rng)))
-    return pairs, {"own_sampled": own_tried, "own_wrong": own_wrong}
-
-
-def read_dpo_jsonl(path: str | Path) -> list[Pair]:
-    """minimind's DPO format: {"chosen": [turns], "rejected": [turns]}, the same prompt, different last turns."""
-    pairs = []
-    for lineno, rec in iter_jsonl(path, required={"chosen": list, "rejected": list}, with_lineno=True):
-        c, r = rec["chosen"], rec["rejected"]
-        ok = (c and r and c[:-1] == r[:-1] and all(isinstance(t, dict) and isinstance(t.get("content"), str)
-                                                   for t in c + r)
-              and c[-1].get("role") == r[-1].get("role") == "assistant")
-        if not ok:
-            raise UserError(f"{path}:{lineno}: 'chosen' and 'rejected' must be turn lists with the same "
-                             "prompt turns and a final assistant turn each")
-        pairs.append((c[:-1], c[-1]["content"], r[-1]["content"]))
-    return pairs
-
-
-class PairData:
-    """Encoded pairs; a batch is [chosen rows; rejected rows], right-padded to one length."""
-
-    def __init__(self, tok, pairs: list[Pair], max_len: int):
-        self.rows = [(encode_chat(tok, p + [{"role": "assistant", "content": c}], max_len),
-                      encode_chat(tok, p + [{"role": "assistant", "content": r}], max_len)) for p, c, r in pairs]
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def collate(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        seqs = [self.rows[i][0] for i in idx] + [self.rows[i][1] for i in idx]
-        T = max(len(s[0]) for s in seqs)
-        x = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
-        y = torch.full((len(seqs), T), -100, dtype=torch.long)
-        for b, (ids, labels) in enumerate(seqs):
-            x[b, :len(ids)], y[b, :len(labels)] = torch.tensor(ids), torch.tensor(labels)
-        return x, y
-
-
-@torch.no_grad()
-def all_logps(model, data: PairData, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) summed log-probs of every pair: the reference's are computed once, up front."""
-    model.eval()
-    chosen, rejected = [], []
-    for i in range(0, len(data), batch_size):
-        idx = list(range(i, min(i + batch_size, len(data))))
-        x, y = data.collate(idx)
-        device = model.lm_head.weight.device
-        lp = sequence_logps(model, x.to(device), y.to(device)).cpu()
-        chosen.append(lp[:len(idx)])
-        rejected.append(lp[len(idx):])
-    return torch.cat(chosen), torch.cat(rejected)
 
 
 def reward_stats(policy, ref_logps, data: PairData, beta: float) -> dict:
@@ -221,20 +102,8 @@ def main(cfg: DPOConfig) -> dict:
 
     # 1) pairs (cached in out_dir so that --resume trains on the very same ones)
     t0 = time.perf_counter()
-    pairs_file = out / "pairs.json"
-    if resume_from is not None and pairs_file.is_file():
-        saved = json.loads(pairs_file.read_text())
-        train_pairs, valid_pairs, pair_stats = saved["train"], saved["valid"], saved["stats"]
-    elif cfg.data_file:
-        all_pairs = read_dpo_jsonl(cfg.data_file)
-        n_valid = max(1, len(all_pairs) // 20)
-        train_pairs, valid_pairs, pair_stats = all_pairs[n_valid:], all_pairs[:n_valid], {}
-    else:
-        train_pairs, pair_stats = build_pairs("train", cfg.train_pairs, cfg.own_samples, reference, tok, cfg.seed)
-        valid_pairs, _ = build_pairs("test", cfg.eval_pairs, 0, reference, tok, cfg.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    pairs_file.write_text(json.dumps({"train": train_pairs, "valid": valid_pairs, "stats": pair_stats},
-                                     ensure_ascii=False) + "\n")
+    train_pairs, valid_pairs, pair_stats = preference_pairs(cfg, out / "pairs.json", resume_from is not None,
+                                                            reference, tok)
     train, valid = PairData(tok, train_pairs, max_len), PairData(tok, valid_pairs, max_len)
     ref_train, ref_valid = all_logps(reference, train), all_logps(reference, valid)
     print(f"pairs: {len(train)} train / {len(valid)} held out | SFT model's own answers: {pair_stats} | "

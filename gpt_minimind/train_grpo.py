@@ -25,22 +25,22 @@ import math
 import random
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from common.checkpoint import resume_or_start, resume_point, save_checkpoint, save_pretrained
-from common.cli import run_main
+from common.cli import UserError, run_main
 from common.results import command_line, make_record
 from common.runtime import pick_device, seed_everything, set_threads
 from common.schedule import clip_grad
 
-from . import engine
 from .finetune import answer
 from .loading import copy_tokenizer, policy_and_reference
 from .model import MiniMindForCausalLM
-from .tasks import Example, arithmetic_tasks, exact_match
+from .rlhf import answer_text, collate, prompt_ids, sample_answers, token_logps
+from .tasks import EXACT_TASKS, Example, arithmetic_tasks, build_examples, exact_match
 
 
 @dataclass
@@ -48,6 +48,7 @@ class GRPOConfig:
     """Raise held-out arithmetic accuracy with group-relative policy optimisation and rule rewards."""
 
     init_from: str = "runs/gpt_minimind/sft_arith/final"  # the policy's start and the frozen KL reference
+    tasks: list[str] = field(default_factory=lambda: ["arithmetic"])  # checkable tasks whose questions train
     out_dir: str = "runs/gpt_minimind/grpo"  # checkpoints, metrics.jsonl, loss.png, final/
     questions_per_step: int = 16  # prompts per optimizer step
     group_size: int = 8  # G answers sampled per prompt
@@ -76,21 +77,16 @@ _INTEGER = re.compile(r"^-?\d+$")
 
 
 def reward(prediction: str, reference: str, format_bonus: float) -> float:
-    """1 for the right number, + format_bonus when the answer is just an integer."""
+    """1 for the right answer, + format_bonus when a number is asked for and the answer is just an integer."""
     text = prediction.strip()
-    return float(exact_match(text, reference)) + (format_bonus if _INTEGER.match(text) else 0.0)
+    bonus = format_bonus if _INTEGER.match(reference.strip()) and _INTEGER.match(text) else 0.0
+    return float(exact_match(text, reference)) + bonus
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     """(Q, G) rewards -> advantages standardised within each group (row); a group whose answers all
     score the same teaches nothing (all zero)."""
     return (rewards - rewards.mean(-1, keepdim=True)) / (rewards.std(-1, keepdim=True) + eps)
-
-
-def token_logps(model: MiniMindForCausalLM, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """(B, T) log p(y_t | x_<=t); zero where y is -100."""
-    logp = model(x)["logits"].float().log_softmax(-1)
-    return logp.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1) * (y != -100)
 
 
 def grpo_loss(logp: torch.Tensor, logp_old: torch.Tensor, logp_ref: torch.Tensor, advantages: torch.Tensor,
@@ -107,44 +103,32 @@ def grpo_loss(logp: torch.Tensor, logp_old: torch.Tensor, logp_ref: torch.Tensor
     return per_answer.mean(), kl_mean.detach()
 
 
-@torch.no_grad()
 def sample_group(model: MiniMindForCausalLM, tok, ex: Example, G: int, cfg: GRPOConfig, generator) -> tuple:
     """G sampled answers to one question -> (prompt ids, list of answer token lists, answer texts)."""
-    ids = tok.apply_chat_template(ex.prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
-    device = model.lm_head.weight.device
-    prompt = torch.tensor([ids] * G, device=device)
-    steps = list(engine.generate(model, prompt, cfg.max_new_tokens, temperature=cfg.temperature,
-                                 eos_token_id=tok.eos_token_id, generator=generator))
-    tokens = torch.stack(steps, 1).tolist() if steps else [[] for _ in range(G)]
-    answers = []
-    for row in tokens:  # keep up to and including the first end-of-turn token
-        cut = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
-        answers.append(row[:cut])
-    texts = [tok.decode([t for t in a if t != tok.eos_token_id], skip_special_tokens=True) for a in answers]
-    return ids, answers, texts
+    ids = prompt_ids(tok, ex.prompt)
+    answers = sample_answers(model, tok, ids, G, cfg.max_new_tokens, cfg.temperature, generator)
+    return ids, answers, [answer_text(tok, a) for a in answers]
 
 
-def collate(prompts: list[list[int]], answers: list[list[int]], pad_id: int):
-    """Rows prompt + answer; labels only on the answer tokens (shifted: label t is token t + 1)."""
-    rows = [p + a for p, a in zip(prompts, answers)]
-    T = max(len(r) for r in rows) - 1
-    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    y = torch.full((len(rows), T), -100, dtype=torch.long)
-    for i, (p, a) in enumerate(zip(prompts, answers)):
-        r = p + a
-        x[i, :len(r) - 1] = torch.tensor(r[:-1])
-        y[i, len(p) - 1:len(r) - 1] = torch.tensor(a)
-    return x, y
+def task_questions(tasks: list[str], split: str) -> list[Example]:
+    """The questions of ``tasks`` in ``split`` (arithmetic alone keeps its generation order)."""
+    if list(tasks) == ["arithmetic"]:
+        return list(arithmetic_tasks(split))
+    bad = [t for t in tasks if t not in EXACT_TASKS]
+    if bad:
+        raise UserError(f"--tasks {' '.join(bad)}: GRPO needs answers a rule can check, one of "
+                        f"{', '.join(EXACT_TASKS)}")
+    return [ex for ex in build_examples(split, {t: -1 for t in tasks}) if ex.task in tasks]
 
 
-def arithmetic_correct(model, tok, examples: list[Example]) -> list[bool]:
-    """Greedy answer right or wrong, per held-out question."""
+def arithmetic_correct(model, tok, examples: list[Example], max_new_tokens: int = 8) -> list[bool]:
+    """Greedy answer right or wrong, per held-out question (any checkable task's)."""
     model.eval()
-    return [exact_match(answer(model, tok, ex.prompt, 8), ex.answer) for ex in examples]
+    return [exact_match(answer(model, tok, ex.prompt, max_new_tokens), ex.answer) for ex in examples]
 
 
-def arithmetic_accuracy(model, tok, examples: list[Example]) -> float:
-    right = arithmetic_correct(model, tok, examples)
+def arithmetic_accuracy(model, tok, examples: list[Example], max_new_tokens: int = 8) -> float:
+    right = arithmetic_correct(model, tok, examples, max_new_tokens)
     return sum(right) / len(right)
 
 
@@ -167,17 +151,18 @@ def main(cfg: GRPOConfig) -> dict:
     ckpt_root = out / "checkpoints"
     resume_from = resume_point(ckpt_root, cfg.resume)
     policy, reference, tok = policy_and_reference(cfg.init_from, device)
-    train_q = list(arithmetic_tasks("train"))
-    test_q = list(arithmetic_tasks("test"))[:cfg.eval_questions]
+    train_q = task_questions(cfg.tasks, "train")
+    test_q = task_questions(cfg.tasks, "test")[:cfg.eval_questions]
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    what = "+".join(cfg.tasks)
 
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     scheduler, start, logger = resume_or_start(policy, optimizer, cfg, out, resume_from, device)
-    right_before = arithmetic_correct(policy, tok, test_q) if start == 0 else None
+    right_before = arithmetic_correct(policy, tok, test_q, cfg.max_new_tokens) if start == 0 else None
     before = sum(right_before) / len(test_q) if right_before else None
     if before is not None:
         logger.log({"step": 0, "valid_accuracy": before})
-        logger.write(f"step 0/{cfg.max_iters} | held-out arithmetic accuracy {before:.1%} (greedy)")
+        logger.write(f"step 0/{cfg.max_iters} | held-out {what} accuracy {before:.1%} (greedy)")
     t_start, rewards_log = time.perf_counter(), []
     for step in range(start, cfg.max_iters):
         # the questions and samples of a step depend only on (seed, step): a resumed run sees the same ones
@@ -216,15 +201,15 @@ def main(cfg: GRPOConfig) -> dict:
         logger.step(done, loss.item(), scheduler.get_last_lr()[0], int(mask.sum()), reward=r.mean().item(),
                     sample_accuracy=correct, kl=kl.item())
         if done % cfg.eval_every == 0 or done == cfg.max_iters:
-            acc = arithmetic_accuracy(policy, tok, test_q)
+            acc = arithmetic_accuracy(policy, tok, test_q, cfg.max_new_tokens)
             logger.log({"step": done, "valid_accuracy": acc})
-            logger.write(f"step {done}/{cfg.max_iters} | held-out arithmetic accuracy {acc:.1%} | "
+            logger.write(f"step {done}/{cfg.max_iters} | held-out {what} accuracy {acc:.1%} | "
                          f"sampled answers right {correct:.0%} | KL {kl.item():.4f}")
         if done % cfg.save_every == 0 or done == cfg.max_iters:
             save_checkpoint(ckpt_root, done, policy, policy.config.to_dict(), optimizer, scheduler,
                             keep=cfg.keep_checkpoints)
     wall = time.perf_counter() - t_start
-    right_after = arithmetic_correct(policy, tok, test_q)
+    right_after = arithmetic_correct(policy, tok, test_q, cfg.max_new_tokens)
     after = sum(right_after) / len(test_q)
     paired = mcnemar(right_before, right_after) if right_before else None
     final_dir = out / "final"
@@ -236,9 +221,10 @@ def main(cfg: GRPOConfig) -> dict:
                "held_out_questions": len(test_q), "paired_test": paired}
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "results.json").write_text(json.dumps([make_record(
-        "gpt_minimind", cfg.run_name, "arithmetic_accuracy", after, "sft_model", before, wall,
+        "gpt_minimind", cfg.run_name, f"{cfg.tasks[0]}_accuracy" if len(cfg.tasks) == 1 else "task_accuracy",
+        after, "sft_model", before, wall,
         command_line("gpt_minimind.train_grpo"))], indent=2) + "\n")
-    logger.write(f"done: {cfg.max_iters} steps in {wall:.0f} s | held-out arithmetic accuracy "
+    logger.write(f"done: {cfg.max_iters} steps in {wall:.0f} s | held-out {what} accuracy "
                  f"{before if before is None else f'{before:.1%}'} -> {after:.1%}"
                  + (f" ({paired['gained']} questions gained, {paired['lost']} lost: McNemar p = "
                     f"{paired['p_value']:.3f})" if paired else "") + f" | {final_dir}")

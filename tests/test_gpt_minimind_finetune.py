@@ -331,7 +331,8 @@ def test_dpo_loss_equals_trl_on_the_same_sequences(base_dir, tmp_path):
     from trl import DPOConfig as TrlDPOConfig
     from trl import DPOTrainer
 
-    from gpt_minimind.train_dpo import dpo_loss, sequence_logps
+    from gpt_minimind.preference import sequence_logps
+    from gpt_minimind.train_dpo import dpo_loss
 
     tok = base_dir["tok"]
     policy, reference = load_model(base_dir["base"], "cpu")[0], load_model(base_dir["base"], "cpu")[0]
@@ -361,7 +362,8 @@ def test_dpo_loss_equals_trl_on_the_same_sequences(base_dir, tmp_path):
 
 
 def test_dpo_step_raises_the_chosen_answer(base_dir):
-    from gpt_minimind.train_dpo import PairData, dpo_loss, sequence_logps
+    from gpt_minimind.preference import PairData, sequence_logps
+    from gpt_minimind.train_dpo import dpo_loss
 
     tok = base_dir["tok"]
     policy, reference = load_model(base_dir["base"], "cpu")[0], load_model(base_dir["base"], "cpu")[0]
@@ -381,7 +383,7 @@ def test_dpo_step_raises_the_chosen_answer(base_dir):
 
 
 def test_dpo_pairs_file_errors_are_named(tmp_path):
-    from gpt_minimind.train_dpo import read_dpo_jsonl
+    from gpt_minimind.preference import read_dpo_jsonl
 
     bad = tmp_path / "dpo.jsonl"
     bad.write_text(json.dumps({"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
@@ -548,7 +550,8 @@ def test_grpo_rewards_and_group_advantages():
 
 
 def test_grpo_step_moves_probability_to_the_better_answer():
-    from gpt_minimind.train_grpo import collate, grpo_loss, token_logps
+    from gpt_minimind.rlhf import collate, token_logps
+    from gpt_minimind.train_grpo import grpo_loss
 
     model, reference = tiny_model(), tiny_model()
     prompt = [5, 6, 7]
@@ -624,3 +627,210 @@ def test_quantized_lora_checkpoint_round_trip(bits, tmp_path):
     assert all(not torch.equal(p, saved[n]) for n, p in again.named_parameters() if "lora_" in n)
     load_checkpoint(tmp_path / "step_000001", again, restore_rng=False)
     torch.testing.assert_close(again(x)["logits"], model(x)["logits"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# RLHF: the reward model and PPO
+# ---------------------------------------------------------------------------------------------------
+
+def tiny_reward_model(**kw):
+    from gpt_minimind.model import MiniMindForSequenceClassification
+
+    torch.manual_seed(1)
+    return MiniMindForSequenceClassification(MiniMindConfig(**{**TINY, **kw})).eval()
+
+
+def test_reward_model_export_and_trl_pool_the_same_last_token(tmp_path):
+    """Our score at the last non-padding token = transformers' LlamaForSequenceClassification from our
+    export = trl's get_reward (the helper its PPO trainer used) on the same right-padded rows."""
+    from trl.experimental.utils import get_reward
+
+    from gpt_minimind.export_hf import export_reward_model
+
+    rm = tiny_reward_model()
+    hf = export_reward_model(rm, tmp_path / "hf").eval()
+    from transformers import AutoModelForSequenceClassification
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    assert type(loaded).__name__ == "LlamaForSequenceClassification"
+    x = torch.randint(3, 97, (3, 12))
+    x[0, 7:], x[1, 10:] = 0, 0  # right padding with pad_token_id 0
+    with torch.no_grad():
+        ours = rm(x)["scores"]
+        theirs = loaded(x).logits.squeeze(-1)
+        _, trl_scores, lengths = get_reward(hf, x, pad_token_id=0, context_length=3)
+        unpadded = torch.stack([rm(x[i:i + 1, :n])["scores"][0] for i, n in enumerate([7, 10, 12])])
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours, trl_scores, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours, unpadded, atol=1e-5, rtol=1e-5)  # padding after the answer changes nothing
+    assert lengths.tolist() == [6, 9, 11] and ours.std() > 0
+
+
+def test_bradley_terry_loss_equals_trl_reward_trainer(base_dir, tmp_path):
+    """trl's RewardTrainer builds the batch (chosen rows, then rejected rows) and computes its loss on our
+    exported reward model; ours on the same ids with our model, the centring term included."""
+    from datasets import Dataset
+    from trl import RewardConfig as TrlRewardConfig
+    from trl import RewardTrainer
+
+    from gpt_minimind.export_hf import export_reward_model
+    from gpt_minimind.model import MiniMindForSequenceClassification
+    from gpt_minimind.train_reward import bradley_terry_loss
+
+    tok = base_dir["tok"]
+    lm = load_model(base_dir["base"], "cpu")[0]
+    rm = MiniMindForSequenceClassification.from_causal_lm(lm)
+    assert rm(torch.tensor([[5, 6, 7]]))["scores"].item() == 0.0  # a zero head: every score starts at 0
+    torch.nn.init.normal_(rm.score.weight, std=0.5)
+    hf = export_reward_model(rm, tmp_path / "hf", base_dir["base"] / "tokenizer")
+    rows = [{"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": c}],
+             "rejected": [{"role": "assistant", "content": r}]}
+            for q, c, r in [("计算：1+2=", "3", "4"), ("计算：19+9=", "28", "27"), ("谢谢", "不客气", "3")]]
+    args = TrlRewardConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, bf16=False,
+                           per_device_train_batch_size=3, center_rewards_coefficient=0.01)
+    trainer = RewardTrainer(model=hf, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    hf.eval()
+    theirs = trainer.compute_loss(hf, dict(batch))
+    ids = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, tok.pad_token_id)
+    scores = rm(ids)["scores"]
+    ours = bradley_terry_loss(scores[:3], scores[3:], center_weight=0.01)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    manual = -torch.log(torch.sigmoid(scores[:3] - scores[3:])).mean() + 0.01 * ((scores[:3] + scores[3:]) ** 2).mean()
+    torch.testing.assert_close(ours, manual)
+
+
+def gae_loop(rewards: list[float], values: list[float], gamma: float, lam: float) -> list[float]:
+    """GAE for one answer, written the slow way: A_t = sum_k (gamma lam)^k delta_t+k, V after the end = 0."""
+    n = len(rewards)
+    deltas = [rewards[t] + gamma * (values[t + 1] if t + 1 < n else 0.0) - values[t] for t in range(n)]
+    return [sum((gamma * lam) ** k * deltas[t + k] for k in range(n - t)) for t in range(n)]
+
+
+def test_gae_equals_a_reference_loop_on_ragged_answers():
+    from gpt_minimind.train_ppo import gae
+
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 1, 3, 7]
+    rewards, values = torch.randn(4, 7, generator=g), torch.randn(4, 7, generator=g)
+    mask = torch.arange(7)[None] < torch.tensor(lengths)[:, None]
+    for gamma, lam in [(1.0, 0.95), (0.9, 0.8), (1.0, 1.0)]:
+        adv, ret = gae(rewards, values, mask, gamma, lam)
+        for i, n in enumerate(lengths):
+            expected = gae_loop(rewards[i, :n].tolist(), values[i, :n].tolist(), gamma, lam)
+            torch.testing.assert_close(adv[i, :n], torch.tensor(expected), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(ret[i, :n], adv[i, :n] + values[i, :n])
+            assert (adv[i, n:] == 0).all() and (ret[i, n:] == 0).all()
+        if lam == 1.0 and gamma == 1.0:  # Monte-Carlo: the return is the sum of the rewards still to come
+            torch.testing.assert_close(ret[0, :5], rewards[0, :5].flip(0).cumsum(0).flip(0))
+
+
+def test_ppo_losses_equal_their_formulas():
+    from gpt_minimind.train_ppo import kl_penalized_rewards, masked_whiten, policy_loss, value_loss
+
+    g = torch.Generator().manual_seed(1)
+    logp, old = -torch.rand(3, 4, generator=g) * 2, -torch.rand(3, 4, generator=g) * 2
+    adv = torch.randn(3, 4, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    loss, stats = policy_loss(logp, old, adv, mask, 0.2)
+    terms, clipped = [], 0
+    for i, j in mask.nonzero().tolist():
+        r = math.exp(logp[i, j] - old[i, j])
+        terms.append(max(-adv[i, j].item() * r, -adv[i, j].item() * min(max(r, 0.8), 1.2)))
+        clipped += abs(r - 1) > 0.2
+    assert loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+    assert stats["clip_fraction"] == pytest.approx(clipped / len(terms)) and 0 < clipped < len(terms)
+    v, v_old, ret = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    vl = value_loss(v, v_old, ret, mask, 0.2)
+    terms = [max((v[i, j] - ret[i, j]) ** 2, (v_old[i, j] + (v[i, j] - v_old[i, j]).clamp(-0.2, 0.2) - ret[i, j]) ** 2)
+             for i, j in mask.nonzero().tolist()]
+    assert vl.item() == pytest.approx(0.5 * sum(t.item() for t in terms) / len(terms), rel=1e-5)
+    w = masked_whiten(adv, mask)
+    assert w[mask].mean().abs() < 1e-6 and w[mask].std().item() == pytest.approx(1.0, abs=1e-4)
+    assert (w[~mask] == 0).all()
+    rewards = kl_penalized_rewards(logp, old, torch.tensor([1.0, 2.0, 3.0]), mask, 0.1)
+    expected = -0.1 * (logp - old) * mask
+    expected[0, 2] += 1.0
+    expected[1, 3] += 2.0
+    expected[2, 0] += 3.0
+    torch.testing.assert_close(rewards, expected)
+
+
+def test_one_ppo_step_moves_the_policy_toward_the_rewarded_token():
+    """Rollouts from a tiny random policy, scored 1 when the answer starts with one chosen token: after one
+    PPO update the policy gives that token more probability, and the value model moved toward the returns."""
+    from gpt_minimind.rlhf import sample_answers
+    from gpt_minimind.train_ppo import PPOConfig, make_rollouts, ppo_update
+
+    policy, reference, value = tiny_model(), tiny_model(), tiny_reward_model()
+
+    class Tok:
+        eos_token_id = 2
+
+    prompt = [5, 6, 7, 8]
+    answers = sample_answers(policy, Tok, prompt, 32, 3, 1.0, torch.Generator().manual_seed(0))
+    firsts = [a[0] for a in answers]
+    target = max(set(firsts), key=firsts.count)  # a token some answers start with, and some do not
+    assert 0 < firsts.count(target) < len(answers)
+    scores = torch.tensor([float(a[0] == target) for a in answers])
+    cfg = PPOConfig(ppo_epochs=2, minibatch_size=8, kl_coef=0.01, missing_eos_penalty=0.0, target_kl=1e9)
+    ro = make_rollouts(policy, reference, value, [prompt] * len(answers), answers, scores, cfg, 0, 2)
+    p_before = policy(torch.tensor([prompt]))["logits"][0, -1].softmax(-1)[target].item()
+    v_err_before = ((ro.old_values - ro.returns)[ro.mask] ** 2).mean()
+    opt = torch.optim.AdamW([{"params": list(policy.parameters()), "lr": 1e-2},
+                             {"params": list(value.parameters()), "lr": 1e-2}])
+    stats, epochs = ppo_update(policy, value, opt, ro, cfg, seed=0)
+    assert epochs == 2 and len(stats["policy_loss"]) == 8
+    with torch.no_grad():
+        p_after = policy(torch.tensor([prompt]))["logits"][0, -1].softmax(-1)[target].item()
+        v_err_after = ((answer_values(value, ro) - ro.returns)[ro.mask] ** 2).mean()
+    assert p_after > 2 * p_before  # (0.010 -> 0.032 when written)
+    assert v_err_after < v_err_before
+
+
+def answer_values(value, ro):
+    from gpt_minimind.train_ppo import answer_aligned
+
+    return answer_aligned(value(ro.x)["values"], ro.starts, ro.mask.shape[1])
+
+
+def test_reward_model_then_ppo_runs_and_resumes(base_dir, tmp_path):
+    """train_reward on a pairs file learns to rank the pairs; train_ppo on a prompts file runs from the SFT
+    model with that reward model, and a run stopped after 2 of 4 steps resumes to the same weights."""
+    from gpt_minimind.train_ppo import PPOConfig
+    from gpt_minimind.train_ppo import main as ppo_main
+    from gpt_minimind.train_reward import RewardConfig
+    from gpt_minimind.train_reward import main as reward_main
+
+    rows, prompts = [], []
+    for a in range(10):
+        for b in range(4):
+            prompt = [{"role": "user", "content": f"计算：{a}+{b}="}]
+            rows.append({"chosen": prompt + [{"role": "assistant", "content": str(a + b)}],
+                         "rejected": prompt + [{"role": "assistant", "content": "谢谢"}]})
+            prompts.append({"conversations": prompt + [{"role": "assistant", "content": str(a + b)}]})
+    pairs, convs = tmp_path / "pairs.jsonl", tmp_path / "prompts.jsonl"
+    pairs.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    convs.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in prompts))
+    rcfg = apply_overrides(RewardConfig(), dict(init_from=str(base_dir["base"]), data_file=str(pairs),
+                                                out_dir=str(tmp_path / "rm"), batch_size=8, max_iters=12, lr=3e-3,
+                                                warmup_iters=2, eval_every=12, save_every=12, threads=1,
+                                                dpo_model=str(tmp_path / "none")))
+    s = reward_main(rcfg)["summary"]
+    assert s["after"]["pair_accuracy"] == 1.0 and s["export_max_score_difference"] < 1e-5
+    common = dict(init_from=str(base_dir["base"]), reward_model=str(tmp_path / "rm" / "final"), data_file=str(convs),
+                  prompts_per_step=4, samples_per_prompt=2, minibatch_size=4, max_new_tokens=4, max_iters=4,
+                  warmup_iters=1, eval_every=4, save_every=2, eval_questions=4, threads=1, lr=1e-3)
+    cfg = apply_overrides(PPOConfig(), dict(common, out_dir=str(tmp_path / "ppo")))
+    ppo_main(cfg)
+    full = load_model(tmp_path / "ppo" / "final", "cpu")[0].state_dict()
+    start = load_model(base_dir["base"], "cpu")[0].state_dict()
+    assert any(not torch.equal(full[k], start[k]) for k in full)  # PPO changed the policy
+    shutil.rmtree(tmp_path / "ppo" / "checkpoints" / "step_000004")  # as if stopped after step 2
+    (tmp_path / "ppo" / "checkpoints" / "latest").write_text("step_000002\n")
+    ppo_main(apply_overrides(cfg, {"resume": True}))
+    again = load_model(tmp_path / "ppo" / "final", "cpu")[0].state_dict()
+    for k in full:
+        assert torch.equal(full[k], again[k]), k  # bit for bit
+    lines = [json.loads(x) for x in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert {"score", "kl_to_ref", "entropy", "clip_fraction", "value_loss", "explained_variance"} <= set(
+        k for line in lines for k in line)

@@ -1,0 +1,214 @@
+"""A reward model trained on preference pairs (Bradley-Terry), the first half of RLHF as InstructGPT
+describes it (Ouyang et al. 2022, sec. 3.5; Stiennon et al. 2020); train_ppo.py is the second half.
+
+    python -m gpt_minimind.train_reward                     # from runs/gpt_minimind/sft/final, DPO's pairs
+    python -m gpt_minimind.train_reward --data-file dpo.jsonl   # minimind's DPO format instead
+
+The reward model is the SFT model with its vocabulary head replaced by a scalar head
+(``model.py:MiniMindForSequenceClassification``); the score of a conversation is the head's output at
+its last token, the end-of-turn token of the answer. Bradley and Terry (1952) model the probability
+that answer w is preferred to answer l as sigmoid(r(x, w) - r(x, l)); maximum likelihood is
+
+    loss = -log sigmoid( r(x, y_chosen) - r(x, y_rejected) )   (+ 0.01 * (r_chosen + r_rejected)^2)
+
+The second term (Eisenstein et al. 2023; trl's ``center_rewards_coefficient``) keeps the scores near
+zero: the loss only sees differences, and PPO adds the score to per-token KL penalties whose scale is
+fixed. The pairs are the ones train_dpo.py uses (the same builder, seed and SFT model), so the
+reward model's held-out pair accuracy and DPO's implicit reward, beta * log pi_dpo / pi_sft, are
+measured on the same pairs. The model is saved as ours (``final/``) and exported as a transformers
+``LlamaForSequenceClassification`` (``hf/``), which gives the same scores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from common.checkpoint import resume_or_start, resume_point, save_checkpoint, save_pretrained
+from common.cli import run_main
+from common.results import command_line, make_record
+from common.runtime import pick_device, seed_everything, set_threads
+from common.schedule import clip_grad
+
+from .dataset import epoch_order
+from .export_hf import export_reward_model
+from .loading import copy_tokenizer, load_model
+from .model import MiniMindForSequenceClassification
+from .preference import PairData, all_logps, preference_pairs
+from .tasks import EXACT_TASKS, build_examples
+
+
+@dataclass
+class RewardConfig:
+    """Train a scalar reward model on preference pairs (the ones DPO uses) with the Bradley-Terry loss."""
+
+    init_from: str = "runs/gpt_minimind/sft/final"  # the body of the reward model (and the pairs' sampler)
+    data_file: str = ""  # minimind DPO JSONL: {"chosen": [turns], "rejected": [turns]}; empty = checkable tasks
+    out_dir: str = "runs/gpt_minimind/reward"  # checkpoints, metrics.jsonl, loss.png, final/, hf/
+    train_pairs: int = 4000  # the same pair set as train_dpo.py's defaults
+    own_samples: int = 1000
+    eval_pairs: int = 400
+    dpo_model: str = "runs/gpt_minimind/dpo/final"  # its implicit reward is scored on the same pairs (if present)
+    center_weight: float = 0.01  # + this x (r_chosen + r_rejected)^2: scores near zero
+    batch_size: int = 16  # pairs per step (32 sequences)
+    max_iters: int = 750  # three passes over the 4,000 pairs
+    lr: float = 2e-4
+    warmup_iters: int = 30
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    eval_every: int = 125
+    save_every: int = 125
+    keep_checkpoints: int = 2
+    log_every: int = 25
+    seed: int = 1234
+    threads: int = 0
+    device: str = "auto"
+    resume: bool = False  # continue from the newest checkpoint in out_dir/checkpoints
+    run_name: str = "reward_cpu"
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, center_weight: float = 0.0) -> torch.Tensor:
+    """Mean -log sigmoid(r_chosen - r_rejected) over the pairs, + center_weight * mean (r_c + r_r)^2."""
+    loss = -F.logsigmoid(chosen - rejected).mean()
+    return loss + center_weight * ((chosen + rejected) ** 2).mean() if center_weight else loss
+
+
+@torch.no_grad()
+def pair_scores(rm: MiniMindForSequenceClassification, data: PairData, batch_size: int = 32) -> tuple:
+    """(chosen, rejected) reward-model scores of every pair."""
+    rm.eval()
+    device = rm.score.weight.device
+    chosen, rejected = [], []
+    for i in range(0, len(data), batch_size):
+        idx = list(range(i, min(i + batch_size, len(data))))
+        x, _ = data.collate(idx)
+        s = rm(x.to(device))["scores"].cpu()
+        chosen.append(s[:len(idx)])
+        rejected.append(s[len(idx):])
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def pair_stats(chosen: torch.Tensor, rejected: torch.Tensor, tasks: list[str] | None = None) -> dict:
+    """Pair accuracy (chosen scored above rejected), mean margin, mean score; per task when known."""
+    right = chosen > rejected
+    out = {"pair_accuracy": right.float().mean().item(), "margin": (chosen - rejected).mean().item(),
+           "mean_score": torch.cat([chosen, rejected]).mean().item()}
+    for task in sorted(set(tasks or [])):
+        sel = torch.tensor([t == task for t in tasks])
+        out[f"pair_accuracy_{task}"] = right[sel].float().mean().item()
+    return out
+
+
+def held_out_tasks(pairs) -> list[str] | None:
+    """The task of each held-out pair built from the checkable tasks (by its question)."""
+    task_of = {ex.prompt[-1]["content"]: ex.task for ex in build_examples("test", {t: -1 for t in EXACT_TASKS})}
+    tasks = [task_of.get(p[-1]["content"]) for p, _, _ in pairs]
+    return None if None in tasks else tasks
+
+
+def main(cfg: RewardConfig) -> dict:
+    set_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    out = Path(cfg.out_dir)
+    ckpt_root = out / "checkpoints"
+    resume_from = resume_point(ckpt_root, cfg.resume)
+    sft, tok = load_model(cfg.init_from, device)
+    max_len = sft.config.max_position_embeddings
+
+    # 1) the pairs DPO uses, and the baselines on the held-out ones
+    t0 = time.perf_counter()
+    train_pairs, valid_pairs, stats = preference_pairs(cfg, out / "pairs.json", resume_from is not None, sft, tok)
+    train, valid = PairData(tok, train_pairs, max_len), PairData(tok, valid_pairs, max_len)
+    tasks = None if cfg.data_file else held_out_tasks(valid_pairs)
+    sft_c, sft_r = all_logps(sft, valid)
+    baselines = {"chance": 0.5, "sft_logp_accuracy": (sft_c > sft_r).float().mean().item()}
+    if Path(cfg.dpo_model).is_dir():  # DPO's implicit reward beta * log(pi_dpo / pi_sft) on the same pairs
+        dpo, _ = load_model(cfg.dpo_model, device)
+        dpo_c, dpo_r = all_logps(dpo, valid)
+        baselines["dpo_implicit_accuracy"] = ((dpo_c - sft_c) > (dpo_r - sft_r)).float().mean().item()
+        del dpo
+    print(f"pairs: {len(train)} train / {len(valid)} held out | SFT model's own answers: {stats} | held-out "
+          f"baselines: " + ", ".join(f"{k} {v:.1%}" for k, v in baselines.items())
+          + f" | {time.perf_counter() - t0:.0f} s", flush=True)
+
+    # 2) the reward model: the SFT body, a zero scalar head
+    rm = MiniMindForSequenceClassification.from_causal_lm(sft)
+    del sft
+    optimizer = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    scheduler, start, logger = resume_or_start(rm, optimizer, cfg, out, resume_from, device)
+    steps_per_epoch = len(train) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train)} pairs are fewer than one batch of {cfg.batch_size}")
+    rm.train()
+    step, t_start, losses = start, time.perf_counter(), []
+    while step < cfg.max_iters:
+        epoch, b0 = divmod(step, steps_per_epoch)
+        order = epoch_order(len(train), cfg.seed, epoch)
+        for b in range(b0, steps_per_epoch):
+            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            x, _ = train.collate(idx)
+            scores = rm(x.to(device))["scores"]
+            chosen, rejected = scores[:len(idx)], scores[len(idx):]
+            loss = bradley_terry_loss(chosen, rejected, cfg.center_weight)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower --lr")
+            loss.backward()
+            clip_grad(rm.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            losses.append(loss.item())
+            logger.step(step, loss.item(), scheduler.get_last_lr()[0], x.numel(),
+                        pair_accuracy=(chosen > rejected).float().mean().item())
+            if step % cfg.eval_every == 0 or step == cfg.max_iters:
+                ev = pair_stats(*pair_scores(rm, valid), tasks)
+                rm.train()
+                logger.log({"step": step, **{f"valid_{k}": v for k, v in ev.items()}})
+                logger.write(f"step {step}/{cfg.max_iters} | held-out pair accuracy {ev['pair_accuracy']:.1%} | "
+                             f"margin {ev['margin']:.2f} | mean score {ev['mean_score']:+.2f}")
+            if step % cfg.save_every == 0 or step == cfg.max_iters:
+                save_checkpoint(ckpt_root, step, rm, rm.config.to_dict(), optimizer, scheduler,
+                                keep=cfg.keep_checkpoints)
+            if step >= cfg.max_iters:
+                break
+    wall = time.perf_counter() - t_start
+
+    # 3) held-out accuracy, our directory and the transformers export (checked to give our scores)
+    after = pair_stats(*pair_scores(rm, valid), tasks)
+    final_dir = out / "final"
+    save_pretrained(rm, rm.config.to_dict(), final_dir)
+    copy_tokenizer(cfg.init_from, final_dir)
+    hf = export_reward_model(rm, out / "hf", final_dir / "tokenizer").eval()
+    x, _ = valid.collate(list(range(min(16, len(valid)))))
+    with torch.no_grad():
+        export_diff = (hf(x.cpu()).logits.squeeze(-1) - rm.cpu()(x.cpu())["scores"]).abs().max().item()
+    summary = {"steps": step, "train_wall_s": wall, "after": after, "baselines": baselines, "pairs": stats,
+               "export_max_score_difference": export_diff}
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    cmd = command_line("gpt_minimind.train_reward")
+    records = [make_record("gpt_minimind", cfg.run_name, "pair_accuracy", after["pair_accuracy"], "chance", 0.5,
+                           wall, cmd)]
+    if "dpo_implicit_accuracy" in baselines:
+        records.append(make_record("gpt_minimind", cfg.run_name, "pair_accuracy_vs_dpo", after["pair_accuracy"],
+                                   "dpo_implicit_reward", baselines["dpo_implicit_accuracy"], wall, cmd))
+    (out / "results.json").write_text(json.dumps(records, indent=2) + "\n")
+    per_task = ", ".join(f"{k[len('pair_accuracy_'):]} {v:.0%}" for k, v in after.items()
+                         if k.startswith("pair_accuracy_"))
+    logger.write(f"done: {step} steps in {wall:.0f} s | held-out pair accuracy {after['pair_accuracy']:.1%}"
+                 + (f" ({per_task})" if per_task else "") + " | " + ", ".join(f"{k} {v:.1%}" for k, v in
+                                                                          baselines.items())
+                 + f" | {final_dir}, transformers export {out / 'hf'} (max score difference {export_diff:.1e})")
+    logger.close()
+    return {"losses": losses, "summary": summary, "final_dir": final_dir}
+
+
+if __name__ == "__main__":
+    run_main(main, RewardConfig)
