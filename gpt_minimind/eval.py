@@ -6,7 +6,10 @@ tasks of tasks.py answered by greedy decoding with the chat template.
 
 A stage directory is a full model (config.json + model.safetensors + tokenizer/) or a LoRA adapter
 (adapter_config.json + adapter_model.safetensors, on top of the base it names). Prints one table,
-stage x (valid ppl, task scores); writes eval.json and results.json (for ``make results``).
+stage x (valid ppl, task scores); writes eval.json and results.json (for ``make results``). Where the
+reward model of train_reward.py exists, the table adds its mean score of each stage's answers to the
+checkable questions (rm_score), and where the SFT model exists, each stage's KL to it (kl_to_sft, nats
+per answer sampled at temperature 1): the two axes RLHF trades off.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ from common.runtime import pick_device, seed_everything, set_threads
 
 from .dataset import PackedBlocks, default_documents, encode_documents, split_documents
 from .finetune import answer
-from .loading import load_model
+from .loading import load_model, load_reward_model
 from .model import MiniMindForCausalLM
+from .rlhf import kl_to_reference, score_answers
 from .tasks import CHRF_TASKS, EXACT_TASKS, Example, build_examples, exact_match
 
 DEFAULT_STAGES = ["pretrain=runs/gpt_minimind/pretrain/final", "sft=runs/gpt_minimind/sft/final",
@@ -44,6 +48,9 @@ class EvalConfig:
     per_task: int = 100  # held-out questions per task (the first N of a fixed shuffle)
     max_new_tokens: int = 48  # longest answer generated
     ppl_blocks: int = 0  # blocks of the pretraining valid split for the perplexity (0 = the whole split)
+    reward_model: str = "runs/gpt_minimind/reward/final"  # scores the greedy answers (rm_score), if it exists
+    reference: str = "runs/gpt_minimind/sft/final"  # the KL of each stage to it (kl_to_sft), if it exists
+    kl_questions: int = 100  # held-out questions answered by sampling (temperature 1) for the KL
     out_dir: str = "runs/gpt_minimind/eval"  # eval.json, answers_<stage>.jsonl, results.json
     threads: int = 0
     device: str = "auto"
@@ -93,10 +100,14 @@ def valid_perplexity(model: MiniMindForCausalLM, tok, docs: list[str], n_blocks:
     return math.exp(total / count)
 
 
-def evaluate_stage(model, tok, tests: list[Example], valid_docs: list[str], cfg: EvalConfig) -> tuple[dict, list]:
+def evaluate_stage(model, tok, tests: list[Example], valid_docs: list[str], cfg: EvalConfig, rm=None,
+                   reference=None) -> tuple[dict, list]:
+    """Perplexity and task scores; with a reward model, its mean score of the greedy answers to the checkable
+    questions (rm_score); with a reference model, KL(stage || reference) per sampled answer (kl_to_sft)."""
     model.eval()
     scores = {"valid_ppl": valid_perplexity(model, tok, valid_docs, cfg.ppl_blocks)}
     answers = []
+    scored_prompts, scored_preds = [], []
     for task in EXACT_TASKS + CHRF_TASKS:
         examples = [ex for ex in tests if ex.task == task][:cfg.per_task]
         preds = [answer(model, tok, ex.prompt, cfg.max_new_tokens) for ex in examples]
@@ -104,8 +115,15 @@ def evaluate_stage(model, tok, tests: list[Example], valid_docs: list[str], cfg:
                     for ex, p in zip(examples, preds)]
         if task in EXACT_TASKS:
             scores[f"{task}_accuracy"] = sum(map(exact_match, preds, (ex.answer for ex in examples))) / len(examples)
+            scored_prompts += [ex.prompt for ex in examples]
+            scored_preds += preds
         else:
             scores[f"{task}_chrf"] = chrf(preds, [ex.answer for ex in examples])
+    if rm is not None:
+        scores["rm_score"] = score_answers(rm, tok, scored_prompts, scored_preds).mean().item()
+    if reference is not None:
+        kl_prompts = [ex.prompt for ex in tests if ex.task in EXACT_TASKS][:cfg.kl_questions]
+        scores["kl_to_sft"] = kl_to_reference(model, reference, tok, kl_prompts, 24, seed=cfg.seed)
     return scores, answers
 
 
@@ -115,6 +133,7 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
     lines = [head, "|" + "---|" * (len(cols) + 1)]
     for stage, sc in rows.items():
         cells = [("-" if sc.get(c) is None else f"{sc[c]:.1f}" if c == "valid_ppl" or c.endswith("chrf")
+                  else f"{sc[c]:+.3f}" if c == "rm_score" else f"{sc[c]:.3f}" if c == "kl_to_sft"
                   else f"{sc[c]:.0%}") for c in cols]
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -135,13 +154,23 @@ def main(cfg: EvalConfig) -> dict:
     rows: dict[str, dict[str, float | None]] = {
         "majority answer": {"valid_ppl": None, **{f"{t}_accuracy": majority_baseline(train, tests, t)
                                                   for t in EXACT_TASKS}, **{f"{t}_chrf": None for t in CHRF_TASKS}}}
+    rm = load_reward_model(cfg.reward_model, device) if cfg.reward_model and Path(cfg.reward_model).is_dir() else None
+    reference = load_model(cfg.reference, device)[0] if cfg.reference and Path(cfg.reference).is_dir() else None
+    if rm is not None:
+        rows["majority answer"]["rm_score"] = None
+    if reference is not None:
+        rows["majority answer"]["kl_to_sft"] = None
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     walls = {}
     for name, path in stages.items():
         ts = time.perf_counter()
         model, tok = load_model(path, device)  # a model directory or a LoRA adapter directory
-        rows[name], answers = evaluate_stage(model, tok, tests, valid_docs, cfg)
+        vocab = model.config.vocab_size  # (a model with another tokenizer cannot be scored by them)
+        rows[name], answers = evaluate_stage(model, tok, tests, valid_docs, cfg,
+                                             rm if rm is not None and rm.config.vocab_size == vocab else None,
+                                             reference if reference is not None and reference.config.vocab_size == vocab
+                                             else None)
         walls[name] = time.perf_counter() - ts
         with open(out_dir / f"answers_{name}.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(a, ensure_ascii=False) + "\n" for a in answers)

@@ -834,3 +834,26 @@ def test_reward_model_then_ppo_runs_and_resumes(base_dir, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert {"score", "kl_to_ref", "entropy", "clip_fraction", "value_loss", "explained_variance"} <= set(
         k for line in lines for k in line)
+
+
+def test_kl_to_reference_and_reward_scores_used_by_eval(base_dir):
+    """eval.py's two RLHF columns: the KL estimate is exactly 0 for the reference itself and positive for a
+    changed policy; score_answers scores the chat-template row up to the answer's end-of-turn token."""
+    from gpt_minimind.model import MiniMindForSequenceClassification
+    from gpt_minimind.rlhf import kl_to_reference, score_answers
+
+    tok = base_dir["tok"]
+    policy, reference = load_model(base_dir["base"], "cpu")[0], load_model(base_dir["base"], "cpu")[0]
+    prompts = [[{"role": "user", "content": f"计算：{a}+{a}="}] for a in range(10)]
+    assert kl_to_reference(policy, reference, tok, prompts, 6) == 0.0
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    assert kl_to_reference(policy, reference, tok, prompts, 6) > 0.01  # (0.038 when written)
+    rm = MiniMindForSequenceClassification.from_causal_lm(reference)
+    torch.nn.init.normal_(rm.score.weight)
+    got = score_answers(rm, tok, prompts[:2], ["2", "谢谢"])
+    for i, text in enumerate(["2", "谢谢"]):
+        ids, _ = encode_chat(tok, prompts[i] + [{"role": "assistant", "content": text}], 64)
+        assert ids[-1] == tok.eos_token_id
+        torch.testing.assert_close(got[i], rm(torch.tensor([ids]))["scores"][0])
