@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 from common.checkpoint import load_pretrained, read_config
+from common.cli import UserError
 
 from .lora import apply_adapter, read_adapter_config
 from .model import MiniMindConfig, MiniMindForCausalLM, MiniMindForSequenceClassification
@@ -51,6 +52,12 @@ def load_reward_model(ckpt: str | Path, device) -> MiniMindForSequenceClassifica
     ckpt = Path(ckpt)
     if not (ckpt / "model.safetensors").is_file():
         raise FileNotFoundError(f"{ckpt}: no reward model there; train one first (python -m gpt_minimind.train_reward)")
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        if "score.weight" not in f.keys():
+            raise UserError(f"{ckpt}: a language model, not a reward model (its weights have no score head); "
+                            "train one with python -m gpt_minimind.train_reward")
     config = read_config(ckpt)
     model = MiniMindForSequenceClassification(MiniMindConfig.from_dict(config))
     return load_pretrained(model, ckpt).to(device).eval().requires_grad_(False)

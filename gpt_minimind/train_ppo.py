@@ -290,13 +290,13 @@ def main(cfg: PPOConfig) -> dict:
     out = Path(cfg.out_dir)
     ckpt_root = out / "checkpoints"
     resume_from = resume_point(ckpt_root, cfg.resume)
+    train_q, test_q = ppo_prompts(cfg, "train"), ppo_prompts(cfg, "test")[:cfg.eval_questions]  # bad data fails first
+    if len(train_q) < cfg.prompts_per_step:
+        raise UserError(f"{len(train_q)} training prompts are fewer than --prompts-per-step {cfg.prompts_per_step}")
     policy, reference, tok = policy_and_reference(cfg.init_from, device)
     rm = load_reward_model(cfg.reward_model, device)
     value = copy.deepcopy(rm).requires_grad_(True)  # the value model starts as the reward model
     models = PolicyAndValue(policy, value)
-    train_q, test_q = ppo_prompts(cfg, "train"), ppo_prompts(cfg, "test")[:cfg.eval_questions]
-    if len(train_q) < cfg.prompts_per_step:
-        raise UserError(f"{len(train_q)} training prompts are fewer than --prompts-per-step {cfg.prompts_per_step}")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 
     optimizer = torch.optim.AdamW([{"params": list(policy.parameters()), "lr": cfg.lr},

@@ -42,6 +42,9 @@ def _files(d: Path) -> dict[str, str]:
     put("summaries_missing.jsonl", b'{"text": "an article"}\n')
     put("conv_bad.jsonl", b'\n{"conversations": [{"role": "user", "content": "hi"}]}\n')  # no assistant turn
     put("conv_type.jsonl", b'{"conversations": "hello"}\n')
+    put("conv_ok.jsonl", "".join(json.dumps({"conversations": [{"role": "user", "content": f"{i}+1="},
+                                                               {"role": "assistant", "content": str(i + 1)}]}) + "\n"
+                                 for i in range(40)).encode())
     put("dpo_bad.jsonl", b'{"chosen": [{"role": "user", "content": "q"}], "rejected": "no"}\n')
     put("spans_bad.jsonl", '{"text": "浙江省杭州市", "spans": [[0, 3, "town?"]]}\n'.encode())
     put("spans_type.jsonl", '{"text": "浙江省杭州市", "spans": "0-3"}\n'.encode())
@@ -114,6 +117,20 @@ def _cases(w: dict[str, str], base: str) -> list[tuple[str, list[str], str]]:
                                *out], "text_null.jsonl:1: missing field(s) ['conversations']"),
         ("gpt_dpo_bad_pair", ["gpt_minimind.train_dpo", "--init-from", base, "--data-file", w["dpo_bad.jsonl"],
                               *out], "dpo_bad.jsonl:1: field 'rejected' is a string, expected a list"),
+        ("gpt_reward_bad_pair", ["gpt_minimind.train_reward", "--init-from", base, "--data-file", w["dpo_bad.jsonl"],
+                                 *out], "dpo_bad.jsonl:1: field 'rejected' is a string, expected a list"),
+        ("gpt_ppo_bad_prompts", ["gpt_minimind.train_ppo", "--init-from", base, "--data-file", w["conv_bad.jsonl"],
+                                 *out], "conv_bad.jsonl:2: 'conversations' must"),
+        ("gpt_ppo_missing_reward_model", ["gpt_minimind.train_ppo", "--init-from", base, "--reward-model",
+                                          w["missing_dir"], "--data-file", w["conv_ok.jsonl"], *out],
+         "no_such_run: no reward model there"),
+        ("gpt_ppo_reward_model_is_an_lm", ["gpt_minimind.train_ppo", "--init-from", base, "--reward-model", base,
+                                           "--data-file", w["conv_ok.jsonl"], *out],
+         "a language model, not a reward model"),
+        ("gpt_ppo_minibatch_too_big", ["gpt_minimind.train_ppo", "--minibatch-size", "999", *out],
+         "--minibatch-size 999: expected <= --prompts-per-step x --samples-per-prompt = 64"),
+        ("gpt_grpo_unchecked_task", ["gpt_minimind.train_grpo", "--init-from", base, "--tasks", "chat", *out],
+         "--tasks chat: GRPO needs answers a rule can check"),
         ("gpt_distill_missing_teacher", ["gpt_minimind.train_distill", "--teacher", w["missing_dir"], *out],
          "no_such_run"),
         ("gpt_sweep_unknown_point", ["gpt_minimind.sweep", "--points", "w9999_l9", "--out-dir", w["out"]],
