@@ -26,7 +26,7 @@ demo: data
 	$(PY) -m gpt_minimind.infer
 	$(PY) -m gpt_minimind.export_hf
 
-# the GPT chapter's part 2 after `make demo`: SFT, LoRA, QLoRA, DPO, GRPO, each scored by eval.py
+# the GPT chapter's part 2 after `make demo`: SFT, LoRA, QLoRA, DPO, GRPO, reward model + PPO, each scored by eval.py
 demo-finetune: data
 	$(PY) -m gpt_minimind.tasks
 	$(PY) -m gpt_minimind.train_sft
@@ -36,6 +36,8 @@ demo-finetune: data
 	$(PY) -m gpt_minimind.train_sft --init-from runs/gpt_minimind/sft/final --only-tasks arithmetic \
 		--max-iters 1500 --out-dir runs/gpt_minimind/sft_arith --run-name sft_arith_cpu
 	$(PY) -m gpt_minimind.train_grpo
+	$(PY) -m gpt_minimind.train_reward
+	$(PY) -m gpt_minimind.train_ppo
 	$(PY) -m gpt_minimind.eval
 
 # distillation: a mixture-of-experts teacher pretrained, then distilled into a dense student half as wide

@@ -37,7 +37,7 @@ from .tasks import CHRF_TASKS, EXACT_TASKS, Example, build_examples, exact_match
 DEFAULT_STAGES = ["pretrain=runs/gpt_minimind/pretrain/final", "sft=runs/gpt_minimind/sft/final",
                   "lora=runs/gpt_minimind/lora/final", "qlora=runs/gpt_minimind/qlora/final",
                   "dpo=runs/gpt_minimind/dpo/final", "sft_arith=runs/gpt_minimind/sft_arith/final",
-                  "grpo=runs/gpt_minimind/grpo/final"]
+                  "grpo=runs/gpt_minimind/grpo/final", "ppo=runs/gpt_minimind/ppo/final"]
 
 
 @dataclass
@@ -123,7 +123,7 @@ def evaluate_stage(model, tok, tests: list[Example], valid_docs: list[str], cfg:
         scores["rm_score"] = score_answers(rm, tok, scored_prompts, scored_preds).mean().item()
     if reference is not None:
         kl_prompts = [ex.prompt for ex in tests if ex.task in EXACT_TASKS][:cfg.kl_questions]
-        scores["kl_to_sft"] = kl_to_reference(model, reference, tok, kl_prompts, 24, seed=cfg.seed)
+        scores["kl_to_sft"] = kl_to_reference(model, reference, tok, kl_prompts, cfg.max_new_tokens, seed=cfg.seed)
     return scores, answers
 
 

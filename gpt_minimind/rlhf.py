@@ -61,9 +61,11 @@ def full_rows(prompts: list[list[int]], answers: list[list[int]], pad_id: int) -
     return out
 
 
-def token_logps(model: MiniMindForCausalLM, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """(B, T) log p(y_t | x_<=t); zero where y is -100."""
-    logp = model(x)["logits"].float().log_softmax(-1)
+def token_logps(model: MiniMindForCausalLM, x: torch.Tensor, y: torch.Tensor, temperature: float = 1.0
+                ) -> torch.Tensor:
+    """(B, T) log p(y_t | x_<=t); zero where y is -100. ``temperature``: of the distribution the answers
+    were sampled from (PPO's ratio and KL must use the policy that actually sampled)."""
+    logp = (model(x)["logits"].float() / temperature).log_softmax(-1)
     return logp.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1) * (y != -100)
 
 

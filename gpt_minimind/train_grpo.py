@@ -45,7 +45,7 @@ from .tasks import EXACT_TASKS, Example, arithmetic_tasks, build_examples, exact
 
 @dataclass
 class GRPOConfig:
-    """Raise held-out arithmetic accuracy with group-relative policy optimisation and rule rewards."""
+    """Raise held-out accuracy on checkable questions (arithmetic by default) with GRPO and rule rewards."""
 
     init_from: str = "runs/gpt_minimind/sft_arith/final"  # the policy's start and the frozen KL reference
     tasks: list[str] = field(default_factory=lambda: ["arithmetic"])  # checkable tasks whose questions train
@@ -53,7 +53,7 @@ class GRPOConfig:
     questions_per_step: int = 16  # prompts per optimizer step
     group_size: int = 8  # G answers sampled per prompt
     temperature: float = 1.0  # sampling temperature of the groups
-    max_new_tokens: int = 8  # answers are short numbers
+    max_new_tokens: int = 8  # enough for a number; raise it for other tasks (a dictionary gloss needs ~24)
     max_iters: int = 150  # optimizer steps
     lr: float = 2e-5  # peak learning rate (larger rates drifted: BENCHMARKS.md, GRPO learning rates)
     warmup_iters: int = 10
@@ -61,7 +61,7 @@ class GRPOConfig:
     clip_eps: float = 0.2  # PPO clip range
     format_reward: float = 0.1  # bonus for a bare integer answer
     grad_clip: float = 1.0
-    eval_questions: int = 200  # held-out arithmetic questions for the greedy accuracy
+    eval_questions: int = 200  # held-out questions of the tasks for the greedy accuracy
     eval_every: int = 50
     save_every: int = 50
     keep_checkpoints: int = 2

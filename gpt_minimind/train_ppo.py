@@ -19,8 +19,9 @@ model r (frozen) and the value model V (trained). Each step:
    value loss   0.5 mean max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2)
    stopping the epochs early once the KL between pi_old and pi passes 1.5 x target_kl.
 
-The value model is separate from the policy (InstructGPT's choice; trl's too): a copy of the reward
-model, which already reads answers as good or bad, so its first estimates are useful. A value head on
+The value model is separate from the policy (InstructGPT's choice, and trl's PPOTrainer since 2024; the
+older trl put a value head on the policy's body): a copy of the reward model, which already reads answers
+as good or bad, so its first estimates are useful. A value head on
 the policy's own body would save one model's memory (1.2 M parameters here, nothing) but mixes the
 value loss's gradients into the policy's weights and needs a loss weight to balance them.
 """
@@ -164,9 +165,10 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 
 def answer_aligned(t: torch.Tensor, starts: torch.Tensor, L: int) -> torch.Tensor:
-    """(B, T) row tensor -> (B, L): row i from position starts[i] on (answers begin after their prompts)."""
-    idx = (starts[:, None] + torch.arange(L, device=t.device)).clamp(max=t.shape[1] - 1)
-    return t.gather(1, idx)
+    """(B, T) row tensor -> (B, L): row i from position starts[i] on (answers begin after their prompts).
+    Past a row's end it reads zeros, never another token of the row; the answer mask says what is real."""
+    idx = starts[:, None] + torch.arange(L, device=t.device)
+    return torch.nn.functional.pad(t, (0, L)).gather(1, idx)
 
 
 @dataclass
@@ -195,13 +197,14 @@ def make_rollouts(policy, reference, value, prompts: list[list[int]], answers: l
     x, y = collate(prompts, answers, pad_id)
     x, y = x.to(device), y.to(device)
     starts = torch.tensor([len(p) - 1 for p in prompts], device=device)
-    L = max(map(len, answers))
-    mask = answer_aligned(y != -100, starts, L)
+    lengths = torch.tensor([len(a) for a in answers], device=device)
+    L = int(lengths.max())
+    mask = torch.arange(L, device=device)[None] < lengths[:, None]  # (B, L) True on each answer's tokens
     ended = torch.tensor([bool(a) and a[-1] == eos_id for a in answers], device=device)
     policy.eval()
     value.eval()
-    old_logp = answer_aligned(token_logps(policy, x, y), starts, L)
-    ref_logp = answer_aligned(token_logps(reference, x, y), starts, L)
+    old_logp = answer_aligned(token_logps(policy, x, y, cfg.temperature), starts, L)
+    ref_logp = answer_aligned(token_logps(reference, x, y, cfg.temperature), starts, L)
     old_values = answer_aligned(value(x)["values"], starts, L) * mask
     scores = scores.to(device) - cfg.missing_eos_penalty * (~ended).float()
     rewards = kl_penalized_rewards(old_logp, ref_logp, scores, mask, cfg.kl_coef)
@@ -223,7 +226,7 @@ def ppo_update(policy, value, optimizer, ro: Rollouts, cfg: PPOConfig, seed: int
         for i in range(0, B - cfg.minibatch_size + 1, cfg.minibatch_size):
             mb = perm[i:i + cfg.minibatch_size]
             m, starts = ro.mask[mb], ro.starts[mb]
-            logp_all = policy(ro.x[mb])["logits"].float().log_softmax(-1)
+            logp_all = (policy(ro.x[mb])["logits"].float() / cfg.temperature).log_softmax(-1)  # the sampling policy
             logp = answer_aligned(logp_all.gather(-1, ro.y[mb].clamp(min=0)[..., None]).squeeze(-1), starts, L)
             pg, pstats = policy_loss(logp, ro.old_logp[mb], ro.advantages[mb], m, cfg.clip_eps)
             vf = value_loss(answer_aligned(value(ro.x[mb])["values"], starts, L), ro.old_values[mb], ro.returns[mb],
@@ -284,9 +287,10 @@ def main(cfg: PPOConfig) -> dict:
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
-    if cfg.minibatch_size > cfg.prompts_per_step * cfg.samples_per_prompt:
-        raise UserError(f"--minibatch-size {cfg.minibatch_size}: expected <= --prompts-per-step x "
-                        f"--samples-per-prompt = {cfg.prompts_per_step * cfg.samples_per_prompt}")
+    n_answers = cfg.prompts_per_step * cfg.samples_per_prompt
+    if cfg.minibatch_size > n_answers or n_answers % cfg.minibatch_size:
+        raise UserError(f"--minibatch-size {cfg.minibatch_size}: expected a divisor of --prompts-per-step x "
+                        f"--samples-per-prompt = {n_answers}, so that every answer is used")
     out = Path(cfg.out_dir)
     ckpt_root = out / "checkpoints"
     resume_from = resume_point(ckpt_root, cfg.resume)
@@ -319,8 +323,10 @@ def main(cfg: PPOConfig) -> dict:
             outs = sample_answers(policy, tok, ids, cfg.samples_per_prompt, cfg.max_new_tokens, cfg.temperature, gen)
             prompts += [ids] * len(outs)
             answers += outs
-        with torch.no_grad():
-            scores = rm(full_rows(prompts, answers, pad_id).to(device))["scores"]
+        with torch.no_grad():  # the reward model's head at each answer's last token (known: no pad-id guessing)
+            last = torch.tensor([len(p) + len(a) - 1 for p, a in zip(prompts, answers)], device=device)
+            values = rm(full_rows(prompts, answers, pad_id).to(device))["values"]
+            scores = values[torch.arange(len(answers), device=device), last]
         # 2) the KL-penalised rewards, 3) GAE
         ro = make_rollouts(policy, reference, value, prompts, answers, scores, cfg, pad_id, tok.eos_token_id)
         # 4) epochs of minibatch updates, stopped early past the KL target

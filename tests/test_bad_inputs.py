@@ -128,7 +128,7 @@ def _cases(w: dict[str, str], base: str) -> list[tuple[str, list[str], str]]:
                                            "--data-file", w["conv_ok.jsonl"], *out],
          "a language model, not a reward model"),
         ("gpt_ppo_minibatch_too_big", ["gpt_minimind.train_ppo", "--minibatch-size", "999", *out],
-         "--minibatch-size 999: expected <= --prompts-per-step x --samples-per-prompt = 64"),
+         "--minibatch-size 999: expected a divisor of --prompts-per-step x --samples-per-prompt = 64"),
         ("gpt_grpo_unchecked_task", ["gpt_minimind.train_grpo", "--init-from", base, "--tasks", "chat", *out],
          "--tasks chat: GRPO needs answers a rule can check"),
         ("gpt_distill_missing_teacher", ["gpt_minimind.train_distill", "--teacher", w["missing_dir"], *out],

@@ -840,7 +840,7 @@ def test_kl_to_reference_and_reward_scores_used_by_eval(base_dir):
     """eval.py's two RLHF columns: the KL estimate is exactly 0 for the reference itself and positive for a
     changed policy; score_answers scores the chat-template row up to the answer's end-of-turn token."""
     from gpt_minimind.model import MiniMindForSequenceClassification
-    from gpt_minimind.rlhf import kl_to_reference, score_answers
+    from gpt_minimind.rlhf import kl_to_reference, prompt_ids, score_answers
 
     tok = base_dir["tok"]
     policy, reference = load_model(base_dir["base"], "cpu")[0], load_model(base_dir["base"], "cpu")[0]
@@ -854,6 +854,27 @@ def test_kl_to_reference_and_reward_scores_used_by_eval(base_dir):
     torch.nn.init.normal_(rm.score.weight)
     got = score_answers(rm, tok, prompts[:2], ["2", "谢谢"])
     for i, text in enumerate(["2", "谢谢"]):
+        # the row the reward model was trained on (encode_chat) = the row PPO scores: prompt + answer + <|im_end|>
         ids, _ = encode_chat(tok, prompts[i] + [{"role": "assistant", "content": text}], 64)
-        assert ids[-1] == tok.eos_token_id
+        assert ids == prompt_ids(tok, prompts[i]) + tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
         torch.testing.assert_close(got[i], rm(torch.tensor([ids]))["scores"][0])
+
+
+def test_rollouts_align_answers_of_different_prompt_lengths():
+    """A batch mixing a long prompt with a short answer and a short prompt with a long answer: each answer's
+    mask, log-probabilities and values are its own tokens', nothing read from padding or the prompt."""
+    from gpt_minimind.train_ppo import PPOConfig, make_rollouts
+
+    policy, reference, value = tiny_model(), tiny_model(), tiny_reward_model()
+    prompts, answers = [list(range(5, 15)), [5, 6, 7, 8, 9]], [[20, 2], [30, 31, 32, 2]]
+    ro = make_rollouts(policy, reference, value, prompts, answers, torch.tensor([1.0, -1.0]), PPOConfig(), 0, 2)
+    assert ro.mask.tolist() == [[True, True, False, False], [True, True, True, True]]
+    with torch.no_grad():
+        for i, (p, a) in enumerate(zip(prompts, answers)):
+            row = torch.tensor([p + a])
+            logp = policy(row)["logits"][0].log_softmax(-1)
+            expected = torch.stack([logp[len(p) - 1 + j, t] for j, t in enumerate(a)])
+            torch.testing.assert_close(ro.old_logp[i, :len(a)], expected, atol=1e-5, rtol=1e-5)
+            values = value(row)["values"][0, len(p) - 1:len(p) - 1 + len(a)]
+            torch.testing.assert_close(ro.old_values[i, :len(a)], values, atol=1e-5, rtol=1e-5)
+    assert (ro.old_logp[0, 2:] == 0).all() and (ro.returns[0, 2:] == 0).all() and (ro.advantages[0, 2:] == 0).all()
