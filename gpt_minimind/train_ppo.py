@@ -75,7 +75,7 @@ class PPOConfig:
     lam: float = 0.95  # GAE lambda
     clip_eps: float = 0.2  # policy ratio clip
     clip_value: float = 0.2  # value clip around the rollout's values
-    target_kl: float = 0.02  # stop a batch's epochs once KL(pi_old || pi) > 1.5 x this
+    target_kl: float = 0.02  # stop a batch's epochs once KL(pi_old || pi) > 1.5 x this (on a minibatch)
     missing_eos_penalty: float = 1.0  # subtracted from the score of an answer that never ended
     grad_clip: float = 1.0
     eval_questions: int = 200  # held-out questions of the tasks: greedy accuracy and reward-model score
@@ -214,8 +214,9 @@ def make_rollouts(policy, reference, value, prompts: list[list[int]], answers: l
 
 
 def ppo_update(policy, value, optimizer, ro: Rollouts, cfg: PPOConfig, seed: int) -> tuple[dict, int]:
-    """Step 4: ``cfg.ppo_epochs`` passes of minibatch updates over the rollouts, stopped once the
-    minibatch's KL(pi_old || pi) passes 1.5 x target_kl. Returns (per-update stats, epochs run)."""
+    """Step 4: ``cfg.ppo_epochs`` passes of minibatch updates over the rollouts, stopped (before the update)
+    at the first minibatch whose KL(pi_old || pi) passes 1.5 x target_kl, as Spinning Up's PPO does.
+    Returns (per-minibatch stats, epochs begun)."""
     policy.train()
     value.train()
     B, L = ro.mask.shape
@@ -231,6 +232,15 @@ def ppo_update(policy, value, optimizer, ro: Rollouts, cfg: PPOConfig, seed: int
             pg, pstats = policy_loss(logp, ro.old_logp[mb], ro.advantages[mb], m, cfg.clip_eps)
             vf = value_loss(answer_aligned(value(ro.x[mb])["values"], starts, L), ro.old_values[mb], ro.returns[mb],
                             m, cfg.clip_value)
+            with torch.no_grad():
+                entropy = answer_aligned(-(logp_all.exp() * logp_all).sum(-1), starts, L)
+            stats["entropy"].append(masked_mean(entropy, m).item())
+            stats["policy_loss"].append(pg.item())
+            stats["value_loss"].append(vf.item())
+            stats["clip_fraction"].append(pstats["clip_fraction"])
+            stats["approx_kl"].append(pstats["approx_kl"])
+            if pstats["approx_kl"] > 1.5 * cfg.target_kl:  # the policy has moved far enough on these rollouts
+                return stats, epoch + 1
             loss = pg + vf  # the two models share no parameter: each loss trains its own
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"PPO loss is {loss.item()}; lower --lr")
@@ -239,15 +249,6 @@ def ppo_update(policy, value, optimizer, ro: Rollouts, cfg: PPOConfig, seed: int
             clip_grad(value.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                entropy = answer_aligned(-(logp_all.exp() * logp_all).sum(-1), starts, L)
-            stats["entropy"].append(masked_mean(entropy, m).item())
-            stats["policy_loss"].append(pg.item())
-            stats["value_loss"].append(vf.item())
-            stats["clip_fraction"].append(pstats["clip_fraction"])
-            stats["approx_kl"].append(pstats["approx_kl"])
-            if pstats["approx_kl"] > 1.5 * cfg.target_kl:
-                return stats, epoch + 1
     return stats, cfg.ppo_epochs
 
 
@@ -276,7 +277,13 @@ def evaluate_policy(policy, rm, tok, examples: list[Example], max_new_tokens: in
     scores = score_answers(rm, tok, [ex.prompt for ex in examples], preds)
     scored = [(p, ex.answer) for p, ex in zip(preds, examples) if ex.answer]
     acc = sum(exact_match(p, a) for p, a in scored) / len(scored) if scored else float("nan")
-    return {"accuracy": acc, "rm_score": scores.mean().item()}
+    return {"accuracy": acc, "rm_score": scores.mean().item(), "scores": scores.tolist()}
+
+
+def paired_gain(before: list[float], after: list[float]) -> dict:
+    """Mean per-question gain after - before and its standard error (the same questions both times)."""
+    d = torch.tensor(after) - torch.tensor(before)
+    return {"mean": d.mean().item(), "standard_error": (d.std() / len(d) ** 0.5).item() if len(d) > 1 else 0.0}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -309,7 +316,7 @@ def main(cfg: PPOConfig) -> dict:
     scheduler, start, logger = resume_or_start(models, optimizer, cfg, out, resume_from, device)
     before = evaluate_policy(policy, rm, tok, test_q, cfg.max_new_tokens) if start == 0 else None
     if before:
-        logger.log({"step": 0, **{f"valid_{k}": v for k, v in before.items()}})
+        logger.log({"step": 0, "valid_accuracy": before["accuracy"], "valid_rm_score": before["rm_score"]})
         logger.write(f"step 0/{cfg.max_iters} | held-out accuracy {before['accuracy']:.1%} | reward-model score "
                      f"{before['rm_score']:+.3f} (the SFT model, greedy)")
     t_start = time.perf_counter()
@@ -341,7 +348,7 @@ def main(cfg: PPOConfig) -> dict:
                     answer_tokens=ro.mask.sum(-1).float().mean().item(), ended=ro.ended.float().mean().item())
         if done % cfg.eval_every == 0 or done == cfg.max_iters:
             ev = evaluate_policy(policy, rm, tok, test_q, cfg.max_new_tokens)
-            logger.log({"step": done, **{f"valid_{k}": v for k, v in ev.items()}})
+            logger.log({"step": done, "valid_accuracy": ev["accuracy"], "valid_rm_score": ev["rm_score"]})
             logger.write(f"step {done}/{cfg.max_iters} | held-out accuracy {ev['accuracy']:.1%} | reward-model "
                          f"score {ev['rm_score']:+.3f} | rollouts: score {scores.mean().item():+.3f}, KL to the "
                          f"reference {kl_ref:.3f} nats/answer, epochs {epochs_done}")
@@ -354,8 +361,10 @@ def main(cfg: PPOConfig) -> dict:
     save_pretrained(policy, policy.config.to_dict(), final_dir)
     copy_tokenizer(cfg.init_from, final_dir)
     save_pretrained(value, value.config.to_dict(), out / "value")
-    summary = {"steps": cfg.max_iters, "train_wall_s": wall, "before": before, "after": after,
-               "held_out_questions": len(test_q)}
+    gain = paired_gain(before["scores"], after["scores"]) if before else None
+    summary = {"steps": cfg.max_iters, "train_wall_s": wall, "held_out_questions": len(test_q),
+               "before": {k: v for k, v in before.items() if k != "scores"} if before else None,
+               "after": {k: v for k, v in after.items() if k != "scores"}, "rm_score_gain": gain}
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     cmd = command_line("gpt_minimind.train_ppo")
     (out / "results.json").write_text(json.dumps([
@@ -366,7 +375,8 @@ def main(cfg: PPOConfig) -> dict:
     was = f"{before['accuracy']:.1%} -> " if before else ""
     logger.write(f"done: {cfg.max_iters} steps in {wall:.0f} s | held-out accuracy {was}{after['accuracy']:.1%} | "
                  f"reward-model score " + (f"{before['rm_score']:+.3f} -> " if before else "")
-                 + f"{after['rm_score']:+.3f} | {final_dir}")
+                 + f"{after['rm_score']:+.3f}" + (f" (paired gain {gain['mean']:+.3f} +- {gain['standard_error']:.3f})"
+                                                   if gain else "") + f" | {final_dir}")
     logger.close()
     return {"summary": summary, "final_dir": final_dir}
 

@@ -787,6 +787,21 @@ def test_one_ppo_step_moves_the_policy_toward_the_rewarded_token():
     assert v_err_after < v_err_before
 
 
+def test_ppo_epochs_stop_early_past_the_kl_target():
+    from gpt_minimind.train_ppo import PPOConfig, make_rollouts, ppo_update
+
+    policy, reference, value = tiny_model(), tiny_model(), tiny_reward_model()
+    answers = [[10 + i, 2] for i in range(8)]
+    cfg = PPOConfig(ppo_epochs=4, minibatch_size=4, target_kl=1e-9)
+    ro = make_rollouts(policy, reference, value, [[5, 6, 7]] * 8, answers, torch.linspace(-1, 1, 8), cfg, 0, 2)
+    opt = torch.optim.SGD(list(policy.parameters()) + list(value.parameters()), lr=0.5)
+    stats, epochs = ppo_update(policy, value, opt, ro, cfg, seed=0)
+    assert epochs == 1 and len(stats["approx_kl"]) == 2  # the first update is free (pi = pi_old), the second stops
+    assert stats["approx_kl"][0] == pytest.approx(0.0, abs=1e-7) and stats["approx_kl"][1] > 1.5e-9
+    stats, epochs = ppo_update(policy, value, opt, ro, PPOConfig(ppo_epochs=4, minibatch_size=4, target_kl=1e9), 0)
+    assert epochs == 4 and len(stats["approx_kl"]) == 8
+
+
 def answer_values(value, ro):
     from gpt_minimind.train_ppo import answer_aligned
 
