@@ -52,6 +52,7 @@ class EvalConfig:
     reference: str = "runs/gpt_minimind/sft/final"  # the KL of each stage to it (kl_to_sft), if it exists
     kl_questions: int = 100  # held-out questions answered by sampling (temperature 1) for the KL
     out_dir: str = "runs/gpt_minimind/eval"  # eval.json, answers_<stage>.jsonl, results.json
+    run_prefix: str = ""  # records are named PREFIX_<stage>_cpu; empty = the out-dir's name ("eval")
     threads: int = 0
     device: str = "auto"
     seed: int = 0
@@ -183,7 +184,7 @@ def main(cfg: EvalConfig) -> dict:
     for name in stages:
         for metric, value in rows[name].items():
             base = rows["majority answer"].get(metric)
-            records.append(make_record("gpt_minimind", f"eval_{name}_cpu", metric, value,
+            records.append(make_record("gpt_minimind", f"{cfg.run_prefix or out_dir.name}_{name}_cpu", metric, value,
                                        "majority_answer" if base is not None else "none", base, walls[name], command))
     (out_dir / "results.json").write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n")
     result = {"scores": rows, "table": table, "wall_s": time.perf_counter() - t0, "per_task": cfg.per_task}

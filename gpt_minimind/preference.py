@@ -134,10 +134,11 @@ def all_logps(model, data: PairData, batch_size: int = 32) -> tuple[torch.Tensor
     return torch.cat(chosen), torch.cat(rejected)
 
 
-def preference_pairs(cfg, cache_file: Path, reuse: bool, model, tok) -> tuple[list[Pair], list[Pair], dict]:
+def preference_pairs(cfg, cache_file: Path, reuse: bool, model, tok, seed: int
+                     ) -> tuple[list[Pair], list[Pair], dict]:
     """(train pairs, held-out pairs, stats) as ``cfg`` asks: ``cfg.data_file`` (its first 5 % held out) or
-    built from the checkable tasks (``train_pairs``, ``own_samples`` answered by ``model``, ``eval_pairs``,
-    ``seed``). Written to ``cache_file``; with ``reuse`` (a resumed run) read back from it, so that a
+    built from the checkable tasks (``train_pairs``, ``own_samples`` answered by ``model``, ``eval_pairs``)
+    with ``seed``. Written to ``cache_file``; with ``reuse`` (a resumed run) read back from it, so that a
     resumed run trains on the very same pairs. DPO and the reward model call this with the same defaults
     and the same SFT model, so they get the same pairs."""
     if reuse and cache_file.is_file():
@@ -148,8 +149,8 @@ def preference_pairs(cfg, cache_file: Path, reuse: bool, model, tok) -> tuple[li
         n_valid = max(1, len(all_pairs) // 20)
         train, valid, stats = all_pairs[n_valid:], all_pairs[:n_valid], {}
     else:
-        train, stats = build_pairs("train", cfg.train_pairs, cfg.own_samples, model, tok, cfg.seed)
-        valid, _ = build_pairs("test", cfg.eval_pairs, 0, model, tok, cfg.seed)
+        train, stats = build_pairs("train", cfg.train_pairs, cfg.own_samples, model, tok, seed)
+        valid, _ = build_pairs("test", cfg.eval_pairs, 0, model, tok, seed)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     cache_file.write_text(json.dumps({"train": train, "valid": valid, "stats": stats}, ensure_ascii=False) + "\n")
     return train, valid, stats

@@ -103,7 +103,7 @@ def main(cfg: DPOConfig) -> dict:
     # 1) pairs (cached in out_dir so that --resume trains on the very same ones)
     t0 = time.perf_counter()
     train_pairs, valid_pairs, pair_stats = preference_pairs(cfg, out / "pairs.json", resume_from is not None,
-                                                            reference, tok)
+                                                            reference, tok, cfg.seed)
     train, valid = PairData(tok, train_pairs, max_len), PairData(tok, valid_pairs, max_len)
     ref_train, ref_valid = all_logps(reference, train), all_logps(reference, valid)
     print(f"pairs: {len(train)} train / {len(valid)} held out | SFT model's own answers: {pair_stats} | "

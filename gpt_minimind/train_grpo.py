@@ -154,7 +154,7 @@ def main(cfg: GRPOConfig) -> dict:
     train_q = task_questions(cfg.tasks, "train")
     test_q = task_questions(cfg.tasks, "test")[:cfg.eval_questions]
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    what = "+".join(cfg.tasks)
+    what = "+".join(cfg.tasks) if len(cfg.tasks) <= 2 else f"{len(cfg.tasks)}-task"
 
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     scheduler, start, logger = resume_or_start(policy, optimizer, cfg, out, resume_from, device)

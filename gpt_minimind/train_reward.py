@@ -66,7 +66,8 @@ class RewardConfig:
     save_every: int = 125
     keep_checkpoints: int = 2
     log_every: int = 25
-    seed: int = 1234
+    seed: int = 1234  # the batch order
+    pairs_seed: int = 1234  # the pairs' sampling: train_dpo.py's --seed, so that both train on the same pairs
     threads: int = 0
     device: str = "auto"
     resume: bool = False  # continue from the newest checkpoint in out_dir/checkpoints
@@ -124,7 +125,8 @@ def main(cfg: RewardConfig) -> dict:
 
     # 1) the pairs DPO uses, and the baselines on the held-out ones
     t0 = time.perf_counter()
-    train_pairs, valid_pairs, stats = preference_pairs(cfg, out / "pairs.json", resume_from is not None, sft, tok)
+    train_pairs, valid_pairs, stats = preference_pairs(cfg, out / "pairs.json", resume_from is not None, sft, tok,
+                                                       cfg.pairs_seed)
     train, valid = PairData(tok, train_pairs, max_len), PairData(tok, valid_pairs, max_len)
     tasks = None if cfg.data_file else held_out_tasks(valid_pairs)
     sft_c, sft_r = all_logps(sft, valid)
