@@ -9,9 +9,10 @@ Four models: the policy pi (trained, from SFT), the reference pi_ref (the SFT mo
 model r (frozen) and the value model V (trained). Each step:
 
 1. Rollouts: sample answers to a batch of prompts from pi with the KV cache; r scores each whole answer.
-2. Rewards per answer token t: r_t = -kl_coef * (log pi(a_t) - log pi_ref(a_t)), and the last token
+2. Rewards per answer token t: r_t = -beta * (log pi(a_t) - log pi_ref(a_t)), and the last token
    also gets the reward model's score (minus a penalty if the answer never ended). The KL term is what
-   keeps the policy near the SFT model, whose text the reward model was trained to judge.
+   keeps the policy near the SFT model, whose text the reward model was trained to judge; beta adapts
+   after each batch to hold the KL near a target (Ziegler et al. 2019's controller).
 3. Advantages by GAE (Schulman et al. 2016): delta_t = r_t + gamma V(s_t+1) - V(s_t),
    A_t = delta_t + gamma lambda A_t+1, returns R_t = A_t + V(s_t); A whitened over the batch.
 4. Several epochs of minibatch updates on the same rollouts, with the ratio rho = pi / pi_old:
@@ -70,7 +71,9 @@ class PPOConfig:
     lr: float = 2e-5  # the policy's peak learning rate
     value_lr: float = 1e-4  # the value model's
     warmup_iters: int = 5
-    kl_coef: float = 0.05  # beta of the per-token KL penalty (trl's default)
+    kl_coef: float = 0.1  # beta of the per-token KL penalty: its start when kl_target is set
+    kl_target: float = 0.3  # nats per answer: beta adapts to hold the rollouts' KL near it (0 = fixed beta)
+    kl_horizon: int = 256  # answers over which the controller may move beta by e x 20 % (Ziegler et al.)
     gamma: float = 1.0  # no discount within an answer (InstructGPT, trl)
     lam: float = 0.95  # GAE lambda
     clip_eps: float = 0.2  # policy ratio clip
@@ -138,6 +141,22 @@ def kl_penalized_rewards(logp: torch.Tensor, ref_logp: torch.Tensor, scores: tor
     return rewards.index_put((torch.arange(len(scores), device=scores.device), last), scores, accumulate=True)
 
 
+class AdaptiveKLController:
+    """Ziegler et al. 2019 (sec. 2.2), as InstructGPT and trl used it: after each batch of rollouts,
+    beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * answers / horizon. A fixed beta lets a policy that
+    finds a hole in the reward model walk as far from the SFT model as the hole pays for (seen here:
+    README); the controller holds the KL near the target instead, so the bound is a setting."""
+
+    def __init__(self, beta: float, target: float, horizon: int):
+        self.beta, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl: float, n_answers: int) -> float:
+        if self.target > 0:
+            error = min(max(kl / self.target - 1, -0.2), 0.2)
+            self.beta *= 1 + error * n_answers / self.horizon
+        return self.beta
+
+
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 clip_eps: float) -> tuple[torch.Tensor, dict]:
     """PPO's clipped surrogate, as a loss to minimise, and its diagnostics."""
@@ -190,7 +209,8 @@ class Rollouts:
 
 @torch.no_grad()
 def make_rollouts(policy, reference, value, prompts: list[list[int]], answers: list[list[int]],
-                  scores: torch.Tensor, cfg: PPOConfig, pad_id: int, eos_id: int) -> Rollouts:
+                  scores: torch.Tensor, cfg: PPOConfig, pad_id: int, eos_id: int, kl_coef: float | None = None
+                  ) -> Rollouts:
     """Steps 2 and 3: the log-probabilities of the sampled answers under pi and pi_ref, the values, the
     KL-penalised rewards (``scores``: the reward model's, one per answer) and GAE."""
     device = policy.lm_head.weight.device
@@ -207,7 +227,7 @@ def make_rollouts(policy, reference, value, prompts: list[list[int]], answers: l
     ref_logp = answer_aligned(token_logps(reference, x, y, cfg.temperature), starts, L)
     old_values = answer_aligned(value(x)["values"], starts, L) * mask
     scores = scores.to(device) - cfg.missing_eos_penalty * (~ended).float()
-    rewards = kl_penalized_rewards(old_logp, ref_logp, scores, mask, cfg.kl_coef)
+    rewards = kl_penalized_rewards(old_logp, ref_logp, scores, mask, cfg.kl_coef if kl_coef is None else kl_coef)
     advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
     return Rollouts(x, y, starts, mask, ended, old_logp, ref_logp, old_values, masked_whiten(advantages, mask),
                     returns)
@@ -314,6 +334,10 @@ def main(cfg: PPOConfig) -> dict:
                                    {"params": list(value.parameters()), "lr": cfg.value_lr}],
                                   betas=(0.9, 0.95), weight_decay=0.0)
     scheduler, start, logger = resume_or_start(models, optimizer, cfg, out, resume_from, device)
+    kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    if start > 0:  # the controller's beta is part of the run's state (in the checkpoint it resumed from)
+        state = torch.load(ckpt_root / f"step_{start:06d}" / "trainer_state.pt", map_location="cpu", weights_only=True)
+        kl_ctl.beta = state["extra"]["kl_coef"]
     before = evaluate_policy(policy, rm, tok, test_q, cfg.max_new_tokens) if start == 0 else None
     if before:
         logger.log({"step": 0, "valid_accuracy": before["accuracy"], "valid_rm_score": before["rm_score"]})
@@ -335,15 +359,18 @@ def main(cfg: PPOConfig) -> dict:
             values = rm(full_rows(prompts, answers, pad_id).to(device))["values"]
             scores = values[torch.arange(len(answers), device=device), last]
         # 2) the KL-penalised rewards, 3) GAE
-        ro = make_rollouts(policy, reference, value, prompts, answers, scores, cfg, pad_id, tok.eos_token_id)
+        ro = make_rollouts(policy, reference, value, prompts, answers, scores, cfg, pad_id, tok.eos_token_id,
+                           kl_ctl.beta)
         # 4) epochs of minibatch updates, stopped early past the KL target
         stats, epochs_done = ppo_update(policy, value, optimizer, ro, cfg, seed=cfg.seed + step * 31)
         scheduler.step()
         done = step + 1
         kl_ref = ((ro.old_logp - ro.ref_logp) * ro.mask).sum(-1).mean().item()  # per answer, on the rollouts
+        beta = kl_ctl.beta
+        kl_ctl.update(kl_ref, len(answers))
         mean = {k: sum(v) / len(v) for k, v in stats.items() if v}
         logger.step(done, mean["policy_loss"] + mean["value_loss"], scheduler.get_last_lr()[0], int(ro.mask.sum()),
-                    score=scores.mean().item(), kl_to_ref=kl_ref, **mean, epochs=epochs_done,
+                    score=scores.mean().item(), kl_to_ref=kl_ref, kl_coef=beta, **mean, epochs=epochs_done,
                     explained_variance=explained_variance(ro.old_values, ro.returns, ro.mask),
                     answer_tokens=ro.mask.sum(-1).float().mean().item(), ended=ro.ended.float().mean().item())
         if done % cfg.eval_every == 0 or done == cfg.max_iters:
@@ -351,10 +378,10 @@ def main(cfg: PPOConfig) -> dict:
             logger.log({"step": done, "valid_accuracy": ev["accuracy"], "valid_rm_score": ev["rm_score"]})
             logger.write(f"step {done}/{cfg.max_iters} | held-out accuracy {ev['accuracy']:.1%} | reward-model "
                          f"score {ev['rm_score']:+.3f} | rollouts: score {scores.mean().item():+.3f}, KL to the "
-                         f"reference {kl_ref:.3f} nats/answer, epochs {epochs_done}")
+                         f"reference {kl_ref:.3f} nats/answer (beta {beta:.3f}), epochs {epochs_done}")
         if done % cfg.save_every == 0 or done == cfg.max_iters:
             save_checkpoint(ckpt_root, done, models, {"policy": policy.config.to_dict()}, optimizer, scheduler,
-                            keep=cfg.keep_checkpoints)
+                            extra={"kl_coef": kl_ctl.beta}, keep=cfg.keep_checkpoints)
     wall = time.perf_counter() - t_start
     after = evaluate_policy(policy, rm, tok, test_q, cfg.max_new_tokens)
     final_dir = out / "final"

@@ -802,6 +802,16 @@ def test_ppo_epochs_stop_early_past_the_kl_target():
     assert epochs == 4 and len(stats["approx_kl"]) == 8
 
 
+def test_adaptive_kl_controller_moves_beta_toward_the_target():
+    from gpt_minimind.train_ppo import AdaptiveKLController
+
+    ctl = AdaptiveKLController(beta=0.1, target=0.5, horizon=100)
+    assert ctl.update(1.0, 50) == pytest.approx(0.1 * (1 + 0.2 * 0.5))  # KL twice the target: +20 % x 50/100
+    assert ctl.update(0.4, 100) == pytest.approx(0.11 * (1 - 0.2))  # KL 20 % under: -20 %
+    assert ctl.update(0.5, 100) == pytest.approx(0.088)  # on target: unchanged
+    assert AdaptiveKLController(0.1, 0.0, 100).update(5.0, 100) == 0.1  # target 0: a fixed beta
+
+
 def answer_values(value, ro):
     from gpt_minimind.train_ppo import answer_aligned
 
