@@ -1,14 +1,18 @@
-"""The architecture figure of the chapter README, drawn from a model config (so it shows the real sizes).
+"""The chapter README's figures: the architecture, drawn from a model config (so it shows the real sizes),
+and PPO runs side by side, drawn from their metrics.jsonl.
 
     python -m gpt_minimind.figures --out doc/gpt_minimind_architecture.png
+    python -m gpt_minimind.figures --ppo-runs "adaptive beta=runs/gpt_minimind/ppo" \
+        "fixed beta 0.05=runs/gpt_minimind/ppo_fixed_beta" --out doc/gpt_minimind_ppo.png
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.cli import run_main
+from common.cli import UserError, run_main
+from common.log import read_metrics
 
 from .model import MODEL_PRESETS, MiniMindConfig
 
@@ -62,16 +66,58 @@ def draw_architecture(cfg: MiniMindConfig, path: str | Path, title: str = "") ->
     return path
 
 
+def draw_ppo_runs(runs: dict[str, Path], path: str | Path) -> Path:
+    """Three panels against the PPO step: the reward model's score of the rollouts (a running mean of 5),
+    their KL to the SFT model (nats per answer), and the held-out accuracy of greedy answers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.0), dpi=90)
+    for name, run in runs.items():
+        rows = read_metrics(Path(run) / "metrics.jsonl")
+        steps = [r for r in rows if "score" in r]
+        evals = [r for r in rows if "valid_accuracy" in r]
+        x = [r["step"] for r in steps]
+        smooth = [sum(r["score"] for r in steps[max(0, i - 4):i + 1]) / len(steps[max(0, i - 4):i + 1])
+                  for i in range(len(steps))]
+        axes[0].plot(x, smooth, label=name)
+        axes[1].plot(x, [r["kl_to_ref"] for r in steps], label=name)
+        axes[2].plot([r["step"] for r in evals], [100 * r["valid_accuracy"] for r in evals], marker="o", label=name)
+    for ax, title in zip(axes, ["reward-model score of the rollouts", "KL to the SFT model (nats / answer)",
+                                "held-out accuracy, greedy (%)"]):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("PPO step", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+    axes[2].legend(fontsize=8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 @dataclass
 class FigureConfig:
-    """Draw the architecture of a preset."""
+    """Draw the architecture of a preset, or PPO runs side by side."""
 
     preset: str = "cpu"  # model preset: cpu, gpu4gb or full
+    ppo_runs: list[str] = field(default_factory=list)  # NAME=DIR of train_ppo runs: draw them instead
     out: str = "doc/gpt_minimind_architecture.png"  # where the PNG goes
 
 
 if __name__ == "__main__":
     def _main(fc: FigureConfig) -> None:
+        if fc.ppo_runs:
+            runs = dict(r.split("=", 1) for r in fc.ppo_runs)
+            missing = [d for d in runs.values() if not (Path(d) / "metrics.jsonl").is_file()]
+            if missing:
+                raise UserError(f"--ppo-runs: no metrics.jsonl in {missing[0]} (train_ppo.py writes one)")
+            print(draw_ppo_runs(runs, fc.out))
+            return
         mc = MiniMindConfig(**MODEL_PRESETS[fc.preset])
         print(draw_architecture(mc, fc.out, f"MiniMind, {fc.preset} preset"))
 
