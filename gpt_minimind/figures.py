@@ -17,6 +17,18 @@ from common.log import read_metrics
 from .model import MODEL_PRESETS, MiniMindConfig
 
 
+def save_figure(fig, path: str | Path) -> Path:
+    """Write ``fig`` to ``path`` (folders made) and free it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def draw_architecture(cfg: MiniMindConfig, path: str | Path, title: str = "") -> Path:
     import matplotlib
 
@@ -58,12 +70,7 @@ def draw_architecture(cfg: MiniMindConfig, path: str | Path, title: str = "") ->
     ax.set_ylim(-0.2, 8.6)
     ax.axis("off")
     ax.set_title(title or "MiniMind (Llama-style decoder)", fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def draw_ppo_runs(runs: dict[str, Path], path: str | Path) -> Path:
@@ -92,12 +99,7 @@ def draw_ppo_runs(runs: dict[str, Path], path: str | Path) -> Path:
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
     axes[2].legend(fontsize=8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 @dataclass

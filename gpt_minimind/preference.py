@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from common.cli import UserError
 from common.data import iter_jsonl
 
 from . import engine
+from .dataset import epoch_order
 from .finetune import encode_chat
 from .model import MiniMindForCausalLM
 from .tasks import EXACT_TASKS, NEWS_LABELS, Example, build_examples, exact_match
@@ -154,3 +156,17 @@ def preference_pairs(cfg, cache_file: Path, reuse: bool, model, tok, seed: int
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     cache_file.write_text(json.dumps({"train": train, "valid": valid, "stats": stats}, ensure_ascii=False) + "\n")
     return train, valid, stats
+
+
+def pair_batches(n: int, batch_size: int, seed: int, start: int, max_iters: int) -> Iterator[tuple[int, list[int]]]:
+    """(step, pair indices) for steps ``start`` .. ``max_iters`` - 1: whole batches in a seeded order per
+    epoch, so a run resumed at any step sees the batches an uninterrupted one would."""
+    steps_per_epoch = n // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{n} pairs are fewer than one batch of {batch_size}")
+    order, order_epoch = [], -1
+    for step in range(start, max_iters):
+        epoch, b = divmod(step, steps_per_epoch)
+        if epoch != order_epoch:
+            order, order_epoch = epoch_order(n, seed, epoch), epoch
+        yield step, order[b * batch_size:(b + 1) * batch_size]

@@ -36,9 +36,8 @@ from common.results import command_line, make_record
 from common.runtime import pick_device, seed_everything, set_threads
 from common.schedule import clip_grad
 
-from .dataset import epoch_order
 from .loading import copy_tokenizer, policy_and_reference
-from .preference import PairData, all_logps, preference_pairs, sequence_logps
+from .preference import PairData, all_logps, pair_batches, preference_pairs, sequence_logps
 
 
 @dataclass
@@ -117,45 +116,36 @@ def main(cfg: DPOConfig) -> dict:
         logger.log({"step": 0, **{f"valid_{k}": v for k, v in before.items()}})
         logger.write(f"step 0/{cfg.max_iters} | held-out preference accuracy {before['preference_accuracy']:.1%}"
                      " (the SFT model's log p(chosen) > log p(rejected))")
-    steps_per_epoch = len(train) // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train)} pairs are fewer than one batch of {cfg.batch_size}")
     policy.train()
     step, t_start, losses = start, time.perf_counter(), []
-    while step < cfg.max_iters:
-        epoch, b0 = divmod(step, steps_per_epoch)
-        order = epoch_order(len(train), cfg.seed, epoch)
-        for b in range(b0, steps_per_epoch):
-            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            x, y = train.collate(idx)
-            lp = sequence_logps(policy, x.to(device), y.to(device))
-            loss, cr, rr = dpo_loss(lp[:len(idx)], lp[len(idx):], ref_train[0][idx].to(device),
-                                    ref_train[1][idx].to(device), cfg.beta)
-            if cfg.sft_weight > 0:  # keep the chosen answers likely, not only likelier than the rejected
-                loss = loss - cfg.sft_weight * lp[:len(idx)].sum() / (y[:len(idx)] != -100).sum()
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower --lr")
-            loss.backward()
-            clip_grad(policy.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
-            losses.append(loss.item())
-            logger.step(step, loss.item(), scheduler.get_last_lr()[0], x.numel(),
-                        reward_accuracy=(cr > rr).float().mean().item(), reward_margin=(cr - rr).mean().item())
-            if step % cfg.eval_every == 0 or step == cfg.max_iters:
-                stats = reward_stats(policy, ref_valid, valid, cfg.beta)
-                policy.train()
-                logger.log({"step": step, **{f"valid_{k}": v for k, v in stats.items()}})
-                logger.write(f"step {step}/{cfg.max_iters} | held-out preference accuracy "
-                             f"{stats['preference_accuracy']:.1%} | reward accuracy {stats['reward_accuracy']:.1%}"
-                             f" | margin {stats['reward_margin']:.3f}")
-            if step % cfg.save_every == 0 or step == cfg.max_iters:
-                save_checkpoint(ckpt_root, step, policy, policy.config.to_dict(), optimizer, scheduler,
-                                keep=cfg.keep_checkpoints)
-            if step >= cfg.max_iters:
-                break
+    for i, idx in pair_batches(len(train), cfg.batch_size, cfg.seed, start, cfg.max_iters):
+        x, y = train.collate(idx)
+        lp = sequence_logps(policy, x.to(device), y.to(device))
+        loss, cr, rr = dpo_loss(lp[:len(idx)], lp[len(idx):], ref_train[0][idx].to(device),
+                                ref_train[1][idx].to(device), cfg.beta)
+        if cfg.sft_weight > 0:  # keep the chosen answers likely, not only likelier than the rejected
+            loss = loss - cfg.sft_weight * lp[:len(idx)].sum() / (y[:len(idx)] != -100).sum()
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss is {loss.item()} at step {i}; lower --lr")
+        loss.backward()
+        clip_grad(policy.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        step = i + 1
+        losses.append(loss.item())
+        logger.step(step, loss.item(), scheduler.get_last_lr()[0], x.numel(),
+                    reward_accuracy=(cr > rr).float().mean().item(), reward_margin=(cr - rr).mean().item())
+        if step % cfg.eval_every == 0 or step == cfg.max_iters:
+            stats = reward_stats(policy, ref_valid, valid, cfg.beta)
+            policy.train()
+            logger.log({"step": step, **{f"valid_{k}": v for k, v in stats.items()}})
+            logger.write(f"step {step}/{cfg.max_iters} | held-out preference accuracy "
+                         f"{stats['preference_accuracy']:.1%} | reward accuracy {stats['reward_accuracy']:.1%}"
+                         f" | margin {stats['reward_margin']:.3f}")
+        if step % cfg.save_every == 0 or step == cfg.max_iters:
+            save_checkpoint(ckpt_root, step, policy, policy.config.to_dict(), optimizer, scheduler,
+                            keep=cfg.keep_checkpoints)
     wall = time.perf_counter() - t_start
     after = reward_stats(policy, ref_valid, valid, cfg.beta)
     final_dir = out / "final"

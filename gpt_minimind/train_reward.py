@@ -36,11 +36,10 @@ from common.results import command_line, make_record
 from common.runtime import pick_device, seed_everything, set_threads
 from common.schedule import clip_grad
 
-from .dataset import epoch_order
 from .export_hf import export_reward_model
 from .loading import copy_tokenizer, load_model
 from .model import MiniMindForSequenceClassification
-from .preference import PairData, all_logps, preference_pairs
+from .preference import PairData, all_logps, pair_batches, preference_pairs
 from .tasks import EXACT_TASKS, build_examples
 
 
@@ -145,42 +144,33 @@ def main(cfg: RewardConfig) -> dict:
     del sft
     optimizer = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     scheduler, start, logger = resume_or_start(rm, optimizer, cfg, out, resume_from, device)
-    steps_per_epoch = len(train) // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train)} pairs are fewer than one batch of {cfg.batch_size}")
     rm.train()
     step, t_start, losses = start, time.perf_counter(), []
-    while step < cfg.max_iters:
-        epoch, b0 = divmod(step, steps_per_epoch)
-        order = epoch_order(len(train), cfg.seed, epoch)
-        for b in range(b0, steps_per_epoch):
-            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            x, _ = train.collate(idx)
-            scores = rm(x.to(device))["scores"]
-            chosen, rejected = scores[:len(idx)], scores[len(idx):]
-            loss = bradley_terry_loss(chosen, rejected, cfg.center_weight)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower --lr")
-            loss.backward()
-            clip_grad(rm.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
-            losses.append(loss.item())
-            logger.step(step, loss.item(), scheduler.get_last_lr()[0], x.numel(),
-                        pair_accuracy=(chosen > rejected).float().mean().item())
-            if step % cfg.eval_every == 0 or step == cfg.max_iters:
-                ev = pair_stats(*pair_scores(rm, valid), tasks)
-                rm.train()
-                logger.log({"step": step, **{f"valid_{k}": v for k, v in ev.items()}})
-                logger.write(f"step {step}/{cfg.max_iters} | held-out pair accuracy {ev['pair_accuracy']:.1%} | "
-                             f"margin {ev['margin']:.2f} | mean score {ev['mean_score']:+.2f}")
-            if step % cfg.save_every == 0 or step == cfg.max_iters:
-                save_checkpoint(ckpt_root, step, rm, rm.config.to_dict(), optimizer, scheduler,
-                                keep=cfg.keep_checkpoints)
-            if step >= cfg.max_iters:
-                break
+    for i, idx in pair_batches(len(train), cfg.batch_size, cfg.seed, start, cfg.max_iters):
+        x, _ = train.collate(idx)
+        scores = rm(x.to(device))["scores"]
+        chosen, rejected = scores[:len(idx)], scores[len(idx):]
+        loss = bradley_terry_loss(chosen, rejected, cfg.center_weight)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss is {loss.item()} at step {i}; lower --lr")
+        loss.backward()
+        clip_grad(rm.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        step = i + 1
+        losses.append(loss.item())
+        logger.step(step, loss.item(), scheduler.get_last_lr()[0], x.numel(),
+                    pair_accuracy=(chosen > rejected).float().mean().item())
+        if step % cfg.eval_every == 0 or step == cfg.max_iters:
+            ev = pair_stats(*pair_scores(rm, valid), tasks)
+            rm.train()
+            logger.log({"step": step, **{f"valid_{k}": v for k, v in ev.items()}})
+            logger.write(f"step {step}/{cfg.max_iters} | held-out pair accuracy {ev['pair_accuracy']:.1%} | "
+                         f"margin {ev['margin']:.2f} | mean score {ev['mean_score']:+.2f}")
+        if step % cfg.save_every == 0 or step == cfg.max_iters:
+            save_checkpoint(ckpt_root, step, rm, rm.config.to_dict(), optimizer, scheduler,
+                            keep=cfg.keep_checkpoints)
     wall = time.perf_counter() - t_start
 
     # 3) held-out accuracy, our directory and the transformers export (checked to give our scores)

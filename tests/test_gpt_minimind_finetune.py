@@ -903,3 +903,14 @@ def test_rollouts_align_answers_of_different_prompt_lengths():
             values = value(row)["values"][0, len(p) - 1:len(p) - 1 + len(a)]
             torch.testing.assert_close(ro.old_values[i, :len(a)], values, atol=1e-5, rtol=1e-5)
     assert (ro.old_logp[0, 2:] == 0).all() and (ro.returns[0, 2:] == 0).all() and (ro.advantages[0, 2:] == 0).all()
+
+
+def test_pair_batches_resume_mid_epoch_with_the_same_batches():
+    from gpt_minimind.preference import pair_batches
+
+    full = list(pair_batches(10, 3, seed=7, start=0, max_iters=8))  # 3 batches an epoch; the 10th pair waits
+    assert [s for s, _ in full] == list(range(8)) and all(len(idx) == 3 for _, idx in full)
+    assert [idx for _, idx in full[:3]] != [idx for _, idx in full[3:6]]  # a new order each epoch
+    assert list(pair_batches(10, 3, seed=7, start=4, max_iters=8)) == full[4:]
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        next(pair_batches(2, 3, seed=7, start=0, max_iters=1))
