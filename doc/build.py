@@ -1,0 +1,583 @@
+"""Build the project's website: every chapter's README beside its annotated source.
+
+    python -m doc.build            # or: make docs      -> site/  (open site/index.html, or python -m http.server -d site)
+    python -m doc.build --serve    # build, then serve on http://127.0.0.1:8000
+
+Two steps. First a pre-step of ours writes a Markdown tree into ``build/site_src/``:
+
+- each chapter's README (``index`` of the chapter), its ``.py`` files as *annotated pages* in reading order
+  (model -> dataset -> train_* in pipeline order -> infer -> the rest), then the chapter's measured results,
+  read from ``doc/results.json`` (never retyped), and its pictures;
+- an annotated page puts the prose of a file (module docstring, function and class docstrings, full-line comment
+  blocks) in one column and the code it precedes in the other, with line numbers that are anchors (``#L42``);
+  the prose is Markdown, and ``$...$`` / ``$$...$$`` in it become MathML here, so equations render with no
+  script and no CDN;
+- the syllabus, with every ``file.py:Symbol`` and ``tests/x.py::test`` turned into a link to its line (a symbol
+  that no longer exists stops the build), and a page of every result;
+- README links to ``.py`` files point at their annotated pages, and backticked ``file.py:Symbol`` pointers
+  become links to the line.
+
+Then mkdocs with the Material theme renders it into ``site/`` in strict mode: a broken link or anchor is an
+error, not a warning. Everything comes from installed packages (no Google Fonts, no MathJax from a CDN; the
+search index is Material's own), so the site builds and reads offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import functools
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tokenize
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CSS = Path(__file__).resolve().parent / "site.css"
+
+
+class BuildError(Exception):
+    """Something the site would show wrong (a pointer to code that is gone, an equation that does not parse)."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Definitions and their lines (also what tests/test_layout.py checks the docs' code pointers against)
+
+@functools.cache
+def definitions(path: Path) -> dict[str, int]:
+    """Names a file defines -> the line of the definition: top-level functions, classes and assignments, and
+    (as 'Class.name' and 'name') the methods and fields of its classes, including ``self.x = ...`` in
+    ``__init__``. Imported names do not count: a pointer must name the home of a symbol."""
+    found: dict[str, int] = {}
+
+    def add(name: str, line: int) -> None:
+        found.setdefault(name, line)
+
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            add(node.name, node.lineno)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for t in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                if isinstance(t, ast.Name):
+                    add(t.id, node.lineno)
+        if isinstance(node, ast.ClassDef):
+            for item in node.body:
+                member = getattr(item, "name", None) or getattr(getattr(item, "target", None), "id", None)
+                if member:
+                    add(f"{node.name}.{member}", item.lineno)
+                    add(member, item.lineno)
+                if isinstance(item, ast.FunctionDef) and item.name == "__init__":  # self.x = ... attributes
+                    for n in ast.walk(item):
+                        for t in getattr(n, "targets", []):
+                            if isinstance(t, ast.Attribute) and getattr(t.value, "id", "") == "self":
+                                add(f"{node.name}.{t.attr}", n.lineno)
+    return found
+
+
+def code_pointers(text: str, base: Path):
+    """(line index, file, symbol) for every `file.py:Symbol` in a table row, and for the bare `Symbol`s after it
+    in the same cell (they name more symbols of that file). In doc/syllabus.md a bare file name belongs to the
+    chapter of its "## X: chapter" section."""
+    section = base
+    for i, line in enumerate(text.splitlines()):
+        heading = re.match(r"^## \w+: (\w+)", line)
+        if heading and (ROOT / heading.group(1)).is_dir():
+            section = ROOT / heading.group(1)
+        if not line.startswith("|"):
+            continue
+        for cell in line.split("|"):
+            current = None
+            for token in re.findall(r"`([^`]+)`", cell):
+                m = re.match(r"^([\w/]+\.py)(?::([A-Za-z_][\w.]*))?", token)
+                if m:
+                    current = base / m.group(1) if "/" in m.group(1) else section / m.group(1)
+                    if m.group(2):
+                        yield i, current, m.group(2)
+                elif current is not None and re.fullmatch(r"[A-Za-z_]\w*(\.\w+)*", token):
+                    yield i, current, token
+
+
+# --------------------------------------------------------------------------------------------------------------
+# An annotated page: prose beside the code it explains
+
+@dataclass
+class Section:
+    prose: str = ""                                  # Markdown
+    lines: list[int] = field(default_factory=list)   # 1-based source lines shown in the code column
+
+
+SKIP_COMMENT = re.compile(r"^#\s*(noqa|type:|fmt:|ruff:|pragma|!)|^#!|^#\s*[-=#*~]{3,}\s*$")
+
+
+def annotate(source: str) -> list[Section]:
+    """Split a Python file into sections, pycco's way. A section starts at a full-line comment block (its text
+    is the prose), at a class or function with a docstring (the docstring is the prose; its lines leave the
+    code column) and at every other top-level class or function (no prose: it keeps the code aligned). The
+    module docstring is the first section's prose. A start that comes before any code of the open section
+    adds its prose to that section instead (a comment right above a documented function is one section)."""
+    tree = ast.parse(source)
+    starts: dict[int, list[str]] = defaultdict(list)
+    hidden: set[int] = set()
+
+    def docstring_lines(node) -> range | None:
+        body = getattr(node, "body", None)
+        if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+                and isinstance(body[0].value.value, str):
+            return range(body[0].lineno, body[0].end_lineno + 1)
+        return None
+
+    module_doc = docstring_lines(tree)
+    if module_doc:
+        hidden.update(module_doc)
+        starts[1].append(ast.get_docstring(tree) or "")
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            doc = docstring_lines(node)
+            if doc:
+                hidden.update(doc)
+                starts[first].append(ast.get_docstring(node) or "")
+            elif node in tree.body:
+                starts[first].append("")
+
+    block: list[str] = []  # full-line comments, found with tokenize (a '#' inside a string is no comment)
+    lines = source.splitlines()
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type != tokenize.COMMENT or lines[tok.start[0] - 1][:tok.start[1]].strip():
+            continue
+        row, text = tok.start[0], tok.string
+        hidden.add(row)
+        if SKIP_COMMENT.match(text):
+            continue
+        if block and block[-1][0] == row - 1:
+            block.append((row, text))
+        else:
+            block = [(row, text)]
+            starts[row].append("")  # filled below, when the block is complete
+        starts[block[0][0]][-1] = "\n".join(re.sub(r"^#\s?", "", t) for _, t in block)
+
+    sections = [Section()]
+    for row in range(1, len(lines) + 1):
+        for prose in starts.get(row, []):
+            current = sections[-1]
+            if any(lines[r - 1].strip() for r in current.lines):
+                sections.append(Section(prose=prose))
+            elif prose:
+                current.prose = (current.prose + "\n\n" + prose).strip()
+        if row not in hidden:
+            sections[-1].lines.append(row)
+    for s in sections:  # trim blank lines at both ends of each code column
+        while s.lines and not lines[s.lines[0] - 1].strip():
+            s.lines.pop(0)
+        while s.lines and not lines[s.lines[-1] - 1].strip():
+            s.lines.pop()
+    return [s for s in sections if s.prose or s.lines]
+
+
+MATH = re.compile(r"\$\$(.+?)\$\$|(?<![\w$\\])\$(?=\S)([^$\n]+?)(?<=\S)\$(?![\w$])", re.S)
+CODE_SPAN = re.compile(r"(`+)(.+?)\1", re.S)
+
+
+def latex_to_mathml(latex: str, display: bool) -> str:
+    from latex2mathml.converter import convert
+
+    try:
+        return convert(latex.strip(), display="block" if display else "inline")
+    except Exception as e:  # noqa: BLE001 - any parse failure is the same error for the reader
+        raise BuildError(f"the equation ${latex}$ does not parse ({type(e).__name__}: {e})") from e
+
+
+def prose_html(text: str, where: str = "") -> str:
+    """Docstring or comment prose -> HTML: Markdown with math. Docstrings are written to be read as plain text
+    too, so characters Markdown would take as markup outside code spans (``*``, ``_``, ``<``, a leading ``>``)
+    are escaped first; backticked code and ``$math$`` stay as written."""
+    import markdown
+
+    maths: list[str] = []
+
+    def keep_math(m: re.Match) -> str:
+        display = m.group(1) is not None
+        try:
+            maths.append(latex_to_mathml(m.group(1) if display else m.group(2), display))
+        except BuildError as e:
+            raise BuildError(f"{where}: {e}") from None
+        return f"MATHPLACEHOLDER{len(maths) - 1}X"
+
+    out, pos = [], 0
+    for m in CODE_SPAN.finditer(text):  # escape outside code spans only
+        out.append(_escape_prose(MATH.sub(keep_math, text[pos:m.start()])))
+        out.append(m.group(0))
+        pos = m.end()
+    out.append(_escape_prose(MATH.sub(keep_math, text[pos:])))
+    rendered = markdown.markdown("".join(out), extensions=["fenced_code", "tables", "sane_lists"])
+    return re.sub(r"MATHPLACEHOLDER(\d+)X", lambda m: maths[int(m.group(1))], rendered)
+
+
+def _escape_prose(text: str) -> str:
+    text = text.replace("\\", "\\\\").replace("*", "\\*").replace("_", "\\_").replace("<", "&lt;")
+    text = re.sub(r"(?m)^(\s*)\\\* ", r"\1* ", text)  # a bullet stays a bullet
+    return re.sub(r"(?m)^(\s*)>", r"\1\\>", text)
+
+
+def highlighted_lines(source: str) -> list[str]:
+    """One HTML string per source line (pygments closes its spans at every line end)."""
+    from pygments import highlight
+    from pygments.formatters import HtmlFormatter
+    from pygments.lexers import PythonLexer
+
+    out = highlight(source, PythonLexer(stripnl=False, ensurenl=True), HtmlFormatter(nowrap=True))
+    lines = out.split("\n")
+    return lines[:len(source.splitlines())]
+
+
+def annotated_page(path: Path) -> str:
+    """The Markdown (mostly HTML) of one annotated file."""
+    source = path.read_text(encoding="utf-8")
+    rel = path.relative_to(ROOT).as_posix()
+    title = rel
+    code = highlighted_lines(source)
+    parts = [f"---\ntitle: {title}\nhide:\n  - toc\n---\n", f"# `{rel}`\n",
+             f'<p class="annotated-meta">{len(code)} lines · <a href="{path.name}">the file as it is</a></p>\n',
+             '<div class="annotated">']
+    for i, s in enumerate(annotate(source)):
+        prose = prose_html(s.prose, where=rel) if s.prose else ""
+        rows, previous = [], None
+        for n in s.lines:
+            if previous is not None and n != previous + 1:
+                rows.append('<span class="gap"></span>')
+            rows.append(f'<span class="line" id="L{n}"><a class="ln" href="#L{n}">{n}</a>{code[n - 1]}</span>')
+            previous = n
+        code_html = "\n".join(rows)
+        parts.append(f'<section class="annotated-section" id="section-{i}">'
+                     f'<div class="annotated-prose">{prose}</div>'
+                     f'<div class="annotated-code highlight"><pre><code>{code_html}</code></pre></div></section>')
+    parts.append("</div>\n")
+    # no blank line may split the raw HTML block, or Markdown would take the rest as text
+    return parts[0] + parts[1] + parts[2] + "\n" + "".join(parts[3:])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The site's Markdown tree
+
+def page_of(py: Path) -> str:
+    """Where a .py file's annotated page lives in the site, relative to the site root."""
+    rel = py.relative_to(ROOT)
+    return (rel.parent / f"{rel.stem}_py.md").as_posix()
+
+
+def chapters() -> list[str]:
+    """The chapters in reading order, as the Makefile lists them."""
+    m = re.search(r"^CHAPTERS\s*:=\s*(.+)$", (ROOT / "Makefile").read_text(encoding="utf-8"), re.M)
+    return m.group(1).split()
+
+
+def reading_order(chapter: str) -> list[Path]:
+    """model -> data -> train_* in the order the Makefile runs them -> infer -> the rest, by name."""
+    files = sorted(p for p in (ROOT / chapter).glob("*.py") if p.name != "__init__.py")
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    runs = [m.group(1) for m in re.finditer(rf"-m {chapter}\.(\w+)", makefile)]
+
+    def key(p: Path):
+        name = p.stem
+        if name == "model":
+            return (0, 0, name)
+        if name in ("tokenizer", "dataset", "data", "tasks"):
+            return (1, ("tokenizer", "dataset", "data", "tasks").index(name), name)
+        if name.startswith("train_"):
+            return (2, runs.index(name) if name in runs else len(runs), name)
+        if name == "infer":
+            return (3, 0, name)
+        return (4, 0, name)
+
+    return sorted(files, key=key)
+
+
+def results(chapter: str | None = None) -> str:
+    """Markdown tables of doc/results.json: one per run, in the order the records are stored."""
+    records = json.loads((ROOT / "doc" / "results.json").read_text(encoding="utf-8"))
+    by_chapter: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        by_chapter[r["chapter"]][r["run"]].append(r)
+    out = []
+    for ch in [chapter] if chapter else list(by_chapter):
+        if not chapter:
+            out.append(f"## {ch}\n")
+        for run, rows in by_chapter.get(ch, {}).items():
+            first = rows[0]
+            out.append(f"**{run}** · {first.get('date', '')} · {first.get('machine', '')} · "
+                       f"`{first.get('command', '')}`\n")
+            out.append("| metric | value | baseline | baseline value |\n|---|---|---|---|")
+            for r in rows:
+                out.append(f"| {r['metric']} | {_num(r['value'])} | {r.get('baseline') or ''} | "
+                           f"{_num(r.get('baseline_value'))} |")
+            out.append("")
+    if not out:
+        out.append("No measured results yet.\n")
+    return "\n".join(out)
+
+
+def _num(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+LINK = re.compile(r"(!?\[[^\]]*\]\()([^)\s]+)(\))")
+POINTER = re.compile(r"(?<!\[)`([\w/]+\.py)(?::([A-Za-z_][\w.]*))?([^`]*)`")
+
+
+def rewrite_markdown(text: str, src: Path, dest_rel: str, copies: set[Path]) -> str:
+    """A repository Markdown file made into a site page: links to .py files go to their annotated pages,
+    links to folders go to their README, other linked repository files are copied along (``copies``), and
+    backticked `file.py:Symbol` pointers outside code blocks become links to the line. ``src`` is the file in
+    the repository, ``dest_rel`` its page's path in the site."""
+    dest_dir = Path(dest_rel).parent
+    out, fenced = [], False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        if not fenced:
+            line = LINK.sub(lambda m: m.group(1) + _link(m.group(2), src, dest_dir, copies) + m.group(3), line)
+            line = POINTER.sub(lambda m: _pointer(m, src, dest_dir) or m.group(0), line)
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def _relative(target_rel: str, dest_dir: Path) -> str:
+    return os.path.relpath(target_rel, dest_dir.as_posix() or ".").replace(os.sep, "/")
+
+
+def _link(url: str, src: Path, dest_dir: Path, copies: set[Path]) -> str:
+    if re.match(r"^[a-z]+:", url) or url.startswith("#"):
+        return url
+    path, _, anchor = url.partition("#")
+    target = (src.parent / path).resolve()
+    if not target.exists() or ROOT not in target.parents:
+        return url  # left as written: mkdocs (strict) reports it
+    if target.is_dir() and (target / "README.md").exists():
+        target = target / "README.md"
+    rel = target.relative_to(ROOT)
+    if target.suffix == ".py":
+        new = page_of(target)
+    elif rel.as_posix() == "README.md":
+        new = "index.md"
+    else:
+        new = rel.as_posix()
+        if target.suffix != ".md":
+            copies.add(target)
+    return _relative(new, dest_dir) + (f"#{anchor}" if anchor else "")
+
+
+def _pointer(m: re.Match, src: Path, dest_dir: Path) -> str | None:
+    file, symbol, rest = m.group(1), m.group(2), m.group(3)
+    for base in (src.parent, ROOT):
+        target = base / file
+        if target.is_file():
+            break
+    else:
+        return None
+    anchor = ""
+    if symbol:
+        line = definitions(target).get(symbol)
+        if line is None:
+            return None  # tests/test_layout.py reports pointers that do not resolve
+        anchor = f"#L{line}"
+    return f"[{m.group(0)}]({_relative(page_of(target), dest_dir)}{anchor})"
+
+
+def syllabus_page(text: str) -> str:
+    """doc/syllabus.md with every code and test pointer linked to its line; BuildError lists those that no
+    longer resolve."""
+    lines = text.splitlines()
+    targets: dict[int, list[tuple[Path, str]]] = defaultdict(list)
+    missing = []
+    for i, file, symbol in code_pointers(text, ROOT):
+        targets[i].append((file, symbol))
+        if not file.is_file() or symbol not in definitions(file):
+            missing.append(f"{file.relative_to(ROOT) if ROOT in file.parents else file}:{symbol}")
+    for i, line in enumerate(lines):
+        if not line.startswith("|") or i not in targets:
+            continue
+        cells = line.split(" | ")
+        pointers = iter(targets[i])
+        for c, cell in enumerate(cells[:-1]):
+            def link_code(m: re.Match) -> str:
+                token = m.group(1)
+                if not (re.match(r"^[\w/]+\.py:", token) or re.fullmatch(r"[A-Za-z_]\w*(\.\w+)*", token)):
+                    return m.group(0)
+                file, symbol = next(pointers, (None, None))
+                if file is None or symbol not in definitions(file):
+                    return m.group(0)
+                return f"[`{token}`](../{page_of(file)}#L{definitions(file)[symbol]})"
+            cells[c] = re.sub(r"`([^`]+)`", link_code, cell)
+        cells[-1], bad = _link_tests(cells[-1])
+        missing += bad
+        lines[i] = " | ".join(cells)
+    if missing:
+        raise BuildError("doc/syllabus.md points at code or tests that are not there: " + ", ".join(missing))
+    return "\n".join(lines) + "\n"
+
+
+def _link_tests(cell: str) -> tuple[str, list[str]]:
+    """`tests/x.py::a, ::b (note)` -> one linked code span per test."""
+    bad = []
+
+    def span(m: re.Match) -> str:
+        body, current, pieces, pos = m.group(1), None, [], 0
+        for t in re.finditer(r"(tests/\w+\.py)?::(\w+)", body):
+            current = t.group(1) or current
+            if current is None:
+                return m.group(0)
+            lines = definitions(ROOT / current) if (ROOT / current).is_file() else {}
+            if t.group(2) not in lines:
+                bad.append(f"{current}::{t.group(2)}")
+                return m.group(0)
+            pieces.append(_code(body[pos:t.start()]))
+            pieces.append(f"[`{t.group(0)}`](../{page_of(ROOT / current)}#L{lines[t.group(2)]})")
+            pos = t.end()
+        if not pieces:
+            return m.group(0)
+        pieces.append(_code(body[pos:]))
+        return "".join(pieces)
+
+    return re.sub(r"`([^`]*tests/\w+\.py::[^`]*)`", span, cell), bad
+
+
+def _code(text: str) -> str:
+    return f"`{text}`" if text.strip(" ,;") else text
+
+
+def generate(src_dir: Path) -> list:
+    """Write the site's Markdown tree into ``src_dir``; returns mkdocs's nav."""
+    if src_dir.exists():
+        shutil.rmtree(src_dir)
+    src_dir.mkdir(parents=True)
+    copies: set[Path] = set()
+
+    def write(rel: str, text: str) -> None:
+        (src_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src_dir / rel).write_text(text, encoding="utf-8")
+
+    annotated: list[Path] = []
+
+    def annotate_into(py: Path) -> str:  # queued: the pages are written in parallel at the end
+        annotated.append(py)
+        copies.add(py)
+        return page_of(py)
+
+    def markdown_page(md: Path, dest: str, extra: str = "") -> str:
+        write(dest, rewrite_markdown(md.read_text(encoding="utf-8"), md, dest, copies) + extra)
+        return dest
+
+    nav: list = [{"Home": markdown_page(ROOT / "README.md", "index.md")},
+                 {"中文": markdown_page(ROOT / "README_zh.md", "README_zh.md")}]
+    write("doc/syllabus.md", rewrite_markdown(syllabus_page((ROOT / "doc" / "syllabus.md").read_text("utf-8")),
+                                              ROOT / "doc" / "syllabus.md", "doc/syllabus.md", copies))
+    write("doc/results.md", "# Measured results\n\nEvery record of `doc/results.json` (`make results` gathers "
+          "them from the runs), by chapter and run.\n\n" + results())
+    nav += [{"Syllabus": "doc/syllabus.md"}, {"Results": "doc/results.md"}]
+
+    for chapter in chapters():
+        files = reading_order(chapter)
+        readme = ROOT / chapter / "README.md"
+        listing = "\n".join(f"{i + 1}. [`{p.name}`]({p.stem}_py.md)" for i, p in enumerate(files))
+        shown = set(re.findall(r"doc/([\w.-]+\.png)", readme.read_text(encoding="utf-8")))
+        pictures = [p for p in sorted((ROOT / "doc").glob(f"{chapter}_*.png")) if p.name not in shown]
+        extra = (f"\n\n## The code, in reading order\n\n{listing}\n\n## Measured results\n\n"
+                 f"From `doc/results.json` (written by the chapter's scripts, gathered by `make results`).\n\n"
+                 f"{results(chapter)}\n")
+        if pictures:
+            extra += "\n## More pictures\n\n" + "\n\n".join(f"![{p.stem}](../doc/{p.name})" for p in pictures)
+            copies.update(pictures)
+        items: list = [{"Overview": markdown_page(readme, f"{chapter}/README.md", extra)}]
+        items += [{p.name: annotate_into(p)} for p in files]
+        for md in sorted((ROOT / chapter).glob("*.md")):
+            if md.name != "README.md":
+                items.append({md.stem.capitalize(): markdown_page(md, f"{chapter}/{md.name}")})
+        nav.append({chapter: items})
+
+    nav.append({"common (shared package)": [{p.name: annotate_into(p)}
+                                            for p in sorted((ROOT / "common").glob("*.py"))]})
+    nav.append({"tests": [{p.name: annotate_into(p)} for p in sorted((ROOT / "tests").glob("*.py"))]})
+    nav.append({"Adding a chapter": markdown_page(ROOT / "doc" / "new_chapter.md", "doc/new_chapter.md")})
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        for py, page in zip(annotated, pool.map(annotated_page, annotated, chunksize=4)):
+            write(page_of(py), page)
+    for path in copies:
+        dest = src_dir / path.relative_to(ROOT)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dest)
+    shutil.copyfile(CSS, src_dir / "site.css")
+    return nav
+
+
+def mkdocs_config(src_dir: Path, site_dir: Path, nav: list | None) -> dict:
+    """The mkdocs configuration: Material, no remote fonts, strict link and anchor checks, offline search."""
+    config = {
+        "site_name": "Transformer tutorials: the annotated source",
+        "docs_dir": str(src_dir.resolve()),
+        "site_dir": str(site_dir.resolve()),
+        "use_directory_urls": False,  # page.html beside its file: relative links work from file:// too
+        "strict": True,
+        "validation": {"omitted_files": "warn", "absolute_links": "warn", "unrecognized_links": "warn",
+                       "anchors": "warn", "not_found": "warn"},
+        "theme": {"name": "material", "font": False, "features": ["navigation.sections", "navigation.top"]},
+        "plugins": ["search", "offline"],
+        "extra_css": ["site.css"],
+        "markdown_extensions": ["tables", "attr_list", "admonition", {"toc": {"permalink": True}},
+                               "pymdownx.superfences", {"pymdownx.highlight": {"use_pygments": True}}],
+    }
+    if nav is not None:
+        config["nav"] = nav
+    return config
+
+
+def mkdocs_build(src_dir: Path, site_dir: Path, nav: list | None = None) -> None:
+    """Render with mkdocs in strict mode; BuildError carries mkdocs's warnings (a broken link, say)."""
+    import yaml
+
+    config_file = src_dir.parent / (src_dir.name + ".mkdocs.yml")
+    config_file.write_text(yaml.safe_dump(mkdocs_config(src_dir, site_dir, nav), allow_unicode=True,
+                                          sort_keys=False), encoding="utf-8")
+    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--clean", "-f", str(config_file)],
+                          capture_output=True, text=True, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    if done.returncode != 0:
+        lines = [ln for ln in (done.stderr + done.stdout).splitlines() if re.match(r"(WARNING|ERROR|Abort)", ln)]
+        raise BuildError("mkdocs build failed:\n" + "\n".join(lines[-30:]))
+
+
+def build(site_dir: Path = ROOT / "site", src_dir: Path = ROOT / "build" / "site_src") -> Path:
+    nav = generate(src_dir)
+    mkdocs_build(src_dir, site_dir, nav)
+    return site_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m doc.build", description=__doc__.splitlines()[0])
+    parser.add_argument("--site-dir", type=Path, default=ROOT / "site", help="where the HTML goes (default site/)")
+    parser.add_argument("--serve", action="store_true", help="serve the built site on 127.0.0.1:8000 afterwards")
+    args = parser.parse_args(argv)
+    try:
+        site = build(args.site_dir)
+    except BuildError as e:
+        print(f"doc.build: error: {e}", file=sys.stderr)
+        return 1
+    pages = sum(1 for _ in site.rglob("*.html"))
+    print(f"doc.build: {pages} pages in {site} (open {site / 'index.html'}, or python -m http.server -d {site})")
+    if args.serve:
+        subprocess.run([sys.executable, "-m", "http.server", "-b", "127.0.0.1", "-d", str(site), "8000"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
