@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: setup data demo demo-finetune demo-distill demo-translate demo-address demo-summarize demo-clip demo-llava demo-dino demo-hiera demo-video demo-deepseek demo-compress demo-appendix test lint results bench gpu-check clean
+.PHONY: setup data demo demo-finetune demo-distill demo-translate demo-address demo-summarize demo-clip demo-llava demo-dino demo-hiera demo-video demo-deepseek demo-compress demo-appendix test lint results docs bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -158,6 +158,10 @@ lint: setup
 results: setup
 	$(PY) -m common.results
 
+# the website: every chapter's README beside its annotated source, the syllabus linked to the lines (doc/build.py)
+docs: setup
+	$(PY) -m doc.build
+
 # copy one chapter out as a project of its own: make starter CHAPTER=gpt_minimind DEST=../my_gpt (see README)
 .PHONY: starter
 starter: setup
@@ -174,4 +178,4 @@ bench: setup
 	$(PY) -m gpt_minimind.bench
 
 clean:
-	rm -rf runs .pytest_cache .ruff_cache
+	rm -rf runs .pytest_cache .ruff_cache site build/site_src

@@ -186,8 +186,11 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temp: float, n_iters: int = 3, 
 # ---------------------------------------------------------------------------------------------------
 
 def dino_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float) -> torch.Tensor:
-    """Cross-entropy between every teacher global view and every *other* student view, averaged over the pairs
-    and the images. student_logits (V, B, K) with the 2 global views first; teacher_probs (2, B, K)."""
+    r"""Cross-entropy between every teacher global view and every *other* student view, averaged over the pairs
+    and the images. student_logits (V, B, K) with the 2 global views first; teacher_probs (2, B, K).
+
+    $$\mathcal{L}_{DINO} = -\frac{1}{|P|} \sum_{(t, s) \in P}
+    \sum_k p^{(t)}_k \log \mathrm{softmax}\left(z^{(s)} / \tau_s\right)_k$$"""
     log_p = F.log_softmax(student_logits.float() / student_temp, dim=-1)  # (V, B, K)
     # ce[i, j] = mean_b -sum_k P_t(i) log P_s(j)                             (2, V)
     ce = -torch.einsum("ibk,jbk->ij", teacher_probs, log_p) / student_logits.shape[1]
@@ -207,9 +210,11 @@ def ibot_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, masks: 
 
 
 def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Kozachenko-Leonenko entropy estimate, up to constants: -mean_i log ||z_i - z_nn(i)|| of the normalised
+    r"""Kozachenko-Leonenko entropy estimate, up to constants: -mean_i log ||z_i - z_nn(i)|| of the normalised
     features z (B, C). Large when two images land on the same point, so minimising it spreads the batch over the
-    sphere (DINOv2 sec. 4, ``KoLeoLoss``; nn.PairwiseDistance's eps inside the norm, as the reference)."""
+    sphere (DINOv2 sec. 4, ``KoLeoLoss``; nn.PairwiseDistance's eps inside the norm, as the reference).
+
+    $$\mathcal{L}_{KoLeo} = -\frac{1}{n} \sum_{i=1}^{n} \log \min_{j \neq i} \lVert z_i - z_j \rVert$$"""
     z = F.normalize(x.float(), dim=-1, eps=eps)
     with torch.no_grad():
         sim = z @ z.t()

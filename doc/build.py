@@ -1,6 +1,6 @@
 """Build the project's website: every chapter's README beside its annotated source.
 
-    python -m doc.build            # or: make docs      -> site/  (open site/index.html, or python -m http.server -d site)
+    python -m doc.build            # or: make docs -> site/ (open site/index.html, or python -m http.server -d site)
     python -m doc.build --serve    # build, then serve on http://127.0.0.1:8000
 
 Two steps. First a pre-step of ours writes a Markdown tree into ``build/site_src/``:
@@ -190,9 +190,13 @@ def latex_to_mathml(latex: str, display: bool) -> str:
     from latex2mathml.converter import convert
 
     try:
-        return convert(latex.strip(), display="block" if display else "inline")
+        out = convert(latex.strip(), display="block" if display else "inline")
     except Exception as e:  # noqa: BLE001 - any parse failure is the same error for the reader
         raise BuildError(f"the equation ${latex}$ does not parse ({type(e).__name__}: {e})") from e
+    unknown = re.findall(r">(\\[A-Za-z]+)<", out)  # the converter keeps a command it does not know as text
+    if unknown:
+        raise BuildError(f"the equation ${latex}$ uses {', '.join(unknown)}, which MathML cannot show")
+    return out
 
 
 def prose_html(text: str, where: str = "") -> str:
@@ -208,7 +212,7 @@ def prose_html(text: str, where: str = "") -> str:
         try:
             maths.append(latex_to_mathml(m.group(1) if display else m.group(2), display))
         except BuildError as e:
-            raise BuildError(f"{where}: {e}") from None
+            raise BuildError(f"{where}: {e}" if where else str(e)) from None
         return f"MATHPLACEHOLDER{len(maths) - 1}X"
 
     out, pos = [], 0
@@ -222,6 +226,8 @@ def prose_html(text: str, where: str = "") -> str:
 
 
 def _escape_prose(text: str) -> str:
+    # a list written right under its sentence, as plain-text docstrings do, still becomes a list
+    text = re.sub(r"(?m)^((?:(?!\s*(?:[-*]|\d+\.)\s).*\S.*)\n)(\s*(?:[-*]|\d+\.)\s)", r"\1\n\2", text)
     text = text.replace("\\", "\\\\").replace("*", "\\*").replace("_", "\\_").replace("<", "&lt;")
     text = re.sub(r"(?m)^(\s*)\\\* ", r"\1* ", text)  # a bullet stays a bullet
     return re.sub(r"(?m)^(\s*)>", r"\1\\>", text)
@@ -379,7 +385,7 @@ def _link(url: str, src: Path, dest_dir: Path, copies: set[Path]) -> str:
 
 
 def _pointer(m: re.Match, src: Path, dest_dir: Path) -> str | None:
-    file, symbol, rest = m.group(1), m.group(2), m.group(3)
+    file, symbol = m.group(1), m.group(2)
     for base in (src.parent, ROOT):
         target = base / file
         if target.is_file():
@@ -411,7 +417,7 @@ def syllabus_page(text: str) -> str:
         cells = line.split(" | ")
         pointers = iter(targets[i])
         for c, cell in enumerate(cells[:-1]):
-            def link_code(m: re.Match) -> str:
+            def link_code(m: re.Match, pointers=pointers) -> str:
                 token = m.group(1)
                 if not (re.match(r"^[\w/]+\.py:", token) or re.fullmatch(r"[A-Za-z_]\w*(\.\w+)*", token)):
                     return m.group(0)
@@ -493,7 +499,7 @@ def generate(src_dir: Path) -> list:
         listing = "\n".join(f"{i + 1}. [`{p.name}`]({p.stem}_py.md)" for i, p in enumerate(files))
         shown = set(re.findall(r"doc/([\w.-]+\.png)", readme.read_text(encoding="utf-8")))
         pictures = [p for p in sorted((ROOT / "doc").glob(f"{chapter}_*.png")) if p.name not in shown]
-        extra = (f"\n\n## The code, in reading order\n\n{listing}\n\n## Measured results\n\n"
+        extra = (f"\n\n## The code, in reading order\n\n{listing}\n\n## Recorded results\n\n"
                  f"From `doc/results.json` (written by the chapter's scripts, gathered by `make results`).\n\n"
                  f"{results(chapter)}\n")
         if pictures:
@@ -522,7 +528,7 @@ def generate(src_dir: Path) -> list:
 
 
 def mkdocs_config(src_dir: Path, site_dir: Path, nav: list | None) -> dict:
-    """The mkdocs configuration: Material, no remote fonts, strict link and anchor checks, offline search."""
+    """The mkdocs configuration: Material, no remote fonts, strict link and anchor checks, its own search."""
     config = {
         "site_name": "Transformer tutorials: the annotated source",
         "docs_dir": str(src_dir.resolve()),
@@ -532,7 +538,9 @@ def mkdocs_config(src_dir: Path, site_dir: Path, nav: list | None) -> dict:
         "validation": {"omitted_files": "warn", "absolute_links": "warn", "unrecognized_links": "warn",
                        "anchors": "warn", "not_found": "warn"},
         "theme": {"name": "material", "font": False, "features": ["navigation.sections", "navigation.top"]},
-        "plugins": ["search", "offline"],
+        # no "offline" plugin: it loads a shim from unpkg.com for search over file://; served (http.server or
+        # mkdocs serve), Material's own search worker needs nothing from another host
+        "plugins": ["search"],
         "extra_css": ["site.css"],
         "markdown_extensions": ["tables", "attr_list", "admonition", {"toc": {"permalink": True}},
                                "pymdownx.superfences", {"pymdownx.highlight": {"use_pygments": True}}],

@@ -126,7 +126,9 @@ MODEL_PRESETS = {
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight  (no centring, no bias). Computed in float32."""
+    r"""y = x / sqrt(mean(x^2) + eps) * weight  (no centring, no bias). Computed in float32.
+
+    $$y = \frac{x}{\sqrt{\frac{1}{C}\sum_{c=1}^{C} x_c^2 + \epsilon}} \odot w$$"""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -143,14 +145,15 @@ class RMSNorm(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 
 def rope_inv_freq(cfg: MiniMindConfig) -> tuple[torch.Tensor, float]:
-    """Per-pair rotation speeds theta_i = base^(-2i/D), i < D/2, and a scale for cos/sin.
+    r"""Per-pair rotation speeds theta_i = base^(-2i/D), i < D/2, and a scale for cos/sin.
 
     Length extension by ``rope_factor`` s beyond the trained length L:
     - linear (position interpolation, Chen et al. 2023): every speed / s, so position s*L looks like L;
     - ntk (NTK-aware, bloc97 2023): base * s^(D/(D-2)): slow pairs are interpolated, fast ones kept;
     - yarn (Peng et al. 2023, sec. 3.2): fast pairs (many turns within L) kept, slow pairs interpolated,
       a linear ramp between; cos/sin scaled by 0.1 ln(s) + 1 to keep attention entropy (as transformers).
-    """
+
+    $$\theta_i = b^{-2i/D}, \quad i = 0, 1, \ldots, D/2 - 1$$"""
     d, base, s = cfg.head_dim, cfg.rope_theta, cfg.rope_factor
     exponents = torch.arange(0, d, 2, dtype=torch.float32) / d
     if cfg.rope_scaling == "ntk":
@@ -198,7 +201,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each pair of x (B, H, T, D) by its position's angle: x cos + rotate_half(x) sin."""
+    r"""Rotate each pair of x (B, H, T, D) by its position's angle: x cos + rotate_half(x) sin.
+
+    $$x'_m = x_m \cos(m\theta) + \mathrm{rot}(x_m) \sin(m\theta)$$
+    for position $m$: then $\langle q'_m, k'_n \rangle$ depends on $m - n$ only."""
     return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
 
 
@@ -241,12 +247,14 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 def attention_math(q, k, v, mask: torch.Tensor | None, dropout: float = 0.0) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D) + mask) v, written out. q (B, H, Tq, D), k/v (B, H, Tk, D);
+    r"""softmax(q k^T / sqrt(D) + mask) v, written out. q (B, H, Tq, D), k/v (B, H, Tk, D);
     mask is additive (0 or -inf), broadcastable to (B, H, Tq, Tk).
 
     q is scaled before the product (Tq x D numbers instead of the Tq x Tk scores). The softmax takes the
     scores in their own dtype: for bf16/fp16 its kernel still sums in fp32 and rounds once, the same
-    numbers as ``.float()`` and back without two copies of the layer's largest tensor."""
+    numbers as ``.float()`` and back without two copies of the layer's largest tensor.
+
+    $$\mathrm{Attention}(q, k, v) = \mathrm{softmax}\left(\frac{q k^\top}{\sqrt{D}} + M\right) v$$"""
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if mask is not None:
         scores = scores + mask
@@ -328,7 +336,10 @@ class MiniMindAttention(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 
 class MiniMindMLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)) (Shazeer 2020, "GLU Variants Improve Transformer")."""
+    r"""SwiGLU: down(silu(gate(x)) * up(x)) (Shazeer 2020, "GLU Variants Improve Transformer").
+
+    $$\mathrm{FFN}(x) = W_{down}\left(\mathrm{SiLU}(W_{gate} x) \odot W_{up} x\right),
+    \quad \mathrm{SiLU}(z) = z \sigma(z)$$"""
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()

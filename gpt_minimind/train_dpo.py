@@ -74,7 +74,10 @@ class DPOConfig:
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
              ref_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean DPO loss over the batch, and the implicit rewards beta * log(pi / pi_ref) of both answers."""
+    r"""Mean DPO loss over the batch, and the implicit rewards beta * log(pi / pi_ref) of both answers.
+
+    $$\mathcal{L}_{DPO} = -\log \sigma\left(\beta \log \frac{\pi_\theta(y_w \mid x)}{\pi_{ref}(y_w \mid x)}
+    - \beta \log \frac{\pi_\theta(y_l \mid x)}{\pi_{ref}(y_l \mid x)}\right)$$"""
     chosen_reward = beta * (policy_chosen - ref_chosen)
     rejected_reward = beta * (policy_rejected - ref_rejected)
     loss = -F.logsigmoid(chosen_reward - rejected_reward).mean()

@@ -84,8 +84,10 @@ def reward(prediction: str, reference: str, format_bonus: float) -> float:
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """(Q, G) rewards -> advantages standardised within each group (row); a group whose answers all
-    score the same teaches nothing (all zero)."""
+    r"""(Q, G) rewards -> advantages standardised within each group (row); a group whose answers all
+    score the same teaches nothing (all zero).
+
+    $$A_{q,g} = \frac{r_{q,g} - \mathrm{mean}_{g'} r_{q,g'}}{\mathrm{std}_{g'} r_{q,g'} + \epsilon}$$"""
     return (rewards - rewards.mean(-1, keepdim=True)) / (rewards.std(-1, keepdim=True) + eps)
 
 

@@ -118,8 +118,10 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> tor
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over answer-aligned (B, L) tensors (mask: True on answer tokens,
-    a prefix of each row). Returns (advantages, returns = advantages + values); zero past each answer."""
+    r"""Generalised advantage estimation over answer-aligned (B, L) tensors (mask: True on answer tokens,
+    a prefix of each row). Returns (advantages, returns = advantages + values); zero past each answer.
+
+    $$\delta_t = r_t + \gamma V_{t+1} - V_t, \qquad A_t = \delta_t + \gamma \lambda A_{t+1}, \qquad R_t = A_t + V_t$$"""
     rewards, values = rewards * mask, values * mask
     adv = torch.zeros_like(rewards)
     last = torch.zeros_like(rewards[:, 0])
@@ -135,7 +137,10 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 def kl_penalized_rewards(logp: torch.Tensor, ref_logp: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor,
                          kl_coef: float) -> torch.Tensor:
-    """(B, L) per-token rewards: -kl_coef * (log pi - log pi_ref) on every answer token, + the score on the last."""
+    r"""(B, L) per-token rewards: -kl_coef * (log pi - log pi_ref) on every answer token, + the score on the last.
+
+    $$r_t = -\beta \left(\log \pi_\theta(a_t \mid s_t) - \log \pi_{ref}(a_t \mid s_t)\right)
+    + [t = T]\, r_\phi(x, y)$$"""
     rewards = -kl_coef * (logp - ref_logp) * mask
     last = (mask.sum(-1) - 1).clamp(min=0)
     return rewards.index_put((torch.arange(len(scores), device=scores.device), last), scores, accumulate=True)
@@ -159,7 +164,11 @@ class AdaptiveKLController:
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 clip_eps: float) -> tuple[torch.Tensor, dict]:
-    """PPO's clipped surrogate, as a loss to minimise, and its diagnostics."""
+    r"""PPO's clipped surrogate, as a loss to minimise, and its diagnostics.
+
+    $$\mathcal{L}_{clip} = -\mathbb{E}_t\left[\min\left(\rho_t A_t,
+    \mathrm{clip}(\rho_t, 1 - \epsilon, 1 + \epsilon) A_t\right)\right],
+    \quad \rho_t = \frac{\pi_\theta(a_t \mid s_t)}{\pi_{old}(a_t \mid s_t)}$$"""
     ratio = torch.exp(logp - old_logp)
     loss = masked_mean(torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps)), mask)
     with torch.no_grad():

@@ -74,7 +74,9 @@ class RewardConfig:
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, center_weight: float = 0.0) -> torch.Tensor:
-    """Mean -log sigmoid(r_chosen - r_rejected) over the pairs, + center_weight * mean (r_c + r_r)^2."""
+    r"""Mean -log sigmoid(r_chosen - r_rejected) over the pairs, + center_weight * mean (r_c + r_r)^2.
+
+    $$\mathcal{L} = -\log \sigma\left(r(x, y_c) - r(x, y_r)\right) + w \left(r(x, y_c) + r(x, y_r)\right)^2$$"""
     loss = -F.logsigmoid(chosen - rejected).mean()
     return loss + center_weight * ((chosen + rejected) ** 2).mean() if center_weight else loss
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from common.starter import chapters as starter_chapters
+from doc.build import code_pointers, definitions
 
 pytestmark = pytest.mark.repo  # the whole repository's shape: a chapter copied out by common.starter skips it
 
@@ -131,46 +132,8 @@ def _excluded() -> list[str]:
 
 
 def defined_names(path: Path) -> set[str]:
-    """Names a file defines: top-level functions, classes and assignments, and (as 'Class.name' and 'name')
-    the methods and fields of its classes. Imported names do not count: a pointer must name the home."""
-    names = set()
-    for node in ast.parse(path.read_text(encoding="utf-8")).body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            names.add(node.name)
-        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
-            names |= {t.id for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
-                      if isinstance(t, ast.Name)}
-        if isinstance(node, ast.ClassDef):
-            for item in node.body:
-                member = getattr(item, "name", None) or getattr(getattr(item, "target", None), "id", None)
-                if member:
-                    names |= {member, f"{node.name}.{member}"}
-                if isinstance(item, ast.FunctionDef) and item.name == "__init__":  # self.x = ... attributes
-                    names |= {f"{node.name}.{t.attr}" for n in ast.walk(item) for t in getattr(n, "targets", [])
-                              if isinstance(t, ast.Attribute) and getattr(t.value, "id", "") == "self"}
-    return names
-
-
-def code_pointers(markdown: Path, base: Path):
-    """(file, symbol) for every `file.py:Symbol` in a table row, and for the bare `Symbol`s after it in the
-    same cell (they name more symbols of that file)."""
-    section = base  # in doc/syllabus.md a bare file name belongs to the chapter of its "## X: chapter" section
-    for line in markdown.read_text(encoding="utf-8").splitlines():
-        heading = re.match(r"^## \w+: (\w+)", line)
-        if heading and (ROOT / heading.group(1)).is_dir():
-            section = ROOT / heading.group(1)
-        if not line.startswith("|"):
-            continue
-        for cell in line.split("|"):
-            current = None
-            for token in re.findall(r"`([^`]+)`", cell):
-                m = re.match(r"^([\w/]+\.py)(?::([A-Za-z_][\w.]*))?", token)
-                if m:
-                    current = base / m.group(1) if "/" in m.group(1) else section / m.group(1)
-                    if m.group(2):
-                        yield markdown, current, m.group(2)
-                elif current is not None and re.fullmatch(r"[A-Za-z_]\w*(\.\w+)*", token):
-                    yield markdown, current, token
+    """Names a file defines (doc/build.py's `definitions`: the site links each pointer to that line)."""
+    return set(definitions(path))
 
 
 @pytest.mark.parametrize("markdown", ["doc/syllabus.md"] + [f"{c}/README.md" for c in chapters()])
@@ -179,7 +142,7 @@ def test_code_pointers_in_the_docs_resolve(markdown):
     path = ROOT / markdown
     base = ROOT if markdown.startswith("doc/") else path.parent
     missing = []
-    for _, file, symbol in code_pointers(path, base):
+    for _, file, symbol in code_pointers(path.read_text(encoding="utf-8"), base):
         if not file.is_file():
             missing.append(f"{file.relative_to(ROOT)} (no such file) for {symbol}")
         elif symbol not in defined_names(file):

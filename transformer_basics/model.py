@@ -57,7 +57,7 @@ MODEL_PRESETS = {
 def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  mask: torch.Tensor | None = None, dropout_p: float = 0.0,
                                  training: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention(Q, K, V) = softmax(Q K^T / sqrt(D)) V   (paper sec. 3.2.1).
+    r"""Attention(Q, K, V) = softmax(Q K^T / sqrt(D)) V   (paper sec. 3.2.1).
 
     q: (B, H, Tq, D), k and v: (B, H, Tk, D). ``mask`` is boolean, broadcastable to (B, H, Tq, Tk),
     True where a query may attend to a key. Masked scores are set to -inf *before* the softmax, so
@@ -66,7 +66,8 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     Why divide by sqrt(D): for unit-variance q and k the dot product has variance D, so without the
     scale the logits grow with D and the softmax saturates into a one-hot with vanishing gradients.
     Returns the output (B, H, Tq, D) and the attention weights (B, H, Tq, Tk).
-    """
+
+    $$\mathrm{Attention}(Q, K, V) = \mathrm{softmax}\left(\frac{Q K^\top}{\sqrt{d_k}}\right) V$$"""
     d = q.size(-1)
     # 1) similarity of every query with every key               (B, H, Tq, Tk)
     scores = q @ k.transpose(-2, -1) / math.sqrt(d)
@@ -138,9 +139,12 @@ class PositionwiseFeedForward(nn.Module):
 
 
 def sinusoidal_table(max_len: int, d_model: int) -> torch.Tensor:
-    """PE(pos, 2i) = sin(pos / 10000^(2i/C)), PE(pos, 2i+1) = cos(pos / 10000^(2i/C))  (sec. 3.5).
+    r"""PE(pos, 2i) = sin(pos / 10000^(2i/C)), PE(pos, 2i+1) = cos(pos / 10000^(2i/C))  (sec. 3.5).
     Each pair of channels is a rotation at its own frequency, so PE(pos + k) is a linear function of
-    PE(pos): relative offsets are easy to attend to."""
+    PE(pos): relative offsets are easy to attend to.
+
+    $$PE_{pos, 2i} = \sin\left(\frac{pos}{10000^{2i/C}}\right), \quad
+    PE_{pos, 2i+1} = \cos\left(\frac{pos}{10000^{2i/C}}\right)$$"""
     pos = torch.arange(max_len, dtype=torch.float32)[:, None]  # (T, 1)
     inv_freq = torch.exp(-math.log(10000.0) * torch.arange(0, d_model, 2, dtype=torch.float32) / d_model)
     table = torch.zeros(max_len, d_model)

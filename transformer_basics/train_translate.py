@@ -87,11 +87,13 @@ PRESETS = {
 
 def label_smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, eps: float,
                                  ignore_index: int = PAD_ID) -> torch.Tensor:
-    """Cross-entropy against the smoothed target (1 - eps) * one_hot + eps / V   (paper sec. 5.4).
+    r"""Cross-entropy against the smoothed target (1 - eps) * one_hot + eps / V   (paper sec. 5.4).
 
     = (1 - eps) * NLL(target) + eps * mean_v(-log p_v), averaged over non-padding positions.
     Smoothing keeps the model from becoming over-confident: it hurts perplexity, helps BLEU.
-    logits (B, T, V), target (B, T)."""
+    logits (B, T, V), target (B, T).
+
+    $$\mathcal{L} = -\sum_{v=1}^{V} \left((1 - \varepsilon)[v = y] + \frac{\varepsilon}{V}\right) \log p_v$$"""
     logp = logits.float().log_softmax(dim=-1)
     nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, T)
     smooth = -logp.mean(dim=-1)  # (B, T)
