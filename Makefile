@@ -178,4 +178,4 @@ bench: setup
 	$(PY) -m gpt_minimind.bench
 
 clean:
-	rm -rf runs .pytest_cache .ruff_cache site build/site_src
+	rm -rf runs .pytest_cache .ruff_cache site build/site_src build/site_src.mkdocs.yml

@@ -189,8 +189,9 @@ def dino_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, student
     r"""Cross-entropy between every teacher global view and every *other* student view, averaged over the pairs
     and the images. student_logits (V, B, K) with the 2 global views first; teacher_probs (2, B, K).
 
-    $$\mathcal{L}_{DINO} = -\frac{1}{|P|} \sum_{(t, s) \in P}
-    \sum_k p^{(t)}_k \log \mathrm{softmax}\left(z^{(s)} / \tau_s\right)_k$$"""
+    $$\mathcal{L}_{DINO} = -\frac{1}{|P| B} \sum_{(t, s) \in P} \sum_{b=1}^{B}
+    \sum_k p^{(t)}_{b,k} \log \mathrm{softmax}\left(z^{(s)}_b / \tau_s\right)_k,
+    \quad P = \{(t, s) : t \in \text{global views}, s \neq t\}$$"""
     log_p = F.log_softmax(student_logits.float() / student_temp, dim=-1)  # (V, B, K)
     # ce[i, j] = mean_b -sum_k P_t(i) log P_s(j)                             (2, V)
     ce = -torch.einsum("ibk,jbk->ij", teacher_probs, log_p) / student_logits.shape[1]

@@ -82,10 +82,45 @@ def definitions(path: Path) -> dict[str, int]:
     return found
 
 
+@dataclass
+class Pointer:
+    """A backticked span of a Markdown table row that names code: `file.py:a, b (note)`, `file.py`, or a bare
+    `Symbol` after a file in the same cell (more symbols of that file); or tests: `tests/x.py::t1, ::t2`, or a
+    bare `::t3` / `test_t4` after a test file in the same cell."""
+    row: int                 # line index in the Markdown text
+    start: int               # the span, backticks included: line[start:end]
+    end: int
+    file: Path
+    symbols: list[str]       # definitions of ``file`` (for tests: test functions); [] for a bare file
+    is_test: bool = False
+
+
+IDENT = r"[A-Za-z_]\w*(?:\.\w+)*"
+
+
+def table_cells(line: str) -> list[tuple[int, int]]:
+    """(start, end) of each cell of a Markdown table row; a '|' inside a code span does not split."""
+    bounds, inside, start = [], False, 0
+    for i, ch in enumerate(line):
+        if ch == "`":
+            inside = not inside
+        elif ch == "|" and not inside:
+            bounds.append((start, i))
+            start = i + 1
+    bounds.append((start, len(line)))
+    return bounds
+
+
+def _symbols(rest: str) -> list[str]:
+    """'a, b (note, more), C.d' -> ['a', 'b', 'C.d']: notes in parentheses dropped, one symbol per item."""
+    while re.search(r"\([^()]*\)", rest):
+        rest = re.sub(r"\([^()]*\)", "", rest)
+    return [m.group(0) for piece in rest.split(",") if (m := re.match(IDENT, piece.strip()))]
+
+
 def code_pointers(text: str, base: Path):
-    """(line index, file, symbol) for every `file.py:Symbol` in a table row, and for the bare `Symbol`s after it
-    in the same cell (they name more symbols of that file). In doc/syllabus.md a bare file name belongs to the
-    chapter of its "## X: chapter" section."""
+    """Every Pointer in the table rows of ``text``. Paths with a '/' are relative to ``base``; in
+    doc/syllabus.md a bare file name belongs to the chapter of its "## X: chapter" section."""
     section = base
     for i, line in enumerate(text.splitlines()):
         heading = re.match(r"^## \w+: (\w+)", line)
@@ -93,16 +128,36 @@ def code_pointers(text: str, base: Path):
             section = ROOT / heading.group(1)
         if not line.startswith("|"):
             continue
-        for cell in line.split("|"):
-            current = None
-            for token in re.findall(r"`([^`]+)`", cell):
-                m = re.match(r"^([\w/]+\.py)(?::([A-Za-z_][\w.]*))?", token)
-                if m:
-                    current = base / m.group(1) if "/" in m.group(1) else section / m.group(1)
-                    if m.group(2):
-                        yield i, current, m.group(2)
-                elif current is not None and re.fullmatch(r"[A-Za-z_]\w*(\.\w+)*", token):
-                    yield i, current, token
+        for cs, ce in table_cells(line):
+            current, current_test = None, None
+            for m in re.finditer(r"`([^`]+)`", line[cs:ce]):
+                token, start, end = m.group(1).strip(), cs + m.start(), cs + m.end()
+                tests = list(re.finditer(r"(tests/\w+\.py)?::(\w+)", token))
+                if tests or (current_test and re.fullmatch(r"test_\w+", token)):
+                    names = []
+                    for t in tests or [re.match(r"()(\w+)", token)]:
+                        current_test = (base / t.group(1)) if t.group(1) else current_test
+                        if current_test is None:
+                            break
+                        names.append(t.group(2))
+                    if current_test is not None and names:
+                        yield Pointer(i, start, end, current_test, names, is_test=True)
+                    continue
+                f = re.fullmatch(r"([\w/]+\.py)(?::(.*))?", token, re.S)
+                if f:
+                    current = base / f.group(1) if "/" in f.group(1) else section / f.group(1)
+                    yield Pointer(i, start, end, current, _symbols(f.group(2) or ""))
+                elif current is not None and re.fullmatch(IDENT, token):
+                    yield Pointer(i, start, end, current, [token])
+
+
+def unresolved(pointer: Pointer) -> list[str]:
+    """The parts of a pointer that name nothing: a missing file, or symbols (test functions) it does not define."""
+    name = pointer.file.relative_to(ROOT).as_posix() if ROOT in pointer.file.parents else str(pointer.file)
+    if not pointer.file.is_file():
+        return [f"{name} (no such file)"]
+    sep = "::" if pointer.is_test else ":"
+    return [f"{name}{sep}{s}" for s in pointer.symbols if s not in definitions(pointer.file)]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -142,6 +197,8 @@ def annotate(source: str) -> list[Section]:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             first = min([node.lineno] + [d.lineno for d in node.decorator_list])
             doc = docstring_lines(node)
+            if doc and doc.start == node.lineno:  # def f(): """doc""" on one line stays code
+                doc = None
             if doc:
                 hidden.update(doc)
                 starts[first].append(ast.get_docstring(node) or "")
@@ -162,7 +219,8 @@ def annotate(source: str) -> list[Section]:
         else:
             block = [(row, text)]
             starts[row].append("")  # filled below, when the block is complete
-        starts[block[0][0]][-1] = "\n".join(re.sub(r"^#\s?", "", t) for _, t in block)
+        starts[block[0][0]][-1] = "\n".join(re.sub(r"^#\s?([-=#*~]{3,}\s*)?", "", t).rstrip(" -=#*~")
+                                            for _, t in block)
 
     sections = [Section()]
     for row in range(1, len(lines) + 1):
@@ -215,19 +273,25 @@ def prose_html(text: str, where: str = "") -> str:
             raise BuildError(f"{where}: {e}" if where else str(e)) from None
         return f"MATHPLACEHOLDER{len(maths) - 1}X"
 
-    out, pos = [], 0
-    for m in CODE_SPAN.finditer(text):  # escape outside code spans only
-        out.append(_escape_prose(MATH.sub(keep_math, text[pos:m.start()])))
-        out.append(m.group(0))
-        pos = m.end()
-    out.append(_escape_prose(MATH.sub(keep_math, text[pos:])))
-    rendered = markdown.markdown("".join(out), extensions=["fenced_code", "tables", "sane_lists"])
+    spans: list[str] = []
+
+    def keep_span(m: re.Match) -> str:
+        spans.append(m.group(0))
+        return f"CODEPLACEHOLDER{len(spans) - 1}X"
+
+    text = _escape_prose(MATH.sub(keep_math, CODE_SPAN.sub(keep_span, text)))
+    text = re.sub(r"CODEPLACEHOLDER(\d+)X", lambda m: spans[int(m.group(1))], text)
+    rendered = markdown.markdown(text, extensions=["fenced_code", "tables", "sane_lists"])
     return re.sub(r"MATHPLACEHOLDER(\d+)X", lambda m: maths[int(m.group(1))], rendered)
 
 
 def _escape_prose(text: str) -> str:
-    # a list written right under its sentence, as plain-text docstrings do, still becomes a list
-    text = re.sub(r"(?m)^((?:(?!\s*(?:[-*]|\d+\.)\s).*\S.*)\n)(\s*(?:[-*]|\d+\.)\s)", r"\1\n\2", text)
+    # a list or an indented block (a table, a command) written right under its sentence, as plain-text
+    # docstrings do, still becomes a list or a block
+    text = re.sub(r"(?m)^((?!(?:[-*]|\d+\.)[ \t])\S.*\n)((?:[-*]|1\.)[ \t])", r"\1\n\2", text)
+    text = re.sub(r"(?m)^((?![ \t]*(?:[-*]|\d+\.)[ \t])\S.*\n)((?: {4}|\t)\S)", r"\1\n\2", text)
+    # ... and a line back at the margin after a list item ends the list (continuations are indented)
+    text = re.sub(r"(?m)^((?:[-*]|\d+\.)[ \t].*\n)((?![-*] |\d+\. )\S)", r"\1\n\2", text)
     text = text.replace("\\", "\\\\").replace("*", "\\*").replace("_", "\\_").replace("<", "&lt;")
     text = re.sub(r"(?m)^(\s*)\\\* ", r"\1* ", text)  # a bullet stays a bullet
     return re.sub(r"(?m)^(\s*)>", r"\1\\>", text)
@@ -279,6 +343,14 @@ def page_of(py: Path) -> str:
     return (rel.parent / f"{rel.stem}_py.md").as_posix()
 
 
+def has_page(py: Path) -> bool:
+    """Whether the site has an annotated page for this file: a chapter's, common's or a test's .py, or this one."""
+    return py.suffix == ".py" and py.is_file() and (
+        py.resolve() == Path(__file__).resolve()
+        or (py.parent.parent == ROOT and py.parent.name in chapters() + ["common", "tests"]))
+
+
+@functools.cache
 def chapters() -> list[str]:
     """The chapters in reading order, as the Makefile lists them."""
     m = re.search(r"^CHAPTERS\s*:=\s*(.+)$", (ROOT / "Makefile").read_text(encoding="utf-8"), re.M)
@@ -297,7 +369,7 @@ def reading_order(chapter: str) -> list[Path]:
             return (0, 0, name)
         if name in ("tokenizer", "dataset", "data", "tasks"):
             return (1, ("tokenizer", "dataset", "data", "tasks").index(name), name)
-        if name.startswith("train_"):
+        if name == "train" or name.startswith("train_"):
             return (2, runs.index(name) if name in runs else len(runs), name)
         if name == "infer":
             return (3, 0, name)
@@ -348,13 +420,16 @@ def rewrite_markdown(text: str, src: Path, dest_rel: str, copies: set[Path]) -> 
     backticked `file.py:Symbol` pointers outside code blocks become links to the line. ``src`` is the file in
     the repository, ``dest_rel`` its page's path in the site."""
     dest_dir = Path(dest_rel).parent
+    base = ROOT if src.parent == ROOT / "doc" else src.parent
+    text = link_pointers(text, base, dest_dir.as_posix(), src.relative_to(ROOT).as_posix())
     out, fenced = [], False
     for line in text.splitlines():
         if line.lstrip().startswith("```"):
             fenced = not fenced
         if not fenced:
             line = LINK.sub(lambda m: m.group(1) + _link(m.group(2), src, dest_dir, copies) + m.group(3), line)
-            line = POINTER.sub(lambda m: _pointer(m, src, dest_dir) or m.group(0), line)
+            if not line.startswith("|"):  # table rows are linked above, symbol by symbol
+                line = POINTER.sub(lambda m: _pointer(m, src, dest_dir) or m.group(0), line)
         out.append(line)
     return "\n".join(out) + "\n"
 
@@ -370,10 +445,12 @@ def _link(url: str, src: Path, dest_dir: Path, copies: set[Path]) -> str:
     target = (src.parent / path).resolve()
     if not target.exists() or ROOT not in target.parents:
         return url  # left as written: mkdocs (strict) reports it
-    if target.is_dir() and (target / "README.md").exists():
+    if target.is_dir():
+        if not (target / "README.md").exists():
+            return url  # a folder with no README: mkdocs (strict) reports the link
         target = target / "README.md"
     rel = target.relative_to(ROOT)
-    if target.suffix == ".py":
+    if has_page(target):
         new = page_of(target)
     elif rel.as_posix() == "README.md":
         new = "index.md"
@@ -401,65 +478,51 @@ def _pointer(m: re.Match, src: Path, dest_dir: Path) -> str | None:
     return f"[{m.group(0)}]({_relative(page_of(target), dest_dir)}{anchor})"
 
 
-def syllabus_page(text: str) -> str:
-    """doc/syllabus.md with every code and test pointer linked to its line; BuildError lists those that no
-    longer resolve."""
+def link_pointers(text: str, base: Path = ROOT, page_dir: str = "doc", name: str = "doc/syllabus.md") -> str:
+    """A Markdown file's table pointers (doc/syllabus.md's code and test columns, the chapter READMEs' tables)
+    turned into links to their lines, each symbol of a span its own link; BuildError lists every pointer that no
+    longer resolves."""
     lines = text.splitlines()
-    targets: dict[int, list[tuple[Path, str]]] = defaultdict(list)
-    missing = []
-    for i, file, symbol in code_pointers(text, ROOT):
-        targets[i].append((file, symbol))
-        if not file.is_file() or symbol not in definitions(file):
-            missing.append(f"{file.relative_to(ROOT) if ROOT in file.parents else file}:{symbol}")
-    for i, line in enumerate(lines):
-        if not line.startswith("|") or i not in targets:
-            continue
-        cells = line.split(" | ")
-        pointers = iter(targets[i])
-        for c, cell in enumerate(cells[:-1]):
-            def link_code(m: re.Match, pointers=pointers) -> str:
-                token = m.group(1)
-                if not (re.match(r"^[\w/]+\.py:", token) or re.fullmatch(r"[A-Za-z_]\w*(\.\w+)*", token)):
-                    return m.group(0)
-                file, symbol = next(pointers, (None, None))
-                if file is None or symbol not in definitions(file):
-                    return m.group(0)
-                return f"[`{token}`](../{page_of(file)}#L{definitions(file)[symbol]})"
-            cells[c] = re.sub(r"`([^`]+)`", link_code, cell)
-        cells[-1], bad = _link_tests(cells[-1])
-        missing += bad
-        lines[i] = " | ".join(cells)
+    missing, by_row = [], defaultdict(list)
+    for p in code_pointers(text, base):
+        if not p.symbols and not p.file.is_file():
+            continue  # a file named in passing (`tasks.py` in a summary table) is left as text
+        missing += unresolved(p)
+        by_row[p.row].append(p)
     if missing:
-        raise BuildError("doc/syllabus.md points at code or tests that are not there: " + ", ".join(missing))
+        raise BuildError(f"{name} points at code or tests that are not there: " + ", ".join(missing))
+    for row, pointers in by_row.items():
+        line = lines[row]
+        for p in sorted((p for p in pointers if has_page(p.file)), key=lambda p: -p.start):  # from the right: earlier offsets stay valid
+            line = line[:p.start] + _linked_span(line[p.start + 1:p.end - 1], p, page_dir) + line[p.end:]
+        lines[row] = line
     return "\n".join(lines) + "\n"
 
 
-def _link_tests(cell: str) -> tuple[str, list[str]]:
-    """`tests/x.py::a, ::b (note)` -> one linked code span per test."""
-    bad = []
-
-    def span(m: re.Match) -> str:
-        body, current, pieces, pos = m.group(1), None, [], 0
-        for t in re.finditer(r"(tests/\w+\.py)?::(\w+)", body):
-            current = t.group(1) or current
-            if current is None:
-                return m.group(0)
-            lines = definitions(ROOT / current) if (ROOT / current).is_file() else {}
-            if t.group(2) not in lines:
-                bad.append(f"{current}::{t.group(2)}")
-                return m.group(0)
-            pieces.append(_code(body[pos:t.start()]))
-            pieces.append(f"[`{t.group(0)}`](../{page_of(ROOT / current)}#L{lines[t.group(2)]})")
-            pos = t.end()
-        if not pieces:
-            return m.group(0)
-        pieces.append(_code(body[pos:]))
-        return "".join(pieces)
-
-    return re.sub(r"`([^`]*tests/\w+\.py::[^`]*)`", span, cell), bad
+def _linked_span(body: str, p: Pointer, page_dir: str) -> str:
+    """`file.py:a, b (note)` -> [`file.py:a`](page#La)`, `[`b`](page#Lb)` (note)`: the text kept, each symbol
+    a link to its line (a bare file: one link to its page)."""
+    url = _relative(page_of(p.file), Path(page_dir))
+    if not p.symbols:
+        return f"[`{body}`]({url})"
+    head = re.match(r"[\w/]+\.py:(?!:)", body)
+    pieces, pos = [], head.end() if head else 0
+    for symbol in p.symbols:
+        at = body.find(symbol, pos)
+        if pieces:  # the first link also covers the file name before its symbol
+            at -= 2 if p.is_test and body[at - 2:at] == "::" else 0
+            pieces.append(_code(body[pos:at]))
+        else:
+            at = 0
+        end = body.find(symbol, pos) + len(symbol)
+        pieces.append(f"[`{body[at:end]}`]({url}#L{definitions(p.file)[symbol]})")
+        pos = end
+    pieces.append(_code(body[pos:]))
+    return "".join(pieces)
 
 
 def _code(text: str) -> str:
+    """A leftover piece of a code span: kept as code, or as plain text when it is only separators."""
     return f"`{text}`" if text.strip(" ,;") else text
 
 
@@ -487,8 +550,7 @@ def generate(src_dir: Path) -> list:
 
     nav: list = [{"Home": markdown_page(ROOT / "README.md", "index.md")},
                  {"中文": markdown_page(ROOT / "README_zh.md", "README_zh.md")}]
-    write("doc/syllabus.md", rewrite_markdown(syllabus_page((ROOT / "doc" / "syllabus.md").read_text("utf-8")),
-                                              ROOT / "doc" / "syllabus.md", "doc/syllabus.md", copies))
+    markdown_page(ROOT / "doc" / "syllabus.md", "doc/syllabus.md")
     write("doc/results.md", "# Measured results\n\nEvery record of `doc/results.json` (`make results` gathers "
           "them from the runs), by chapter and run.\n\n" + results())
     nav += [{"Syllabus": "doc/syllabus.md"}, {"Results": "doc/results.md"}]
@@ -512,10 +574,11 @@ def generate(src_dir: Path) -> list:
                 items.append({md.stem.capitalize(): markdown_page(md, f"{chapter}/{md.name}")})
         nav.append({chapter: items})
 
-    nav.append({"common (shared package)": [{p.name: annotate_into(p)}
-                                            for p in sorted((ROOT / "common").glob("*.py"))]})
+    nav.append({"common (shared package)": [{p.name: annotate_into(p)} for p in sorted((ROOT / "common").glob("*.py"))
+                                            if p.read_text(encoding="utf-8").strip()]})
     nav.append({"tests": [{p.name: annotate_into(p)} for p in sorted((ROOT / "tests").glob("*.py"))]})
     nav.append({"Adding a chapter": markdown_page(ROOT / "doc" / "new_chapter.md", "doc/new_chapter.md")})
+    nav.append({"How this site is built": annotate_into(Path(__file__).resolve())})
     with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
         for py, page in zip(annotated, pool.map(annotated_page, annotated, chunksize=4)):
             write(page_of(py), page)
@@ -561,6 +624,7 @@ def mkdocs_build(src_dir: Path, site_dir: Path, nav: list | None = None) -> None
                           capture_output=True, text=True, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     if done.returncode != 0:
         lines = [ln for ln in (done.stderr + done.stdout).splitlines() if re.match(r"(WARNING|ERROR|Abort)", ln)]
+        lines = lines or (done.stderr + done.stdout).strip().splitlines()  # mkdocs itself failed
         raise BuildError("mkdocs build failed:\n" + "\n".join(lines[-30:]))
 
 

@@ -75,7 +75,7 @@ def test_syllabus_links_every_pointer_to_its_line_and_refuses_a_missing_one():
     test_lines = build.definitions(ROOT / "tests" / "test_gpt_minimind_model.py")
     row = ("| G2 | x | `gpt_minimind/model.py:RMSNorm`, `RotaryEmbedding` | `tests/test_gpt_minimind_model.py::"
            "test_logits_equal_transformers_llama, ::test_gqa_with_one_group_per_head_is_mha` |")
-    text = build.syllabus_page("## G: gpt_minimind (x)\n\n| ID | c | code | test |\n|---|---|---|---|\n" + row + "\n")
+    text = build.link_pointers("## G: gpt_minimind (x)\n\n| ID | c | code | test |\n|---|---|---|---|\n" + row + "\n")
     assert f"(../gpt_minimind/model_py.md#L{lines['RMSNorm']})" in text
     assert f"(../gpt_minimind/model_py.md#L{lines['RotaryEmbedding']})" in text
     gqa = test_lines["test_gqa_with_one_group_per_head_is_mha"]
@@ -84,9 +84,9 @@ def test_syllabus_links_every_pointer_to_its_line_and_refuses_a_missing_one():
     assert source[lines["RMSNorm"] - 1].startswith("class RMSNorm")
     test = "`tests/test_gpt_minimind_model.py::test_logits_equal_transformers_llama`"
     with pytest.raises(build.BuildError, match=r"gpt_minimind/model.py:NoSuchLayer"):
-        build.syllabus_page(f"| G2 | x | `gpt_minimind/model.py:NoSuchLayer` | {test} |\n")
+        build.link_pointers(f"| G2 | x | `gpt_minimind/model.py:NoSuchLayer` | {test} |\n")
     with pytest.raises(build.BuildError, match=r"test_gpt_minimind_model.py::test_gone"):
-        build.syllabus_page("| G2 | x | `gpt_minimind/model.py:RMSNorm` | "
+        build.link_pointers("| G2 | x | `gpt_minimind/model.py:RMSNorm` | "
                             "`tests/test_gpt_minimind_model.py::test_gone` |\n")
 
 
@@ -102,6 +102,24 @@ def test_a_broken_link_or_anchor_fails_the_build(tmp_path):
     with pytest.raises(build.BuildError) as e:
         build.mkdocs_build(src, tmp_path / "site")
     assert "nope.md" in str(e.value) and "#L9" in str(e.value)
+
+
+def test_every_link_of_the_real_syllabus_lands_on_the_line_it_names():
+    """doc/syllabus.md as the site shows it: each link's target line defines the symbol its text names, and no
+    code or test name is left without its link."""
+    out = build.link_pointers((ROOT / "doc" / "syllabus.md").read_text(encoding="utf-8"))
+    links = re.findall(r"\[`([^`]+)`\]\(\.\./([\w/]+)_py\.md#L(\d+)\)", out)
+    assert len(links) > 300
+    for text, page, line in links:
+        symbol = re.split(r"::|:", text)[-1].split(".")[-1]
+        source = (ROOT / f"{page}.py").read_text(encoding="utf-8").splitlines()[int(line) - 1]
+        assert re.search(rf"\b(def|class) {symbol}\b|\b{symbol}\s*[:=]|self\.{symbol}\b", source), \
+            f"{text} -> {page}.py:{line} reads {source.strip()!r}"
+    for row in out.splitlines():
+        if row.startswith("| ") and row.count(" | ") >= 3:
+            tests_cell = row.split(" | ")[-1]
+            unlinked = re.sub(r"\[`[^`]+`\]\([^)]+\)", "", tests_cell)
+            assert not re.search(r"`[^`]*(::\w+|\btest_\w+)[^`]*`", unlinked), row
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +169,13 @@ def test_the_site_in_a_real_browser(site, tmp_path):
         with playwright.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM)
             page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.route(re.compile(r"^(?!http://127\.0\.0\.1)"), lambda route: route.abort())  # no network
+            elsewhere = []  # any request to another host is recorded, refused, and fails the test
+
+            def refuse(route):
+                elsewhere.append(route.request.url)
+                route.abort()
+
+            page.route(re.compile(r"^(?!http://127\.0\.0\.1)"), refuse)
 
             page.goto(base + "index.html")
             assert "Transformer" in page.title()
@@ -169,11 +193,12 @@ def test_the_site_in_a_real_browser(site, tmp_path):
             page.screenshot(path=tmp_path / "chapter_400.png")
             page.set_viewport_size({"width": 1280, "height": 900})
 
-            # an equation rendered by the browser (MathML laid out with a size, no script)
+            # an equation laid out by the browser as mathematics (MathML, no script): RMSNorm's fraction has its
+            # numerator above its denominator, which text would not
             page.goto(base + "gpt_minimind/model_py.html")
-            math = page.locator(".annotated-prose math").first
-            box = math.bounding_box()
-            assert box and box["width"] > 10 and box["height"] > 5
+            fraction = page.locator(".annotated-prose math mfrac").first
+            top, bottom = (fraction.locator(f":scope > :{n}-child").bounding_box() for n in ("first", "last"))
+            assert top["y"] + top["height"] <= bottom["y"] + 1 and top["height"] > 3, (top, bottom)
 
             # a syllabus link lands on the definition's line, in view
             page.goto(base + "doc/syllabus.html")
@@ -186,6 +211,7 @@ def test_the_site_in_a_real_browser(site, tmp_path):
             assert 0 <= box["y"] < 900, box
             page.screenshot(path=tmp_path / "syllabus_link.png")
             browser.close()
+        assert not elsewhere, f"the site asked another host for {elsewhere}"
     finally:
         server.shutdown()
     print(f"screenshots in {tmp_path}")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from common.starter import chapters as starter_chapters
-from doc.build import code_pointers, definitions
+from doc.build import code_pointers, unresolved
 
 pytestmark = pytest.mark.repo  # the whole repository's shape: a chapter copied out by common.starter skips it
 
@@ -131,20 +131,13 @@ def _excluded() -> list[str]:
     return re.findall(r'"([^"]+)"', re.search(r"exclude\s*=\s*\[(.*?)\]", block, re.S).group(1))
 
 
-def defined_names(path: Path) -> set[str]:
-    """Names a file defines (doc/build.py's `definitions`: the site links each pointer to that line)."""
-    return set(definitions(path))
-
-
 @pytest.mark.parametrize("markdown", ["doc/syllabus.md"] + [f"{c}/README.md" for c in chapters()])
 def test_code_pointers_in_the_docs_resolve(markdown):
     """Every `file.py:Symbol` the syllabus and the chapter READMEs cite names a definition in that file."""
     path = ROOT / markdown
     base = ROOT if markdown.startswith("doc/") else path.parent
     missing = []
-    for _, file, symbol in code_pointers(path.read_text(encoding="utf-8"), base):
-        if not file.is_file():
-            missing.append(f"{file.relative_to(ROOT)} (no such file) for {symbol}")
-        elif symbol not in defined_names(file):
-            missing.append(f"{file.relative_to(ROOT)}:{symbol}")
+    for pointer in code_pointers(path.read_text(encoding="utf-8"), base):
+        if pointer.symbols:
+            missing += unresolved(pointer)
     assert not missing, f"{markdown} points at code that is not there:\n" + "\n".join(sorted(set(missing)))
