@@ -325,7 +325,9 @@ def test_answer_balance_makes_each_question_say_yes_and_no_equally_often():
 
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory, smol_tok):
-    """A 64 px CLIP tower (8 px patches, width 32) and a 2-layer Llama of width 32 with SmolLM2's tokenizer."""
+    """A 64 px CLIP tower (8 px patches, width 32) and a 2-layer Llama of width 64 with SmolLM2's tokenizer.
+    Width 64: on a CPU with AVX512-BF16, bitsandbytes repacks 4-bit weights for inference, which needs
+    in_features a multiple of its 64 block size and out_features a multiple of 32 (bitsandbytes 0.50)."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
     d = tmp_path_factory.mktemp("llava_dirs")
@@ -334,7 +336,7 @@ def tiny_dirs(tmp_path_factory, smol_tok):
                                      image_size=64, patch_size=8)).save_pretrained(str(d / "clip"))
     CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(
         str(d / "clip"))
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(smol_tok) - 1, hidden_size=32, intermediate_size=64,
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(smol_tok) - 1, hidden_size=64, intermediate_size=128,
                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                  max_position_embeddings=160, tie_word_embeddings=True)).save_pretrained(str(d / "llm"))
     from transformers import AutoTokenizer
