@@ -493,7 +493,8 @@ def link_pointers(text: str, base: Path = ROOT, page_dir: str = "doc", name: str
         raise BuildError(f"{name} points at code or tests that are not there: " + ", ".join(missing))
     for row, pointers in by_row.items():
         line = lines[row]
-        for p in sorted((p for p in pointers if has_page(p.file)), key=lambda p: -p.start):  # from the right: earlier offsets stay valid
+        # from the right, so that the offsets of the spans still to replace stay valid
+        for p in sorted((p for p in pointers if has_page(p.file)), key=lambda p: -p.start):
             line = line[:p.start] + _linked_span(line[p.start + 1:p.end - 1], p, page_dir) + line[p.end:]
         lines[row] = line
     return "\n".join(lines) + "\n"
