@@ -29,7 +29,8 @@ preset went over the cap.
 
 The dry mode (``--device cpu``) runs the same commands for 2 steps each, with the smallest batch and data
 the flags allow, so that CI proves every command line, every chain and every check still works; its
-memory and speed figures mean nothing. On the GPU it needs the chapters' data in ``$TUTORIALS_CACHE``
+memory and speed figures mean nothing. There each chain's jobs are forked, one after the other, from one
+interpreter that imported the chain's modules (``zygote``), which spares a torch import per job. On the GPU it needs the chapters' data in ``$TUTORIALS_CACHE``
 (``make data`` on a machine with the internet, then copy the cache).
 """
 
@@ -200,6 +201,86 @@ def child() -> None:
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
+def zygote() -> None:
+    """The dry mode's runner for one chain: ``python -c 'from common.gpu_check import zygote; zygote()' MODULE...``.
+    It imports the chain's modules once (no torch op runs, so no thread pool exists to break a fork), then for
+    each request line on stdin (JSON: module, argv, log) forks a child that runs the module as ``python -m``
+    would, stdout and stderr in the log file, and answers ``{"pid"}`` at the start and ``{"code"}`` at the end.
+    A fork costs milliseconds; a fresh interpreter spends seconds of CPU importing torch and transformers."""
+    import importlib
+    import runpy
+    import traceback
+    import warnings
+
+    warnings.simplefilter("ignore")  # runpy's "found in sys.modules" note: imported on purpose
+    for module in sys.argv[1:]:
+        try:
+            importlib.import_module(module)
+        except Exception:  # noqa: BLE001 - the job meets the same error and reports it as a user would
+            pass
+    for line in sys.stdin:
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:  # the child: the job, as `python -m module argv...`
+            fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.close(fd)
+            code = 0
+            try:
+                sys.argv = [request["module"], *request["argv"]]
+                runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+            except SystemExit as e:  # what the interpreter does with it
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                if not isinstance(e.code, (int, type(None))):
+                    print(e.code, file=sys.stderr)
+            except BaseException:  # noqa: BLE001 - an uncaught exception: its traceback, status 1
+                traceback.print_exc()
+                code = 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        print(json.dumps({"pid": pid}), flush=True)
+        _, status = os.waitpid(pid, 0)
+        print(json.dumps({"code": os.waitstatus_to_exitcode(status)}), flush=True)
+
+
+class Zygote:
+    """The parent's side of ``zygote``: one per chain in the dry mode, its jobs run one after the other."""
+
+    def __init__(self, modules: list[str], env: dict[str, str]):
+        self.proc = subprocess.Popen([sys.executable, "-c", "from common.gpu_check import zygote; zygote()",
+                                      *modules], cwd=ROOT, env=env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+
+    def run(self, module: str, argv: list[str], log: Path, timeout_s: float) -> tuple[int, bool]:
+        """(exit code, timed out) of one job."""
+        self.proc.stdin.write(json.dumps({"module": module, "argv": argv, "log": str(log)}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            return -1, False  # the runner itself died (its error is on our stderr)
+        pid = json.loads(line)["pid"]
+        fired = threading.Event()
+
+        def kill() -> None:
+            fired.set()
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+
+        timer = threading.Timer(timeout_s, kill)
+        timer.start()
+        line = self.proc.stdout.readline()
+        timer.cancel()
+        return (json.loads(line)["code"] if line else -1), fired.is_set()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
@@ -232,22 +313,34 @@ def last_error_line(text: str) -> str:
     return lines[-1] if lines else "(no output)"
 
 
+def job_env(threads: int) -> dict[str, str]:
+    return {**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1",
+            **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+
+
 def run_job(job: Job, device: str, steps: int, out: Path, cap_bytes: int, timeout_s: float,
-            threads: int = 0) -> dict[str, Any]:
+            threads: int = 0, runner: Zygote | None = None) -> dict[str, Any]:
+    """One job: a fresh child process (on CUDA: with the memory cap), or a fork of the chain's ``runner``."""
     args = job_command(job, device, steps, out)
-    cmd = [sys.executable, "-c", "from common.gpu_check import child; child()", job.module,
-           str(cap_bytes if job.measure else 0), *args]
     shown = f"python -m {job.module} " + " ".join(args)
-    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1",
-           **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     job_dir = out / job.name
     job_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
-        rc, text = proc.returncode, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as err:
-        rc, text = -1, f"{err.stdout or ''}{err.stderr or ''}\ntimed out after {timeout_s:.0f} s"
+    if runner is not None:
+        output = job_dir / "output.txt"
+        rc, timed_out = runner.run(job.module, args, output, timeout_s)
+        text = output.read_text(errors="replace") if output.exists() else ""
+        text += f"\ntimed out after {timeout_s:.0f} s" if timed_out else ""
+        output.unlink(missing_ok=True)
+    else:
+        cmd = [sys.executable, "-c", "from common.gpu_check import child; child()", job.module,
+               str(cap_bytes if job.measure else 0), *args]
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, env=job_env(threads), capture_output=True, text=True,
+                                  timeout=timeout_s)
+            rc, text = proc.returncode, proc.stdout + proc.stderr
+        except subprocess.TimeoutExpired as err:
+            rc, text = -1, f"{err.stdout or ''}{err.stderr or ''}\ntimed out after {timeout_s:.0f} s"
     wall = time.perf_counter() - t0
     (job_dir / "gpu_check.log").write_text(shown + "\n\n" + text)
     row: dict[str, Any] = {"job": job.name, "module": job.module, "what": job.what, "command": shown,
@@ -516,6 +609,17 @@ def main(argv: list[str] | None = None) -> int:
             print(line, flush=True)
 
     def run_chain(chain: list[Job]) -> None:
+        # the dry mode forks each job from one interpreter that imported the chain's modules (POSIX); on the
+        # GPU every job is a fresh process, its allocator capped
+        fork = not cuda and hasattr(os, "fork")
+        runner = Zygote([j.module for j in chain if not j.cuda_only], job_env(threads)) if fork else None
+        try:
+            run_jobs(chain, runner)
+        finally:
+            if runner is not None:
+                runner.close()
+
+    def run_jobs(chain: list[Job], runner: Zygote | None) -> None:
         for job in chain:
             if job.cuda_only and not cuda:
                 rows[job.name] = {"job": job.name, "what": job.what, "skipped": "CUDA only"}
@@ -524,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows[job.name] = {"job": job.name, "what": job.what, "skipped": f"needs {', '.join(job.needs)}"}
                 continue
             say(f"{job.name}: {job.what or job.module} ...")
-            r = rows[job.name] = run_job(job, device, steps, out, cap, args.timeout_s, threads)
+            r = rows[job.name] = run_job(job, device, steps, out, cap, args.timeout_s, threads, runner)
             if cap and r.get("peak_reserved_gib", 0) > args.memory_cap_gib:
                 r["status"], r["error"] = "over the memory cap", f"reserved {r['peak_reserved_gib']:.2f} GiB"
             say(f"{job.name}: {r['status']} in {r['wall_s']:.0f} s" + (f": {r['error']}" if "error" in r else "")
