@@ -30,8 +30,9 @@ preset went over the cap.
 The dry mode (``--device cpu``) runs the same commands for 2 steps each, with the smallest batch and data
 the flags allow, so that CI proves every command line, every chain and every check still works; its
 memory and speed figures mean nothing. There each chain's jobs are forked, one after the other, from one
-interpreter that imported the chain's modules (``zygote``), which spares a torch import per job. On the GPU it needs the chapters' data in ``$TUTORIALS_CACHE``
-(``make data`` on a machine with the internet, then copy the cache).
+interpreter that imported the chain's modules (``zygote``), which spares a torch import per job. On the GPU
+it needs the chapters' data in ``$TUTORIALS_CACHE`` (``make data`` on a machine with the internet, then copy
+the cache).
 """
 
 from __future__ import annotations
@@ -207,39 +208,14 @@ def zygote() -> None:
     each request line on stdin (JSON: module, argv, log) forks a child that runs the module as ``python -m``
     would, stdout and stderr in the log file, and answers ``{"pid"}`` at the start and ``{"code"}`` at the end.
     A fork costs milliseconds; a fresh interpreter spends seconds of CPU importing torch and transformers."""
-    import importlib
-    import runpy
-    import traceback
-    import warnings
+    from common.forkrun import preload, run_child
 
-    warnings.simplefilter("ignore")  # runpy's "found in sys.modules" note: imported on purpose
-    for module in sys.argv[1:]:
-        try:
-            importlib.import_module(module)
-        except Exception:  # noqa: BLE001 - the job meets the same error and reports it as a user would
-            pass
+    preload(sys.argv[1:])
     for line in sys.stdin:
         request = json.loads(line)
         pid = os.fork()
-        if pid == 0:  # the child: the job, as `python -m module argv...`
-            fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-            os.close(fd)
-            code = 0
-            try:
-                sys.argv = [request["module"], *request["argv"]]
-                runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
-            except SystemExit as e:  # what the interpreter does with it
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-                if not isinstance(e.code, (int, type(None))):
-                    print(e.code, file=sys.stderr)
-            except BaseException:  # noqa: BLE001 - an uncaught exception: its traceback, status 1
-                traceback.print_exc()
-                code = 1
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+        if pid == 0:  # the child: the job, as `python -m module argv...`, stdout and stderr in one log
+            run_child([request["module"], *request["argv"]], request["log"])
         print(json.dumps({"pid": pid}), flush=True)
         _, status = os.waitpid(pid, 0)
         print(json.dumps({"code": os.waitstatus_to_exitcode(status)}), flush=True)
