@@ -181,7 +181,13 @@ def test_the_site_in_a_real_browser(site, tmp_path):
             assert "Transformer" in page.title()
             page.screenshot(path=tmp_path / "front.png")
 
-            # a chapter page: prose and code side by side at 1280 px, stacked at 400 px
+            # a chapter's page: its README, its files in reading order, its recorded results
+            page.goto(base + "gpt_minimind/index.html")
+            assert page.locator("h2#recorded-results").is_visible()
+            assert page.locator('a[href="model_py.html"]').first.is_visible()
+            page.screenshot(path=tmp_path / "chapter_index.png", full_page=False)
+
+            # an annotated file: prose and code side by side at 1280 px, stacked at 400 px
             page.goto(base + "gpt_minimind/train_ppo_py.html")
             section = page.locator(".annotated-section", has=page.locator(".annotated-prose p")).nth(1)
             prose, code = (section.locator(c).bounding_box() for c in (".annotated-prose", ".annotated-code"))
