@@ -292,9 +292,14 @@ def _escape_prose(text: str) -> str:
     text = re.sub(r"(?m)^((?![ \t]*(?:[-*]|\d+\.)[ \t])\S.*\n)((?: {4}|\t)\S)", r"\1\n\2", text)
     # ... and a line back at the margin after a list item ends the list (continuations are indented)
     text = re.sub(r"(?m)^((?:[-*]|\d+\.)[ \t].*\n)((?![-*] |\d+\. )\S)", r"\1\n\2", text)
-    text = text.replace("\\", "\\\\").replace("*", "\\*").replace("_", "\\_").replace("<", "&lt;")
-    text = re.sub(r"(?m)^(\s*)\\\* ", r"\1* ", text)  # a bullet stays a bullet
-    return re.sub(r"(?m)^(\s*)>", r"\1\\>", text)
+    return "\n".join(line if re.match(r"( {4}|\t)", line) else _escape_line(line)  # a code block: as written
+                     for line in text.split("\n"))
+
+
+def _escape_line(line: str) -> str:
+    line = line.replace("\\", "\\\\").replace("*", "\\*").replace("_", "\\_").replace("<", "&lt;")
+    line = re.sub(r"^(\s*)\\\* ", r"\1* ", line)  # a bullet stays a bullet
+    return re.sub(r"^(\s*)>", r"\1\\>", line)
 
 
 def highlighted_lines(source: str) -> list[str]:

@@ -64,6 +64,8 @@ def test_prose_renders_math_as_mathml_and_keeps_plain_text_plain():
     assert "x * y * z" in out and "__init__" in out and "&lt;B, T&gt;" in out and "<code>a*b_c</code>" in out
     assert "<em>" not in out and "<strong>" not in out
     assert build.prose_html("costs $5 and $6 per run") == "<p>costs $5 and $6 per run</p>"  # no math there
+    block = build.prose_html("Usage:\n    cfg = parse_config(T, x<y)  # a*b\nthen a_b.")  # an indented block
+    assert "<pre><code>cfg = parse_config(T, x&lt;y)  # a*b\n</code></pre>" in block and "<p>then a_b.</p>" in block
     with pytest.raises(build.BuildError, match="model.py.*does not parse"):
         build.prose_html("bad $\\left( x$", where="model.py")
     with pytest.raises(build.BuildError, match=r"model.py.*\\nosuchcommand"):
