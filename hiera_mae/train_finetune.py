@@ -38,6 +38,7 @@ from common.checkpoint import (
 )
 from common.cli import run_main
 from common.config import to_flat_dict
+from common.data import evenly_spaced
 from common.distributed import all_reduce_mean, cleanup, init_distributed, wrap
 from common.errors import UserError
 from common.results import command_line, make_record
@@ -79,6 +80,7 @@ class TrainConfig:
     threads: int = 0
     seed: int = 1234
     eval_every: int = 100  # steps between held-out accuracies
+    eval_images: int = 0  # held-out images scored (evenly spaced; 0 = all, what the README's figures use)
     save_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 25
@@ -155,6 +157,9 @@ def main(cfg: TrainConfig) -> dict:
     probe = model_config(cfg, 1)
     cfg.model = probe
     train, test, mean, std = load_for(cfg)
+    if cfg.eval_images and cfg.eval_images < len(test):
+        keep = evenly_spaced(len(test), cfg.eval_images)
+        test = ImageSet(test.images[keep], test.labels[keep], test.classes)
     if (train.labels < 0).any():
         raise UserError(f"--data-dir {cfg.data_dir}: images outside class sub-folders have no label; fine-tuning "
                         "needs DIR/<class>/image files")
