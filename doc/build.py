@@ -51,34 +51,43 @@ class BuildError(Exception):
 # --------------------------------------------------------------------------------------------------------------
 # Definitions and their lines (also what tests/test_layout.py checks the docs' code pointers against)
 
+AMBIGUOUS = -1  # definitions(): a bare member name that several classes define (write Class.name)
+
+
 @functools.cache
 def definitions(path: Path) -> dict[str, int]:
     """Names a file defines -> the line of the definition: top-level functions, classes and assignments, and
-    (as 'Class.name' and 'name') the methods and fields of its classes, including ``self.x = ...`` in
-    ``__init__``. Imported names do not count: a pointer must name the home of a symbol."""
-    found: dict[str, int] = {}
-
-    def add(name: str, line: int) -> None:
-        found.setdefault(name, line)
-
-    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+    the methods and fields of its classes as 'Class.name' (with ``self.x = ...`` in ``__init__``) and as a bare
+    'name' where no top-level name has it and one class only defines it (several: AMBIGUOUS). Imported names
+    do not count: a pointer must name the home of a symbol."""
+    top: dict[str, int] = {}
+    members: dict[str, dict[str, int]] = defaultdict(dict)  # bare name -> {class: line}
+    qualified: dict[str, int] = {}
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            add(node.name, node.lineno)
+            top.setdefault(node.name, node.lineno)
         elif isinstance(node, (ast.Assign, ast.AnnAssign)):
             for t in node.targets if isinstance(node, ast.Assign) else [node.target]:
                 if isinstance(t, ast.Name):
-                    add(t.id, node.lineno)
-        if isinstance(node, ast.ClassDef):
-            for item in node.body:
-                member = getattr(item, "name", None) or getattr(getattr(item, "target", None), "id", None)
-                if member:
-                    add(f"{node.name}.{member}", item.lineno)
-                    add(member, item.lineno)
-                if isinstance(item, ast.FunctionDef) and item.name == "__init__":  # self.x = ... attributes
-                    for n in ast.walk(item):
-                        for t in getattr(n, "targets", []):
-                            if isinstance(t, ast.Attribute) and getattr(t.value, "id", "") == "self":
-                                add(f"{node.name}.{t.attr}", n.lineno)
+                    top.setdefault(t.id, node.lineno)
+        if not isinstance(node, ast.ClassDef):
+            continue
+        for item in node.body:
+            member = getattr(item, "name", None) or getattr(getattr(item, "target", None), "id", None)
+            if member:
+                qualified.setdefault(f"{node.name}.{member}", item.lineno)
+                members[member].setdefault(node.name, item.lineno)
+            if isinstance(item, ast.FunctionDef) and item.name == "__init__":  # self.x = ... attributes
+                for n in ast.walk(item):
+                    for t in getattr(n, "targets", []):
+                        if isinstance(t, ast.Attribute) and getattr(t.value, "id", "") == "self":
+                            qualified.setdefault(f"{node.name}.{t.attr}", n.lineno)
+                            members[t.attr].setdefault(node.name, n.lineno)
+    found = dict(qualified)
+    for name, where in members.items():
+        found[name] = next(iter(where.values())) if len(where) == 1 else AMBIGUOUS
+    found.update(top)
     return found
 
 
@@ -121,34 +130,48 @@ def _symbols(rest: str) -> list[str]:
 def code_pointers(text: str, base: Path):
     """Every Pointer in the table rows of ``text``. Paths with a '/' are relative to ``base``; in
     doc/syllabus.md a bare file name belongs to the chapter of its "## X: chapter" section."""
-    section = base
+    section, fenced = base, False
     for i, line in enumerate(text.splitlines()):
-        heading = re.match(r"^## \w+: (\w+)", line)
-        if heading and (ROOT / heading.group(1)).is_dir():
-            section = ROOT / heading.group(1)
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        if fenced:
+            continue  # a table inside a code block is an example, not a pointer
+        if line.startswith("## "):
+            heading = re.match(r"^## \w+: (\w+)", line)
+            section = ROOT / heading.group(1) if heading and (ROOT / heading.group(1)).is_dir() else base
         if not line.startswith("|"):
             continue
         for cs, ce in table_cells(line):
             current, current_test = None, None
             for m in re.finditer(r"`([^`]+)`", line[cs:ce]):
                 token, start, end = m.group(1).strip(), cs + m.start(), cs + m.end()
-                tests = list(re.finditer(r"(tests/\w+\.py)?::(\w+)", token))
+                is_test = re.match(r"((?:\.\./)*tests/\w+\.py)?::\w+", token)
+                tests = list(re.finditer(r"((?:\.\./)*tests/\w+\.py)?::(\w+)", token)) if is_test else []
                 if tests or (current_test and re.fullmatch(r"test_\w+", token)):
                     names = []
                     for t in tests or [re.match(r"()(\w+)", token)]:
-                        current_test = (base / t.group(1)) if t.group(1) else current_test
+                        current_test = _resolve(t.group(1), base, base) if t.group(1) else current_test
                         if current_test is None:
                             break
                         names.append(t.group(2))
                     if current_test is not None and names:
                         yield Pointer(i, start, end, current_test, names, is_test=True)
                     continue
-                f = re.fullmatch(r"([\w/]+\.py)(?::(.*))?", token, re.S)
+                f = re.fullmatch(r"((?:\.\./)*[\w/]+\.py)(?::(.*))?", token, re.S)
                 if f:
-                    current = base / f.group(1) if "/" in f.group(1) else section / f.group(1)
+                    current = _resolve(f.group(1), base, section)
                     yield Pointer(i, start, end, current, _symbols(f.group(2) or ""))
                 elif current is not None and re.fullmatch(IDENT, token):
                     yield Pointer(i, start, end, current, [token])
+
+
+def _resolve(path: str, base: Path, section: Path) -> Path:
+    """A pointer's file: a bare name in the section's chapter, a path from ``base`` (the README's folder), else
+    from the repository root."""
+    if "/" not in path:
+        return section / path
+    here = (base / path).resolve()
+    return here if here.is_file() else (ROOT / path).resolve()
 
 
 def unresolved(pointer: Pointer) -> list[str]:
@@ -157,7 +180,9 @@ def unresolved(pointer: Pointer) -> list[str]:
     if not pointer.file.is_file():
         return [f"{name} (no such file)"]
     sep = "::" if pointer.is_test else ":"
-    return [f"{name}{sep}{s}" for s in pointer.symbols if s not in definitions(pointer.file)]
+    lines = definitions(pointer.file)
+    return [f"{name}{sep}{s}" + (" (several classes define it: write Class.name)" if lines.get(s) == AMBIGUOUS
+                                 else "") for s in pointer.symbols if lines.get(s, AMBIGUOUS) == AMBIGUOUS]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -207,10 +232,14 @@ def annotate(source: str) -> list[Section]:
 
     block: list[str] = []  # full-line comments, found with tokenize (a '#' inside a string is no comment)
     lines = source.splitlines()
+    trailing: set[int] = set()  # rows ending in a comment after code, and the full-line comments continuing it
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type != tokenize.COMMENT or lines[tok.start[0] - 1][:tok.start[1]].strip():
+        if tok.type != tokenize.COMMENT:
             continue
         row, text = tok.start[0], tok.string
+        if lines[row - 1][:tok.start[1]].strip() or row - 1 in trailing:
+            trailing.add(row)  # the second line of `x = 1  # a note that\n# goes on` is code, not prose
+            continue
         hidden.add(row)
         if SKIP_COMMENT.match(text):
             continue
@@ -350,7 +379,7 @@ def page_of(py: Path) -> str:
 
 def has_page(py: Path) -> bool:
     """Whether the site has an annotated page for this file: a chapter's, common's or a test's .py, or this one."""
-    return py.suffix == ".py" and py.is_file() and (
+    return py.suffix == ".py" and py.is_file() and py.name != "__init__.py" and (
         py.resolve() == Path(__file__).resolve()
         or (py.parent.parent == ROOT and py.parent.name in chapters() + ["common", "tests"]))
 
@@ -511,16 +540,25 @@ def _linked_span(body: str, p: Pointer, page_dir: str) -> str:
     url = _relative(page_of(p.file), Path(page_dir))
     if not p.symbols:
         return f"[`{body}`]({url})"
-    head = re.match(r"[\w/]+\.py:(?!:)", body)
+    head = re.match(r"(?:\.\./)*[\w/]+\.py:(?!:)", body)
+    depth, inside = 0, []  # inside[i]: body[i] is in a (note); a symbol there is not the pointer
+    for ch in body:
+        depth += ch == "("
+        inside.append(depth > 0)
+        depth -= ch == ")" and depth > 0
     pieces, pos = [], head.end() if head else 0
     for symbol in p.symbols:
-        at = body.find(symbol, pos)
+        where = r"(?<![\w./])"  # a word of its own (for tests: not the file name's tests/test_x)
+        at = next((m.start() for m in re.finditer(where + re.escape(symbol) + r"(?![\w])", body)
+                   if m.start() >= pos and not inside[m.start()]), None)
+        if at is None:  # not found as a word: leave the rest as it is
+            break
+        end = at + len(symbol)
         if pieces:  # the first link also covers the file name before its symbol
             at -= 2 if p.is_test and body[at - 2:at] == "::" else 0
             pieces.append(_code(body[pos:at]))
         else:
             at = 0
-        end = body.find(symbol, pos) + len(symbol)
         pieces.append(f"[`{body[at:end]}`]({url}#L{definitions(p.file)[symbol]})")
         pos = end
     pieces.append(_code(body[pos:]))

@@ -24,7 +24,8 @@ import math
 
 # A comment block
 # in two lines.
-SCALE = 2  # a trailing comment stays with the code
+SCALE = 2  # a trailing comment stays with the code,
+# and so does its second line
 
 
 def f(x):
@@ -47,12 +48,13 @@ def test_annotate_puts_prose_beside_the_code_it_precedes():
                                            "A comment block\nin two lines.", "Docstring prose with a_b * c.",
                                            "inner comment", ""]
     assert [[lines[n - 1].strip() for n in s.lines][:1] for s in sections] == [
-        ["import math"], ["SCALE = 2  # a trailing comment stays with the code"], ["def f(x):"],
+        ["import math"], ["SCALE = 2  # a trailing comment stays with the code,"], ["def f(x):"],
         ["return x * SCALE"], ["def g():"]]
     # every line is shown once or is prose (docstrings, full-line comments) or blank; a '#' in a string is code
     assert 's = "# not a comment"' in [x.strip() for x in shown]
+    assert "# and so does its second line" in shown
     assert len(shown) == len(set(n for s in sections for n in s.lines))
-    prose_rows = {1, 4, 5, 10, 12}
+    prose_rows = {1, 4, 5, 11, 13}
     assert {n for s in sections for n in s.lines} == {i + 1 for i, x in enumerate(lines) if x.strip()} - prose_rows
 
 
@@ -106,6 +108,22 @@ def test_a_broken_link_or_anchor_fails_the_build(tmp_path):
     assert "nope.md" in str(e.value) and "#L9" in str(e.value)
 
 
+def test_pointer_corners_link_the_right_words_or_refuse():
+    lines = build.definitions(ROOT / "gpt_minimind" / "model.py")
+    row = ("| G | c | `gpt_minimind/model.py:MiniMindAttention (uses repeat_kv, x[::2]), repeat_kv` | "
+           "`tests/test_layout.py::test_chapters_are_found, ::test_no_import_cycles` |")
+    out = build.link_pointers("## G: gpt_minimind (x)\n" + row + "\n```\n| `model.py:Gone` |\n```\n")
+    assert f"` (uses repeat_kv, x[::2]), `[`repeat_kv`](../gpt_minimind/model_py.md#L{lines['repeat_kv']})" in out
+    assert "[`::test_no_import_cycles`](../tests/test_layout_py.md#L" in out  # the table in a fence: untouched
+    assert "| `model.py:Gone` |" in out
+    # from a chapter README: ../ paths resolve; a member several classes define must be named with its class
+    clip = build.link_pointers("| C | `../common/distributed.py:wrap` |", ROOT / "clip", "clip", "clip/README.md")
+    assert "(../common/distributed_py.md#L" in clip
+    with pytest.raises(build.BuildError, match="several classes define it"):
+        build.link_pointers("| F | `t5_summarization/model.py:T5LayerNorm`, `forward` |")
+    assert build.definitions(ROOT / "appendix" / "parallel.py")["worker"] > 100  # the function, not the field
+
+
 def test_every_link_of_the_real_syllabus_lands_on_the_line_it_names():
     """doc/syllabus.md as the site shows it: each link's target line defines the symbol its text names, and no
     code or test name is left without its link."""
@@ -117,6 +135,9 @@ def test_every_link_of_the_real_syllabus_lands_on_the_line_it_names():
         source = (ROOT / f"{page}.py").read_text(encoding="utf-8").splitlines()[int(line) - 1]
         assert re.search(rf"\b(def|class) {symbol}\b|\b{symbol}\s*[:=]|self\.{symbol}\b", source), \
             f"{text} -> {page}.py:{line} reads {source.strip()!r}"
+        whole = (ROOT / f"{page}.py").read_text(encoding="utf-8")
+        if "." not in text.split(":")[-1] and re.search(rf"^(def|class) {symbol}\b", whole, re.M):
+            assert re.match(rf"(def|class) {symbol}\b", source), f"{text}: a field hides the top-level {symbol}"
     for row in out.splitlines():
         if row.startswith("| ") and row.count(" | ") >= 3:
             tests_cell = row.split(" | ")[-1]
