@@ -203,6 +203,12 @@ def test_the_site_in_a_real_browser(site, tmp_path):
             page.goto(base + "index.html")
             assert "Transformer" in page.title()
             page.screenshot(path=tmp_path / "front.png")
+            # search (Material's own worker and index, served from here) finds the code
+            page.locator(".md-search__input").first.click()
+            page.keyboard.type("kl_penalized_rewards")
+            page.locator(".md-search-result__item").first.wait_for(timeout=15000)
+            assert "train_ppo.py" in page.locator(".md-search-result").inner_text()
+            page.keyboard.press("Escape")
 
             # a chapter's page: its README, its files in reading order, its recorded results
             page.goto(base + "gpt_minimind/index.html")
