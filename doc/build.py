@@ -412,9 +412,14 @@ def reading_order(chapter: str) -> list[Path]:
     return sorted(files, key=key)
 
 
+@functools.cache
+def _records() -> list[dict]:
+    return json.loads((ROOT / "doc" / "results.json").read_text(encoding="utf-8"))
+
+
 def results(chapter: str | None = None) -> str:
     """Markdown tables of doc/results.json: one per run, in the order the records are stored."""
-    records = json.loads((ROOT / "doc" / "results.json").read_text(encoding="utf-8"))
+    records = _records()
     by_chapter: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         by_chapter[r["chapter"]][r["run"]].append(r)
@@ -497,16 +502,13 @@ def _link(url: str, src: Path, dest_dir: Path, copies: set[Path]) -> str:
 
 def _pointer(m: re.Match, src: Path, dest_dir: Path) -> str | None:
     file, symbol = m.group(1), m.group(2)
-    for base in (src.parent, ROOT):
-        target = base / file
-        if target.is_file():
-            break
-    else:
+    target = _resolve(file, src.parent, src.parent)
+    if not target.is_file():
         return None
     anchor = ""
     if symbol:
-        line = definitions(target).get(symbol)
-        if line is None:
+        line = definitions(target).get(symbol, AMBIGUOUS)
+        if line == AMBIGUOUS:
             return None  # left as text (table pointers, the ones the docs rely on, are checked above)
         anchor = f"#L{line}"
     return f"[{m.group(0)}]({_relative(page_of(target), dest_dir)}{anchor})"
