@@ -19,7 +19,8 @@ import warnings
 
 def preload(modules: list[str]) -> None:
     """Import the modules the children will run; one that fails to import fails again, visibly, in its child."""
-    warnings.simplefilter("ignore")  # runpy's "found in sys.modules" note: imported on purpose
+    # runpy's note that the module is in sys.modules already: imported on purpose (other warnings still show)
+    warnings.filterwarnings("ignore", message=".*found in sys.modules", category=RuntimeWarning)
     for module in sorted(set(modules)):
         try:
             importlib.import_module(module)
