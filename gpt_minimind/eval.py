@@ -31,8 +31,8 @@ from .dataset import PackedBlocks, default_documents, encode_documents, split_do
 from .finetune import answer
 from .loading import load_model, load_reward_model
 from .model import MiniMindForCausalLM
-from .rlhf import kl_to_reference, score_answers
-from .tasks import CHRF_TASKS, EXACT_TASKS, NEWS_LABELS, Example, build_examples, exact_match
+from .rlhf import kl_to_reference, reward_label_preference, score_answers
+from .tasks import CHRF_TASKS, EXACT_TASKS, Example, build_examples, exact_match
 
 DEFAULT_STAGES = ["pretrain=runs/gpt_minimind/pretrain/final", "sft=runs/gpt_minimind/sft/final",
                   "lora=runs/gpt_minimind/lora/final", "qlora=runs/gpt_minimind/qlora/final",
@@ -128,21 +128,6 @@ def evaluate_stage(model, tok, tests: list[Example], valid_docs: list[str], cfg:
     return scores, answers
 
 
-@torch.no_grad()
-def reward_label_preference(rm, tok, tests: list[Example], per_task: int) -> dict[str, dict[str, int]]:
-    """For the two label tasks: on how many of the held-out questions the reward model scores each
-    candidate label highest (中性 is offered for reviews too: a label the reward model almost never saw
-    there). A reward model that prefers one label whatever the question invites a policy to say only that."""
-    out = {}
-    for task, labels in (("news_sentiment", NEWS_LABELS), ("review_sentiment", ("好评", "差评", "中性"))):
-        examples = [ex for ex in tests if ex.task == task][:per_task]
-        prompts = [ex.prompt for ex in examples]
-        scores = torch.stack([score_answers(rm, tok, prompts, [label] * len(prompts)) for label in labels], 1)
-        best = scores.argmax(1)
-        out[task] = {label: int((best == i).sum()) for i, label in enumerate(labels)}
-    return out
-
-
 def format_table(rows: dict[str, dict[str, float]]) -> str:
     cols = list(next(iter(rows.values())))
     head = "| stage | " + " | ".join(cols) + " |"
@@ -179,12 +164,13 @@ def main(cfg: EvalConfig) -> dict:
                                                   for t in EXACT_TASKS}, **{f"{t}_chrf": None for t in CHRF_TASKS}}}
     rm = load_reward_model(cfg.reward_model, device) if cfg.reward_model and Path(cfg.reward_model).is_dir() else None
     reference = load_model(cfg.reference, device)[0] if cfg.reference and Path(cfg.reference).is_dir() else None
-    label_preference = None
+    label_preference = label_accuracy = None
     if rm is not None:
         rows["majority answer"]["rm_score"] = None
-        label_preference = reward_label_preference(rm, tok_of(cfg.reward_model), tests, cfg.per_task)
+        label_preference, label_accuracy = reward_label_preference(rm, tok_of(cfg.reward_model), tests, cfg.per_task)
         print("the reward model's favourite label, held-out questions: " + "; ".join(
-            f"{task} " + ", ".join(f"{k} {v}" for k, v in counts.items()) for task, counts in label_preference.items()))
+            f"{task} " + ", ".join(f"{k} {v}" for k, v in counts.items())
+            + f" (the reference {label_accuracy[task]:.0%})" for task, counts in label_preference.items()))
     if reference is not None:
         rows["majority answer"]["kl_to_sft"] = None
     out_dir = Path(cfg.out_dir)
@@ -214,7 +200,8 @@ def main(cfg: EvalConfig) -> dict:
                                        "majority_answer" if base is not None else "none", base, walls[name], command))
     (out_dir / "results.json").write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n")
     result = {"scores": rows, "table": table, "wall_s": time.perf_counter() - t0, "per_task": cfg.per_task,
-              "reward_model_label_preference": label_preference}
+              "reward_model_label_preference": label_preference,
+              "reward_model_label_accuracy": label_accuracy}
     (out_dir / "eval.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     return result
 

@@ -14,6 +14,7 @@ import torch
 from . import engine
 from .finetune import encode_chat
 from .model import MiniMindForCausalLM, MiniMindForSequenceClassification
+from .tasks import NEWS_LABELS, Example
 
 
 def prompt_ids(tok, messages: list[dict]) -> list[int]:
@@ -107,3 +108,45 @@ def kl_to_reference(policy: MiniMindForCausalLM, reference: MiniMindForCausalLM,
         logq = reference(x)["logits"].float().log_softmax(-1)
         total += ((logp.exp() * (logp - logq)).sum(-1) * on_answer).sum().item()
     return total / max(len(prompts), 1)
+
+
+@torch.no_grad()
+def label_choices(score, tests: list[Example], per_task: int) -> tuple[dict[str, dict[str, int]], dict[str, float]]:
+    """For the two label tasks, every candidate label scored as the answer to each of the first ``per_task``
+    held-out questions by ``score(prompts, answers) -> (N,)``: (how often each label scores highest, how often
+    the highest is the reference). 中性 is offered for reviews too, a label the reward model almost never saw
+    there. With a reward model's score, the second number is the accuracy of a policy that maximised it; a
+    reward model that prefers one label whatever the question invites a policy to say only that."""
+    counts, accuracy = {}, {}
+    for task, labels in (("news_sentiment", NEWS_LABELS), ("review_sentiment", ("好评", "差评", "中性"))):
+        examples = [ex for ex in tests if ex.task == task][:per_task]
+        prompts = [ex.prompt for ex in examples]
+        best = torch.stack([score(prompts, [label] * len(prompts)) for label in labels], 1).argmax(1)
+        counts[task] = {label: int((best == i).sum()) for i, label in enumerate(labels)}
+        accuracy[task] = sum(labels[int(b)] == ex.answer for b, ex in zip(best, examples)) / max(len(examples), 1)
+    return counts, accuracy
+
+
+def reward_label_preference(rm: MiniMindForSequenceClassification, tok, tests: list[Example], per_task: int
+                            ) -> tuple[dict[str, dict[str, int]], dict[str, float]]:
+    """label_choices by the reward model's score."""
+    return label_choices(lambda prompts, answers: score_answers(rm, tok, prompts, answers), tests, per_task)
+
+
+@torch.no_grad()
+def answer_logps(model: MiniMindForCausalLM, tok, prompts: list[list[dict]], answers: list[str],
+                 batch_size: int = 32) -> torch.Tensor:
+    """(N,) the language model's summed log-probability of each answer (and its end-of-turn token)."""
+    model.eval()
+    max_len = model.config.max_position_embeddings
+    device = model.lm_head.weight.device
+    rows = [encode_chat(tok, p + [{"role": "assistant", "content": a}], max_len) for p, a in zip(prompts, answers)]
+    out = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        x = full_rows([r[0] for r in chunk], [[] for _ in chunk], tok.pad_token_id)
+        y = torch.full_like(x, -100)
+        for b, (_, labels) in enumerate(chunk):
+            y[b, :len(labels)] = torch.tensor(labels)
+        out.append(token_logps(model, x.to(device), y.to(device)).sum(-1).cpu())
+    return torch.cat(out) if out else torch.zeros(0)

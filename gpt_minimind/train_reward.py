@@ -21,6 +21,7 @@ measured on the same pairs. The model is saved as ours (``final/``) and exported
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -38,8 +39,9 @@ from common.schedule import clip_grad
 
 from .export_hf import export_reward_model
 from .loading import copy_tokenizer, load_model
-from .model import MiniMindForSequenceClassification
+from .model import MiniMindForSequenceClassification, last_token_index
 from .preference import PairData, all_logps, pair_batches, preference_pairs
+from .rlhf import answer_logps, label_choices, reward_label_preference
 from .tasks import EXACT_TASKS, build_examples
 
 
@@ -53,8 +55,10 @@ class RewardConfig:
     train_pairs: int = 4000  # the same pair set as train_dpo.py's defaults
     own_samples: int = 1000
     eval_pairs: int = 400
+    label_questions: int = 100  # held-out questions per label task on which every label is scored (summary only)
     dpo_model: str = "runs/gpt_minimind/dpo/final"  # its implicit reward is scored on the same pairs (if present)
     center_weight: float = 0.01  # + this x (r_chosen + r_rejected)^2: scores near zero
+    lm_weight: float = 0.0  # + this x the language-model loss of the chosen answers through the same body (GRM)
     batch_size: int = 16  # pairs per step (32 sequences)
     max_iters: int = 750  # three passes over the 4,000 pairs
     lr: float = 2e-4
@@ -79,6 +83,14 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, center_weig
     $$\mathcal{L} = -\log \sigma\left(r(x, y_c) - r(x, y_r)\right) + w \left(r(x, y_c) + r(x, y_r)\right)^2$$"""
     loss = -F.logsigmoid(chosen - rejected).mean()
     return loss + center_weight * ((chosen + rejected) ** 2).mean() if center_weight else loss
+
+
+def chosen_lm_loss(lm_head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The SFT loss of the chosen answers, read from the reward model's own hidden states (B, T, C) through a
+    vocabulary head: mean next-token cross-entropy over the answer tokens (labels already shifted, -100
+    elsewhere). Yang et al. (2024, "Regularizing hidden states enables learning generalizable reward
+    models") add it so that fitting the pairs does not wear away what the body knew as a language model."""
+    return F.cross_entropy(lm_head(hidden).float().flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
 @torch.no_grad()
@@ -137,22 +149,36 @@ def main(cfg: RewardConfig) -> dict:
         dpo_c, dpo_r = all_logps(dpo, valid)
         baselines["dpo_implicit_accuracy"] = ((dpo_c - sft_c) > (dpo_r - sft_r)).float().mean().item()
         del dpo
+    label_tests = None if cfg.data_file else build_examples("test", {t: -1 for t in EXACT_TASKS})
+    if label_tests:  # the label the SFT model itself finds likeliest, per held-out question (what greedy would say)
+        baselines.update({f"sft_logp_label_accuracy_{t}": a for t, a in label_choices(
+            lambda p, a, lm=sft: answer_logps(lm, tok, p, a), label_tests, cfg.label_questions)[1].items()})
     print(f"pairs: {len(train)} train / {len(valid)} held out | SFT model's own answers: {stats} | held-out "
           f"baselines: " + ", ".join(f"{k} {v:.1%}" for k, v in baselines.items())
           + f" | {time.perf_counter() - t0:.0f} s", flush=True)
 
-    # 2) the reward model: the SFT body, a zero scalar head
+    # 2) the reward model: the SFT body, a zero scalar head (and, for the language-model term, the SFT
+    # model's vocabulary head: the tied embedding itself, or a copy that is trained and then dropped)
     rm = MiniMindForSequenceClassification.from_causal_lm(sft)
+    lm_head = None
+    if cfg.lm_weight:
+        lm_head = (lambda h: F.linear(h, rm.model.embed_tokens.weight)) if sft.config.tie_word_embeddings \
+            else copy.deepcopy(sft.lm_head)
     del sft
-    optimizer = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    params = list(rm.parameters()) + (list(lm_head.parameters()) if isinstance(lm_head, torch.nn.Module) else [])
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     scheduler, start, logger = resume_or_start(rm, optimizer, cfg, out, resume_from, device)
     rm.train()
     step, t_start, losses = start, time.perf_counter(), []
     for i, idx in pair_batches(len(train), cfg.batch_size, cfg.seed, start, cfg.max_iters):
-        x, _ = train.collate(idx)
-        scores = rm(x.to(device))["scores"]
+        x, y = train.collate(idx)
+        x = x.to(device)
+        hidden = rm.model(x)  # (2B, T, C): what rm(x) computes, kept for the language-model term
+        scores = rm.score(hidden).squeeze(-1).float().gather(1, last_token_index(x, rm.config.pad_token_id))[:, 0]
         chosen, rejected = scores[:len(idx)], scores[len(idx):]
         loss = bradley_terry_loss(chosen, rejected, cfg.center_weight)
+        if lm_head is not None:
+            loss = loss + cfg.lm_weight * chosen_lm_loss(lm_head, hidden[:len(idx)], y[:len(idx)].to(device))
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"loss is {loss.item()} at step {i}; lower --lr")
         loss.backward()
@@ -177,6 +203,9 @@ def main(cfg: RewardConfig) -> dict:
 
     # 3) held-out accuracy, our directory and the transformers export (checked to give our scores)
     after = pair_stats(*pair_scores(rm, valid), tasks)
+    if label_tests:  # would a policy that maximised this score answer the label tasks right?
+        favourite, label_accuracy = reward_label_preference(rm, tok, label_tests, cfg.label_questions)
+        after.update({f"label_accuracy_{t}": a for t, a in label_accuracy.items()}, favourite_label=favourite)
     final_dir = out / "final"
     save_pretrained(rm, rm.config.to_dict(), final_dir)
     copy_tokenizer(cfg.init_from, final_dir)
@@ -196,9 +225,12 @@ def main(cfg: RewardConfig) -> dict:
     (out / "results.json").write_text(json.dumps(records, indent=2) + "\n")
     per_task = ", ".join(f"{k[len('pair_accuracy_'):]} {v:.0%}" for k, v in after.items()
                          if k.startswith("pair_accuracy_"))
+    labels = ", ".join(f"{k[len('label_accuracy_'):]} {v:.0%}" for k, v in after.items()
+                       if k.startswith("label_accuracy_"))
     logger.write(f"done: {step} steps in {wall:.0f} s | held-out pair accuracy {after['pair_accuracy']:.1%}"
-                 + (f" ({per_task})" if per_task else "") + " | " + ", ".join(f"{k} {v:.1%}" for k, v in
-                                                                          baselines.items())
+                 + (f" ({per_task})" if per_task else "")
+                 + (f" | its best label is the reference: {labels}" if labels else "")
+                 + " | " + ", ".join(f"{k} {v:.1%}" for k, v in baselines.items())
                  + f" | {final_dir}, transformers export {out / 'hf'} (max score difference {export_diff:.1e})")
     logger.close()
     return {"losses": losses, "summary": summary, "final_dir": final_dir}

@@ -699,6 +699,57 @@ def test_bradley_terry_loss_equals_trl_reward_trainer(base_dir, tmp_path):
     torch.testing.assert_close(ours, manual)
 
 
+def test_the_language_model_term_of_the_reward_model_is_the_sft_loss_of_the_chosen_answers(base_dir):
+    """At the start the reward model's body is the SFT model's, so chosen_lm_loss through the tied embedding
+    equals the language model's own cross-entropy on the chosen rows; a changed body changes it."""
+    from gpt_minimind.model import MiniMindForSequenceClassification
+    from gpt_minimind.preference import PairData
+    from gpt_minimind.train_reward import chosen_lm_loss
+
+    tok = base_dir["tok"]
+    lm = load_model(base_dir["base"], "cpu")[0]
+    rm = MiniMindForSequenceClassification.from_causal_lm(lm)
+    data = PairData(tok, [([{"role": "user", "content": f"计算：{a}+1="}], str(a + 1), "谢谢") for a in range(4)], 64)
+    x, y = data.collate([0, 1, 2, 3])
+    head = lambda h: torch.nn.functional.linear(h, rm.model.embed_tokens.weight)  # noqa: E731
+    with torch.no_grad():
+        ours = chosen_lm_loss(head, rm.model(x[:4]), y[:4])
+        theirs = torch.nn.functional.cross_entropy(lm(x[:4])["logits"].flatten(0, 1), y[:4].flatten(),
+                                                   ignore_index=-100)
+        torch.testing.assert_close(ours, theirs)
+        assert (y[:4] != -100).sum() >= 8  # the answer and its end-of-turn token in each row
+        rm.model.layers[0].mlp.down_proj.weight.add_(0.5)
+        assert abs(chosen_lm_loss(head, rm.model(x[:4]), y[:4]).item() - ours.item()) > 1e-3
+
+
+def test_label_choices_count_the_favourite_and_score_it_against_the_reference(base_dir):
+    """label_choices takes the highest-scored label per question; answer_logps is the summed log-probability
+    of the answer and its end-of-turn token, as the pair code computes it."""
+    from gpt_minimind.preference import PairData, all_logps
+    from gpt_minimind.rlhf import answer_logps, label_choices
+    from gpt_minimind.tasks import Example
+
+    def ex(task, q, a):
+        return Example(task, [{"role": "user", "content": q}, {"role": "assistant", "content": a}], a)
+
+    tests = [ex("news_sentiment", f"新闻{i}", a) for i, a in enumerate(["中性", "负面", "中性", "正面"])]
+    tests += [ex("review_sentiment", f"评论{i}", a) for i, a in enumerate(["好评", "差评"])]
+    always_neutral = lambda prompts, answers: torch.tensor([1.0 if a == "中性" else 0.0 for a in answers])  # noqa
+    counts, acc = label_choices(always_neutral, tests, 100)
+    assert counts == {"news_sentiment": {"正面": 0, "中性": 4, "负面": 0},
+                      "review_sentiment": {"好评": 0, "差评": 0, "中性": 2}}
+    assert acc == {"news_sentiment": 0.5, "review_sentiment": 0.0}
+    oracle = {(t.prompt[0]["content"], t.answer) for t in tests}
+    right = lambda prompts, answers: torch.tensor([float((p[0]["content"], a) in oracle)  # noqa: E731
+                                                   for p, a in zip(prompts, answers)])
+    assert label_choices(right, tests, 2)[1] == {"news_sentiment": 1.0, "review_sentiment": 1.0}
+
+    tok, lm = base_dir["tok"], load_model(base_dir["base"], "cpu")[0]
+    prompts, answers = [t.prompt for t in tests], [t.answer for t in tests]
+    expected = all_logps(lm, PairData(tok, [(p, a, a) for p, a in zip(prompts, answers)], 64))[0]
+    torch.testing.assert_close(answer_logps(lm, tok, prompts, answers, batch_size=4), expected)
+
+
 def gae_loop(rewards: list[float], values: list[float], gamma: float, lam: float) -> list[float]:
     """GAE for one answer, written the slow way: A_t = sum_k (gamma lam)^k delta_t+k, V after the end = 0."""
     n = len(rewards)
@@ -838,7 +889,7 @@ def test_reward_model_then_ppo_runs_and_resumes(base_dir, tmp_path):
     convs.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in prompts))
     rcfg = apply_overrides(RewardConfig(), dict(init_from=str(base_dir["base"]), data_file=str(pairs),
                                                 out_dir=str(tmp_path / "rm"), batch_size=8, max_iters=12, lr=3e-3,
-                                                warmup_iters=2, eval_every=12, save_every=12, threads=1,
+                                                lm_weight=0.1, warmup_iters=2, eval_every=12, save_every=12, threads=1,
                                                 dpo_model=str(tmp_path / "none")))
     s = reward_main(rcfg)["summary"]
     assert s["after"]["pair_accuracy"] == 1.0 and s["export_max_score_difference"] < 1e-5
