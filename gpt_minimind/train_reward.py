@@ -9,14 +9,21 @@ The reward model is the SFT model with its vocabulary head replaced by a scalar 
 its last token, the end-of-turn token of the answer. Bradley and Terry (1952) model the probability
 that answer w is preferred to answer l as sigmoid(r(x, w) - r(x, l)); maximum likelihood is
 
-    loss = -log sigmoid( r(x, y_chosen) - r(x, y_rejected) )   (+ 0.01 * (r_chosen + r_rejected)^2)
+    loss = -log sigmoid( r(x, y_chosen) - r(x, y_rejected) )   (+ 0.01 * (r_chosen + r_rejected)^2
+                                                                 + 0.1 * SFT loss of y_chosen)
 
 The second term (Eisenstein et al. 2023; trl's ``center_rewards_coefficient``) keeps the scores near
 zero: the loss only sees differences, and PPO adds the score to per-token KL penalties whose scale is
-fixed. The pairs are the ones train_dpo.py uses (the same builder, seed and SFT model), so the
-reward model's held-out pair accuracy and DPO's implicit reward, beta * log pi_dpo / pi_sft, are
-measured on the same pairs. The model is saved as ours (``final/``) and exported as a transformers
-``LlamaForSequenceClassification`` (``hf/``), which gives the same scores.
+fixed. A third, ``--lm-weight`` (0.1) x the SFT loss of the chosen answers computed on the reward model's
+own hidden states through the language model's vocabulary head (Yang et al. 2024, "Regularizing hidden
+states enables learning generalizable reward models for LLMs", GRM), keeps the body a language model
+that knows which answer fits the question. Without it the pairs are fitted about as well, but partly by
+which label is usually right: the plain reward model scores 中性 highest on nearly every held-out news
+question, whatever the news, and PPO, which finds whatever the reward model prefers, learned to answer
+中性 to all of them (README, "RLHF", measures both). The pairs are the ones train_dpo.py uses (the same
+builder, seed and SFT model), so the reward model's held-out pair accuracy and DPO's implicit reward,
+beta * log pi_dpo / pi_sft, are measured on the same pairs. The model is saved as ours (``final/``) and
+exported as a transformers ``LlamaForSequenceClassification`` (``hf/``), which gives the same scores.
 """
 
 from __future__ import annotations
@@ -58,7 +65,7 @@ class RewardConfig:
     label_questions: int = 100  # held-out questions per label task on which every label is scored (summary only)
     dpo_model: str = "runs/gpt_minimind/dpo/final"  # its implicit reward is scored on the same pairs (if present)
     center_weight: float = 0.01  # + this x (r_chosen + r_rejected)^2: scores near zero
-    lm_weight: float = 0.0  # + this x the language-model loss of the chosen answers through the same body (GRM)
+    lm_weight: float = 0.1  # + this x the SFT loss of the chosen answers on the same body (GRM; 0 = plain BT)
     batch_size: int = 16  # pairs per step (32 sequences)
     max_iters: int = 750  # three passes over the 4,000 pairs
     lr: float = 2e-4
@@ -90,7 +97,8 @@ def chosen_lm_loss(lm_head, hidden: torch.Tensor, labels: torch.Tensor) -> torch
     vocabulary head: mean next-token cross-entropy over the answer tokens (labels already shifted, -100
     elsewhere). Yang et al. (2024, "Regularizing hidden states enables learning generalizable reward
     models") add it so that fitting the pairs does not wear away what the body knew as a language model."""
-    return F.cross_entropy(lm_head(hidden).float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+    on_answer = labels != -100  # the vocabulary head only where there is a target (a few tokens per row)
+    return F.cross_entropy(lm_head(hidden[on_answer]).float(), labels[on_answer])
 
 
 @torch.no_grad()
