@@ -230,6 +230,11 @@ def main(cfg: RewardConfig) -> dict:
     if "dpo_implicit_accuracy" in baselines:
         records.append(make_record("gpt_minimind", cfg.run_name, "pair_accuracy_vs_dpo", after["pair_accuracy"],
                                    "dpo_implicit_reward", baselines["dpo_implicit_accuracy"], wall, cmd))
+    for task in ("news_sentiment", "review_sentiment"):  # its best label against the SFT model's likeliest
+        if f"label_accuracy_{task}" in after:
+            records.append(make_record("gpt_minimind", cfg.run_name, f"best_label_accuracy_{task}",
+                                       after[f"label_accuracy_{task}"], "sft_logp_best_label",
+                                       baselines[f"sft_logp_label_accuracy_{task}"], wall, cmd))
     (out / "results.json").write_text(json.dumps(records, indent=2) + "\n")
     per_task = ", ".join(f"{k[len('pair_accuracy_'):]} {v:.0%}" for k, v in after.items()
                          if k.startswith("pair_accuracy_"))
