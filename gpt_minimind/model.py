@@ -567,10 +567,11 @@ class MiniMindForSequenceClassification(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> dict:
         """input_ids (B, T), right-padded with pad_token_id -> {"values": (B, T) the head at every position,
-        "scores": (B,) the head at each row's last non-padding token}."""
-        values = self.score(self.model(input_ids)).squeeze(-1).float()  # (B, T)
+        "scores": (B,) the head at each row's last non-padding token, "hidden": (B, T, C) what the head reads}."""
+        hidden = self.model(input_ids)
+        values = self.score(hidden).squeeze(-1).float()  # (B, T)
         return {"values": values, "scores": values.gather(1, last_token_index(input_ids, self.config.pad_token_id))
-                .squeeze(1)}
+                .squeeze(1), "hidden": hidden}
 
 
 def last_token_index(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:

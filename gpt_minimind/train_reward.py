@@ -7,7 +7,8 @@ describes it (Ouyang et al. 2022, sec. 3.5; Stiennon et al. 2020); train_ppo.py 
 The reward model is the SFT model with its vocabulary head replaced by a scalar head
 (``model.py:MiniMindForSequenceClassification``); the score of a conversation is the head's output at
 its last token, the end-of-turn token of the answer. Bradley and Terry (1952) model the probability
-that answer w is preferred to answer l as sigmoid(r(x, w) - r(x, l)); maximum likelihood is
+that answer w is preferred to answer l as sigmoid(r(x, w) - r(x, l)); maximum likelihood is the first
+term of
 
     loss = -log sigmoid( r(x, y_chosen) - r(x, y_rejected) )   (+ 0.01 * (r_chosen + r_rejected)^2
                                                                  + 0.1 * SFT loss of y_chosen)
@@ -46,7 +47,7 @@ from common.schedule import clip_grad
 
 from .export_hf import export_reward_model
 from .loading import copy_tokenizer, load_model
-from .model import MiniMindForSequenceClassification, last_token_index
+from .model import MiniMindForSequenceClassification
 from .preference import PairData, all_logps, pair_batches, preference_pairs
 from .rlhf import answer_logps, label_choices, reward_label_preference
 from .tasks import EXACT_TASKS, build_examples
@@ -166,27 +167,25 @@ def main(cfg: RewardConfig) -> dict:
           + f" | {time.perf_counter() - t0:.0f} s", flush=True)
 
     # 2) the reward model: the SFT body, a zero scalar head (and, for the language-model term, the SFT
-    # model's vocabulary head: the tied embedding itself, or a copy that is trained and then dropped)
+    # model's vocabulary head: the tied embedding itself, trained with the body; an untied head is a frozen
+    # copy of the SFT model's, so a resumed run rebuilds it exactly)
     rm = MiniMindForSequenceClassification.from_causal_lm(sft)
     lm_head = None
     if cfg.lm_weight:
         lm_head = (lambda h: F.linear(h, rm.model.embed_tokens.weight)) if sft.config.tie_word_embeddings \
-            else copy.deepcopy(sft.lm_head)
+            else copy.deepcopy(sft.lm_head).requires_grad_(False)
     del sft
-    params = list(rm.parameters()) + (list(lm_head.parameters()) if isinstance(lm_head, torch.nn.Module) else [])
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     scheduler, start, logger = resume_or_start(rm, optimizer, cfg, out, resume_from, device)
     rm.train()
     step, t_start, losses = start, time.perf_counter(), []
     for i, idx in pair_batches(len(train), cfg.batch_size, cfg.seed, start, cfg.max_iters):
         x, y = train.collate(idx)
-        x = x.to(device)
-        hidden = rm.model(x)  # (2B, T, C): what rm(x) computes, kept for the language-model term
-        scores = rm.score(hidden).squeeze(-1).float().gather(1, last_token_index(x, rm.config.pad_token_id))[:, 0]
-        chosen, rejected = scores[:len(idx)], scores[len(idx):]
+        out_rm = rm(x.to(device))
+        chosen, rejected = out_rm["scores"][:len(idx)], out_rm["scores"][len(idx):]
         loss = bradley_terry_loss(chosen, rejected, cfg.center_weight)
-        if lm_head is not None:
-            loss = loss + cfg.lm_weight * chosen_lm_loss(lm_head, hidden[:len(idx)], y[:len(idx)].to(device))
+        if lm_head is not None:  # the chosen rows' hidden states through the vocabulary head
+            loss = loss + cfg.lm_weight * chosen_lm_loss(lm_head, out_rm["hidden"][:len(idx)], y[:len(idx)].to(device))
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"loss is {loss.item()} at step {i}; lower --lr")
         loss.backward()
