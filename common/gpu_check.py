@@ -139,7 +139,7 @@ JOBS: list[Job] = [
              "{out}/tiny_pairs/conv.jsonl", "--eval-examples", "2"]),
     Job("dinov2", "dinov2.train_dino",
         what="DINOv2 (DINO + iBOT + KoLeo), ViT-S width at 12 layers on 28 px animal-mnist, batch 256, 2 + 8 crops",
-        dry=["--batch-size", "2", "--n-local", "2", "--eval-images", "64"]),
+        dry=["--batch-size", "2", "--n-local", "2", "--eval-images", "16"]),
     Job("hiera_mae", "hiera_mae.train_mae",
         what="Hiera MAE, width 96 with depths 1-2-7, on 32 px animal-mnist, batch 256",
         args=["--eval-images", "512"], dry=["--batch-size", "2", "--eval-images", "16"]),

@@ -142,10 +142,15 @@ class LlavaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                image_features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                image_features: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+                ) -> dict[str, torch.Tensor]:
         """logits (B, T, V) without labels; with labels (B, T) the mean next-token cross-entropy over the
         positions whose label is not -100 (the answer), and the logits of those positions only: the
-        vocabulary projection of the other positions would be thrown away."""
+        vocabulary projection of the other positions would be thrown away. ``attention_mask`` is the usual
+        (B, T) padding mask, or a boolean (B, 1, T, T) one (True = may attend; training.py:pack_questions
+        builds it) that is used as it is, with ``position_ids`` to go with it."""
+        if attention_mask is not None and attention_mask.ndim == 4:
+            attention_mask = self.custom_mask(attention_mask)
         # 1) pictures -> visual words (or features the caller computed: anyres, a cache)
         if image_features is None and pixel_values is not None:
             image_features = self.image_features(pixel_values)
@@ -153,15 +158,24 @@ class LlavaModel(nn.Module):
         embeds = self.embed(input_ids, image_features)
         # 3) the language model, unchanged, on embeddings instead of ids
         if labels is None:
-            logits = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask).logits
+            logits = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                         position_ids=position_ids).logits
             return {"logits": logits}
-        hidden = self.language_model.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask
-                                                   ).last_hidden_state  # (B, T, C)
+        hidden = self.language_model.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
+                                                   position_ids=position_ids).last_hidden_state  # (B, T, C)
         # 4) position t predicts token t + 1; only the supervised ones are scored
         target = labels[:, 1:]
         keep = target != IGNORE_INDEX
         logits = self.language_model.get_output_embeddings()(hidden[:, :-1][keep])  # (K, V)
         return {"loss": F.cross_entropy(logits.float(), target[keep]), "logits": logits}
+
+    def custom_mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        """A boolean (B, 1, T, T) mask as the language model's attention wants a ready-made 4-D one:
+        boolean for sdpa, additive for the eager attention, which adds it to the scores (0 where allowed, fp32's
+        minimum elsewhere: added to bf16 scores it promotes them to fp32 before the softmax, no overflow)."""
+        if self.language_model.config._attn_implementation != "eager":
+            return allowed
+        return torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, torch.finfo(torch.float32).min)
 
     # -- decoding ---------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -24,7 +24,7 @@ from common.data import evenly_spaced, subset_note
 from common.distributed import all_reduce_mean, cleanup, init_distributed, wrap
 from common.errors import UserError
 from common.results import command_line, make_record
-from common.runtime import pick_device, seed_everything, set_threads
+from common.runtime import autocast, pick_device, pick_dtype, seed_everything, set_threads
 from common.schedule import clip_grad
 
 from .dataset import (
@@ -59,7 +59,9 @@ class StageConfig:
     blind: bool = False  # the control: every picture replaced by a blank one, in training and evaluation
     balance_answers: bool = False  # draw each (question, answer) pair equally often: "is there a red shape?" is
     # "no" for 7 pictures in 8, and a model trained on that learns to answer without looking (README)
-    batch_size: int = 8  # conversations per optimizer step (summed over ranks)
+    pack_questions: bool = False  # one row per picture with all its conversations, each seeing the picture and
+    # none of the others (pack_questions); the shared prefix runs once. --batch-size then counts pictures
+    batch_size: int = 8  # conversations per optimizer step (summed over ranks); pictures with --pack-questions
     max_iters: int = 100
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
@@ -69,6 +71,7 @@ class StageConfig:
     eval_examples: int = 1000  # held-out questions scored at each evaluation (evenly spread; 0 = all)
     eval_batch_size: int = 32  # prompts decoded together
     device: str = "auto"
+    dtype: str = "auto"  # auto: bf16 autocast on GPUs and on CPUs with native bf16 (AVX512-BF16, AMX), else fp32
     threads: int = 0
     distributed: str = "ddp"  # ddp or fsdp, under torchrun / accelerate launch
     deepspeed: str = ""  # a DeepSpeed JSON config (llava/ds_zero2.json, ds_zero3.json): ZeRO instead of ddp/fsdp
@@ -166,6 +169,52 @@ def collate(tok, examples: list[Example], n_image: int, system: str, max_len: in
     return ids, mask, labels
 
 
+def picture_groups(examples: list[Example]) -> list[list[int]]:
+    """The examples' indices grouped by picture, in order of first appearance: one packed row each."""
+    groups: dict[int, list[int]] = {}
+    for i, e in enumerate(examples):
+        groups.setdefault(e.image, []).append(i)
+    return list(groups.values())
+
+
+def pack_questions(tok, groups: list[list[Example]], n_image: int, system: str, max_len: int, image_token_id: int):
+    """One row per picture: what its conversations share (the system line, the visual words) once, then each
+    conversation's own tokens. Each token attends to the shared prefix and to the earlier tokens of its own
+    conversation only, and its position is the one it has in its conversation alone, so every conversation is
+    scored exactly as ``collate`` scores it on its own row (tests/test_llava.py), while the prefix and the
+    picture run once. Returns (input_ids, a boolean (B, 1, T, T) attention mask, labels, position_ids, the
+    number of real tokens)."""
+    rows, labels, positions, segments = [], [], [], []
+    for group in groups:
+        enc = [encode(tok, e.turns, n_image, system) for e in group]
+        p = min(len(ids) for ids, _ in enc) - 1  # the common prefix; every conversation keeps a token of its own
+        for ids, _ in enc[1:]:
+            p = next((k for k in range(p) if ids[k] != enc[0][0][k]), p)
+        if enc[0][0][:p].count(image_token_id) != n_image or any(x != IGNORE_INDEX for _, y in enc for x in y[:p]):
+            raise ValueError(f"the conversations about picture {group[0].image} share no unlabelled prefix that "
+                             "holds its visual words")
+        row, lab, pos, seg = list(enc[0][0][:p]), [IGNORE_INDEX] * p, list(range(p)), [0] * p
+        for k, (ids, lab_) in enumerate(enc, 1):
+            row += ids[p:]
+            lab += lab_[p:]
+            pos += range(p, len(ids))
+            seg += [k] * (len(ids) - p)
+        if len(row) > max_len:
+            raise UserError(f"the conversations about picture {group[0].image} pack to {len(row)} tokens; the "
+                            f"language model's context is {max_len}. Drop --pack-questions")
+        rows.append(row)
+        labels.append(lab)
+        positions.append(pos)
+        segments.append(seg)
+    ids = pad_right(rows, tok.pad_token_id)
+    seg = pad_right(segments, -1)  # padding: a segment of its own, which attends to the prefix (no empty row)
+    T = ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    allowed = causal & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None]))  # (B, T query, T key)
+    return (ids, allowed[:, None], pad_right(labels, IGNORE_INDEX), pad_right(positions, 0),
+            int((seg >= 0).sum()))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Evaluation: greedy answers to held-out questions, exact match per question type
 # ---------------------------------------------------------------------------------------------------------
@@ -190,7 +239,8 @@ def end_of_turn(tok) -> int:
 
 
 def evaluate(model: LlavaModel, tok, split: Split, k: int, system: str, blind: bool, batch: int = 32,
-             max_new_tokens: int = 5, prior: dict[str, str] | None = None) -> dict:
+             max_new_tokens: int = 5, prior: dict[str, str] | None = None, dtype: torch.dtype = torch.float32
+             ) -> dict:
     """Exact match on ``k`` evenly spread held-out questions (all when k is 0): overall and per type. Every
     easy-VQA answer is at most 3 tokens and its end of turn: a longer reply is wrong whatever follows, so
     decoding stops at ``max_new_tokens``."""
@@ -200,8 +250,9 @@ def evaluate(model: LlavaModel, tok, split: Split, k: int, system: str, blind: b
     preds = []
     for s in range(0, len(idx), batch):
         chunk = idx[s:s + batch]
-        preds += answer(model, tok, [split.examples[i].turns[0][0] for i in chunk], split.pictures(chunk, blind),
-                        system, max_new_tokens=max_new_tokens)
+        with autocast(next(model.parameters()).device, dtype):
+            preds += answer(model, tok, [split.examples[i].turns[0][0] for i in chunk],
+                            split.pictures(chunk, blind), system, max_new_tokens=max_new_tokens)
     model.train(was)
     res = score(preds, [split.examples[i] for i in idx], prior)
     res = {f"exact_match_{k_.replace('/', '_').replace(' ', '_')}": v for k_, v in res.items()}
@@ -290,6 +341,9 @@ def run(cfg: StageConfig, model: LlavaModel, tok, train: Split, valid: Split, st
     write checkpoints, final/, metrics.jsonl, loss.png, train_summary.json and results.json."""
     dist_info = dist_info or init_distributed("cpu")
     device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device, cpu_bf16=True)  # the weights stay fp32; autocast runs the matmuls
+    if dist_info.is_main:
+        print(f"{device} | {'fp32' if dtype == torch.float32 else str(dtype)[6:] + ' autocast'}", flush=True)
     out = Path(cfg.out_dir)
     engine = None
     model.to(device)
@@ -312,22 +366,32 @@ def run(cfg: StageConfig, model: LlavaModel, tok, train: Split, valid: Split, st
     first = None
     if start == 0 and dist_info.is_main and cfg.eval_first:
         first = evaluate(model, tok, valid, cfg.eval_examples, cfg.system_prompt, cfg.blind, cfg.eval_batch_size,
-                         prior=prior)
+                         prior=prior, dtype=dtype)
         logger.write(f"step 0 | {first['line']}")
     local_bs = cfg.batch_size // dist_info.world_size
-    steps_per_epoch = len(train.examples) // cfg.batch_size
+    groups = picture_groups(train.examples) if cfg.pack_questions else None
+    n_items = len(groups) if groups else len(train.examples)  # what a step draws: pictures or conversations
+    steps_per_epoch = max(1, n_items // cfg.batch_size)
     weights = answer_balance(train.examples) if cfg.balance_answers else None
     model.train()
     model.vision_tower.eval()  # frozen: no dropout, whatever the mode
     t0 = time.perf_counter()
     for step in range(start, cfg.max_iters):
         epoch, pos = divmod(step, steps_per_epoch)
-        order = epoch_order(len(train.examples), cfg.seed, epoch, weights)
+        order = epoch_order(n_items, cfg.seed, epoch, weights)
         batch = order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]
         mine = batch[dist_info.rank * local_bs:(dist_info.rank + 1) * local_bs]  # this rank's share
-        ids, mask, labels = collate(tok, [train.examples[i] for i in mine], n_image, cfg.system_prompt, max_len)
-        loss = net(ids.to(device), train.pictures(mine, cfg.blind).to(device), mask.to(device),
-                   labels.to(device))["loss"]
+        if groups:  # one row per picture, all its conversations
+            ids, mask, labels, positions, n_tokens = pack_questions(
+                tok, [[train.examples[i] for i in groups[g]] for g in mine], n_image, cfg.system_prompt, max_len,
+                model.config.image_token_id)
+            pictures = train.pictures([groups[g][0] for g in mine], cfg.blind)
+        else:
+            ids, mask, labels = collate(tok, [train.examples[i] for i in mine], n_image, cfg.system_prompt, max_len)
+            positions, n_tokens, pictures = None, int(mask.sum()), train.pictures(mine, cfg.blind)
+        with autocast(device, dtype):
+            loss = net(ids.to(device), pictures.to(device), mask.to(device), labels.to(device),
+                       position_ids=None if positions is None else positions.to(device))["loss"]
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower --lr")
         # the loss of the global batch is the mean over all its answer tokens: weigh this rank's mean by its
@@ -346,10 +410,10 @@ def run(cfg: StageConfig, model: LlavaModel, tok, train: Split, valid: Split, st
             optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         done = step + 1
-        logger.step(done, loss.item(), scheduler.get_last_lr()[0], int(mask.sum()) * dist_info.world_size)
+        logger.step(done, loss.item(), scheduler.get_last_lr()[0], n_tokens * dist_info.world_size)
         if done % cfg.eval_every == 0 and done < cfg.max_iters and full_weights(net, dist_info):
             ev = evaluate(model, tok, valid, cfg.eval_examples, cfg.system_prompt, cfg.blind, cfg.eval_batch_size,
-                          prior=prior)
+                          prior=prior, dtype=dtype)
             logger.log({"step": done, **{k: v for k, v in ev.items() if k.startswith("exact_match")}})
             logger.write(f"step {done}/{cfg.max_iters} | {ev['line']}")
         if cfg.distributed == "fsdp" and dist_info.enabled:
@@ -367,12 +431,12 @@ def run(cfg: StageConfig, model: LlavaModel, tok, train: Split, valid: Split, st
     # under ZeRO-3 every layer gathers its weights as it runs: every rank decodes alongside rank 0
     if zero3 and not dist_info.is_main and cfg.eval_final:
         evaluate(model, tok, valid, cfg.eval_examples, cfg.system_prompt, cfg.blind, cfg.eval_batch_size,
-                 prior=prior)
+                 prior=prior, dtype=dtype)
     if full_weights(net, dist_info):
         final = {"line": "no held-out evaluation (--no-eval-final)", "examples": []}
         if cfg.eval_final:
             final = evaluate(model, tok, valid, cfg.eval_examples, cfg.system_prompt, cfg.blind, cfg.eval_batch_size,
-                             prior=prior)
+                             prior=prior, dtype=dtype)
             logger.log({"step": cfg.max_iters, **{k: v for k, v in final.items() if k.startswith("exact_match")}})
         final_dir = save_final(out, trainable, meta, state)
         summary = {"steps": cfg.max_iters, "train_wall_s": wall, "s_per_step": wall / max(1, cfg.max_iters - start),
@@ -464,6 +528,11 @@ def setup(cfg: StageConfig):
     dist_info = init_distributed(pick_device(cfg.device).type)
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
+    if cfg.dtype not in ("auto", "fp32", "bf16", "fp16"):
+        raise UserError(f"--dtype {cfg.dtype}: expected auto, fp32, bf16 or fp16")
+    if cfg.pack_questions and cfg.balance_answers:
+        raise UserError("--pack-questions with --balance-answers: a packed row holds every question about its "
+                        "picture once, so the answers cannot be drawn by weight; choose one")
     if cfg.batch_size % dist_info.world_size:
         raise UserError(f"--batch-size {cfg.batch_size}: expected a multiple of the {dist_info.world_size} processes")
     if cfg.model.anyres:

@@ -416,6 +416,46 @@ def test_stage2_modes_train_what_they_say_and_resume_to_the_same_weights(tiny_di
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_questions_score_each_conversation_as_its_own_row_does(tiny_dirs, attention):
+    """pack_questions: one row per picture, its conversations after the shared prefix. The loss and the
+    projector's gradient equal those of one row per conversation (collate); with a plain causal mask instead of
+    the block mask, later questions would read the earlier ones' answers, and the loss differs."""
+    from llava.dataset import Example
+    from llava.loading import build
+    from llava.training import collate, pack_questions, picture_groups
+
+    model, tok, _ = build(tiny_dirs["vision"], tiny_dirs["llm"], LlavaConfig(pool=2))
+    model.language_model.config._attn_implementation = attention
+    examples = [Example(0, [("is there a red shape?", "yes")]), Example(1, [("what colour is it?", "blue")]),
+                Example(0, [("what shape is it?", "square")]), Example(0, [("is it blue?", "no")]),
+                Example(1, [("is it a circle?", "no"), ("what is it then?", "a square")])]
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    n = model.num_image_tokens()
+    groups = picture_groups(examples)
+    assert groups == [[0, 2, 3], [1, 4]]
+    ids, mask, labels, positions, n_tokens = pack_questions(tok, [[examples[i] for i in g] for g in groups], n,
+                                                            "Answer in one word.", 512, model.config.image_token_id)
+    flat = [i for g in groups for i in g]
+    ids1, mask1, labels1 = collate(tok, [examples[i] for i in flat], n, "Answer in one word.", 512)
+    assert n_tokens < int(mask1.sum()) and (labels != IGNORE_INDEX).sum() == (labels1 != IGNORE_INDEX).sum()
+
+    def loss_and_grad(*args, **kw):
+        model.zero_grad()
+        loss = model(*args, **kw)["loss"]
+        loss.backward()
+        return loss.item(), model.multi_modal_projector.linear_1.weight.grad.clone()
+
+    model.multi_modal_projector.requires_grad_(True)
+    packed = loss_and_grad(ids, pixels, mask, labels, position_ids=positions)
+    plain = loss_and_grad(ids1, pixels[[examples[i].image for i in flat]], mask1, labels1)
+    assert abs(packed[0] - plain[0]) < 1e-5
+    torch.testing.assert_close(packed[1], plain[1], atol=1e-6, rtol=1e-4)
+    causal = torch.ones_like(mask).tril()  # the padding sits at the ends of the rows: no real token sees it
+    leaky = loss_and_grad(ids, pixels, causal, labels, position_ids=torch.arange(ids.shape[1]).expand_as(ids))
+    assert abs(leaky[0] - plain[0]) > 1e-3
+
+
 def test_qlora_base_is_4bit_nf4_with_double_quantization_and_trains(tiny_dirs, stage1_run, tmp_path):
     pytest.importorskip("bitsandbytes")
     from llava.train_stage2 import main
