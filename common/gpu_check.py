@@ -133,7 +133,7 @@ JOBS: list[Job] = [
         dry=["--batch-size", "2", "--data-file", "{out}/tiny_pairs/conv.jsonl", "--valid-file",
              "{out}/tiny_pairs/conv.jsonl", "--eval-examples", "2"]),
     Job("llava_stage2", "llava.train_stage2", needs=["llava_stage1"],
-        what="LLaVA stage 2, LoRA r=16 on SmolLM2-135M, batch 32",
+        what="LLaVA stage 2, LoRA r=16 on SmolLM2-135M, batch 4 pictures (about 39 questions, packed)",
         args=["--vision", "{out}/clip_hf", "--init-from", "{out}/llava_stage1/final", "--eval-examples", "256"],
         dry=["--batch-size", "2", "--data-file", "{out}/tiny_pairs/conv.jsonl", "--valid-file",
              "{out}/tiny_pairs/conv.jsonl", "--eval-examples", "2"]),

@@ -37,16 +37,19 @@ class Stage2Config(StageConfig):
     bits: int = 4  # the qlora base: 4 (NF4 with double quantization) or 8 (LLM.int8())
     lora_r: int = 16  # adapter rank (>= 1)
     lora_alpha: int = 32  # the update is scaled by alpha / r
-    lora_dropout: float = 0.05  # (< 1)
-    balance_answers: bool = False  # draw each (question, answer) pair equally often (README: the language prior)
-    max_iters: int = 300  # optimizer steps (2,400 of the 38,575 questions at batch 8)
-    lr: float = 5e-4  # LoRA's (adapters and projector); --mode full wants about 1e-4
+    lora_dropout: float = 0.0  # (< 1)
+    balance_answers: bool = False  # draw each (question, answer) pair equally often (README: the language prior;
+    # it needs --no-pack-questions)
+    pack_questions: bool = True  # one row per picture: every question about it, each seeing only the picture
+    batch_size: int = 3  # pictures per step with --pack-questions (about 29 questions), else questions
+    max_iters: int = 300  # optimizer steps (900 of the 4,000 pictures, about 8,700 of the 38,575 questions)
+    lr: float = 1e-3  # LoRA's (adapters and projector); --mode full wants about 1e-4
     warmup_iters: int = 20
     save_every: int = 50
     out_dir: str = "runs/llava/stage2"
 
 
-PRESETS = {"cpu": {}, "gpu4gb": {"batch_size": 32, "max_iters": 1200, "eval_batch_size": 64, "eval_examples": 0}}
+PRESETS = {"cpu": {}, "gpu4gb": {"batch_size": 4, "max_iters": 2000, "eval_batch_size": 64, "eval_examples": 0}}
 
 
 def main(cfg: Stage2Config) -> dict:

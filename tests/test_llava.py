@@ -419,8 +419,8 @@ def test_stage2_modes_train_what_they_say_and_resume_to_the_same_weights(tiny_di
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_packed_questions_score_each_conversation_as_its_own_row_does(tiny_dirs, attention):
     """pack_questions: one row per picture, its conversations after the shared prefix. The loss and the
-    projector's gradient equal those of one row per conversation (collate); with a plain causal mask instead of
-    the block mask, later questions would read the earlier ones' answers, and the loss differs."""
+    projector's gradient equal those of one row per conversation (collate); with a plain causal mask instead,
+    later questions would read the earlier ones' answers, and the loss differs."""
     from llava.dataset import Example
     from llava.loading import build
     from llava.training import collate, pack_questions, picture_groups
@@ -438,7 +438,9 @@ def test_packed_questions_score_each_conversation_as_its_own_row_does(tiny_dirs,
                                                             "Answer in one word.", 512, model.config.image_token_id)
     flat = [i for g in groups for i in g]
     ids1, mask1, labels1 = collate(tok, [examples[i] for i in flat], n, "Answer in one word.", 512)
-    assert n_tokens < int(mask1.sum()) and (labels != IGNORE_INDEX).sum() == (labels1 != IGNORE_INDEX).sum()
+    assert ids.shape[0] == 2 and n_tokens < int(mask1.sum())
+    assert (labels != IGNORE_INDEX).sum() == (labels1 != IGNORE_INDEX).sum()
+    assert positions.max() < mask1.sum(1).max()  # each conversation's positions are its own
 
     def loss_and_grad(*args, **kw):
         model.zero_grad()
@@ -451,7 +453,7 @@ def test_packed_questions_score_each_conversation_as_its_own_row_does(tiny_dirs,
     plain = loss_and_grad(ids1, pixels[[examples[i].image for i in flat]], mask1, labels1)
     assert abs(packed[0] - plain[0]) < 1e-5
     torch.testing.assert_close(packed[1], plain[1], atol=1e-6, rtol=1e-4)
-    causal = torch.ones_like(mask).tril()  # the padding sits at the ends of the rows: no real token sees it
+    causal = torch.ones_like(mask).tril()
     leaky = loss_and_grad(ids, pixels, causal, labels, position_ids=torch.arange(ids.shape[1]).expand_as(ids))
     assert abs(leaky[0] - plain[0]) > 1e-3
 
