@@ -173,7 +173,11 @@ class LlavaModel(nn.Module):
         """A boolean (B, 1, T, T) mask as the language model's attention wants a ready-made 4-D one:
         boolean for sdpa, additive for the eager attention, which adds it to the scores (0 where allowed, fp32's
         minimum elsewhere: added to bf16 scores it promotes them to fp32 before the softmax, no overflow)."""
-        if self.language_model.config._attn_implementation != "eager":
+        impl = self.language_model.config._attn_implementation
+        if impl.startswith("flash"):
+            raise ValueError(f"attention {impl!r} takes no ready-made 4-D mask: load the language model with sdpa or "
+                             "eager attention, or train with --no-pack-questions")
+        if impl != "eager":
             return allowed
         return torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, torch.finfo(torch.float32).min)
 

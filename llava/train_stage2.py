@@ -6,7 +6,7 @@ answer questions about the picture, fully or through LoRA adapters on a full-pre
     python -m llava.train_stage2 --mode qlora --bits 8    # LLM.int8() base instead
     python -m llava.train_stage2 --mode full --lr 2e-5    # every weight of the language model
     python -m llava.train_stage2 --blind                  # the control: blank pictures, the question alone
-    torchrun --nproc_per_node 2 -m llava.train_stage2     # data parallel (DDP; --distributed fsdp for FSDP2)
+    torchrun --nproc_per_node 2 -m llava.train_stage2 --batch-size 4   # DDP (--distributed fsdp for FSDP2)
 
 It starts from stage 1's projector (``--init-from``). The objective is next-token cross-entropy on the answers
 only; the prompt, the image placeholders and the system line are labelled -100. LLaVA-1.5 trains this stage at

@@ -192,12 +192,14 @@ def pack_questions(tok, groups: list[list[Example]], n_image: int, system: str, 
             if len(ids) > max_len:
                 raise UserError(f"a conversation about picture {e.image} is {len(ids)} tokens with its {n_image} "
                                 f"visual words; the language model's context is {max_len}. Shorten it")
-        p = min(len(ids) for ids, _ in enc) - 1  # the common prefix; every conversation keeps a token of its own
+        # the common prefix stops before each conversation's first labelled token: its own part must start with
+        # an unlabelled token, since the token before it in the row belongs to another conversation
+        p = min(next((k for k, x in enumerate(lab) if x != IGNORE_INDEX), len(ids)) for ids, lab in enc) - 1
         for ids, _ in enc[1:]:
             p = next((k for k in range(p) if ids[k] != enc[0][0][k]), p)
-        if enc[0][0][:p].count(image_token_id) != n_image or any(x != IGNORE_INDEX for _, y in enc for x in y[:p]):
-            raise ValueError(f"the conversations about picture {group[0].image} share no unlabelled prefix that "
-                             "holds its visual words")
+        if enc[0][0][:p].count(image_token_id) != n_image:
+            raise UserError(f"the conversations about picture {group[0].image} do not share their visual words at "
+                            "the start; --no-pack-questions trains them one per row")
         row, lab, pos, seg = list(enc[0][0][:p]), [IGNORE_INDEX] * p, list(range(p)), [0] * p
         for k, (ids, lab_) in enumerate(enc, 1):
             row += ids[p:]
@@ -351,6 +353,7 @@ def run(cfg: StageConfig, model: LlavaModel, tok, train: Split, valid: Split, st
     if not cfg.deepspeed:
         net = wrap(model, dist_info, cfg.distributed, ())  # FSDP2 swaps the parameters for shards: wrap first
     trainable = Trainable(model)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
     decay = [p for n, p in trainable.params.items() if p.ndim >= 2]
     no_decay = [p for n, p in trainable.params.items() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -405,9 +408,11 @@ def run(cfg: StageConfig, model: LlavaModel, tok, train: Split, valid: Split, st
             engine.backward(weighted)
             engine.step()
         else:
-            weighted.backward()
+            scaler.scale(weighted).backward()
+            scaler.unscale_(optimizer)
             clip_grad(trainable.parameters(), cfg.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         done = step + 1

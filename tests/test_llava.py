@@ -354,7 +354,7 @@ def stage_cfg(stage: int, dirs: dict, out, **kw):
 
     common = dict(vision=dirs["vision"], llm=dirs["llm"], data_file=dirs["data"], valid_file=dirs["data"],
                   batch_size=4, warmup_iters=1, eval_examples=8, eval_batch_size=8, log_every=1, save_every=2,
-                  threads=1, out_dir=str(out))
+                  threads=1, dtype="fp32", out_dir=str(out))  # fp32: the same figures on CPUs with and without bf16
     if "pool" in kw:
         common["model"] = LlavaConfig(pool=kw.pop("pool"))
     common.update(kw)
@@ -429,16 +429,18 @@ def test_packed_questions_score_each_conversation_as_its_own_row_does(tiny_dirs,
     model.language_model.config._attn_implementation = attention
     examples = [Example(0, [("is there a red shape?", "yes")]), Example(1, [("what colour is it?", "blue")]),
                 Example(0, [("what shape is it?", "square")]), Example(0, [("is it blue?", "no")]),
-                Example(1, [("is it a circle?", "no"), ("what is it then?", "a square")])]
-    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+                Example(1, [("is it a circle?", "no"), ("what is it then?", "a square")]),
+                Example(2, [("is it red?", "yes")]),  # a picture with one conversation
+                Example(3, [("is it red?", "yes")]), Example(3, [("is it red?", "no")])]  # the same question twice
+    pixels = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     n = model.num_image_tokens()
     groups = picture_groups(examples)
-    assert groups == [[0, 2, 3], [1, 4]]
+    assert groups == [[0, 2, 3], [1, 4], [5], [6, 7]]
     ids, mask, labels, positions, n_tokens = pack_questions(tok, [[examples[i] for i in g] for g in groups], n,
                                                             "Answer in one word.", 512, model.config.image_token_id)
     flat = [i for g in groups for i in g]
     ids1, mask1, labels1 = collate(tok, [examples[i] for i in flat], n, "Answer in one word.", 512)
-    assert ids.shape[0] == 2 and n_tokens < int(mask1.sum())
+    assert ids.shape[0] == 4 and n_tokens < int(mask1.sum())
     assert (labels != IGNORE_INDEX).sum() == (labels1 != IGNORE_INDEX).sum()
     assert positions.max() < mask1.sum(1).max()  # each conversation's positions are its own
 
@@ -513,7 +515,7 @@ def _flags(dirs: dict, init: str, out) -> list[str]:
     return ["--vision", dirs["vision"], "--llm", dirs["llm"], "--data-file", dirs["data"], "--valid-file",
             dirs["data"], "--init-from", init, "--batch-size", "4", "--max-iters", "3", "--warmup-iters", "1",
             "--lr", "1e-2", "--lora-dropout", "0", "--eval-examples", "4", "--save-every", "3", "--log-every", "1",
-            "--threads", "1", "--out-dir", str(out)]
+            "--threads", "1", "--dtype", "fp32", "--out-dir", str(out)]
 
 
 def _launch(launcher: list[str], flags: list[str]) -> None:
