@@ -40,6 +40,30 @@ class BenchConfig:
 
     run: bool = False  # train the rows whose train_summary.json is missing
     only: str = ""  # comma-separated names of RUNS to train (default: all)
+    tokens: int = 0  # instead: tokens per training question, one per row and packed, over this many pictures
+
+
+def tokens_per_question(n_pictures: int) -> dict:
+    """What packing saves: the training questions about the first ``n_pictures`` easy-VQA pictures, as stage 2
+    feeds them, one conversation per row (collate) and packed one picture per row (pack_questions)."""
+    from transformers import AutoTokenizer
+
+    from .dataset import SYSTEM_PROMPT, easy_vqa_questions
+    from .loading import IMAGE_TOKEN, add_image_token, smollm2_dir
+    from .training import collate, pack_questions, picture_groups
+
+    tok = add_image_token(AutoTokenizer.from_pretrained(str(smollm2_dir())))
+    examples = easy_vqa_questions("train")
+    groups = [[examples[i] for i in g] for g in picture_groups(examples)[:n_pictures]]
+    flat = [e for g in groups for e in g]
+    n_image = 16  # the default --pool 2 on the clip chapter's 64 px tower with 8 px patches
+    one = int(collate(tok, flat, n_image, SYSTEM_PROMPT, 8192)[1].sum())
+    packed = pack_questions(tok, groups, n_image, SYSTEM_PROMPT, 8192, tok.convert_tokens_to_ids(IMAGE_TOKEN))[-1]
+    res = {"pictures": len(groups), "questions": len(flat), "one_per_row": one / len(flat),
+           "packed": packed / len(flat)}
+    print(f"{res['questions']} questions about {res['pictures']} pictures: {res['one_per_row']:.1f} tokens per "
+          f"question one per row, {res['packed']:.1f} packed (the shared prefix counted once per picture)")
+    return res
 
 
 def row(name: str, out: str) -> dict | None:
@@ -67,6 +91,8 @@ def table(rows: list[dict]) -> str:
 
 
 def main(cfg: BenchConfig) -> dict:
+    if cfg.tokens:
+        return tokens_per_question(cfg.tokens)
     wanted = [n for n in (cfg.only.split(",") if cfg.only else RUNS) if n]
     if cfg.run:
         for name in wanted:

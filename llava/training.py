@@ -156,13 +156,19 @@ def answer_balance(examples: list[Example]) -> list[float]:
     return [1.0 / counts[(e.turns[0][0], e.turns[0][1])] for e in examples]
 
 
-def collate(tok, examples: list[Example], n_image: int, system: str, max_len: int):
-    """(input_ids, attention_mask, labels), right-padded; a conversation longer than the context is an error."""
+def encode_all(tok, examples: list[Example], n_image: int, system: str, max_len: int) -> list[tuple[list, list]]:
+    """Each conversation's (input_ids, labels); one longer than the context is an error."""
     rows = [encode(tok, e.turns, n_image, system) for e in examples]
     for e, (ids, _) in zip(examples, rows):
         if len(ids) > max_len:
             raise UserError(f"a conversation about picture {e.image} is {len(ids)} tokens with its {n_image} visual "
                             f"words; the language model's context is {max_len}. Shorten it")
+    return rows
+
+
+def collate(tok, examples: list[Example], n_image: int, system: str, max_len: int):
+    """(input_ids, attention_mask, labels), right-padded; a conversation longer than the context is an error."""
+    rows = encode_all(tok, examples, n_image, system, max_len)
     ids = pad_right([r[0] for r in rows], tok.pad_token_id)
     labels = pad_right([r[1] for r in rows], IGNORE_INDEX)
     mask = pad_right([[1] * len(r[0]) for r in rows], 0)
@@ -183,15 +189,10 @@ def pack_questions(tok, groups: list[list[Example]], n_image: int, system: str, 
     conversation only, and its position is the one it has in its conversation alone, so every conversation is
     scored exactly as ``collate`` scores it on a row of its own (tests/test_llava.py), while the prefix and the
     picture run once. Returns (input_ids, a boolean (B, 1, T, T) attention mask, labels, position_ids, the
-    number of real tokens). All of a step's pictures in one row, with no padding, measured no faster on a CPU
-    (about 210 real tokens/s either way): the attention over the longer row costs what the padding saved."""
+    number of real tokens)."""
     rows, labels, positions, segments = [], [], [], []
     for group in groups:
-        enc = [encode(tok, e.turns, n_image, system) for e in group]
-        for e, (ids, _) in zip(group, enc):
-            if len(ids) > max_len:
-                raise UserError(f"a conversation about picture {e.image} is {len(ids)} tokens with its {n_image} "
-                                f"visual words; the language model's context is {max_len}. Shorten it")
+        enc = encode_all(tok, group, n_image, system, max_len)
         # the common prefix stops before each conversation's first labelled token: its own part must start with
         # an unlabelled token, since the token before it in the row belongs to another conversation
         p = min(next((k for k, x in enumerate(lab) if x != IGNORE_INDEX), len(ids)) for ids, lab in enc) - 1

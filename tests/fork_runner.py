@@ -27,9 +27,8 @@ def main() -> None:
         cases = json.load(f)
     preload([args[0] for args in cases])
     codes: dict[int, int] = {}
-    started: dict[int, float] = {}
     times: dict[int, float] = {}
-    running: dict[int, int] = {}  # pid -> case
+    running: dict[int, tuple[int, float]] = {}  # pid -> (case, start time)
     todo = list(enumerate(cases))
     while todo or running:
         while todo and len(running) < workers:
@@ -37,10 +36,10 @@ def main() -> None:
             pid = os.fork()
             if pid == 0:
                 run_child(args, os.path.join(out_dir, f"{i}.out"), os.path.join(out_dir, f"{i}.err"))
-            running[pid], started[i] = i, time.perf_counter()
+            running[pid] = (i, time.perf_counter())
         pid, status = os.wait()
-        i = running.pop(pid)
-        codes[i], times[i] = os.waitstatus_to_exitcode(status), time.perf_counter() - started[i]
+        i, t0 = running.pop(pid)
+        codes[i], times[i] = os.waitstatus_to_exitcode(status), time.perf_counter() - t0
     with open(os.path.join(out_dir, "codes.json"), "w") as f:
         json.dump({str(i): c for i, c in sorted(codes.items())}, f)
     with open(os.path.join(out_dir, "times.json"), "w") as f:
