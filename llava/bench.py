@@ -50,13 +50,14 @@ def tokens_per_question(n_pictures: int) -> dict:
 
     from .dataset import SYSTEM_PROMPT, easy_vqa_questions
     from .loading import IMAGE_TOKEN, add_image_token, smollm2_dir
-    from .training import collate, pack_questions, picture_groups
+    from .training import StageConfig, collate, pack_questions, picture_groups
 
     tok = add_image_token(AutoTokenizer.from_pretrained(str(smollm2_dir())))
     examples = easy_vqa_questions("train")
     groups = [[examples[i] for i in g] for g in picture_groups(examples)[:n_pictures]]
     flat = [e for g in groups for e in g]
-    n_image = 16  # the default --pool 2 on the clip chapter's 64 px tower with 8 px patches
+    model = StageConfig().model  # the default: --pool 2 on the clip chapter's 64 px tower with 8 px patches, + CLS
+    n_image = (8 // model.pool) ** 2 + (model.vision_feature_select_strategy == "full")
     one = int(collate(tok, flat, n_image, SYSTEM_PROMPT, 8192)[1].sum())
     packed = pack_questions(tok, groups, n_image, SYSTEM_PROMPT, 8192, tok.convert_tokens_to_ids(IMAGE_TOKEN))[-1]
     res = {"pictures": len(groups), "questions": len(flat), "one_per_row": one / len(flat),

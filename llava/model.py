@@ -1,7 +1,7 @@
 """LLaVA: a frozen CLIP vision tower, a small projector, and a pretrained language model that reads the
 projected patches as if they were words.
 
-    picture --CLIP ViT--> patch features (layer -2, CLS dropped) --projector--> "visual words"
+    picture --CLIP ViT--> patch features (layer -2, CLS dropped or kept) --projector--> "visual words"
     "<|im_start|>user\\n<image><image>...<image>\\nwhat is the red shape?<|im_end|>..." --embed--> (B, T, C)
     the visual words replace the <image> placeholders, one per patch, and the LLM answers as usual
 
@@ -38,7 +38,7 @@ class LlavaConfig:
 
     projector_type: str = "mlp2x_gelu"  # linear (LLaVA v1) or mlp2x_gelu (v1.5: Linear-GELU-Linear)
     vision_feature_layer: int = -2  # which hidden state of the tower (-2: the penultimate layer, as v1.5)
-    vision_feature_select_strategy: str = "default"  # default drops the CLS token; full keeps it
+    vision_feature_select_strategy: str = "default"  # default drops the CLS token (LLaVA-1.5); full keeps it first
     pool: int = 1  # average s x s neighbouring patches before the projector (1: none; 2: 64 -> 16 tokens)
     image_token_id: int = -1  # the placeholder token's id; set from the tokenizer (loading.py)
     anyres: bool = False  # LLaVA-NeXT: tiles of a best-fit grid plus a global view, a newline after each row
@@ -51,6 +51,9 @@ class LlavaConfig:
         if self.vision_feature_select_strategy not in ("default", "full"):
             raise ValueError(f"vision_feature_select_strategy {self.vision_feature_select_strategy!r}: "
                              "expected default or full")
+        if self.anyres and self.vision_feature_select_strategy != "default":
+            raise ValueError("anyres stitches the tiles' patch grids: it takes vision_feature_select_strategy "
+                             "default (the CLS token dropped)")
 
 
 class LlavaMultiModalProjector(nn.Module):
@@ -103,15 +106,16 @@ class LlavaModel(nn.Module):
         with torch.no_grad():
             out = self.vision_tower(pixel_values, output_hidden_states=True)
             h = out.hidden_states[self.config.vision_feature_layer]  # (B, 1 + N, Cv)
-        # 2) LLaVA-1.5 drops the CLS token: the patches keep their places, the summary token is not needed
-        if self.config.vision_feature_select_strategy == "default":
-            h = h[:, 1:]
-        # 3) NEW (not in LLaVA-1.5): average s x s neighbours, s^2 times fewer tokens for the LLM to read
+        # 2) LLaVA-1.5 drops the CLS token ("default"): the patches keep their places; "full" keeps it in front
+        cls, h = h[:, :1], h[:, 1:]
+        # 3) NEW (not in LLaVA-1.5): average s x s neighbouring patches, s^2 times fewer tokens for the LLM to read
         s = self.config.pool
         if s > 1:
             B, N, Cv = h.shape
             g = int(math.isqrt(N))
             h = F.avg_pool2d(h.transpose(1, 2).reshape(B, Cv, g, g), s).flatten(2).transpose(1, 2)
+        if self.config.vision_feature_select_strategy == "full":
+            h = torch.cat([cls, h], dim=1)
         # 4) into the language model's space                                        (B, N, Cv) -> (B, N, C)
         return self.multi_modal_projector(h)
 

@@ -50,7 +50,9 @@ from .model import IGNORE_INDEX, LlavaConfig, LlavaModel
 class StageConfig:
     """What both stages take (each stage script sets its own defaults)."""
 
-    model: LlavaConfig = field(default_factory=lambda: LlavaConfig(pool=2))
+    # the CPU default: 2x2-pooled patches (16) behind the CLS token kept whole: the small tower's CLS reads the
+    # shape a linear probe gets 98 % right, its pooled patches 92 % (README: where the shape is)
+    model: LlavaConfig = field(default_factory=lambda: LlavaConfig(pool=2, vision_feature_select_strategy="full"))
     vision: str = "runs/clip/hf"  # a CLIP directory: the clip chapter's export (python -m clip.export_hf)
     llm: str = ""  # a transformers causal-LM directory ("" = SmolLM2-135M-Instruct, fetched from PyPI)
     data_file: str = ""  # your own conversations (LLaVA's JSONL); "" = easy-VQA

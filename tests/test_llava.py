@@ -24,7 +24,8 @@ from llava.model import (
 IMAGE_ID = 127
 
 
-def tiny(pool: int = 1, projector: str = "mlp2x_gelu", anyres: bool = False, seed: int = 0) -> LlavaModel:
+def tiny(pool: int = 1, projector: str = "mlp2x_gelu", anyres: bool = False, seed: int = 0,
+         strategy: str = "default") -> LlavaModel:
     """A 28 px CLIP tower with 14 px patches (4 patches) and a 2-layer Llama of width 32, random weights."""
     from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
@@ -34,7 +35,7 @@ def tiny(pool: int = 1, projector: str = "mlp2x_gelu", anyres: bool = False, see
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
     cfg = LlavaConfig(projector_type=projector, pool=pool, image_token_id=IMAGE_ID, anyres=anyres,
-                      image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]])
+                      image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]], vision_feature_select_strategy=strategy)
     return LlavaModel(cfg, tower, lm).eval()
 
 
@@ -51,17 +52,19 @@ def prompt_ids(n_image: int, batch: int = 2, text: int = 6) -> torch.Tensor:
 # parity with transformers
 # --------------------------------------------------------------------------------------------------------
 
-def test_logits_match_transformers_llava():
+@pytest.mark.parametrize("strategy, n_tokens", [("default", 4), ("full", 5)])
+def test_logits_match_transformers_llava(strategy, n_tokens):
     """Our model and transformers' LlavaForConditionalGeneration built from the same weights (the export's
-    renaming) give the same logits: layer -2, CLS dropped, the mlp2x_gelu projector, the splice."""
-    ours = tiny()
+    renaming) give the same logits: layer -2, CLS dropped (default) or kept in front (full), the mlp2x_gelu
+    projector, the splice."""
+    ours = tiny(strategy=strategy)
     hf = to_hf(ours)
     ids = prompt_ids(ours.num_image_tokens())
     pixels = torch.randn(2, 3, 28, 28)
     with torch.no_grad():
         a = ours(ids, pixels)["logits"]
         b = hf(input_ids=ids, pixel_values=pixels).logits
-    assert ours.num_image_tokens() == 4
+    assert ours.num_image_tokens() == n_tokens
     assert (a - b).abs().max().item() <= 1e-4
     # and the images matter: other pictures, other logits
     with torch.no_grad():
@@ -106,6 +109,22 @@ def test_pooling_quarters_the_tokens_and_averages():
         h = ours.vision_tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
         expect = ours.multi_modal_projector(h.mean(1, keepdim=True))
     assert torch.allclose(pooled, expect, atol=1e-6)
+
+
+def test_pooling_keeps_the_cls_token_whole_in_front_with_full():
+    """--vision-feature-select-strategy full with --pool 2: the CLS vector first, unpooled, then the pooled
+    patches; anyres (which stitches patch grids) refuses it."""
+    ours = tiny(pool=2, strategy="full")
+    assert ours.num_image_tokens() == 2
+    pixels = torch.randn(3, 3, 28, 28)
+    with torch.no_grad():
+        feats = ours.image_features(pixels)
+        h = ours.vision_tower(pixels, output_hidden_states=True).hidden_states[-2]
+        expect = ours.multi_modal_projector(torch.stack([h[:, 0], h[:, 1:].mean(1)], dim=1))
+    assert feats.shape == (3, 2, 32)
+    assert torch.allclose(feats, expect, atol=1e-6)
+    with pytest.raises(ValueError, match="anyres .* default"):
+        LlavaConfig(anyres=True, vision_feature_select_strategy="full")
 
 
 # --------------------------------------------------------------------------------------------------------
