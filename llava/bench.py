@@ -4,6 +4,7 @@ each with its trainable parameters, peak memory, step time and held-out exact ma
     python -m llava.bench --run        # trains what is missing, one run after the other (~15 minutes each), and
                                        # scores stage 1 alone (infer.py --eval)
     python -m llava.bench              # prints the table from the runs already there
+    python -m llava.bench --probe      # where the tower keeps the shape: linear probes on its CLS and its patches
 
 Every row is one ``python -m llava.train_stage2`` (the command is in each run's results.json) with the defaults
 but for the flags of ``RUNS``; the row's figures come from its ``train_summary.json``: ``train_wall_s`` over the
@@ -14,10 +15,14 @@ and the final evaluation on the same evenly spread held-out questions. Stage 1 i
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
+import torch.nn.functional as F
 
 from common.cli import run_main
 
@@ -41,6 +46,67 @@ class BenchConfig:
     run: bool = False  # train the rows whose train_summary.json is missing
     only: str = ""  # comma-separated names of RUNS to train (default: all)
     tokens: int = 0  # instead: tokens per training question, one per row and packed, over this many pictures
+    probe: bool = False  # instead: linear probes of shape and colour on the tower's features (--vision)
+    vision: str = "runs/clip/hf"  # the tower --probe reads
+
+
+def linear_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor) -> float:
+    """Held-out accuracy of a softmax regression (features standardised on the training set, L2 1e-3, L-BFGS)."""
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(x_train.shape[1], int(y_train.max()) + 1)
+    opt = torch.optim.LBFGS(lin.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(lin(x_train), y_train) + 1e-3 * lin.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return (lin(x_test).argmax(1) == y_test).float().mean().item()
+
+
+def probe(vision: str) -> dict:
+    """What the projector can read where: the frozen tower's hidden states on easy-VQA's 4,000 training and 1,000
+    test pictures, probed for the shape and the colour of the stage-1 captions. The CLS vector, the 64 patches
+    flattened, the 16 patches of --pool 2 flattened, and the mean patch, at every layer."""
+    from .dataset import COLORS, SHAPES, easy_vqa_captions, load_images, pixel_values
+    from .loading import load_vision_tower
+
+    tower, processor = load_vision_tower(vision)
+    data = {}
+    for split in ("train", "test"):
+        px = pixel_values(load_images(split), processor)
+        with torch.no_grad():
+            chunks = [tower(px[i:i + 500], output_hidden_states=True).hidden_states for i in range(0, len(px), 500)]
+        words = [e.turns[0][1].split() for e in easy_vqa_captions(split)]  # "a red triangle"
+        data[split] = ([torch.cat(h) for h in zip(*chunks)],
+                       {"shape": torch.tensor([SHAPES.index(w[2]) for w in words]),
+                        "colour": torch.tensor([list(COLORS).index(w[1]) for w in words])})
+    views = {"CLS": lambda h: h[:, 0], "patches (64)": lambda h: h[:, 1:].flatten(1),
+             "pool 2 (16 patches)": lambda h: F.avg_pool2d(patch_grid(h[:, 1:]), 2).flatten(1),
+             "mean patch": lambda h: h[:, 1:].mean(1)}
+    rows = []
+    n_layers = len(data["train"][0])
+    for layer in range(1, n_layers):
+        for view, f in views.items():
+            r = {"layer": layer - n_layers, "view": view}
+            for what in ("shape", "colour"):
+                r[what] = linear_probe(f(data["train"][0][layer]), data["train"][1][what],
+                                       f(data["test"][0][layer]), data["test"][1][what])
+            rows.append(r)
+            print(f"hidden state {r['layer']:>2} | {view:<20} | shape {100 * r['shape']:.1f} % | "
+                  f"colour {100 * r['colour']:.1f} %", flush=True)
+    return {"rows": rows}
+
+
+def patch_grid(h: torch.Tensor) -> torch.Tensor:
+    """(B, N, C) patches -> (B, C, g, g)."""
+    g = int(math.isqrt(h.shape[1]))
+    return h.transpose(1, 2).reshape(h.shape[0], h.shape[2], g, g)
 
 
 def tokens_per_question(n_pictures: int) -> dict:
@@ -94,6 +160,8 @@ def table(rows: list[dict]) -> str:
 def main(cfg: BenchConfig) -> dict:
     if cfg.tokens:
         return tokens_per_question(cfg.tokens)
+    if cfg.probe:
+        return probe(cfg.vision)
     wanted = [n for n in (cfg.only.split(",") if cfg.only else RUNS) if n]
     if cfg.run:
         for name in wanted:

@@ -272,7 +272,8 @@ def test_the_prompt_is_the_conversation_up_to_the_answer(smol_tok):
 
 
 def write_pictures(folder, n: int = 16):
-    """n 64 px pictures of a red or blue square, and LLaVA-format conversations about their colour."""
+    """n 64 px pictures of a red or blue square, and LLaVA-format conversations about their colour ("red", "dark
+    blue")."""
     import json
 
     from PIL import Image, ImageDraw
@@ -284,8 +285,9 @@ def write_pictures(folder, n: int = 16):
         im = Image.new("RGB", (64, 64), (240, 240, 230))
         ImageDraw.Draw(im).rectangle([8 + i, 10, 40 + i, 42], fill=color)
         im.save(folder / f"{i}.png")
+        answer = ("red", "dark blue")[i % 2]  # answers of unequal length: the ranks' shares of answer tokens differ
         rows.append({"id": str(i), "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nwhat color is the shape?"}, {"from": "gpt", "value": color}]})
+            {"from": "human", "value": "<image>\nwhat color is the shape?"}, {"from": "gpt", "value": answer}]})
     path = folder / "conv.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -299,7 +301,7 @@ def test_own_conversations_load_and_bad_rows_name_file_and_line(tmp_path):
 
     path = write_pictures(tmp_path / "pics", 4)
     ex = load_conversations(path)
-    assert len(ex) == 4 and ex[1].turns == [("what color is the shape?", "blue")]
+    assert len(ex) == 4 and ex[1].turns == [("what color is the shape?", "dark blue")]
     bad = tmp_path / "pics" / "bad.jsonl"
     good = path.read_text().splitlines()
     for row, expect in [({"image": "0.png"}, "missing field"),
@@ -582,9 +584,11 @@ def test_two_processes_train_the_weights_one_process_trains(tiny_dirs, stage1_ru
     _launch(launcher, _flags(tiny_dirs, str(stage1_run[0] / "final"), tmp_path) + extra)
     a, b = _weights(one_process), _weights(tmp_path)
     assert a.keys() == b.keys()
-    moved = 0.0
+    # AdamW divides by the root of each element's squared gradients, so where an element's gradient nearly cancels
+    # across the batch, float summation-order noise becomes a few 1e-5 in the weight (seen: one element in 2048 at
+    # 4.5e-5). The tolerance is 1 % of one step at lr 1e-2; a wrongly weighted loss moves most elements by far more.
     for k in a:
-        torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=0, msg=k)
+        torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
     init = _weights(stage1_run[0])
     moved = max((a[k] - init[k]).abs().max().item() for k in init if k in a)
     assert moved > 1e-3  # the runs trained: the projector left stage 1's values
@@ -601,7 +605,7 @@ def test_deepspeed_zero_two_processes_train_the_weights_one_process_trains(tiny_
     _launch(TORCHRUN, _flags(tiny_dirs, str(stage1_run[0] / "final"), tmp_path) + ["--deepspeed", f"llava/{config}"])
     a, b = _weights(one_process), _weights(tmp_path)
     for k in a:
-        torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=0, msg=k)
+        torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_a_conversation_longer_than_the_context_is_one_clear_error(tiny_dirs, tmp_path):
