@@ -139,7 +139,7 @@ def row(name: str, out: str) -> dict | None:
         return None
     s = json.loads(path.read_text())
     f = s["final"]
-    if "exact_match_overall" not in f:  # stage 1 does not evaluate itself: infer.py --eval --run-name ... did
+    if "exact_match_overall" not in f:  # a stage 1 run with --no-eval-final: infer.py --eval --run-name ... did
         alone = Path(out) / f"eval_{ALONE}" / "eval.json"
         f = json.loads(alone.read_text()) if alone.is_file() else {"exact_match_overall": None, "n": 0}
     return {"run": name, "trainable_M": s["trainable_params"] / 1e6, "peak_rss_GB": s["peak_rss_mb"] / 1024,

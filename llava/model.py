@@ -101,7 +101,8 @@ class LlavaModel(nn.Module):
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, N, C): the tower's hidden state ``vision_feature_layer`` (not post-LN: hidden
-        state -1 is the last block's output, before post_layernorm), CLS dropped, pooled, projected."""
+        state -1 is the last block's output, before post_layernorm), CLS dropped or kept in front (the strategy),
+        the patches pooled, all projected."""
         # 1) the frozen tower; no graph is kept through it
         with torch.no_grad():
             out = self.vision_tower(pixel_values, output_hidden_states=True)

@@ -4,7 +4,7 @@ answer questions about the picture, fully or through LoRA adapters on a full-pre
     python -m llava.train_stage2                          # LoRA on easy-VQA questions, ~15 minutes on 2 CPU cores
     python -m llava.train_stage2 --mode qlora             # the base in 4-bit NF4 (bitsandbytes), LoRA on top
     python -m llava.train_stage2 --mode qlora --bits 8    # LLM.int8() base instead
-    python -m llava.train_stage2 --mode full --lr 2e-5    # every weight of the language model
+    python -m llava.train_stage2 --mode full --lr 1e-4    # every weight of the language model
     python -m llava.train_stage2 --blind                  # the control: blank pictures, the question alone
     torchrun --nproc_per_node 2 -m llava.train_stage2 --batch-size 4   # DDP (--distributed fsdp for FSDP2)
 
@@ -12,7 +12,7 @@ It starts from stage 1's projector (``--init-from``). The objective is next-toke
 only; the prompt, the image placeholders and the system line are labelled -100. LLaVA-1.5 trains this stage at
 lr 2e-5 in full, 2e-4 with LoRA r 128 / alpha 256 (scripts/v1_5); a 135 M model and a few hundred steps want r 16.
 Writes to ``--out-dir``: checkpoints/, final/ (the trained parameters, llava.json), metrics.jsonl, loss.png,
-train_summary.json and results.json (held-out exact match before and after).
+train_summary.json and results.json (held-out exact match after training; before it too with --eval-first).
 """
 
 from __future__ import annotations
@@ -60,10 +60,12 @@ def main(cfg: Stage2Config) -> dict:
     llava_cfg = cfg.model
     if cfg.init_from:  # the projector's shape and the features it was trained on come from stage 1
         llava_cfg = LlavaConfig(**{**read_meta(cfg.init_from, "--init-from")["llava"], "anyres": cfg.model.anyres})
-        differs = (llava_cfg.projector_type, llava_cfg.pool) != (cfg.model.projector_type, cfg.model.pool)
+        keys = ("projector_type", "pool", "vision_feature_select_strategy")
+        differs = [getattr(llava_cfg, k) for k in keys] != [getattr(cfg.model, k) for k in keys]
         if differs and dist_info.is_main:
-            print(f"--init-from {cfg.init_from}: its projector {llava_cfg.projector_type}, pool {llava_cfg.pool} "
-                  "is used (the flags' values are ignored)")
+            print(f"--init-from {cfg.init_from}: its projector {llava_cfg.projector_type}, pool {llava_cfg.pool}, "
+                  f"vision feature strategy {llava_cfg.vision_feature_select_strategy} are used (the flags' values "
+                  "are ignored)")
     model, tok, processor = build(cfg.vision, cfg.llm or str(smollm2_dir()), llava_cfg,
                                   cfg.bits if cfg.mode == "qlora" else 0)
     if cfg.init_from:

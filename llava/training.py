@@ -343,7 +343,7 @@ def load_trained(path: str | Path, bits: int | None = None, device: str = "cpu")
 
 def run(cfg: StageConfig, model: LlavaModel, tok, train: Split, valid: Split, stage: str, meta_extra: dict,
         run_name: str, dist_info=None) -> dict:
-    """Train ``model``'s trainable parameters on ``train``; evaluate on ``valid`` before (stage 2) and after;
+    """Train ``model``'s trainable parameters on ``train``; evaluate on ``valid`` after (and before: --eval-first);
     write checkpoints, final/, metrics.jsonl, loss.png, train_summary.json and results.json."""
     dist_info = dist_info or init_distributed("cpu")
     device = pick_device(cfg.device)

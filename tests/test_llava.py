@@ -377,7 +377,8 @@ def stage_cfg(stage: int, dirs: dict, out, **kw):
                   batch_size=4, warmup_iters=1, eval_examples=8, eval_batch_size=8, log_every=1, save_every=2,
                   threads=1, dtype="fp32", out_dir=str(out))  # fp32: the same figures on CPUs with and without bf16
     if "pool" in kw:
-        common["model"] = LlavaConfig(pool=kw.pop("pool"))
+        common["model"] = LlavaConfig(pool=kw.pop("pool"),
+                                      vision_feature_select_strategy=kw.pop("strategy", "default"))
     common.update(kw)
     if stage == 1:
         return Stage1Config(**{"max_iters": 6, "lr": 1e-2, **common})
@@ -495,15 +496,23 @@ def test_qlora_base_is_4bit_nf4_with_double_quantization_and_trains(tiny_dirs, s
     assert all(math.isfinite(v) for v in losses(tmp_path))
 
 
-def test_export_loads_in_transformers_and_answers_with_the_same_text(tiny_dirs, tmp_path):
-    """A --pool 1 model trained a few steps, exported: transformers' Llava gives infer.py's greedy answers."""
+@pytest.mark.parametrize("strategy", ["default", "full"])
+def test_export_loads_in_transformers_and_answers_with_the_same_text(tiny_dirs, tmp_path, strategy):
+    """A --pool 1 model trained a few steps, exported: transformers' Llava gives infer.py's greedy answers, with
+    CLS dropped (default: stage 1 alone) and kept (full: stage 1, then LoRA stage 2, which the export merges)."""
     from llava.dataset import load_conversations, pixel_values, read_image
     from llava.export_hf import export, load_export
     from llava.train_stage1 import main
     from llava.training import answer, load_trained
 
-    res = main(stage_cfg(1, tiny_dirs, tmp_path / "s1", pool=1, max_iters=4))
+    res = main(stage_cfg(1, tiny_dirs, tmp_path / "s1", pool=1, strategy=strategy, max_iters=4))
+    if strategy == "full":
+        from llava.train_stage2 import main as stage2
+
+        res = stage2(stage_cfg(2, tiny_dirs, tmp_path / "s2", init_from=str(res["final_dir"]), max_iters=2,
+                               save_every=2))
     ours, tok, proc, meta = load_trained(res["final_dir"])
+    assert ours.config.vision_feature_select_strategy == strategy
     export(res["final_dir"], tmp_path / "hf")
     theirs, tok2, proc2, _ = load_export(tmp_path / "hf")
     ex = load_conversations(tiny_dirs["data"])[:4]
