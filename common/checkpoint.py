@@ -189,7 +189,11 @@ def save_checkpoint(ckpt_root: str | os.PathLike, step: int, model: torch.nn.Mod
     os.replace(tmp, final)
     atomic_write_text(root / "latest", name + "\n")
     old = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for p in old[:-keep] if keep > 0 else []:
+    # a later step than this one was left by an earlier, longer run in the same folder: it is not this run's,
+    # and pruning by step number would otherwise keep it and delete the checkpoint just written
+    stale = [p for p in old if p.name > name]
+    old = [p for p in old if p.name <= name]
+    for p in stale + (old[:-keep] if keep > 0 else []):
         shutil.rmtree(p, ignore_errors=True)
     return final
 

@@ -109,6 +109,18 @@ def test_checkpoint_round_trip_atomic_and_pruned(tmp_path):
     assert checkpoint.read_config(latest) == {"n": 4}
 
 
+def test_a_new_shorter_run_keeps_its_own_checkpoints_not_an_earlier_runs(tmp_path):
+    """A run of 750 steps in a folder where a run of 850 left step 800 and 850: pruning keeps the new run's."""
+    m = _tiny_model()
+    for step in (800, 850):
+        checkpoint.save_checkpoint(tmp_path, step, m, {"run": "old"})
+    for step in (500, 750):
+        checkpoint.save_checkpoint(tmp_path, step, m, {"run": "new"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000500", "step_000750"]
+    latest = checkpoint.latest_checkpoint(tmp_path)
+    assert latest.name == "step_000750" and checkpoint.read_config(latest) == {"run": "new"}
+
+
 def test_load_rejects_mismatched_weights(tmp_path):
     checkpoint.save_pretrained(_tiny_model(), {}, tmp_path)
     with pytest.raises(ValueError, match="missing"):
