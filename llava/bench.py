@@ -122,8 +122,7 @@ def tokens_per_question(n_pictures: int) -> dict:
     examples = easy_vqa_questions("train")
     groups = [[examples[i] for i in g] for g in picture_groups(examples)[:n_pictures]]
     flat = [e for g in groups for e in g]
-    model = StageConfig().model  # the default: --pool 2 on the clip chapter's 64 px tower with 8 px patches, + CLS
-    n_image = (8 // model.pool) ** 2 + (model.vision_feature_select_strategy == "full")
+    n_image = StageConfig().model.num_image_tokens(8)  # the default on the clip chapter's 64 px tower, 8 px patches
     one = int(collate(tok, flat, n_image, SYSTEM_PROMPT, 8192)[1].sum())
     packed = pack_questions(tok, groups, n_image, SYSTEM_PROMPT, 8192, tok.convert_tokens_to_ids(IMAGE_TOKEN))[-1]
     res = {"pictures": len(groups), "questions": len(flat), "one_per_row": one / len(flat),

@@ -55,6 +55,12 @@ class LlavaConfig:
             raise ValueError("anyres stitches the tiles' patch grids: it takes vision_feature_select_strategy "
                              "default (the CLS token dropped)")
 
+    def num_image_tokens(self, grid: int) -> int:
+        """Tokens one (non-anyres) picture becomes on a tower with a grid x grid patches: (grid / pool)^2, plus 1
+        when the CLS token is kept."""
+        g = grid // self.pool
+        return g * g + (self.vision_feature_select_strategy == "full")
+
 
 class LlavaMultiModalProjector(nn.Module):
     """Tower features -> the language model's embedding space. v1: one Linear (``linear_1``); v1.5:
@@ -95,9 +101,8 @@ class LlavaModel(nn.Module):
         return self.vision_tower.config.image_size // self.vision_tower.config.patch_size
 
     def num_image_tokens(self) -> int:
-        """Tokens one (non-anyres) picture becomes: (grid / pool)^2, plus 1 when the CLS token is kept."""
-        g = self.grid // self.config.pool
-        return g * g + (self.config.vision_feature_select_strategy == "full")
+        """Tokens one (non-anyres) picture becomes (``LlavaConfig.num_image_tokens`` for this tower's grid)."""
+        return self.config.num_image_tokens(self.grid)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, N, C): the tower's hidden state ``vision_feature_layer`` (not post-LN: hidden
